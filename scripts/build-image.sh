@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the sandbox image (ZCBOT_SANDBOX_IMAGE, default zcbot-sandbox:latest).
+#
+# Base image: BASE_IMAGE (default python:3.11-slim) when it is present or can be pulled. Where no
+# registry answers (air-gapped host), it makes a local Debian bookworm base once with
+# `debootstrap --variant=minbase` + `docker import`, reuses it afterwards, and builds on that.
+# It prints which base it used. Docker's layer cache keeps a rebuild cheap.
+#
+# Environment:
+#   BASE_IMAGE            registry base to try first            (python:3.11-slim)
+#   ZCBOT_LOCAL_BASE      tag of the local debootstrap base     (zcbot-sandbox-base:bookworm)
+#   ZCBOT_SANDBOX_IMAGE   tag to build                          (zcbot-sandbox:latest)
+#   ZCBOT_SANDBOX_UID     uid:gid of the sandbox user           (1000:1000)
+#   DEBIAN_MIRROR         mirror for debootstrap                (debootstrap's default)
+#   PULL_TIMEOUT          seconds to wait for a pull            (60)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+base_image=${BASE_IMAGE:-python:3.11-slim}
+local_base=${ZCBOT_LOCAL_BASE:-zcbot-sandbox-base:bookworm}
+image=${ZCBOT_SANDBOX_IMAGE:-zcbot-sandbox:latest}
+uidgid=${ZCBOT_SANDBOX_UID:-1000:1000}
+uid=${uidgid%%:*}
+gid=${uidgid#*:}
+[ "$gid" != "$uidgid" ] || gid=$uid
+
+say() { echo "build-image: $*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+docker info >/dev/null 2>&1 || die "Docker daemon not reachable (DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock}): is dockerd running and may this user use it?"
+[[ $uid =~ ^[0-9]+$ && $gid =~ ^[0-9]+$ && $uid -gt 0 ]] || die "ZCBOT_SANDBOX_UID must be UID:GID with a non-zero uid, got '$uidgid'"
+
+make_local_base() {
+    say "making local base $local_base with debootstrap (once; reused afterwards)"
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        [ "$(id -u)" = 0 ] || die "debootstrap is missing: install it (apt-get install debootstrap) or run as root"
+        say "installing debootstrap"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    fi
+    [ "$(id -u)" = 0 ] || die "debootstrap needs root to make the local base"
+    local root
+    root=$(mktemp -d /var/tmp/zcbot-base.XXXXXX)
+    # shellcheck disable=SC2064
+    trap "rm -rf '$root'" EXIT
+    # Everything the Dockerfile needs is included here, so the image build needs no network.
+    debootstrap --variant=minbase --include=python3,tini,iptables,procps \
+        bookworm "$root" ${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"} >"$root.log" 2>&1 ||
+        {
+            tail -n 20 "$root.log" >&2
+            rm -f "$root.log"
+            die "debootstrap failed (log above)"
+        }
+    rm -f "$root.log"
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    tar -C "$root" -c . | docker import -c 'CMD ["/bin/sh"]' - "$local_base" >/dev/null
+    rm -rf "$root"
+    trap - EXIT
+}
+
+base=""
+if docker image inspect "$base_image" >/dev/null 2>&1; then
+    base=$base_image
+elif timeout "${PULL_TIMEOUT:-60}" docker pull -q "$base_image" >/dev/null 2>&1; then
+    base=$base_image
+else
+    say "cannot pull $base_image (no registry reachable?): using a local Debian base"
+    docker image inspect "$local_base" >/dev/null 2>&1 || make_local_base
+    base=$local_base
+fi
+
+say "building $image from base $base (sandbox uid:gid $uid:$gid)"
+docker build -q \
+    --build-arg "BASE_IMAGE=$base" \
+    --build-arg "SANDBOX_UID=$uid" \
+    --build-arg "SANDBOX_GID=$gid" \
+    -t "$image" "$here/deploy/sandbox" >/dev/null
+say "built $image ($(docker image inspect -f '{{.Id}}' "$image")) from base $base"

@@ -1,0 +1,173 @@
+//! Subcommand handlers: parse, call the library, render. No logic of their own.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use zcbot_sandbox::{smoke, Config, SandboxPool, UserId};
+
+/// One long-lived, hardened Docker container per chat-agent user.
+///
+/// Every setting comes from ZCBOT_* environment variables (see RUN.md).
+#[derive(Parser, Debug)]
+#[command(name = "zcbot-sandbox", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List this pool's sandboxes: user, container, state, idle time, config current or stale.
+    Ps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make sure a user's sandbox runs (create, start or recreate it as needed).
+    Ensure {
+        /// The user id.
+        #[arg(long)]
+        user: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one user's sandbox, or every sandbox of this pool.
+    Rm {
+        /// The user whose sandbox to remove.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        user: Option<String>,
+        /// Remove every sandbox of this pool.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove sandboxes idle longer than --idle (default ZCBOT_SANDBOX_IDLE). Calls in flight in a
+    /// running daemon are invisible here: while a daemon serves the pool, use its API instead.
+    Reap {
+        /// Idle time, e.g. 90s or 5m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle: Option<Duration>,
+    },
+    /// Check a live sandbox: image, non-root, read-only root, egress rules, blocked addresses,
+    /// removal. One PASS/FAIL line per check; exits non-zero on any FAIL.
+    Smoke {
+        /// The user id to run the check as (its sandbox is removed at the end).
+        #[arg(long, default_value = "zcbot-smoke")]
+        user: String,
+    },
+}
+
+/// Logs go to stderr: human format on a terminal, JSON with ZCBOT_LOG_FORMAT=json; RUST_LOG filters.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("zcbot_sandbox=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("ZCBOT_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+async fn pool() -> Result<SandboxPool> {
+    let config = Config::from_env()?;
+    Ok(SandboxPool::connect(config).await?)
+}
+
+/// Runs one subcommand; the exit code says how it went.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Ps { json } => {
+            let list = pool().await?.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<24} {:<14} {:<10} {:>10} {:>9}  CONFIG",
+                    "USER", "CONTAINER", "STATE", "IDLE", "IN_FLIGHT"
+                );
+                for s in list {
+                    println!(
+                        "{:<24} {:<14} {:<10} {:>10} {:>9}  {}",
+                        s.user,
+                        &s.container_id[..s.container_id.len().min(12)],
+                        s.state,
+                        humantime::format_duration(Duration::from_secs(s.idle_secs)).to_string(),
+                        s.in_flight,
+                        if s.config_current { "current" } else { "stale" }
+                    );
+                }
+            }
+        }
+        Command::Ensure { user, json } => {
+            let user = UserId::parse(&user)?;
+            let started = std::time::Instant::now();
+            let sandbox = pool().await?.ensure(&user).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sandbox)?);
+            } else {
+                println!(
+                    "{} running ({}) for user {} [{} ms]",
+                    sandbox.name,
+                    &sandbox.container_id[..12.min(sandbox.container_id.len())],
+                    sandbox.user,
+                    started.elapsed().as_millis()
+                );
+            }
+        }
+        Command::Rm { user, all } => {
+            let pool = pool().await?;
+            if all {
+                let n = pool.shutdown_all().await?;
+                println!("removed {n} sandbox(es)");
+            } else if let Some(user) = user {
+                let user = UserId::parse(&user)?;
+                if pool.remove(&user).await? {
+                    println!("removed {}", pool.container_name(&user));
+                } else {
+                    println!("{} had no sandbox", user);
+                }
+            } else {
+                bail!("say --user U or --all");
+            }
+        }
+        Command::Reap { idle } => {
+            let pool = pool().await?;
+            let idle = idle.unwrap_or(pool.config().idle);
+            pool.adopt_running().await?;
+            let reaped = pool.reap_idle(idle).await?;
+            println!(
+                "reaped {} sandbox(es) idle longer than {}{}",
+                reaped.len(),
+                humantime::format_duration(idle),
+                if reaped.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", reaped.join(", "))
+                }
+            );
+        }
+        Command::Smoke { user } => {
+            let user = UserId::parse(&user)?;
+            let pool = match pool().await {
+                Ok(p) => p,
+                Err(e) => {
+                    println!("FAIL setup: {e:#}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            let checks = smoke::run(&pool, &user, |c| println!("{c}")).await;
+            let failed = checks.iter().filter(|c| !c.pass).count();
+            println!("{} passed, {} failed", checks.len() - failed, failed);
+            if failed > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,362 @@
+//! `Config`: every environment variable the pool reads, its default, and its validation.
+//!
+//! Read once at startup with [`Config::from_env`]; a bad value is an error naming the variable and
+//! the value, so an operator never runs with a setting they did not mean. An empty variable counts
+//! as unset.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::error::{Error, Result};
+
+/// Validated settings of one pool. Build it with [`Config::from_env`] or [`Config::from_lookup`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `ZCBOT_SANDBOX_IMAGE`: the sandbox image (default `zcbot-sandbox:latest`).
+    pub image: String,
+    /// `ZCBOT_USERS_ROOT`: host folder with one folder per user, each bind-mounted at `/workspace`
+    /// (default `/var/lib/zcbot-sandbox/users`).
+    pub users_root: PathBuf,
+    /// `ZCBOT_STATE_DIR`: where the pool keeps its durable last-activity record
+    /// (default `/var/lib/zcbot-sandbox/state`).
+    pub state_dir: PathBuf,
+    /// `ZCBOT_SANDBOX_NETWORK`: the internal bridge network (default `zcbot-sandbox-net`).
+    pub network: String,
+    /// `ZCBOT_POOL_ID`: separates pools on one host; a pool only ever touches containers labelled
+    /// with its own id (default `default`).
+    pub pool_id: String,
+    /// `ZCBOT_SANDBOX_IDLE`: a container idle this long is reaped (default 5m).
+    pub idle: Duration,
+    /// `ZCBOT_SANDBOX_REAP_EVERY`: how often the reaper looks (default 60s).
+    pub reap_every: Duration,
+    /// `ZCBOT_SANDBOX_MEMORY`: memory limit in bytes; swap is set equal, so no swap (default 512MiB).
+    pub memory_bytes: i64,
+    /// `ZCBOT_SANDBOX_CPUS`: CPU limit in cores (default 1.0).
+    pub cpus: f64,
+    /// `ZCBOT_SANDBOX_PIDS`: most processes in one container (default 128).
+    pub pids: i64,
+    /// `ZCBOT_SANDBOX_TMPFS_SIZE`: size of the container's `/tmp` tmpfs in bytes (default 64MiB).
+    pub tmpfs_bytes: i64,
+    /// `ZCBOT_SANDBOX_UID`: `uid:gid` the sandbox user runs as and owns its folder (default 1000:1000).
+    pub uid: u32,
+    /// The gid half of `ZCBOT_SANDBOX_UID`.
+    pub gid: u32,
+    /// `ZCBOT_SANDBOX_MAX`: most containers at once (default 100).
+    pub max_containers: usize,
+    /// `ZCBOT_PG_IPS`: database addresses the sandbox must never reach (comma or space separated).
+    pub pg_ips: Vec<IpNet>,
+    /// `ZCBOT_SANDBOX_BLOCK_CIDRS`: more ranges the sandbox must never reach.
+    pub block_cidrs: Vec<IpNet>,
+    /// `DOCKER_HOST`: the engine's address (default the local unix socket).
+    pub docker_host: Option<String>,
+    /// `ZCBOT_DOCKER_TIMEOUT`: deadline of every single Docker call (default 30s).
+    pub docker_timeout: Duration,
+    /// `ZCBOT_SANDBOX_START_TIMEOUT`: how long a new container may take to report its rules in
+    /// place (default 30s).
+    pub start_timeout: Duration,
+}
+
+/// Every variable [`Config`] reads, for documentation and `--help` output.
+pub const VARIABLES: &[&str] = &[
+    "ZCBOT_SANDBOX_IMAGE",
+    "ZCBOT_USERS_ROOT",
+    "ZCBOT_STATE_DIR",
+    "ZCBOT_SANDBOX_NETWORK",
+    "ZCBOT_POOL_ID",
+    "ZCBOT_SANDBOX_IDLE",
+    "ZCBOT_SANDBOX_REAP_EVERY",
+    "ZCBOT_SANDBOX_MEMORY",
+    "ZCBOT_SANDBOX_CPUS",
+    "ZCBOT_SANDBOX_PIDS",
+    "ZCBOT_SANDBOX_TMPFS_SIZE",
+    "ZCBOT_SANDBOX_UID",
+    "ZCBOT_SANDBOX_MAX",
+    "ZCBOT_PG_IPS",
+    "ZCBOT_SANDBOX_BLOCK_CIDRS",
+    "DOCKER_HOST",
+    "ZCBOT_DOCKER_TIMEOUT",
+    "ZCBOT_SANDBOX_START_TIMEOUT",
+];
+
+impl Config {
+    /// Reads and validates every variable from the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads and validates every variable through `get` (tests pass a map here).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let (uid, gid) = parse_var(&get, "ZCBOT_SANDBOX_UID", "1000:1000", parse_uid_gid)?;
+        Ok(Config {
+            image: parse_var(&get, "ZCBOT_SANDBOX_IMAGE", "zcbot-sandbox:latest", |v| {
+                if v.chars().any(char::is_whitespace) {
+                    Err("an image reference has no spaces".into())
+                } else {
+                    Ok(v.to_owned())
+                }
+            })?,
+            users_root: parse_var(
+                &get,
+                "ZCBOT_USERS_ROOT",
+                "/var/lib/zcbot-sandbox/users",
+                parse_abs_path,
+            )?,
+            state_dir: parse_var(
+                &get,
+                "ZCBOT_STATE_DIR",
+                "/var/lib/zcbot-sandbox/state",
+                parse_abs_path,
+            )?,
+            network: parse_var(&get, "ZCBOT_SANDBOX_NETWORK", "zcbot-sandbox-net", |v| {
+                docker_name(v, 64).map(str::to_owned)
+            })?,
+            pool_id: parse_var(&get, "ZCBOT_POOL_ID", "default", parse_pool_id)?,
+            idle: parse_var(&get, "ZCBOT_SANDBOX_IDLE", "5m", parse_duration)?,
+            reap_every: parse_var(&get, "ZCBOT_SANDBOX_REAP_EVERY", "60s", parse_duration)?,
+            memory_bytes: parse_var(&get, "ZCBOT_SANDBOX_MEMORY", "512MiB", |v| {
+                parse_bytes(v, 6 << 20)
+            })?,
+            cpus: parse_var(&get, "ZCBOT_SANDBOX_CPUS", "1.0", parse_cpus)?,
+            pids: parse_var(&get, "ZCBOT_SANDBOX_PIDS", "128", |v| {
+                parse_int(v, 8, 1 << 22)
+            })?,
+            tmpfs_bytes: parse_var(&get, "ZCBOT_SANDBOX_TMPFS_SIZE", "64MiB", |v| {
+                parse_bytes(v, 1 << 20)
+            })?,
+            uid,
+            gid,
+            max_containers: parse_var(&get, "ZCBOT_SANDBOX_MAX", "100", |v| {
+                parse_int(v, 1, 100_000).map(|n| n as usize)
+            })?,
+            pg_ips: parse_var(&get, "ZCBOT_PG_IPS", "", parse_cidr_list)?,
+            block_cidrs: parse_var(&get, "ZCBOT_SANDBOX_BLOCK_CIDRS", "", parse_cidr_list)?,
+            docker_host: get("DOCKER_HOST"),
+            docker_timeout: parse_var(&get, "ZCBOT_DOCKER_TIMEOUT", "30s", parse_duration)?,
+            start_timeout: parse_var(&get, "ZCBOT_SANDBOX_START_TIMEOUT", "30s", parse_duration)?,
+        })
+    }
+
+    /// The engine address used for connecting and quoted in errors.
+    pub fn docker_host_display(&self) -> String {
+        self.docker_host
+            .clone()
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned())
+    }
+}
+
+fn parse_var<T>(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: &str,
+    parse: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<T> {
+    let value = get(var).unwrap_or_else(|| default.to_owned());
+    parse(value.trim()).map_err(|reason| Error::Config { var, value, reason })
+}
+
+fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(v)
+        .map_err(|e| format!("{e}; write a duration such as 90s, 5m or 1h"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_abs_path(v: &str) -> std::result::Result<PathBuf, String> {
+    let p = PathBuf::from(v);
+    if !p.is_absolute() {
+        return Err("must be an absolute path".into());
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err("must not contain '..'".into());
+    }
+    Ok(p)
+}
+
+fn parse_int(v: &str, min: i64, max: i64) -> std::result::Result<i64, String> {
+    let n: i64 = v
+        .parse()
+        .map_err(|_| format!("must be a whole number from {min} to {max}"))?;
+    if !(min..=max).contains(&n) {
+        return Err(format!("must be a whole number from {min} to {max}"));
+    }
+    Ok(n)
+}
+
+/// Sizes follow Docker's convention: a bare number is bytes, and every unit is binary
+/// (k = KiB = KB = 1024 bytes; likewise m, g).
+pub(crate) fn parse_bytes(v: &str, min: i64) -> std::result::Result<i64, String> {
+    let hint = "write a size such as 512MiB, 512m, 1g or 1073741824";
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: i64 = num.parse().map_err(|_| hint.to_owned())?;
+    let mult: i64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(hint.to_owned()),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(|| "too large".to_owned())?;
+    if bytes < min {
+        return Err(format!("must be at least {min} bytes"));
+    }
+    Ok(bytes)
+}
+
+fn parse_cpus(v: &str) -> std::result::Result<f64, String> {
+    let cpus: f64 = v
+        .parse()
+        .map_err(|_| "must be a number of cores such as 0.5 or 2".to_owned())?;
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if !(0.01..=host).contains(&cpus) {
+        return Err(format!(
+            "must be from 0.01 to {host} (this host's core count)"
+        ));
+    }
+    Ok(cpus)
+}
+
+fn parse_uid_gid(v: &str) -> std::result::Result<(u32, u32), String> {
+    let hint = "write UID:GID such as 1000:1000 (root, uid 0, is refused)";
+    let (u, g) = v.split_once(':').unwrap_or((v, v));
+    let uid: u32 = u.parse().map_err(|_| hint.to_owned())?;
+    let gid: u32 = g.parse().map_err(|_| hint.to_owned())?;
+    if uid == 0 || gid == 0 {
+        return Err(hint.to_owned());
+    }
+    Ok((uid, gid))
+}
+
+fn parse_pool_id(v: &str) -> std::result::Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 32
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err("1 to 32 characters of a-z, 0-9 and '-', starting with a letter or digit".into())
+    }
+}
+
+fn docker_name(v: &str, max: usize) -> std::result::Result<&str, String> {
+    let ok = !v.is_empty()
+        && v.len() <= max
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(v)
+    } else {
+        Err(format!(
+            "1 to {max} characters of letters, digits, '_', '.' and '-', starting with a letter or digit"
+        ))
+    }
+}
+
+/// A list of addresses or CIDR ranges, comma or space separated; a bare address is one host.
+fn parse_cidr_list(v: &str) -> std::result::Result<Vec<IpNet>, String> {
+    v.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR range"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.image, "zcbot-sandbox:latest");
+        assert_eq!(c.network, "zcbot-sandbox-net");
+        assert_eq!(c.idle, Duration::from_secs(300));
+        assert_eq!(c.reap_every, Duration::from_secs(60));
+        assert_eq!(c.memory_bytes, 512 << 20);
+        assert_eq!(c.cpus, 1.0);
+        assert_eq!(c.pids, 128);
+        assert_eq!((c.uid, c.gid), (1000, 1000));
+        assert_eq!(c.pool_id, "default");
+        assert!(c.pg_ips.is_empty() && c.block_cidrs.is_empty());
+    }
+
+    #[test]
+    fn parses_units_and_lists() {
+        let c = cfg(&[
+            ("ZCBOT_SANDBOX_IDLE", "90s"),
+            ("ZCBOT_SANDBOX_MEMORY", "1g"),
+            ("ZCBOT_SANDBOX_TMPFS_SIZE", "16m"),
+            ("ZCBOT_SANDBOX_UID", "1234"),
+            ("ZCBOT_PG_IPS", "10.1.2.3, fd00::5"),
+            ("ZCBOT_SANDBOX_BLOCK_CIDRS", "203.0.113.7/24 2001:db8::/32"),
+            ("ZCBOT_SANDBOX_MAX", ""),
+        ])
+        .unwrap();
+        assert_eq!(c.idle, Duration::from_secs(90));
+        assert_eq!(c.memory_bytes, 1 << 30);
+        assert_eq!(c.tmpfs_bytes, 16 << 20);
+        assert_eq!((c.uid, c.gid), (1234, 1234));
+        assert_eq!(c.max_containers, 100, "empty means unset");
+        assert_eq!(
+            c.pg_ips,
+            vec![
+                "10.1.2.3/32".parse::<IpNet>().unwrap(),
+                "fd00::5/128".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.block_cidrs[0], "203.0.113.0/24".parse::<IpNet>().unwrap());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_value() {
+        for (var, value) in [
+            ("ZCBOT_SANDBOX_IDLE", "soon"),
+            ("ZCBOT_SANDBOX_IDLE", "0s"),
+            ("ZCBOT_SANDBOX_MEMORY", "lots"),
+            ("ZCBOT_SANDBOX_MEMORY", "1k"),
+            ("ZCBOT_SANDBOX_CPUS", "0"),
+            ("ZCBOT_SANDBOX_CPUS", "9999"),
+            ("ZCBOT_SANDBOX_PIDS", "-1"),
+            ("ZCBOT_SANDBOX_UID", "0:0"),
+            ("ZCBOT_SANDBOX_UID", "bob"),
+            ("ZCBOT_SANDBOX_MAX", "0"),
+            ("ZCBOT_USERS_ROOT", "relative/dir"),
+            ("ZCBOT_USERS_ROOT", "/srv/../etc"),
+            ("ZCBOT_SANDBOX_NETWORK", "bad name"),
+            ("ZCBOT_POOL_ID", "Has.Dot"),
+            ("ZCBOT_PG_IPS", "10.0.0.1,db.example"),
+        ] {
+            let err = cfg(&[(var, value)]).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(var) && msg.contains(value),
+                "{var}={value}: {msg}"
+            );
+            assert_eq!(err.kind(), "config");
+        }
+    }
+}

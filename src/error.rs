@@ -1,0 +1,175 @@
+//! The library's error type: one variant per failure a caller can tell apart and act on.
+//!
+//! Every message says what happened and, where there is one, what to do about it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the pool, with enough context to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A user id failed validation; nothing touched Docker or the file system.
+    #[error("invalid user id {input:?}: {reason}")]
+    InvalidUser {
+        /// The rejected input, as given.
+        input: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+
+    /// An environment variable held a value the pool cannot use.
+    #[error("invalid {var}={value:?}: {reason}")]
+    Config {
+        /// The variable's name.
+        var: &'static str,
+        /// The bad value.
+        value: String,
+        /// What a good value looks like.
+        reason: String,
+    },
+
+    /// The Docker daemon could not be reached at all.
+    #[error("Docker daemon not reachable at {host}: is dockerd running, and may this user open its socket? ({source})")]
+    DockerUnreachable {
+        /// The address tried (DOCKER_HOST or the default socket).
+        host: String,
+        /// What the client saw.
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    /// A Docker call did not answer within its deadline: the daemon is hung or overloaded.
+    #[error("Docker did not answer {op} within {}: the daemon may be hung or overloaded (raise ZCBOT_DOCKER_TIMEOUT if it is only slow)", humantime::format_duration(*after))]
+    DockerTimeout {
+        /// What was being done.
+        op: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+
+    /// Docker answered a call with an error.
+    #[error("Docker failed to {op}: {source}")]
+    Docker {
+        /// What was being done, with its target.
+        op: String,
+        /// The daemon's answer.
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    /// The sandbox image is not present on this engine.
+    #[error("sandbox image {image} not found: build it with scripts/build-image.sh (or set ZCBOT_SANDBOX_IMAGE)")]
+    ImageMissing {
+        /// The image reference looked up.
+        image: String,
+    },
+
+    /// A network of the configured name exists with settings the pool will not run sandboxes on.
+    #[error("network {name} exists but {reason}: remove it (docker network rm {name}) or set ZCBOT_SANDBOX_NETWORK to another name")]
+    NetworkMismatch {
+        /// The network's name.
+        name: String,
+        /// Which setting differs.
+        reason: String,
+    },
+
+    /// A sandbox container did not come up with its rules in place.
+    #[error(
+        "sandbox {container} for user {user} failed to start: {reason}{}",
+        fmt_log(log)
+    )]
+    SandboxStart {
+        /// The user whose sandbox failed.
+        user: String,
+        /// The container's name.
+        container: String,
+        /// What went wrong.
+        reason: String,
+        /// The tail of the container's log (the entry's own words).
+        log: String,
+    },
+
+    /// The pool holds `ZCBOT_SANDBOX_MAX` containers and none of them is idle.
+    #[error("pool full: {max} sandboxes are running and every one has a call in flight; retry later or raise ZCBOT_SANDBOX_MAX")]
+    PoolFull {
+        /// The configured maximum.
+        max: usize,
+    },
+
+    /// A host file or folder operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn fmt_log(log: &str) -> String {
+    if log.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; its log ends with:\n{}", log.trim_end())
+    }
+}
+
+impl Error {
+    /// A short, stable name for the kind of failure (used in logs, metrics and API errors).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidUser { .. } => "invalid_user",
+            Error::Config { .. } => "config",
+            Error::DockerUnreachable { .. } => "docker_unreachable",
+            Error::DockerTimeout { .. } => "docker_timeout",
+            Error::Docker { .. } => "docker",
+            Error::ImageMissing { .. } => "image_missing",
+            Error::NetworkMismatch { .. } => "network_mismatch",
+            Error::SandboxStart { .. } => "sandbox_start",
+            Error::PoolFull { .. } => "pool_full",
+            Error::Io { .. } => "io",
+        }
+    }
+
+    /// True when Docker answered 404 (the object is gone): callers treat that as "already removed".
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::Docker {
+                source: bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    ..
+                },
+                ..
+            }
+        )
+    }
+
+    /// True when Docker answered 409 (a conflict, e.g. a name already taken).
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Error::Docker {
+                source: bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409,
+                    ..
+                },
+                ..
+            }
+        )
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! zcbot-sandbox: one long-lived, hardened Docker container per chat-agent user.
+//!
+//! Data flows one way: [`Config`] (from the environment) -> [`SandboxPool`] (Docker client,
+//! network, per-user containers, reaper, reconcile) -> executors -> the HTTP server and the CLI.
+//! Nothing below knows about what is above it.
+
+pub mod config;
+pub mod docker;
+pub mod error;
+pub mod exec;
+pub mod pool;
+pub mod smoke;
+pub mod user;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use pool::reaper::{ReconcileReport, SandboxStatus};
+pub use pool::{Lease, PoolStats, Sandbox, SandboxPool};
+pub use user::UserId;

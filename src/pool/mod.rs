@@ -1,0 +1,771 @@
+//! `SandboxPool`: one long-lived, hardened container per user on the internal network.
+//!
+//! State per user is a [`Slot`]: a tokio mutex (the *gate*) that makes bringing a container up or
+//! down single-flight per user, and a small parking_lot mutex with the live container, the calls
+//! in flight and the last activity, held only for a few instructions and never across `.await`.
+//! Different users never wait on each other.
+//!
+//! A call takes a [`Lease`]: it counts as "in flight" from the moment the lease is taken until it
+//! is dropped, and the reaper and the capacity eviction only ever remove a container under its
+//! gate with no lease out. A warm lease costs no Docker round trip at all.
+
+pub mod activity;
+pub mod network;
+pub mod reaper;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bollard::models::ContainerStateStatusEnum as State;
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+};
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::docker::Docker;
+use crate::error::{Error, Result};
+use crate::user::UserId;
+use activity::ActivityLog;
+use network::SandboxNetwork;
+use spec::{SpecTemplate, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY, LABEL_POOL};
+
+/// How much of a failed container's log an error carries.
+const LOG_TAIL_BYTES: usize = 4096;
+/// Activity is written to disk at most this often per user.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// A running sandbox container of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sandbox {
+    /// Whose sandbox it is.
+    pub user: String,
+    /// Docker's container id.
+    pub container_id: String,
+    /// The container's name, `zcbot-sandbox-<user>`.
+    pub name: String,
+    /// The config hash it was created with.
+    pub config_hash: String,
+}
+
+/// Counters of what the pool did since it started (the daemon exports them as metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// Ensures that had to create or start a container.
+    pub ensures_cold: u64,
+    /// Ensures answered from memory with no Docker call.
+    pub ensures_warm: u64,
+    /// Containers removed by the idle reaper or by capacity eviction.
+    pub reaped: u64,
+    /// Containers removed at startup reconcile (stopped, stale, foreign image).
+    pub orphans_removed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    ensures_cold: AtomicU64,
+    ensures_warm: AtomicU64,
+    reaped: AtomicU64,
+    orphans_removed: AtomicU64,
+}
+
+/// Per-user state. See the module docs for the locking rules.
+struct Slot {
+    gate: Arc<tokio::sync::Mutex<()>>,
+    state: parking_lot::Mutex<SlotState>,
+}
+
+struct SlotState {
+    live: Option<Sandbox>,
+    starting: bool,
+    in_flight: usize,
+    last_active: SystemTime,
+    persisted: Option<SystemTime>,
+}
+
+impl Slot {
+    fn new(last_active: SystemTime) -> Self {
+        Slot {
+            gate: Arc::new(tokio::sync::Mutex::new(())),
+            state: parking_lot::Mutex::new(SlotState {
+                live: None,
+                starting: false,
+                in_flight: 0,
+                last_active,
+                persisted: None,
+            }),
+        }
+    }
+}
+
+/// The pool. Cheap to clone: every clone is the same pool.
+#[derive(Clone)]
+pub struct SandboxPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    docker: Docker,
+    network: SandboxNetwork,
+    template: SpecTemplate,
+    activity: ActivityLog,
+    slots: DashMap<UserId, Arc<Slot>>,
+    admission: parking_lot::Mutex<()>,
+    counters: Counters,
+}
+
+/// A call's hold on a user's running sandbox. While it lives, the container is never reaped or
+/// evicted; dropping it records the user's activity.
+pub struct Lease {
+    pool: SandboxPool,
+    slot: Arc<Slot>,
+    user: UserId,
+    sandbox: Sandbox,
+}
+
+impl Lease {
+    /// The sandbox this lease holds.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// The user whose sandbox it is.
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let persist = {
+            let mut st = self.slot.state.lock();
+            st.in_flight = st.in_flight.saturating_sub(1);
+            touch(&mut st)
+        };
+        self.pool.persist(&self.user, persist);
+    }
+}
+
+/// Marks activity now; returns the time to write to disk when the throttle allows.
+fn touch(st: &mut SlotState) -> Option<SystemTime> {
+    let now = SystemTime::now();
+    st.last_active = now;
+    let due = st.persisted.is_none_or(|p| {
+        now.duration_since(p)
+            .map_or(true, |since| since >= PERSIST_EVERY)
+    });
+    if due {
+        st.persisted = Some(now);
+        Some(now)
+    } else {
+        None
+    }
+}
+
+/// Resets a slot's `starting` flag however bring-up ends (error, cancel, panic).
+struct StartingGuard<'a>(&'a Slot);
+
+impl Drop for StartingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().starting = false;
+    }
+}
+
+impl SandboxPool {
+    /// Connects to Docker (negotiating the API version), checks the image, ensures the network,
+    /// and prepares the users and state folders. Does not touch existing containers: call
+    /// [`SandboxPool::reconcile`] for that.
+    pub async fn connect(config: Config) -> Result<Self> {
+        let docker = Docker::connect(&config).await?;
+        let image_id = match docker
+            .call(
+                || format!("inspect image {}", config.image),
+                docker.raw().inspect_image(&config.image),
+            )
+            .await
+        {
+            Ok(img) => img.id.unwrap_or_default(),
+            Err(e) if e.is_not_found() => {
+                return Err(Error::ImageMissing {
+                    image: config.image.clone(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let network = network::ensure_network(&docker, &config.network).await?;
+        let blocked = spec::blocklist(&config, &spec::host_addresses());
+        std::fs::create_dir_all(&config.users_root)
+            .map_err(|e| Error::io("create users root", &config.users_root, e))?;
+        let activity = ActivityLog::open(&config.state_dir, &config.pool_id)?;
+        tracing::info!(
+            docker = %docker.host(),
+            api = %docker.api_version(),
+            image = %config.image,
+            image_id = %image_id,
+            network = %network.name,
+            bridge = %network.bridge,
+            "sandbox pool ready"
+        );
+        Ok(SandboxPool {
+            inner: Arc::new(Inner {
+                template: SpecTemplate { image_id, blocked },
+                config,
+                docker,
+                network,
+                activity,
+                slots: DashMap::new(),
+                admission: parking_lot::Mutex::new(()),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The pool's network.
+    pub fn network(&self) -> &SandboxNetwork {
+        &self.inner.network
+    }
+
+    /// The Docker client the pool uses (the executors run their execs through it).
+    pub fn docker(&self) -> &Docker {
+        &self.inner.docker
+    }
+
+    /// The image id every new container runs.
+    pub fn image_id(&self) -> &str {
+        &self.inner.template.image_id
+    }
+
+    /// The ranges every sandbox rejects.
+    pub fn blocked(&self) -> &[ipnet::IpNet] {
+        &self.inner.template.blocked
+    }
+
+    /// What the pool has done since it started.
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.inner.counters;
+        PoolStats {
+            ensures_cold: c.ensures_cold.load(Ordering::Relaxed),
+            ensures_warm: c.ensures_warm.load(Ordering::Relaxed),
+            reaped: c.reaped.load(Ordering::Relaxed),
+            orphans_removed: c.orphans_removed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The host folder of `user`, bind-mounted at `/workspace`.
+    pub fn workspace(&self, user: &UserId) -> PathBuf {
+        self.inner.config.users_root.join(user.as_str())
+    }
+
+    /// The container name of `user` in this pool.
+    pub fn container_name(&self, user: &UserId) -> String {
+        spec::container_name(&self.inner.config.pool_id, user)
+    }
+
+    /// Makes sure `user` has a running sandbox with its rules in place and returns it; records
+    /// activity. See [`SandboxPool::lease`] for the guarantees.
+    pub async fn ensure(&self, user: &UserId) -> Result<Sandbox> {
+        Ok(self.lease(user).await?.sandbox.clone())
+    }
+
+    /// Like [`SandboxPool::ensure`], but holds the sandbox until the lease is dropped, so it is
+    /// never reaped or evicted under a running call.
+    ///
+    /// Reuses the running container (no Docker call); otherwise, single-flight per user: starts a
+    /// stopped container, recreates one whose config hash is stale, creates a missing one, and
+    /// waits until its entry reports the egress rules in place. At `ZCBOT_SANDBOX_MAX` it evicts the
+    /// least recently used idle sandbox, or fails with [`Error::PoolFull`].
+    pub async fn lease(&self, user: &UserId) -> Result<Lease> {
+        let slot = self.slot(user);
+        if let Some(lease) = self.try_warm(&slot, user) {
+            return Ok(lease);
+        }
+        let _gate = slot.gate.lock().await;
+        if let Some(lease) = self.try_warm(&slot, user) {
+            return Ok(lease);
+        }
+        let victim = self.admit(user, &slot)?;
+        let _starting = StartingGuard(&slot);
+        if let Some((victim_user, _victim_gate, name)) = victim {
+            tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
+            self.remove_container(&name).await?;
+            self.inner.activity.forget(&victim_user);
+            self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+        }
+        let sandbox = self.bring_up(user).await?;
+        self.inner
+            .counters
+            .ensures_cold
+            .fetch_add(1, Ordering::Relaxed);
+        let persist = {
+            let mut st = slot.state.lock();
+            st.live = Some(sandbox.clone());
+            st.in_flight += 1;
+            touch(&mut st)
+        };
+        self.persist(user, persist);
+        Ok(Lease {
+            pool: self.clone(),
+            slot: slot.clone(),
+            user: user.clone(),
+            sandbox,
+        })
+    }
+
+    /// Forgets what the pool believes about `user`'s container (the executor calls this when the
+    /// container vanished behind the pool's back), so the next lease inspects Docker again.
+    pub fn invalidate(&self, user: &UserId, container_id: &str) {
+        if let Some(slot) = self.inner.slots.get(user) {
+            let mut st = slot.state.lock();
+            if st
+                .live
+                .as_ref()
+                .is_some_and(|s| s.container_id == container_id)
+            {
+                st.live = None;
+            }
+        }
+    }
+
+    /// Removes `user`'s sandbox now, whether or not calls are in flight. Returns whether a
+    /// container was removed.
+    pub async fn remove(&self, user: &UserId) -> Result<bool> {
+        let slot = self.slot(user);
+        let _gate = slot.gate.lock().await;
+        slot.state.lock().live = None;
+        let removed = self.remove_container(&self.container_name(user)).await?;
+        self.inner.activity.forget(user);
+        Ok(removed)
+    }
+
+    /// Removes every container of this pool (known to this process or not). Returns how many.
+    pub async fn shutdown_all(&self) -> Result<usize> {
+        let listed = self.list_ours().await?;
+        for slot in self.inner.slots.iter() {
+            slot.state.lock().live = None;
+        }
+        let names: Vec<String> = listed.iter().filter_map(summary_name).collect();
+        let results: Vec<Result<bool>> = futures_util::stream::iter(names)
+            .map(|name| async move { self.remove_container(&name).await })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut removed = 0;
+        for r in results {
+            removed += usize::from(r?);
+        }
+        for c in &listed {
+            if let Some(user) = summary_user(c) {
+                self.inner.activity.forget(&user);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn slot(&self, user: &UserId) -> Arc<Slot> {
+        if let Some(slot) = self.inner.slots.get(user) {
+            return slot.clone();
+        }
+        self.inner
+            .slots
+            .entry(user.clone())
+            .or_insert_with(|| Arc::new(Slot::new(SystemTime::now())))
+            .clone()
+    }
+
+    fn try_warm(&self, slot: &Arc<Slot>, user: &UserId) -> Option<Lease> {
+        let (sandbox, persist) = {
+            let mut st = slot.state.lock();
+            let sandbox = st.live.clone()?;
+            st.in_flight += 1;
+            (sandbox, touch(&mut st))
+        };
+        self.persist(user, persist);
+        self.inner
+            .counters
+            .ensures_warm
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            pool: self.clone(),
+            slot: slot.clone(),
+            user: user.clone(),
+            sandbox,
+        })
+    }
+
+    fn persist(&self, user: &UserId, at: Option<SystemTime>) {
+        if let Some(at) = at {
+            if let Err(e) = self.inner.activity.record(user, at) {
+                tracing::warn!(user = %user, error = %e, "could not record activity");
+            }
+        }
+    }
+
+    /// Takes a place in the pool for `user` (marking its slot `starting`). At capacity, picks the
+    /// least recently used idle sandbox whose gate is free, takes it out of service and returns it
+    /// (user, its gate held, container name) for removal; with none idle, the pool is full.
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        user: &UserId,
+        slot: &Slot,
+    ) -> Result<Option<(UserId, tokio::sync::OwnedMutexGuard<()>, String)>> {
+        let _admission = self.inner.admission.lock();
+        let max = self.inner.config.max_containers;
+        let mut occupied = 0;
+        let mut idle: Vec<(SystemTime, UserId, Arc<Slot>)> = Vec::new();
+        for entry in self.inner.slots.iter() {
+            if entry.key() == user {
+                continue;
+            }
+            let st = entry.value().state.lock();
+            if st.live.is_some() || st.starting {
+                occupied += 1;
+                if st.live.is_some() && !st.starting && st.in_flight == 0 {
+                    idle.push((st.last_active, entry.key().clone(), entry.value().clone()));
+                }
+            }
+        }
+        let mut victim = None;
+        if occupied >= max {
+            idle.sort_by_key(|(at, _, _)| *at);
+            for (_, victim_user, victim_slot) in idle {
+                let Ok(gate) = victim_slot.gate.clone().try_lock_owned() else {
+                    continue;
+                };
+                let mut st = victim_slot.state.lock();
+                if st.in_flight == 0 && !st.starting {
+                    if let Some(sb) = st.live.take() {
+                        victim = Some((victim_user, gate, sb.name));
+                        break;
+                    }
+                }
+            }
+            if victim.is_none() {
+                return Err(Error::PoolFull { max });
+            }
+        }
+        slot.state.lock().starting = true;
+        Ok(victim)
+    }
+
+    /// Brings `user`'s container to running with its rules in place, whatever state Docker has it
+    /// in. Idempotent, so a bring-up cancelled half-way is finished by the next one.
+    async fn bring_up(&self, user: &UserId) -> Result<Sandbox> {
+        let workspace = self.prepare_workspace(user)?;
+        let (mut body, hash) = self
+            .inner
+            .template
+            .build(&self.inner.config, user, &workspace);
+        let name = self.container_name(user);
+        let docker = &self.inner.docker;
+        for _attempt in 0..4 {
+            let found = match docker
+                .call(
+                    || format!("inspect container {name}"),
+                    docker.raw().inspect_container(&name, None),
+                )
+                .await
+            {
+                Ok(c) => Some(c),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            };
+            let Some(found) = found else {
+                let labels = body.labels.get_or_insert_with(HashMap::new);
+                labels.insert(LABEL_CONFIG_HASH.to_owned(), hash.clone());
+                labels.insert(
+                    LABEL_CREATED_AT.to_owned(),
+                    humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                );
+                let created = docker
+                    .call(
+                        || format!("create container {name}"),
+                        docker.raw().create_container(
+                            Some(CreateContainerOptions {
+                                name: Some(name.clone()),
+                                ..Default::default()
+                            }),
+                            body.clone(),
+                        ),
+                    )
+                    .await;
+                match created {
+                    Ok(_) => {}
+                    // Created by someone else between our inspect and create: look again.
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => return Err(e),
+                }
+                return self.start_and_wait(user, &name, &hash).await;
+            };
+            let labels = found
+                .config
+                .as_ref()
+                .and_then(|c| c.labels.clone())
+                .unwrap_or_default();
+            let ours = labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(spec::MANAGED_BY)
+                && labels.get(LABEL_POOL) == Some(&self.inner.config.pool_id);
+            if !ours {
+                return Err(Error::SandboxStart {
+                    user: user.to_string(),
+                    container: name.clone(),
+                    reason: "a container of that name exists that this pool did not create; \
+                             remove it or set another ZCBOT_POOL_ID"
+                        .to_owned(),
+                    log: String::new(),
+                });
+            }
+            let status = found.state.as_ref().and_then(|s| s.status);
+            if labels.get(LABEL_CONFIG_HASH) != Some(&hash) {
+                tracing::info!(user = %user, container = %name, "config changed: recreating sandbox");
+                self.remove_container(&name).await?;
+                continue;
+            }
+            match status {
+                Some(State::RUNNING) => return self.wait_ready(user, &name, &hash).await,
+                Some(State::CREATED) | Some(State::EXITED) => {
+                    return self.start_and_wait(user, &name, &hash).await
+                }
+                _ => {
+                    tracing::info!(user = %user, container = %name, state = ?status, "sandbox in an unusable state: recreating");
+                    self.remove_container(&name).await?;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Err(Error::SandboxStart {
+            user: user.to_string(),
+            container: name,
+            reason: "it kept changing under the pool (created or removed by another process)"
+                .to_owned(),
+            log: String::new(),
+        })
+    }
+
+    async fn start_and_wait(&self, user: &UserId, name: &str, hash: &str) -> Result<Sandbox> {
+        let docker = &self.inner.docker;
+        docker
+            .call(
+                || format!("start container {name}"),
+                docker.raw().start_container(name, None),
+            )
+            .await?;
+        self.wait_ready(user, name, hash).await
+    }
+
+    /// Follows the container's log until the entry reports its rules in place. If the entry fails
+    /// or the deadline passes, the container is removed and the error carries the log's tail.
+    async fn wait_ready(&self, user: &UserId, name: &str, hash: &str) -> Result<Sandbox> {
+        let docker = &self.inner.docker;
+        let mut stream = docker.raw().logs(
+            name,
+            Some(LogsOptions {
+                follow: true,
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            }),
+        );
+        let mut log = String::new();
+        let timeout = self.inner.config.start_timeout;
+        let outcome = tokio::time::timeout(timeout, async {
+            while let Some(item) = stream.next().await {
+                let chunk =
+                    item.map_err(|e| docker.classify(format!("read the log of {name}"), e))?;
+                log.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                if log.contains(spec::READY_MARKER) {
+                    return Ok(true);
+                }
+                if log.len() > 2 * LOG_TAIL_BYTES {
+                    let cut = log.len() - LOG_TAIL_BYTES;
+                    let cut = (cut..log.len())
+                        .find(|i| log.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    log.drain(..cut);
+                }
+            }
+            Ok::<bool, Error>(false)
+        })
+        .await;
+        drop(stream);
+        let reason = match outcome {
+            Ok(Ok(true)) => {
+                let inspected = docker
+                    .call(
+                        || format!("inspect container {name}"),
+                        docker.raw().inspect_container(name, None),
+                    )
+                    .await?;
+                let running = inspected
+                    .state
+                    .as_ref()
+                    .is_some_and(|s| s.status == Some(State::RUNNING));
+                if running {
+                    return Ok(Sandbox {
+                        user: user.to_string(),
+                        container_id: inspected.id.unwrap_or_default(),
+                        name: name.to_owned(),
+                        config_hash: hash.to_owned(),
+                    });
+                }
+                "it stopped right after applying its rules".to_owned()
+            }
+            Ok(Ok(false)) => {
+                let state = docker
+                    .call(
+                        || format!("inspect container {name}"),
+                        docker.raw().inspect_container(name, None),
+                    )
+                    .await
+                    .ok()
+                    .and_then(|c| c.state);
+                match state {
+                    Some(s) => format!(
+                        "its entry exited with status {} before the egress rules were in place{}",
+                        s.exit_code.unwrap_or(-1),
+                        s.error
+                            .filter(|e| !e.is_empty())
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    ),
+                    None => "it vanished while starting".to_owned(),
+                }
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => format!(
+                "its entry did not report the egress rules in place within {} (ZCBOT_SANDBOX_START_TIMEOUT)",
+                humantime::format_duration(timeout)
+            ),
+        };
+        // Nothing half-started is left behind: the log tail goes into the error instead.
+        if let Err(e) = self.remove_container(name).await {
+            tracing::warn!(container = %name, error = %e, "could not remove a failed sandbox");
+        }
+        Err(Error::SandboxStart {
+            user: user.to_string(),
+            container: name.to_owned(),
+            reason,
+            log: tail(&log, LOG_TAIL_BYTES),
+        })
+    }
+
+    /// Creates the user's host folder if missing and gives it to the sandbox uid:gid. A symlink
+    /// or a non-folder in its place is refused: the bind mount would follow it.
+    fn prepare_workspace(&self, user: &UserId) -> Result<PathBuf> {
+        let cfg = &self.inner.config;
+        let path = self.workspace(user);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::DirBuilder::new().mode(0o750).create(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::io("create user folder", &path, e)),
+                }
+                std::fs::symlink_metadata(&path)
+                    .map_err(|e| Error::io("inspect user folder", &path, e))?
+            }
+            Err(e) => return Err(Error::io("inspect user folder", &path, e)),
+        };
+        if !meta.file_type().is_dir() {
+            return Err(Error::io(
+                "use user folder",
+                &path,
+                std::io::Error::other(
+                    "it is not a plain folder (a symlink or a file); refusing to mount it",
+                ),
+            ));
+        }
+        if meta.uid() != cfg.uid || meta.gid() != cfg.gid {
+            std::os::unix::fs::lchown(&path, Some(cfg.uid), Some(cfg.gid)).map_err(|e| {
+                Error::io(
+                    "give the user folder to ZCBOT_SANDBOX_UID (run as root, or set ZCBOT_SANDBOX_UID to the folder's owner)",
+                    &path,
+                    e,
+                )
+            })?;
+        }
+        Ok(path)
+    }
+
+    /// Force-removes a container by name or id; Ok(false) when it was already gone.
+    async fn remove_container(&self, name: &str) -> Result<bool> {
+        let docker = &self.inner.docker;
+        match docker
+            .call(
+                || format!("remove container {name}"),
+                docker.raw().remove_container(
+                    name,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        ..Default::default()
+                    }),
+                ),
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            // "removal already in progress": someone else is removing it.
+            Err(e) if e.is_conflict() => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every container labelled with this pool's id, in any state.
+    async fn list_ours(&self) -> Result<Vec<bollard::models::ContainerSummary>> {
+        let docker = &self.inner.docker;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_MANAGED_BY}={}", spec::MANAGED_BY),
+                format!("{LABEL_POOL}={}", self.inner.config.pool_id),
+            ],
+        )]);
+        docker
+            .call(
+                || "list the pool's containers".to_owned(),
+                docker.raw().list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filters),
+                    ..Default::default()
+                })),
+            )
+            .await
+    }
+}
+
+fn summary_name(c: &bollard::models::ContainerSummary) -> Option<String> {
+    c.names
+        .as_ref()?
+        .first()
+        .map(|n| n.trim_start_matches('/').to_owned())
+}
+
+fn summary_user(c: &bollard::models::ContainerSummary) -> Option<UserId> {
+    UserId::parse(c.labels.as_ref()?.get(spec::LABEL_USER)?).ok()
+}
+
+fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut cut = s.len() - max;
+    while !s.is_char_boundary(cut) {
+        cut += 1;
+    }
+    s[cut..].to_owned()
+}

@@ -1,0 +1,196 @@
+//! The sandbox network: an internal bridge with inter-container traffic off and a stable bridge
+//! interface name (the host firewall matches on it).
+//!
+//! Creation is idempotent and converges under races. API 1.41 has no server-side duplicate check
+//! that bollard can request (CheckDuplicate is gone from its models), so two processes creating
+//! the network at once can both succeed. After creating, the pool lists the networks of that name;
+//! if there are several, the oldest wins and the loser removes the one it made.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bollard::models::NetworkCreateRequest;
+use bollard::query_parameters::ListNetworksOptions;
+use sha2::{Digest, Sha256};
+
+use crate::docker::Docker;
+use crate::error::{Error, Result};
+use crate::pool::spec::{LABEL_MANAGED_BY, MANAGED_BY};
+
+const OPT_ICC: &str = "com.docker.network.bridge.enable_icc";
+const OPT_BRIDGE: &str = "com.docker.network.bridge.name";
+
+/// What the pool knows of its network once it is ensured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNetwork {
+    /// Docker's network id.
+    pub id: String,
+    /// The network's name.
+    pub name: String,
+    /// The host-side bridge interface name.
+    pub bridge: String,
+    /// The IPv4 subnet Docker chose, e.g. "172.18.0.0/16".
+    pub subnet: Option<String>,
+    /// The bridge's address on that subnet (the host as seen from a sandbox).
+    pub gateway: Option<String>,
+}
+
+/// The bridge interface name for a network: "zcb-" and 10 hex digits of the name's sha256, so it
+/// is stable across restarts, unique per network name, and within Linux's 15 characters.
+pub fn bridge_name(network: &str) -> String {
+    let digest = Sha256::digest(network.as_bytes());
+    let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    format!("zcb-{hex}")
+}
+
+/// Makes sure the network `name` exists as an internal bridge with ICC off and our bridge name.
+/// An existing network with other settings is refused with [`Error::NetworkMismatch`].
+pub async fn ensure_network(docker: &Docker, name: &str) -> Result<SandboxNetwork> {
+    if let Some(found) = inspect(docker, name).await? {
+        return verify(found, name);
+    }
+    let bridge = bridge_name(name);
+    let request = NetworkCreateRequest {
+        name: name.to_owned(),
+        driver: Some("bridge".to_owned()),
+        internal: Some(true),
+        attachable: Some(false),
+        enable_ipv6: Some(false),
+        options: Some(HashMap::from([
+            (OPT_ICC.to_owned(), "false".to_owned()),
+            (OPT_BRIDGE.to_owned(), bridge),
+        ])),
+        labels: Some(HashMap::from([(
+            LABEL_MANAGED_BY.to_owned(),
+            MANAGED_BY.to_owned(),
+        )])),
+        ..Default::default()
+    };
+    let created = docker
+        .call(
+            || format!("create network {name}"),
+            docker.raw().create_network(request),
+        )
+        .await;
+    let mine = match created {
+        Ok(resp) => Some(resp.id),
+        // A newer engine refuses a duplicate name: someone else won the race.
+        Err(e) if e.is_conflict() => None,
+        // A concurrent creator already holds the bridge name: the same race, seen differently.
+        Err(Error::Docker { source, .. }) if source.to_string().contains("already") => None,
+        Err(e) => return Err(e),
+    };
+    let winner = resolve_duplicates(docker, name, mine.as_deref()).await?;
+    verify(winner, name)
+}
+
+async fn inspect(docker: &Docker, name: &str) -> Result<Option<bollard::models::Network>> {
+    let list = docker
+        .call(
+            || format!("list networks named {name}"),
+            docker.raw().list_networks(Some(ListNetworksOptions {
+                filters: Some(HashMap::from([("name".to_owned(), vec![name.to_owned()])])),
+            })),
+        )
+        .await?;
+    // The name filter matches substrings: keep exact matches, oldest first.
+    let mut exact: Vec<_> = list
+        .into_iter()
+        .filter(|n| n.name.as_deref() == Some(name))
+        .collect();
+    exact.sort_by_key(created_key);
+    Ok(exact.into_iter().next())
+}
+
+/// With several networks of one name, keeps the oldest and removes `mine` if it lost.
+async fn resolve_duplicates(
+    docker: &Docker,
+    name: &str,
+    mine: Option<&str>,
+) -> Result<bollard::models::Network> {
+    let winner = inspect(docker, name)
+        .await?
+        .ok_or_else(|| Error::NetworkMismatch {
+            name: name.to_owned(),
+            reason: "vanished right after it was created (another process removed it)".to_owned(),
+        })?;
+    if let Some(mine) = mine {
+        if winner.id.as_deref() != Some(mine) {
+            tracing::info!(
+                network = name,
+                "another process created the network first; using theirs"
+            );
+            let _ = docker
+                .call(
+                    || format!("remove duplicate network {mine}"),
+                    docker.raw().remove_network(mine),
+                )
+                .await;
+        }
+    }
+    Ok(winner)
+}
+
+fn created_key(n: &bollard::models::Network) -> (SystemTime, String) {
+    let created = n
+        .created
+        .as_deref()
+        .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    (created, n.id.clone().unwrap_or_default())
+}
+
+fn verify(n: bollard::models::Network, name: &str) -> Result<SandboxNetwork> {
+    let mismatch = |reason: String| Error::NetworkMismatch {
+        name: name.to_owned(),
+        reason,
+    };
+    if n.driver.as_deref() != Some("bridge") {
+        return Err(mismatch(format!(
+            "uses driver {:?}, not bridge",
+            n.driver.unwrap_or_default()
+        )));
+    }
+    if n.internal != Some(true) {
+        return Err(mismatch(
+            "is not internal (sandboxes would reach outside)".to_owned(),
+        ));
+    }
+    let options = n.options.unwrap_or_default();
+    if options.get(OPT_ICC).map(String::as_str) != Some("false") {
+        return Err(mismatch(
+            "lets containers talk to each other (enable_icc is not false)".to_owned(),
+        ));
+    }
+    let expected = bridge_name(name);
+    let bridge = options.get(OPT_BRIDGE).cloned().unwrap_or_default();
+    if bridge != expected {
+        return Err(mismatch(format!(
+            "has bridge interface {bridge:?}, not {expected:?}"
+        )));
+    }
+    let ipam = n.ipam.and_then(|i| i.config).unwrap_or_default();
+    let v4 = ipam
+        .iter()
+        .find(|c| c.subnet.as_deref().is_some_and(|s| !s.contains(':')));
+    Ok(SandboxNetwork {
+        id: n.id.unwrap_or_default(),
+        name: name.to_owned(),
+        bridge,
+        subnet: v4.and_then(|c| c.subnet.clone()),
+        gateway: v4.and_then(|c| c.gateway.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_names_are_stable_short_and_distinct() {
+        let a = bridge_name("zcbot-sandbox-net");
+        assert_eq!(a, bridge_name("zcbot-sandbox-net"));
+        assert!(a.len() <= 15, "{a}");
+        assert_ne!(a, bridge_name("zcbot-sandbox-net2"));
+    }
+}

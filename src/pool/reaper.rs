@@ -1,0 +1,334 @@
+//! What happens to containers over time: the startup reconcile that adopts or removes what an
+//! earlier run left, the idle reaper, and the status listing both the CLI and the API show.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bollard::models::ContainerSummary;
+use bollard::models::ContainerSummaryStateEnum as SummaryState;
+use bollard::query_parameters::ListContainersOptions;
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use super::spec::{self, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY};
+use super::{summary_name, summary_user, Sandbox, SandboxPool, Slot};
+use crate::error::Result;
+use crate::user::UserId;
+
+/// What the startup reconcile found and did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReconcileReport {
+    /// Users whose running, current container was adopted.
+    pub adopted: Vec<String>,
+    /// Containers removed, each with the reason.
+    pub removed: Vec<(String, String)>,
+    /// Containers with our name prefix but without our labels: reported, left alone.
+    pub foreign: Vec<String>,
+}
+
+/// One sandbox as `ps` and `GET /v1/sandboxes` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxStatus {
+    /// The user.
+    pub user: String,
+    /// The container's name.
+    pub name: String,
+    /// Docker's container id.
+    pub container_id: String,
+    /// Docker's state: running, exited, created, ...
+    pub state: String,
+    /// Seconds since the user's last activity.
+    pub idle_secs: u64,
+    /// Calls in flight in this process.
+    pub in_flight: usize,
+    /// Whether its config hash matches the pool's current config (false: stale, recreated on the
+    /// next ensure or removed at the next reconcile).
+    pub config_current: bool,
+}
+
+impl SandboxPool {
+    /// The startup pass: adopts every running container of this pool whose config hash is current
+    /// (its entry's ready line confirmed), and removes the rest (stopped, stale hash, foreign image,
+    /// bad labels). Containers with our name prefix but without our labels are reported in the
+    /// log and left alone.
+    pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        self.load_existing(true).await
+    }
+
+    /// Loads running containers of this pool into memory without removing anything (for one-shot
+    /// CLI commands that must not change what they were not asked to).
+    pub async fn adopt_running(&self) -> Result<ReconcileReport> {
+        self.load_existing(false).await
+    }
+
+    async fn load_existing(&self, remove: bool) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let ours = self.list_ours().await?;
+        let mut to_adopt = Vec::new();
+        let mut to_remove = Vec::new();
+        for c in &ours {
+            let Some(name) = summary_name(c) else {
+                continue;
+            };
+            let verdict = match summary_user(c) {
+                None => Err("its user label is missing or invalid".to_owned()),
+                Some(user) => self.judge(c, &user, &name).map(|_| user),
+            };
+            match verdict {
+                Ok(user) => to_adopt.push((user, name, c.clone())),
+                Err(reason) => to_remove.push((name, reason)),
+            }
+        }
+
+        // Confirm the rules are in place (the entry's ready line) before adopting.
+        let checked: Vec<_> = futures_util::stream::iter(to_adopt)
+            .map(|(user, name, c)| async move {
+                let hash = label(&c, LABEL_CONFIG_HASH).unwrap_or_default();
+                let res = self.wait_ready(&user, &name, &hash).await;
+                (user, name, c, res)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for (user, name, c, res) in checked {
+            match res {
+                Ok(sandbox) => {
+                    self.adopt(&user, sandbox, &c);
+                    report.adopted.push(user.to_string());
+                }
+                // wait_ready already removed it.
+                Err(e) => report.removed.push((name, e.to_string())),
+            }
+        }
+
+        if remove {
+            let removed: Vec<_> = futures_util::stream::iter(to_remove)
+                .map(|(name, reason)| async move {
+                    let res = self.remove_container(&name).await;
+                    (name, reason, res)
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for (name, reason, res) in removed {
+                res?;
+                tracing::info!(container = %name, %reason, "removed a sandbox left by an earlier run");
+                self.inner
+                    .counters
+                    .orphans_removed
+                    .fetch_add(1, Ordering::Relaxed);
+                report.removed.push((name, reason));
+            }
+        }
+
+        for name in self.foreign_containers().await? {
+            tracing::warn!(container = %name, "a container has the sandbox name prefix but not our labels: leaving it alone");
+            report.foreign.push(name);
+        }
+        report.adopted.sort();
+        Ok(report)
+    }
+
+    /// Why an existing container of ours cannot be adopted as it is, if it cannot.
+    fn judge(
+        &self,
+        c: &ContainerSummary,
+        user: &UserId,
+        name: &str,
+    ) -> std::result::Result<(), String> {
+        if name != self.container_name(user) {
+            return Err(format!(
+                "its name does not match its user label (expected {})",
+                self.container_name(user)
+            ));
+        }
+        if c.state != Some(SummaryState::RUNNING) {
+            return Err(format!("it is not running ({})", state_name(c)));
+        }
+        let (_, hash) = self
+            .inner
+            .template
+            .build(&self.inner.config, user, &self.workspace(user));
+        if label(c, LABEL_CONFIG_HASH).as_deref() != Some(hash.as_str()) {
+            return Err("its config hash is stale (image, limits, mounts or rules changed)".into());
+        }
+        Ok(())
+    }
+
+    fn adopt(&self, user: &UserId, sandbox: Sandbox, c: &ContainerSummary) {
+        let last = self
+            .inner
+            .activity
+            .last(user)
+            .or_else(|| {
+                label(c, LABEL_CREATED_AT).and_then(|s| humantime::parse_rfc3339_weak(&s).ok())
+            })
+            .unwrap_or_else(SystemTime::now);
+        let slot = self.slot(user);
+        let mut st = slot.state.lock();
+        st.live = Some(sandbox);
+        st.last_active = last;
+        st.persisted = Some(last);
+    }
+
+    async fn foreign_containers(&self) -> Result<Vec<String>> {
+        let docker = &self.inner.docker;
+        let all = docker
+            .call(
+                || "list containers with the sandbox name prefix".to_owned(),
+                docker.raw().list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(HashMap::from([(
+                        "name".to_owned(),
+                        vec![spec::NAME_PREFIX.to_owned()],
+                    )])),
+                    ..Default::default()
+                })),
+            )
+            .await?;
+        Ok(all
+            .iter()
+            .filter(|c| label(c, LABEL_MANAGED_BY).is_none())
+            .filter_map(summary_name)
+            .filter(|n| n.starts_with(spec::NAME_PREFIX))
+            .collect())
+    }
+
+    /// Removes every sandbox idle longer than `idle` with no call in flight; returns their users.
+    /// A sandbox whose gate is held (being started or removed) is not idle and is skipped.
+    pub async fn reap_idle(&self, idle: Duration) -> Result<Vec<String>> {
+        let now = SystemTime::now();
+        let candidates: Vec<(UserId, Arc<Slot>)> = self
+            .inner
+            .slots
+            .iter()
+            .filter(|e| {
+                let st = e.value().state.lock();
+                st.live.is_some() && st.in_flight == 0 && idle_for(st.last_active, now) > idle
+            })
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        let mut reaped = Vec::new();
+        for (user, slot) in candidates {
+            let Ok(_gate) = slot.gate.clone().try_lock_owned() else {
+                continue;
+            };
+            let taken = {
+                let mut st = slot.state.lock();
+                let still_idle = st.in_flight == 0
+                    && !st.starting
+                    && idle_for(st.last_active, SystemTime::now()) > idle;
+                if still_idle {
+                    st.live.take()
+                } else {
+                    None
+                }
+            };
+            let Some(sandbox) = taken else { continue };
+            self.remove_container(&sandbox.name).await?;
+            self.inner.activity.forget(&user);
+            self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(user = %user, container = %sandbox.name, "reaped idle sandbox");
+            reaped.push(user.to_string());
+        }
+        reaped.sort();
+        Ok(reaped)
+    }
+
+    /// Starts the background reaper: every `ZCBOT_SANDBOX_REAP_EVERY` it removes sandboxes idle
+    /// longer than `ZCBOT_SANDBOX_IDLE`. It stops when the returned handle is dropped.
+    pub fn spawn_reaper(&self) -> ReaperHandle {
+        let pool = self.clone();
+        let every = self.inner.config.reap_every;
+        let idle = self.inner.config.idle;
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = pool.reap_idle(idle).await {
+                    tracing::warn!(error = %e, kind = e.kind(), "reaper pass failed; retrying next period");
+                }
+            }
+        });
+        ReaperHandle { task }
+    }
+
+    /// Every container of this pool as Docker reports it, with what this process knows of it.
+    pub async fn list(&self) -> Result<Vec<SandboxStatus>> {
+        let now = SystemTime::now();
+        let mut out: Vec<SandboxStatus> = self
+            .list_ours()
+            .await?
+            .iter()
+            .filter_map(|c| {
+                let user = summary_user(c)?;
+                let name = summary_name(c)?;
+                let (in_flight, last) = match self.inner.slots.get(&user) {
+                    Some(slot) if slot.state.lock().live.is_some() => {
+                        let st = slot.state.lock();
+                        (st.in_flight, Some(st.last_active))
+                    }
+                    _ => (0, None),
+                };
+                let last = last
+                    .or_else(|| self.inner.activity.last(&user))
+                    .or_else(|| {
+                        label(c, LABEL_CREATED_AT)
+                            .and_then(|s| humantime::parse_rfc3339_weak(&s).ok())
+                    })
+                    .unwrap_or(now);
+                let (_, hash) =
+                    self.inner
+                        .template
+                        .build(&self.inner.config, &user, &self.workspace(&user));
+                Some(SandboxStatus {
+                    user: user.to_string(),
+                    name,
+                    container_id: c.id.clone().unwrap_or_default(),
+                    state: state_name(c),
+                    idle_secs: idle_for(last, now).as_secs(),
+                    in_flight,
+                    config_current: label(c, LABEL_CONFIG_HASH).as_deref() == Some(hash.as_str()),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.user.cmp(&b.user));
+        Ok(out)
+    }
+}
+
+/// Stops the background reaper when dropped.
+pub struct ReaperHandle {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReaperHandle {
+    /// Whether the reaper task is still running (for readiness checks).
+    pub fn is_alive(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+impl Drop for ReaperHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn idle_for(last: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(last).unwrap_or_default()
+}
+
+fn label(c: &ContainerSummary, key: &str) -> Option<String> {
+    c.labels.as_ref()?.get(key).cloned()
+}
+
+fn state_name(c: &ContainerSummary) -> String {
+    c.state
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

@@ -1,0 +1,297 @@
+//! The container spec of one user's sandbox, its labels, and the config hash that detects drift.
+//!
+//! The hash covers everything that shapes the container (image id, limits, mounts, network, egress
+//! rules): a container whose recorded hash differs from today's is stale and gets recreated.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::Path;
+
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig, Mount, MountType,
+    NetworkingConfig,
+};
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::user::UserId;
+
+/// Label that marks a container as made by zcbot-sandbox.
+pub const LABEL_MANAGED_BY: &str = "io.zcbot.managed-by";
+/// The value of [`LABEL_MANAGED_BY`].
+pub const MANAGED_BY: &str = "zcbot-sandbox";
+/// Label with the pool id (`ZCBOT_POOL_ID`): a pool only touches containers with its own id.
+pub const LABEL_POOL: &str = "io.zcbot.pool";
+/// Label with the user id the container belongs to.
+pub const LABEL_USER: &str = "io.zcbot.user";
+/// Label with the config hash the container was created with.
+pub const LABEL_CONFIG_HASH: &str = "io.zcbot.config-hash";
+/// Label with the creation time (RFC 3339, UTC).
+pub const LABEL_CREATED_AT: &str = "io.zcbot.created-at";
+/// Prefix of every sandbox container's name.
+pub const NAME_PREFIX: &str = "zcbot-sandbox-";
+/// Where the user's folder is mounted inside the container.
+pub const WORKSPACE: &str = "/workspace";
+/// The line the container's entry prints once its egress rules are in place.
+pub const READY_MARKER: &str = "zcbot-entry: ready";
+
+/// Ranges a sandbox must never reach, whatever the egress policy: private, loopback, link-local
+/// (including the cloud metadata address), CGNAT, documentation, benchmarking, multicast and
+/// reserved ranges for IPv4 and IPv6, and the IPv6 forms that can carry IPv4 (mapped, NAT64, 6to4).
+pub const DEFAULT_BLOCKED: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// The container name of `user` in pool `pool_id`. The default pool uses `zcbot-sandbox-<user>`;
+/// another pool uses `zcbot-sandbox-<pool>.<user>`, which cannot collide because neither ids
+/// may contain a '.'.
+pub fn container_name(pool_id: &str, user: &UserId) -> String {
+    if pool_id == "default" {
+        format!("{NAME_PREFIX}{user}")
+    } else {
+        format!("{NAME_PREFIX}{pool_id}.{user}")
+    }
+}
+
+/// The full blocklist: the defaults, the host's own addresses not already covered, then
+/// `ZCBOT_PG_IPS` and `ZCBOT_SANDBOX_BLOCK_CIDRS`. Sorted and without duplicates, so the config
+/// hash stays the same while the inputs do.
+pub fn blocklist(config: &Config, host_addrs: &[IpAddr]) -> Vec<IpNet> {
+    let defaults: Vec<IpNet> = DEFAULT_BLOCKED
+        .iter()
+        .map(|s| s.parse().expect("built-in CIDR"))
+        .collect();
+    let mut out: BTreeSet<IpNet> = defaults.iter().copied().collect();
+    let extra = host_addrs
+        .iter()
+        .map(|a| IpNet::from(*a))
+        .chain(config.pg_ips.iter().copied())
+        .chain(config.block_cidrs.iter().copied());
+    for net in extra {
+        if !defaults.iter().any(|d| d.contains(&net)) {
+            out.insert(net);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The addresses of this host's interfaces (the pool blocks them so a sandbox cannot reach host
+/// services through the host's primary address).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!("could not list the host's addresses; only the built-in ranges are blocked");
+        return Vec::new();
+    };
+    let mut out = BTreeSet::new();
+    for ifa in addrs {
+        let Some(addr) = ifa.address else { continue };
+        if let Some(v4) = addr.as_sockaddr_in() {
+            out.insert(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            out.insert(IpAddr::V6(v6.ip()));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Everything that goes into one user's container, computed once per pool.
+#[derive(Debug, Clone)]
+pub struct SpecTemplate {
+    /// The image id (not the tag), so the container runs exactly the image in its hash.
+    pub image_id: String,
+    /// The ranges the entry rejects.
+    pub blocked: Vec<IpNet>,
+}
+
+impl SpecTemplate {
+    /// The create body for `user` and its config hash. `workspace` is the user's host folder.
+    pub fn build(
+        &self,
+        config: &Config,
+        user: &UserId,
+        workspace: &Path,
+    ) -> (ContainerCreateBody, String) {
+        let mut cmd = vec!["--egress".to_owned(), "none".to_owned()];
+        for net in &self.blocked {
+            cmd.push("--block".to_owned());
+            cmd.push(net.to_string());
+        }
+        let labels = HashMap::from([
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (LABEL_POOL.to_owned(), config.pool_id.clone()),
+            (LABEL_USER.to_owned(), user.to_string()),
+        ]);
+        let host_config = HostConfig {
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_owned(),
+                format!("rw,nosuid,nodev,size={},mode=1777", config.tmpfs_bytes),
+            )])),
+            mounts: Some(vec![Mount {
+                target: Some(WORKSPACE.to_owned()),
+                source: Some(workspace.display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(false),
+                ..Default::default()
+            }]),
+            // Only NET_ADMIN, which the entry (root) needs to install the rules. Every exec names
+            // the unprivileged user, whose capability sets are empty.
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(vec!["NET_ADMIN".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            pids_limit: Some(config.pids),
+            memory: Some(config.memory_bytes),
+            memory_swap: Some(config.memory_bytes),
+            nano_cpus: Some((config.cpus * 1e9).round() as i64),
+            network_mode: Some(config.network.clone()),
+            ipc_mode: Some("private".to_owned()),
+            privileged: Some(false),
+            // The sandbox, not the host, is what the kernel kills first under memory pressure.
+            oom_score_adj: Some(500),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".to_owned()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), "1m".to_owned()),
+                    ("max-file".to_owned(), "1".to_owned()),
+                ])),
+            }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(self.image_id.clone()),
+            cmd: Some(cmd),
+            hostname: Some("sandbox".to_owned()),
+            working_dir: Some(WORKSPACE.to_owned()),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    config.network.clone(),
+                    EndpointSettings::default(),
+                )])),
+            }),
+            ..Default::default()
+        };
+        let hash = config_hash(&body);
+        (body, hash)
+    }
+}
+
+/// sha256 over the canonical JSON of the create body (serde_json sorts object keys), which holds
+/// the image id, limits, mounts, network and rules: any change to them changes the hash.
+pub fn config_hash(body: &ContainerCreateBody) -> String {
+    let value = serde_json::to_value(body).expect("a create body always serializes");
+    let digest = Sha256::digest(value.to_string().as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::from_lookup(|_| None).unwrap()
+    }
+
+    fn template() -> SpecTemplate {
+        SpecTemplate {
+            image_id: "sha256:abc".into(),
+            blocked: blocklist(&cfg(), &[]),
+        }
+    }
+
+    #[test]
+    fn names_never_collide_across_pools() {
+        let u = UserId::parse("a-b").unwrap();
+        assert_eq!(container_name("default", &u), "zcbot-sandbox-a-b");
+        assert_eq!(container_name("p1", &u), "zcbot-sandbox-p1.a-b");
+    }
+
+    #[test]
+    fn hash_is_stable_and_tracks_what_matters() {
+        let c = cfg();
+        let u = UserId::parse("alice").unwrap();
+        let ws = Path::new("/srv/users/alice");
+        let (_, h1) = template().build(&c, &u, ws);
+        let (_, h2) = template().build(&c, &u, ws);
+        assert_eq!(h1, h2, "same inputs, same hash");
+
+        let mut c2 = c.clone();
+        c2.memory_bytes *= 2;
+        assert_ne!(h1, template().build(&c2, &u, ws).1, "memory limit");
+        let mut t = template();
+        t.image_id = "sha256:def".into();
+        assert_ne!(h1, t.build(&c, &u, ws).1, "image id");
+        assert_ne!(
+            h1,
+            template().build(&c, &u, Path::new("/elsewhere")).1,
+            "mount"
+        );
+        let mut t = template();
+        t.blocked.push("8.8.8.8/32".parse().unwrap());
+        assert_ne!(h1, t.build(&c, &u, ws).1, "rules");
+    }
+
+    #[test]
+    fn blocklist_adds_only_uncovered_host_addresses() {
+        let mut c = cfg();
+        c.pg_ips = vec![
+            "10.9.9.9/32".parse().unwrap(),
+            "8.8.4.4/32".parse().unwrap(),
+        ];
+        let host: Vec<IpAddr> = vec![
+            "172.17.0.1".parse().unwrap(),
+            "198.100.1.1".parse().unwrap(),
+        ];
+        let list = blocklist(&c, &host);
+        assert!(list.contains(&"198.100.1.1/32".parse().unwrap()));
+        assert!(list.contains(&"8.8.4.4/32".parse().unwrap()));
+        assert!(!list.contains(&"172.17.0.1/32".parse().unwrap()));
+        assert!(!list.contains(&"10.9.9.9/32".parse().unwrap()));
+        assert!(list.contains(&"169.254.0.0/16".parse().unwrap()));
+    }
+
+    #[test]
+    fn spec_is_hardened() {
+        let (body, _) = template().build(
+            &cfg(),
+            &UserId::parse("bob").unwrap(),
+            Path::new("/srv/bob"),
+        );
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.readonly_rootfs, Some(true));
+        assert_eq!(hc.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(hc.cap_add, Some(vec!["NET_ADMIN".to_owned()]));
+        assert_eq!(hc.memory, hc.memory_swap);
+        assert!(hc.binds.is_none());
+        assert!(hc.pid_mode.is_none() && hc.userns_mode.is_none());
+        assert!(hc.tmpfs.unwrap()["/tmp"].contains("nosuid"));
+    }
+}
