@@ -565,84 +565,75 @@ impl SandboxPool {
         self.wait_ready(user, name, hash).await
     }
 
-    /// Follows the container's log until the entry reports its rules in place. If the entry fails
-    /// or the deadline passes, the container is removed and the error carries the log's tail.
+    /// Waits until the entry of the container's *current* run reports its rules in place: only a
+    /// ready line stamped at or after the run's `StartedAt` counts, because a restarted container's
+    /// log still holds the ready line of its previous run (whose network namespace, and rules,
+    /// are gone). If the entry fails or the deadline passes, the container is removed and the error
+    /// carries the log's tail.
     async fn wait_ready(&self, user: &UserId, name: &str, hash: &str) -> Result<Sandbox> {
         let docker = &self.inner.docker;
-        let mut stream = docker.raw().logs(
-            name,
-            Some(LogsOptions {
-                follow: true,
-                stdout: true,
-                stderr: true,
-                ..Default::default()
-            }),
-        );
-        let mut log = String::new();
         let timeout = self.inner.config.start_timeout;
-        let outcome = tokio::time::timeout(timeout, async {
-            while let Some(item) = stream.next().await {
-                let chunk =
-                    item.map_err(|e| docker.classify(format!("read the log of {name}"), e))?;
-                log.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-                if log.contains(spec::READY_MARKER) {
-                    return Ok(true);
-                }
-                if log.len() > 2 * LOG_TAIL_BYTES {
-                    let cut = log.len() - LOG_TAIL_BYTES;
-                    let cut = (cut..log.len())
-                        .find(|i| log.is_char_boundary(*i))
-                        .unwrap_or(0);
-                    log.drain(..cut);
-                }
+        let mut log = String::new();
+        let started = self.inspect_run(name).await?;
+        let outcome = match &started {
+            None => {
+                log = self.log_tail(name).await;
+                Ok(Ok(false))
             }
-            Ok::<bool, Error>(false)
-        })
-        .await;
-        drop(stream);
+            Some((_, started_at)) => {
+                let since = started_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs().saturating_sub(1))
+                    as i32;
+                let mut stream = docker.raw().logs(
+                    name,
+                    Some(LogsOptions {
+                        follow: true,
+                        stdout: true,
+                        stderr: true,
+                        timestamps: true,
+                        since,
+                        ..Default::default()
+                    }),
+                );
+                tokio::time::timeout(timeout, async {
+                    let mut pending = String::new();
+                    while let Some(item) = stream.next().await {
+                        let chunk = item
+                            .map_err(|e| docker.classify(format!("read the log of {name}"), e))?;
+                        pending.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                        while let Some(end) = pending.find('\n') {
+                            let line: String = pending.drain(..=end).collect();
+                            let (stamp, text) = line.split_once(' ').unwrap_or(("", &line));
+                            let current = humantime::parse_rfc3339_weak(stamp)
+                                .is_ok_and(|t| t >= *started_at);
+                            if current && text.starts_with(spec::READY_MARKER) {
+                                return Ok(true);
+                            }
+                            log.push_str(text);
+                            if log.len() > 2 * LOG_TAIL_BYTES {
+                                log = tail(&log, LOG_TAIL_BYTES);
+                            }
+                        }
+                    }
+                    Ok::<bool, Error>(false)
+                })
+                .await
+            }
+        };
         let reason = match outcome {
-            Ok(Ok(true)) => {
-                let inspected = docker
-                    .call(
-                        || format!("inspect container {name}"),
-                        docker.raw().inspect_container(name, None),
-                    )
-                    .await?;
-                let running = inspected
-                    .state
-                    .as_ref()
-                    .is_some_and(|s| s.status == Some(State::RUNNING));
-                if running {
+            Ok(Ok(true)) => match self.inspect_run(name).await? {
+                Some((id, _)) => {
                     return Ok(Sandbox {
                         user: user.to_string(),
-                        container_id: inspected.id.unwrap_or_default(),
+                        container_id: id,
                         name: name.to_owned(),
                         config_hash: hash.to_owned(),
-                    });
+                    })
                 }
-                "it stopped right after applying its rules".to_owned()
-            }
-            Ok(Ok(false)) => {
-                let state = docker
-                    .call(
-                        || format!("inspect container {name}"),
-                        docker.raw().inspect_container(name, None),
-                    )
-                    .await
-                    .ok()
-                    .and_then(|c| c.state);
-                match state {
-                    Some(s) => format!(
-                        "its entry exited with status {} before the egress rules were in place{}",
-                        s.exit_code.unwrap_or(-1),
-                        s.error
-                            .filter(|e| !e.is_empty())
-                            .map(|e| format!(" ({e})"))
-                            .unwrap_or_default()
-                    ),
-                    None => "it vanished while starting".to_owned(),
-                }
-            }
+                None => "it stopped right after applying its rules".to_owned(),
+            },
+            Ok(Ok(false)) => self.exit_reason(name).await,
             Ok(Err(e)) => return Err(e),
             Err(_) => format!(
                 "its entry did not report the egress rules in place within {} (ZCBOT_SANDBOX_START_TIMEOUT)",
@@ -659,6 +650,77 @@ impl SandboxPool {
             reason,
             log: tail(&log, LOG_TAIL_BYTES),
         })
+    }
+
+    /// The last lines of a container's log (empty if they cannot be read).
+    async fn log_tail(&self, name: &str) -> String {
+        let mut stream = self.inner.docker.raw().logs(
+            name,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "40".to_owned(),
+                ..Default::default()
+            }),
+        );
+        let mut out = String::new();
+        let _ = tokio::time::timeout(self.inner.docker.timeout(), async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+            }
+        })
+        .await;
+        tail(&out, LOG_TAIL_BYTES)
+    }
+
+    /// The id and start time of the container's current run; None if it is not running.
+    async fn inspect_run(&self, name: &str) -> Result<Option<(String, SystemTime)>> {
+        let docker = &self.inner.docker;
+        let found = docker
+            .call(
+                || format!("inspect container {name}"),
+                docker.raw().inspect_container(name, None),
+            )
+            .await;
+        let found = match found {
+            Ok(c) => c,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let state = found.state.unwrap_or_default();
+        if state.status != Some(State::RUNNING) {
+            return Ok(None);
+        }
+        let started_at = state
+            .started_at
+            .as_deref()
+            .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(Some((found.id.unwrap_or_default(), started_at)))
+    }
+
+    /// Why a container that should be running is not, in words for the error.
+    async fn exit_reason(&self, name: &str) -> String {
+        let docker = &self.inner.docker;
+        let state = docker
+            .call(
+                || format!("inspect container {name}"),
+                docker.raw().inspect_container(name, None),
+            )
+            .await
+            .ok()
+            .and_then(|c| c.state);
+        match state {
+            Some(s) => format!(
+                "its entry exited with status {} before the egress rules were in place{}",
+                s.exit_code.unwrap_or(-1),
+                s.error
+                    .filter(|e| !e.is_empty())
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+            None => "it vanished while starting".to_owned(),
+        }
     }
 
     /// Creates the user's host folder if missing and gives it to the sandbox uid:gid. A symlink
@@ -768,4 +830,23 @@ fn tail(s: &str, max: usize) -> String {
         cut += 1;
     }
     s[cut..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_timestamps_parse_to_the_nanosecond() {
+        let a = humantime::parse_rfc3339_weak("2026-11-23T19:37:35.123456789Z").unwrap();
+        let b = humantime::parse_rfc3339_weak("2026-11-23T19:37:35.123456790Z").unwrap();
+        assert!(b > a);
+    }
+
+    #[test]
+    fn tail_keeps_the_end_on_a_char_boundary() {
+        assert_eq!(tail("abcdef", 3), "def");
+        assert_eq!(tail("ééé", 3), "é");
+        assert_eq!(tail("ab", 3), "ab");
+    }
 }

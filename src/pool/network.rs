@@ -1,10 +1,13 @@
 //! The sandbox network: an internal bridge with inter-container traffic off and a stable bridge
 //! interface name (the host firewall matches on it).
 //!
-//! Creation is idempotent and converges under races. API 1.41 has no server-side duplicate check
-//! that bollard can request (CheckDuplicate is gone from its models), so two processes creating
-//! the network at once can both succeed. After creating, the pool lists the networks of that name;
-//! if there are several, the oldest wins and the loser removes the one it made.
+//! Creation is idempotent and converges under races. API 1.41 only refuses a duplicate network
+//! name when asked to (CheckDuplicate, which bollard's models no longer carry), but the engine
+//! always refuses a second network with the same bridge interface name (403 "networks have same
+//! bridge name"), and our bridge name is derived from the network name: so of two concurrent
+//! creators one wins and the other is told so, and then uses the winner's network. As a second
+//! line, after creating, the pool lists the networks of that name; if there are several (another
+//! tool made one with another bridge name meanwhile), the oldest wins and the loser removes its own.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -76,8 +79,15 @@ pub async fn ensure_network(docker: &Docker, name: &str) -> Result<SandboxNetwor
         Ok(resp) => Some(resp.id),
         // A newer engine refuses a duplicate name: someone else won the race.
         Err(e) if e.is_conflict() => None,
-        // A concurrent creator already holds the bridge name: the same race, seen differently.
-        Err(Error::Docker { source, .. }) if source.to_string().contains("already") => None,
+        // A concurrent creator already holds our bridge name: it won the race.
+        Err(Error::Docker {
+            source:
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 403,
+                    message,
+                },
+            ..
+        }) if message.contains("same bridge name") => None,
         Err(e) => return Err(e),
     };
     let winner = resolve_duplicates(docker, name, mine.as_deref()).await?;

@@ -1,0 +1,200 @@
+//! Shared test support: the Docker gate, unique ids, isolated pools and the cleanup guard.
+//!
+//! Every test gets its own pool id, network and folders, so tests run in parallel and twice in a
+//! row without seeing each other. The docker CLI is used here only as an independent witness and
+//! for cleanup; the product never shells out to it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use zcbot_sandbox::{Config, SandboxPool, UserId};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short id unique across tests, processes and runs.
+pub fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{tag}{:x}{n:x}{:x}", std::process::id(), nanos & 0xfff)
+}
+
+/// Runs the docker CLI (as a witness) and returns stdout; panics with stderr when it fails.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI is needed by the tests as a witness");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Like [`docker`], but returns (success, stdout, stderr) instead of panicking.
+pub fn docker_try(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+/// Fails the test loudly when Docker or the image is missing: these tests never skip.
+pub fn require_docker() {
+    let (ok, _, err) = match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(o) => (
+            o.status.success(),
+            String::new(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        ),
+        Err(e) => (false, String::new(), e.to_string()),
+    };
+    assert!(
+        ok,
+        "Docker is required by the integration tests and is not reachable ({err}). \
+         Start dockerd or set DOCKER_HOST; these tests fail rather than skip."
+    );
+    let image =
+        std::env::var("ZCBOT_SANDBOX_IMAGE").unwrap_or_else(|_| "zcbot-sandbox:latest".into());
+    let (ok, _, _) = docker_try(&["image", "inspect", &image]);
+    assert!(
+        ok,
+        "image {image} is missing: run scripts/build-image.sh (scripts/test.sh does it)"
+    );
+}
+
+/// One isolated pool for one test: its own pool id, network, users and state folders. Dropping
+/// it removes every container of the pool, the network and the folders, even if the test panicked.
+pub struct TestPool {
+    pub pool_id: String,
+    pub network: String,
+    pub root: PathBuf,
+    pub vars: HashMap<String, String>,
+    /// Extra containers (by name) and images to remove at the end.
+    pub extra_containers: Vec<String>,
+    pub extra_images: Vec<String>,
+}
+
+impl TestPool {
+    pub fn new(tag: &str) -> Self {
+        require_docker();
+        let pool_id = unique(&format!("t{tag}"));
+        let network = format!("zcbt-{pool_id}");
+        let root = std::env::temp_dir().join(format!("zcbot-test-{pool_id}"));
+        let mut vars = HashMap::new();
+        vars.insert("ZCBOT_POOL_ID".into(), pool_id.clone());
+        vars.insert("ZCBOT_SANDBOX_NETWORK".into(), network.clone());
+        vars.insert(
+            "ZCBOT_USERS_ROOT".into(),
+            root.join("users").display().to_string(),
+        );
+        vars.insert(
+            "ZCBOT_STATE_DIR".into(),
+            root.join("state").display().to_string(),
+        );
+        vars.insert("ZCBOT_DOCKER_TIMEOUT".into(), "60s".into());
+        vars.insert("ZCBOT_SANDBOX_START_TIMEOUT".into(), "60s".into());
+        if let Ok(image) = std::env::var("ZCBOT_SANDBOX_IMAGE") {
+            vars.insert("ZCBOT_SANDBOX_IMAGE".into(), image);
+        }
+        TestPool {
+            pool_id,
+            network,
+            root,
+            vars,
+            extra_containers: Vec::new(),
+            extra_images: Vec::new(),
+        }
+    }
+
+    /// Sets one more variable for the pools this test makes.
+    pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.vars.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_lookup(|k| self.vars.get(k).cloned()).expect("test config is valid")
+    }
+
+    /// A pool on this test's settings (a second call is like a restart of the owning process).
+    pub async fn pool(&self) -> SandboxPool {
+        SandboxPool::connect(self.config())
+            .await
+            .expect("pool connects")
+    }
+
+    pub fn user(&self, name: &str) -> UserId {
+        UserId::parse(&format!("{name}-{}", self.pool_id)).unwrap()
+    }
+
+    pub fn container_name(&self, user: &UserId) -> String {
+        format!("zcbot-sandbox-{}.{user}", self.pool_id)
+    }
+
+    /// Names of this pool's containers, as the docker CLI sees them (any state).
+    pub fn containers(&self) -> Vec<String> {
+        let out = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=io.zcbot.pool={}", self.pool_id),
+            "--format",
+            "{{.Names}}",
+        ]);
+        let mut v: Vec<String> = out.lines().map(str::to_owned).collect();
+        v.sort();
+        v
+    }
+
+    /// Environment for running the CLI binary on this test's pool.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        let ids = docker_try(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.zcbot.pool={}", self.pool_id),
+        ])
+        .1;
+        let mut rm: Vec<String> = ids.lines().map(str::to_owned).collect();
+        rm.extend(self.extra_containers.iter().cloned());
+        if !rm.is_empty() {
+            let mut args = vec!["rm".to_owned(), "-f".to_owned()];
+            args.extend(rm);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            docker_try(&args);
+        }
+        docker_try(&["network", "rm", &self.network]);
+        for image in &self.extra_images {
+            docker_try(&["rmi", "-f", image]);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Runs a command in a container through the docker CLI (the witness), as `user`.
+pub fn exec_as(container: &str, user: &str, script: &str) -> (bool, String, String) {
+    docker_try(&["exec", "-u", user, container, "sh", "-c", script])
+}
