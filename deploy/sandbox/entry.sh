@@ -37,29 +37,41 @@ while [ $# -gt 0 ]; do
 done
 case "$egress" in none | public) ;; *) fail "--egress must be none or public, not '$egress'" ;; esac
 
+# Each family's filter table is replaced in one atomic iptables-restore transaction: there is no
+# moment with half the rules, and it costs one process per family instead of one per rule.
 count=0
-rule() {
-    "$@" || fail "rule did not apply: $*"
-    count=$((count + 1))
-}
-
-for ipt in iptables ip6tables; do
-    command -v "$ipt" >/dev/null || fail "$ipt is not installed in the image"
-    rule "$ipt" -w -F OUTPUT
-    rule "$ipt" -w -P OUTPUT DROP
-    rule "$ipt" -w -A OUTPUT -o lo -j ACCEPT
+ruleset() {
+    family=$1
+    echo '*filter'
+    echo ':INPUT ACCEPT [0:0]'
+    echo ':FORWARD ACCEPT [0:0]'
+    echo ':OUTPUT DROP [0:0]'
+    echo '-A OUTPUT -o lo -j ACCEPT'
     for cidr in $blocks; do
         case "$cidr" in
-        *:*) [ "$ipt" = ip6tables ] || continue ;;
-        *) [ "$ipt" = iptables ] || continue ;;
+        *:*) [ "$family" = 6 ] || continue ;;
+        *) [ "$family" = 4 ] || continue ;;
         esac
-        rule "$ipt" -w -A OUTPUT -d "$cidr" -j REJECT
+        echo "-A OUTPUT -d $cidr -j REJECT"
     done
     if [ "$egress" = public ]; then
-        rule "$ipt" -w -A OUTPUT -j ACCEPT
+        echo '-A OUTPUT -j ACCEPT'
     fi
-    # Read the rules back: a policy that is not DROP means the kernel did not take them.
+    echo 'COMMIT'
+}
+
+for family in 4 6; do
+    if [ "$family" = 4 ]; then ipt=iptables; else ipt=ip6tables; fi
+    command -v "$ipt-restore" >/dev/null || fail "$ipt-restore is not installed in the image"
+    rules=$(ruleset "$family")
+    printf '%s\n' "$rules" | "$ipt-restore" -w || fail "$ipt-restore refused the rules:
+$rules"
+    # Read the rules back: what the kernel holds must be what was asked for.
+    want=$(printf '%s\n' "$rules" | grep -c '^-A OUTPUT')
+    have=$("$ipt" -w -S OUTPUT | grep -c '^-A OUTPUT') || true
     "$ipt" -w -S OUTPUT | grep -qx -- '-P OUTPUT DROP' || fail "$ipt OUTPUT policy is not DROP after setup"
+    [ "$have" = "$want" ] || fail "$ipt holds $have OUTPUT rules, expected $want"
+    count=$((count + want))
 done
 
 log "ready egress=$egress rules=$count"
