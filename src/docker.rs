@@ -24,30 +24,31 @@ impl Docker {
     /// [`Error::DockerUnreachable`] or [`Error::DockerTimeout`] when no engine answers.
     pub async fn connect(config: &Config) -> Result<Self> {
         let host = config.docker_host_display();
-        let secs = config.docker_timeout.as_secs().max(1);
-        let unreachable = |source| Error::DockerUnreachable {
-            host: host.clone(),
-            source,
-        };
+        // bollard's own timeout only backs ours up: a second longer, so ours normally fires first.
+        let backstop = Duration::from_secs(config.docker_timeout.as_secs() + 1);
         let client = match &config.docker_host {
             Some(h) => bollard::Docker::connect_with_host(h),
             None => bollard::Docker::connect_with_local_defaults(),
         }
-        .map_err(unreachable)?
-        .with_timeout(Duration::from_secs(secs));
-        let negotiated = tokio::time::timeout(config.docker_timeout, client.negotiate_version())
-            .await
-            .map_err(|_| Error::DockerTimeout {
-                op: format!("the version handshake at {host}"),
-                after: config.docker_timeout,
-            })?
-            .map_err(unreachable)?;
-        tracing::debug!(host = %host, api = %negotiated.client_version(), "connected to Docker");
-        Ok(Docker {
-            inner: negotiated,
+        .map_err(|source| Error::DockerUnreachable {
+            host: host.clone(),
+            source,
+        })?
+        .with_timeout(backstop);
+        let mut docker = Docker {
+            inner: client.clone(),
             host,
             timeout: config.docker_timeout,
-        })
+        };
+        let host = docker.host.clone();
+        docker.inner = docker
+            .call(
+                || format!("the version handshake at {host}"),
+                client.negotiate_version(),
+            )
+            .await?;
+        tracing::debug!(host = %docker.host, api = %docker.api_version(), "connected to Docker");
+        Ok(docker)
     }
 
     /// The raw bollard client, for calls that stream (their reads need their own deadlines).
