@@ -267,13 +267,15 @@ impl SandboxPool {
             .filter_map(|c| {
                 let user = summary_user(c)?;
                 let name = summary_name(c)?;
-                let (in_flight, last) = match self.inner.slots.get(&user) {
-                    Some(slot) if slot.state.lock().live.is_some() => {
+                let (in_flight, last) = self
+                    .inner
+                    .slots
+                    .get(&user)
+                    .and_then(|slot| {
                         let st = slot.state.lock();
-                        (st.in_flight, Some(st.last_active))
-                    }
-                    _ => (0, None),
-                };
+                        st.live.is_some().then_some((st.in_flight, st.last_active))
+                    })
+                    .map_or((0, None), |(n, at)| (n, Some(at)));
                 let last = last
                     .or_else(|| self.inner.activity.last(&user))
                     .or_else(|| {
