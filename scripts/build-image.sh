@@ -72,6 +72,15 @@ else
     base=$local_base
 fi
 
+# The per-call supervisor runs inside the container: a static binary, so it needs nothing from
+# the base image's libc.
+command -v cargo >/dev/null 2>&1 || die "cargo is needed to build the in-container supervisor (zcbot-supervise)"
+triple="$(uname -m)-unknown-linux-gnu"
+say "building zcbot-supervise (static, $triple)"
+(cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
+    -p zcbot-supervise --target "$triple" --target-dir target/supervisor)
+cp "$here/target/supervisor/$triple/release/zcbot-supervise" "$here/deploy/sandbox/zcbot-supervise"
+
 say "building $image from base $base (sandbox uid:gid $uid:$gid)"
 docker build -q \
     --build-arg "BASE_IMAGE=$base" \

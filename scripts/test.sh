@@ -16,7 +16,7 @@ scripts/build-image.sh
 echo "test.sh: cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "test.sh: cargo clippy" >&2
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "test.sh: cargo test" >&2
 cargo test --all-targets "$@"
 

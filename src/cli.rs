@@ -4,8 +4,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
 use zcbot_sandbox::{smoke, Config, SandboxPool, UserId};
 
 /// One long-lived, hardened Docker container per chat-agent user.
@@ -50,6 +52,40 @@ enum Command {
         /// Idle time, e.g. 90s or 5m.
         #[arg(long, value_parser = humantime::parse_duration)]
         idle: Option<Duration>,
+    },
+    /// Run a command for a user through the configured backend (ZCBOT_SANDBOX_BACKEND), as that
+    /// argument vector with no shell around it. Prints the streams and exits with the command's
+    /// status (124 on timeout).
+    Exec {
+        /// The user id.
+        #[arg(long)]
+        user: String,
+        /// Timeout, e.g. 30s (default ZCBOT_EXEC_TIMEOUT).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Working directory under /workspace.
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Print the result as JSON instead of the streams.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Run a Python program for a user (FILE, or - for stdin) through the configured backend.
+    Python {
+        /// The user id.
+        #[arg(long)]
+        user: String,
+        /// Timeout, e.g. 30s (default ZCBOT_EXEC_TIMEOUT).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Print the result as JSON instead of the streams.
+        #[arg(long)]
+        json: bool,
+        /// The program file, or - to read it from stdin.
+        file: String,
     },
     /// Check a live sandbox: image, non-root, read-only root, egress rules, blocked addresses,
     /// removal. One PASS/FAIL line per check; exits non-zero on any FAIL.
@@ -152,6 +188,48 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             );
         }
+        Command::Exec {
+            user,
+            timeout,
+            workdir,
+            json,
+            argv,
+        } => {
+            let user = UserId::parse(&user)?;
+            let executor = Executor::from_config(Config::from_env()?).await?;
+            let result = with_ctrl_c(|cancel| async move {
+                executor
+                    .run_argv(&user, argv, timeout, workdir, &cancel)
+                    .await
+            })
+            .await?;
+            return Ok(render(&result, json));
+        }
+        Command::Python {
+            user,
+            timeout,
+            json,
+            file,
+        } => {
+            let user = UserId::parse(&user)?;
+            let code = if file == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+            };
+            let mut args = serde_json::json!({ "code": code });
+            if let Some(t) = timeout {
+                args["timeout"] = serde_json::json!(t.as_secs_f64());
+            }
+            let call = ToolCall::parse("run_python", args)?;
+            let executor = Executor::from_config(Config::from_env()?).await?;
+            let result =
+                with_ctrl_c(|cancel| async move { executor.run(&user, call, &cancel).await })
+                    .await?;
+            return Ok(render(&result, json));
+        }
         Command::Smoke { user } => {
             let user = UserId::parse(&user)?;
             let pool = match pool().await {
@@ -170,4 +248,53 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `f` with a token that Ctrl-C cancels (the call's processes are killed, not orphaned).
+async fn with_ctrl_c<F, Fut, T>(f: F) -> T
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            trigger.cancel();
+        }
+    });
+    let out = f(cancel).await;
+    watcher.abort();
+    out
+}
+
+/// Prints a result and picks the exit code: the command's, 124 on timeout, 130 when cancelled.
+fn render(result: &ToolResult, json: bool) -> ExitCode {
+    use std::io::Write;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(result).unwrap_or_default()
+        );
+    } else {
+        let out = std::io::stdout();
+        let mut out = out.lock();
+        let _ = out.write_all(result.stdout.as_bytes());
+        let _ = out.flush();
+        let _ = std::io::stderr().write_all(result.stderr.as_bytes());
+        if result.timed_out {
+            eprintln!(
+                "zcbot-sandbox: timed out after {} ms; its processes were killed",
+                result.duration_ms
+            );
+        }
+    }
+    let code = if result.timed_out {
+        124
+    } else if result.cancelled {
+        130
+    } else {
+        result.exit_code.unwrap_or(1).clamp(0, 255)
+    };
+    ExitCode::from(code as u8)
 }

@@ -57,6 +57,26 @@ pub struct Config {
     /// `ZCBOT_SANDBOX_START_TIMEOUT`: how long a new container may take to report its rules in
     /// place (default 30s).
     pub start_timeout: Duration,
+    /// `ZCBOT_SANDBOX_BACKEND`: where `shell` and `run_python` run (default `host`).
+    pub backend: Backend,
+    /// `ZCBOT_EXEC_TIMEOUT`: a call's timeout when the caller gives none (default 120s).
+    pub exec_timeout: Duration,
+    /// `ZCBOT_EXEC_TIMEOUT_MAX`: the longest timeout a caller may ask for (default 600s).
+    pub exec_timeout_max: Duration,
+    /// `ZCBOT_OUTPUT_CAP`: bytes kept per output stream, head and tail (default 1MiB).
+    pub output_cap: usize,
+    /// `ZCBOT_KILL_GRACE`: time between SIGTERM and SIGKILL when a call is stopped (default 500ms).
+    pub kill_grace: Duration,
+}
+
+/// Where tool calls run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// On the host, as the daemon's user: for development; isolates nothing.
+    Host,
+    /// In the user's sandbox container.
+    Docker,
 }
 
 /// Every variable [`Config`] reads, for documentation and `--help` output.
@@ -79,6 +99,11 @@ pub const VARIABLES: &[&str] = &[
     "DOCKER_HOST",
     "ZCBOT_DOCKER_TIMEOUT",
     "ZCBOT_SANDBOX_START_TIMEOUT",
+    "ZCBOT_SANDBOX_BACKEND",
+    "ZCBOT_EXEC_TIMEOUT",
+    "ZCBOT_EXEC_TIMEOUT_MAX",
+    "ZCBOT_OUTPUT_CAP",
+    "ZCBOT_KILL_GRACE",
 ];
 
 impl Config {
@@ -91,6 +116,15 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let (uid, gid) = parse_var(&get, "ZCBOT_SANDBOX_UID", "1000:1000", parse_uid_gid)?;
+        let exec_timeout = parse_var(&get, "ZCBOT_EXEC_TIMEOUT", "120s", parse_duration)?;
+        let exec_timeout_max = parse_var(&get, "ZCBOT_EXEC_TIMEOUT_MAX", "600s", parse_duration)?;
+        if exec_timeout > exec_timeout_max {
+            return Err(Error::Config {
+                var: "ZCBOT_EXEC_TIMEOUT",
+                value: humantime::format_duration(exec_timeout).to_string(),
+                reason: "must not be longer than ZCBOT_EXEC_TIMEOUT_MAX".into(),
+            });
+        }
         Ok(Config {
             image: parse_var(&get, "ZCBOT_SANDBOX_IMAGE", "zcbot-sandbox:latest", |v| {
                 if v.chars().any(char::is_whitespace) {
@@ -137,6 +171,17 @@ impl Config {
             docker_host: get("DOCKER_HOST"),
             docker_timeout: parse_var(&get, "ZCBOT_DOCKER_TIMEOUT", "30s", parse_duration)?,
             start_timeout: parse_var(&get, "ZCBOT_SANDBOX_START_TIMEOUT", "30s", parse_duration)?,
+            backend: parse_var(&get, "ZCBOT_SANDBOX_BACKEND", "host", |v| match v {
+                "host" => Ok(Backend::Host),
+                "docker" => Ok(Backend::Docker),
+                _ => Err("must be host or docker".into()),
+            })?,
+            exec_timeout,
+            exec_timeout_max,
+            output_cap: parse_var(&get, "ZCBOT_OUTPUT_CAP", "1MiB", |v| {
+                parse_bytes(v, 1024).map(|n| n as usize)
+            })?,
+            kill_grace: parse_var(&get, "ZCBOT_KILL_GRACE", "500ms", parse_duration)?,
         })
     }
 
@@ -302,6 +347,9 @@ mod tests {
         assert_eq!((c.uid, c.gid), (1000, 1000));
         assert_eq!(c.pool_id, "default");
         assert!(c.pg_ips.is_empty() && c.block_cidrs.is_empty());
+        assert_eq!(c.backend, Backend::Host);
+        assert_eq!(c.exec_timeout, Duration::from_secs(120));
+        assert_eq!(c.output_cap, 1 << 20);
     }
 
     #[test]
@@ -349,6 +397,9 @@ mod tests {
             ("ZCBOT_SANDBOX_NETWORK", "bad name"),
             ("ZCBOT_POOL_ID", "Has.Dot"),
             ("ZCBOT_PG_IPS", "10.0.0.1,db.example"),
+            ("ZCBOT_SANDBOX_BACKEND", "podman"),
+            ("ZCBOT_OUTPUT_CAP", "10"),
+            ("ZCBOT_EXEC_TIMEOUT", "1h"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             let msg = err.to_string();

@@ -99,6 +99,31 @@ pub enum Error {
         max: usize,
     },
 
+    /// A tool call's arguments are invalid; nothing ran.
+    #[error("bad {tool} call: {reason}")]
+    BadCall {
+        /// The tool called.
+        tool: String,
+        /// What is wrong with its arguments.
+        reason: String,
+    },
+
+    /// No tool has that name; nothing ran.
+    #[error("unknown tool {name:?}: the tools are shell, run_python, read_file, write_file, list_dir and delete_path")]
+    UnknownTool {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// A file tool refused a path, or the operation on it failed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The path as the caller gave it.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+
     /// A host file or folder operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -133,6 +158,9 @@ impl Error {
             Error::NetworkMismatch { .. } => "network_mismatch",
             Error::SandboxStart { .. } => "sandbox_start",
             Error::PoolFull { .. } => "pool_full",
+            Error::BadCall { .. } => "bad_call",
+            Error::UnknownTool { .. } => "unknown_tool",
+            Error::File { .. } => "file",
             Error::Io { .. } => "io",
         }
     }

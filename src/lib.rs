@@ -8,6 +8,7 @@ pub mod config;
 pub mod docker;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod pool;
 pub mod smoke;
 pub mod user;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::exec::{run_collect, Captured};
+use crate::exec::docker::{run_collect, ExecOutput as Captured};
 use crate::pool::SandboxPool;
 use crate::user::UserId;
 

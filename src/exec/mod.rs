@@ -1,125 +1,611 @@
-//! Running a command inside a sandbox through the Docker exec API.
+//! Tool execution: one `Executor`, two backends, chosen once from `ZCBOT_SANDBOX_BACKEND`.
 //!
-//! This is the primitive the smoke check uses: one exec as a named user, output collected up to a
-//! cap, the exit status read from `inspect_exec` (never parsed from output), the whole bounded by a
-//! deadline. The full tool executor (timeouts that kill whole process trees, cancel, host backend)
-//! builds on it.
+//! `shell` and `run_python` run as processes: in the user's sandbox through the Docker exec API
+//! ([`docker::DockerExecutor`]), or on the host for development ([`host::HostExecutor`], which
+//! isolates nothing). The file tools run on the host against the user's folder in both backends,
+//! confined by [`crate::files`]. Results have one serde shape, shared by the library, the HTTP API
+//! and the CLI's `--json`.
 
-use std::time::Duration;
+pub mod docker;
+pub mod host;
+pub mod output;
 
-use bollard::exec::{CreateExecOptions, StartExecResults};
-use futures_util::StreamExt;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use crate::docker::Docker;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Backend, Config};
 use crate::error::{Error, Result};
+use crate::files::{self, DirEntry, FileRead, Workspace};
+use crate::pool::SandboxPool;
+use crate::user::UserId;
 
-/// The environment every exec starts from: nothing of the host's leaks in.
-pub const BASE_ENV: &[&str] = &[
-    "PATH=/usr/local/bin:/usr/bin:/bin",
-    "HOME=/workspace",
-    "LANG=C.UTF-8",
+/// The environment every process starts from: nothing of the host's leaks in.
+pub const BASE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    ("HOME", "/workspace"),
+    ("LANG", "C.UTF-8"),
 ];
 
-/// What one exec produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Captured {
-    /// The exit status from `inspect_exec`; None if Docker did not report one.
-    pub exit_code: Option<i64>,
-    /// Standard output, up to the cap.
-    pub stdout: Vec<u8>,
-    /// Standard error, up to the cap.
-    pub stderr: Vec<u8>,
+/// The most environment variables a call may set, and their total size.
+const MAX_ENV: usize = 256;
+const MAX_ENV_BYTES: usize = 64 * 1024;
+
+/// A timeout as JSON gives it: seconds (`30`, `0.5`) or a duration string (`"90s"`, `"2m"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TimeoutArg {
+    /// Seconds.
+    Secs(f64),
+    /// A humantime duration.
+    Text(String),
 }
 
-impl Captured {
-    /// Standard output as text (lossy), trimmed.
-    pub fn out(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).trim().to_owned()
-    }
-
-    /// Standard error as text (lossy), trimmed.
-    pub fn err(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).trim().to_owned()
-    }
+/// Arguments of `shell`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellArgs {
+    /// Run as `sh -c command`.
+    pub command: String,
+    /// The call's timeout; default `ZCBOT_EXEC_TIMEOUT`, at most `ZCBOT_EXEC_TIMEOUT_MAX`.
+    #[serde(default)]
+    pub timeout: Option<TimeoutArg>,
+    /// Working directory under `/workspace` (relative, or absolute under `/workspace`).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Variables set over the minimal base environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
-/// Runs `argv` in `container` as `user` (`uid:gid`), collecting at most `cap` bytes per stream,
-/// and waits at most `timeout` for it to finish. On timeout the process is *not* killed here:
-/// use this only for short, trusted commands.
-pub async fn run_collect(
-    docker: &Docker,
-    container: &str,
-    user: &str,
-    argv: &[&str],
-    timeout: Duration,
-    cap: usize,
-) -> Result<Captured> {
-    let raw = docker.raw();
-    let created = docker
-        .call(
-            || format!("create an exec in {container}"),
-            raw.create_exec(
-                container,
-                CreateExecOptions {
-                    cmd: Some(argv.iter().map(|s| s.to_string()).collect()),
-                    user: Some(user.to_owned()),
-                    env: Some(BASE_ENV.iter().map(|s| s.to_string()).collect()),
-                    working_dir: Some("/workspace".to_owned()),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            ),
-        )
-        .await?;
-    let started = docker
-        .call(
-            || format!("start an exec in {container}"),
-            raw.start_exec(&created.id, None),
-        )
-        .await?;
-    let StartExecResults::Attached { mut output, .. } = started else {
-        return Err(Error::Docker {
-            op: format!("attach to an exec in {container}"),
-            source: bollard::errors::Error::DockerStreamError {
-                error: "the engine started the exec detached".to_owned(),
-            },
-        });
-    };
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    let read = tokio::time::timeout(timeout, async {
-        while let Some(item) = output.next().await {
-            let item =
-                item.map_err(|e| docker.classify(format!("read an exec in {container}"), e))?;
-            let (buf, bytes) = match item {
-                bollard::container::LogOutput::StdErr { message } => (&mut stderr, message),
-                other => (&mut stdout, other.into_bytes()),
-            };
-            let room = cap.saturating_sub(buf.len());
-            buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        }
-        Ok::<(), Error>(())
-    })
-    .await;
-    match read {
-        Err(_) => {
-            return Err(Error::DockerTimeout {
-                op: format!("the exec {argv:?} in {container}"),
-                after: timeout,
+/// Arguments of `run_python`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonArgs {
+    /// The program, run by python3 (fed through stdin; no file is written anywhere).
+    pub code: String,
+    /// As for `shell`.
+    #[serde(default)]
+    pub timeout: Option<TimeoutArg>,
+    /// As for `shell`.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// As for `shell`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Arguments of `read_file`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadFileArgs {
+    /// The file, relative to the workspace or absolute under `/workspace`.
+    pub path: String,
+    /// Byte offset to start at (default 0).
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// Most bytes to read (default and maximum: the output cap).
+    #[serde(default)]
+    pub limit: Option<u64>,
+}
+
+/// Arguments of `write_file`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteFileArgs {
+    /// The file; missing parent folders are created.
+    pub path: String,
+    /// The text to write.
+    pub content: String,
+    /// Append instead of replacing.
+    #[serde(default)]
+    pub append: bool,
+}
+
+/// Arguments of `list_dir` and `delete_path`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathArgs {
+    /// The folder or file.
+    pub path: String,
+}
+
+/// One tool call, validated as to shape.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolCall {
+    /// `shell`.
+    Shell(ShellArgs),
+    /// `run_python`.
+    RunPython(PythonArgs),
+    /// `read_file`.
+    ReadFile(ReadFileArgs),
+    /// `write_file`.
+    WriteFile(WriteFileArgs),
+    /// `list_dir`.
+    ListDir(PathArgs),
+    /// `delete_path`.
+    DeletePath(PathArgs),
+}
+
+impl ToolCall {
+    /// Parses a tool's name and JSON arguments. Unknown tools, unknown fields and wrong types are
+    /// errors that name the problem; nothing runs.
+    pub fn parse(tool: &str, args: serde_json::Value) -> Result<Self> {
+        fn de<T: serde::de::DeserializeOwned>(tool: &str, args: serde_json::Value) -> Result<T> {
+            serde_json::from_value(args).map_err(|e| Error::BadCall {
+                tool: tool.to_owned(),
+                reason: e.to_string(),
             })
         }
-        Ok(r) => r?,
+        Ok(match tool {
+            "shell" => ToolCall::Shell(de(tool, args)?),
+            "run_python" => ToolCall::RunPython(de(tool, args)?),
+            "read_file" => ToolCall::ReadFile(de(tool, args)?),
+            "write_file" => ToolCall::WriteFile(de(tool, args)?),
+            "list_dir" => ToolCall::ListDir(de(tool, args)?),
+            "delete_path" => ToolCall::DeletePath(de(tool, args)?),
+            other => {
+                return Err(Error::UnknownTool {
+                    name: other.chars().take(64).collect(),
+                })
+            }
+        })
     }
-    let inspected = docker
-        .call(
-            || format!("inspect an exec in {container}"),
-            raw.inspect_exec(&created.id),
-        )
-        .await?;
-    Ok(Captured {
-        exit_code: inspected.exit_code,
-        stdout,
-        stderr,
-    })
+
+    /// The tool's name.
+    pub fn tool(&self) -> &'static str {
+        match self {
+            ToolCall::Shell(_) => "shell",
+            ToolCall::RunPython(_) => "run_python",
+            ToolCall::ReadFile(_) => "read_file",
+            ToolCall::WriteFile(_) => "write_file",
+            ToolCall::ListDir(_) => "list_dir",
+            ToolCall::DeletePath(_) => "delete_path",
+        }
+    }
+}
+
+/// Which output streams lost bytes to the cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncated {
+    /// Standard output.
+    pub stdout: bool,
+    /// Standard error.
+    pub stderr: bool,
+}
+
+/// What a file tool returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolData {
+    /// `read_file`.
+    Read(FileRead),
+    /// `write_file`.
+    Written {
+        /// Bytes written.
+        bytes_written: u64,
+    },
+    /// `list_dir`.
+    Listing {
+        /// The entries, sorted by name.
+        entries: Vec<DirEntry>,
+    },
+    /// `delete_path`.
+    Deleted {
+        /// The path removed.
+        deleted: String,
+    },
+}
+
+/// The result of one call. Stable JSON: the HTTP API and the CLI's `--json` print exactly this.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolResult {
+    /// The tool that ran.
+    pub tool: String,
+    /// The process's exit status (128+N when killed by signal N); null for file tools and for a
+    /// call that timed out or was cancelled.
+    pub exit_code: Option<i32>,
+    /// Standard output (UTF-8; see `stdout_base64`).
+    pub stdout: String,
+    /// The exact bytes of `stdout` in base64, present only when they are not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stdout_base64: Option<String>,
+    /// Standard error (UTF-8; see `stderr_base64`).
+    pub stderr: String,
+    /// The exact bytes of `stderr` in base64, present only when they are not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stderr_base64: Option<String>,
+    /// The call hit its timeout; every process it started was killed.
+    pub timed_out: bool,
+    /// The call was cancelled; every process it started was killed.
+    pub cancelled: bool,
+    /// Which streams lost their middle to the cap.
+    pub truncated: Truncated,
+    /// Wall time of the call.
+    pub duration_ms: u64,
+    /// What a file tool returns.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub data: Option<ToolData>,
+}
+
+impl ToolResult {
+    fn file(tool: &str, started: Instant, data: ToolData) -> Self {
+        ToolResult {
+            tool: tool.to_owned(),
+            exit_code: None,
+            stdout: String::new(),
+            stdout_base64: None,
+            stderr: String::new(),
+            stderr_base64: None,
+            timed_out: false,
+            cancelled: false,
+            truncated: Truncated::default(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            data: Some(data),
+        }
+    }
+}
+
+/// A process to run for a call: the backends' common input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessSpec {
+    /// The argument vector (no shell is added).
+    pub argv: Vec<String>,
+    /// A program for python3 to read (run_python); None: stdin is /dev/null.
+    pub program: Option<Vec<u8>>,
+    /// Resolved timeout.
+    pub timeout: Duration,
+    /// Path components under the workspace to run in.
+    pub workdir: Vec<String>,
+    /// Variables over the base environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// The outcome of a process, before it becomes a [`ToolResult`].
+#[derive(Debug)]
+pub(crate) struct ProcessOutcome {
+    exit_code: Option<i32>,
+    stdout: output::Captured,
+    stderr: output::Captured,
+    timed_out: bool,
+    cancelled: bool,
+}
+
+impl ProcessOutcome {
+    fn into_result(self, tool: &str, started: Instant) -> ToolResult {
+        let (stdout, stdout_base64) = output::to_text(&self.stdout.bytes);
+        let (stderr, stderr_base64) = output::to_text(&self.stderr.bytes);
+        ToolResult {
+            tool: tool.to_owned(),
+            exit_code: if self.timed_out || self.cancelled {
+                None
+            } else {
+                self.exit_code
+            },
+            stdout,
+            stdout_base64,
+            stderr,
+            stderr_base64,
+            timed_out: self.timed_out,
+            cancelled: self.cancelled,
+            truncated: Truncated {
+                stdout: self.stdout.truncated,
+                stderr: self.stderr.truncated,
+            },
+            duration_ms: started.elapsed().as_millis() as u64,
+            data: None,
+        }
+    }
+}
+
+/// Runs tool calls for users on the configured backend.
+pub enum Executor {
+    /// Processes on the host (development).
+    Host(host::HostExecutor),
+    /// Processes in each user's sandbox.
+    Docker(docker::DockerExecutor),
+}
+
+impl Executor {
+    /// The executor `config.backend` names. With `docker`, the pool must come up (daemon
+    /// reachable, image present, network acceptable), or this fails with the reason: it never
+    /// falls back to the host.
+    pub async fn from_config(config: Config) -> Result<Self> {
+        match config.backend {
+            Backend::Host => Ok(Executor::Host(host::HostExecutor::new(config))),
+            Backend::Docker => Ok(Executor::Docker(docker::DockerExecutor::new(
+                SandboxPool::connect(config).await?,
+            ))),
+        }
+    }
+
+    /// Which backend runs the calls.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Executor::Host(_) => Backend::Host,
+            Executor::Docker(_) => Backend::Docker,
+        }
+    }
+
+    /// The pool behind the docker backend.
+    pub fn pool(&self) -> Option<&SandboxPool> {
+        match self {
+            Executor::Host(_) => None,
+            Executor::Docker(d) => Some(d.pool()),
+        }
+    }
+
+    fn config(&self) -> &Config {
+        match self {
+            Executor::Host(h) => h.config(),
+            Executor::Docker(d) => d.pool().config(),
+        }
+    }
+
+    /// Runs one call for `user`. `cancel` stops it (its processes killed, `cancelled` set);
+    /// dropping the future stops it too.
+    pub async fn run(
+        &self,
+        user: &UserId,
+        call: ToolCall,
+        cancel: &CancellationToken,
+    ) -> Result<ToolResult> {
+        let started = Instant::now();
+        let tool = call.tool();
+        let spec = match call {
+            ToolCall::Shell(a) => self.spec(
+                tool,
+                vec!["sh".into(), "-c".into(), a.command],
+                None,
+                a.timeout,
+                a.workdir,
+                a.env,
+            )?,
+            ToolCall::RunPython(a) => self.spec(
+                tool,
+                vec!["python3".into()],
+                Some(a.code.into_bytes()),
+                a.timeout,
+                a.workdir,
+                a.env,
+            )?,
+            file_call => return self.run_file_tool(user, file_call, started),
+        };
+        let outcome = self.run_spec(user, spec, cancel).await?;
+        Ok(outcome.into_result(tool, started))
+    }
+
+    /// Runs an argument vector as is (the CLI's `exec -- CMD ARGS`), with `shell`'s guarantees.
+    pub async fn run_argv(
+        &self,
+        user: &UserId,
+        argv: Vec<String>,
+        timeout: Option<Duration>,
+        workdir: Option<String>,
+        cancel: &CancellationToken,
+    ) -> Result<ToolResult> {
+        let started = Instant::now();
+        if argv.is_empty() {
+            return Err(Error::BadCall {
+                tool: "exec".into(),
+                reason: "no command given".into(),
+            });
+        }
+        let timeout = timeout.map(|d| TimeoutArg::Secs(d.as_secs_f64()));
+        let spec = self.spec("exec", argv, None, timeout, workdir, BTreeMap::new())?;
+        Ok(self
+            .run_spec(user, spec, cancel)
+            .await?
+            .into_result("exec", started))
+    }
+
+    async fn run_spec(
+        &self,
+        user: &UserId,
+        spec: ProcessSpec,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome> {
+        match self {
+            Executor::Host(h) => h.run(user, spec, cancel).await,
+            Executor::Docker(d) => d.run(user, spec, cancel).await,
+        }
+    }
+
+    fn spec(
+        &self,
+        tool: &str,
+        argv: Vec<String>,
+        program: Option<Vec<u8>>,
+        timeout: Option<TimeoutArg>,
+        workdir: Option<String>,
+        env: BTreeMap<String, String>,
+    ) -> Result<ProcessSpec> {
+        let bad = |reason: String| Error::BadCall {
+            tool: tool.to_owned(),
+            reason,
+        };
+        let cfg = self.config();
+        let timeout = match timeout {
+            None => cfg.exec_timeout,
+            Some(TimeoutArg::Secs(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {
+                Duration::from_secs_f64(s)
+            }
+            Some(TimeoutArg::Secs(s)) => {
+                return Err(bad(format!(
+                    "timeout {s} is not a positive number of seconds"
+                )))
+            }
+            Some(TimeoutArg::Text(t)) => humantime::parse_duration(&t)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| bad(format!("timeout {t:?} is not a duration such as 30s or 2m")))?,
+        };
+        if timeout > cfg.exec_timeout_max {
+            return Err(bad(format!(
+                "timeout {} is above the maximum {} (ZCBOT_EXEC_TIMEOUT_MAX)",
+                humantime::format_duration(timeout),
+                humantime::format_duration(cfg.exec_timeout_max)
+            )));
+        }
+        if argv.iter().any(|a| a.contains('\0')) {
+            return Err(bad("the command contains a NUL byte".into()));
+        }
+        let workdir = match workdir {
+            None => Vec::new(),
+            Some(w) => files::normalize(&w)
+                .map_err(|e| bad(format!("workdir: {e}")))?
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
+        };
+        if env.len() > MAX_ENV {
+            return Err(bad(format!("more than {MAX_ENV} environment variables")));
+        }
+        let mut size = 0;
+        for (k, v) in &env {
+            let valid = !k.is_empty()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !k.as_bytes()[0].is_ascii_digit();
+            if !valid {
+                return Err(bad(format!(
+                    "environment variable name {k:?} is not [A-Za-z_][A-Za-z0-9_]*"
+                )));
+            }
+            if v.contains('\0') {
+                return Err(bad(format!("environment variable {k} contains a NUL byte")));
+            }
+            size += k.len() + v.len() + 2;
+        }
+        if size > MAX_ENV_BYTES {
+            return Err(bad("the environment is larger than 64 KiB".into()));
+        }
+        Ok(ProcessSpec {
+            argv,
+            program,
+            timeout,
+            workdir,
+            env,
+        })
+    }
+
+    fn run_file_tool(&self, user: &UserId, call: ToolCall, started: Instant) -> Result<ToolResult> {
+        let cfg = self.config();
+        let ws = match self {
+            Executor::Docker(d) => {
+                let path = d.pool().prepare_workspace(user)?;
+                d.pool().mark_active(user);
+                Workspace::new(path, cfg.uid, cfg.gid)
+            }
+            Executor::Host(h) => h.workspace(user)?,
+        };
+        let tool = call.tool();
+        let data = match call {
+            ToolCall::ReadFile(a) => {
+                let cap = cfg.output_cap as u64;
+                let limit = a.limit.unwrap_or(cap);
+                if limit > cap {
+                    return Err(Error::BadCall {
+                        tool: tool.into(),
+                        reason: format!(
+                            "limit {limit} is above the output cap {cap} (ZCBOT_OUTPUT_CAP)"
+                        ),
+                    });
+                }
+                ToolData::Read(ws.read_file(&a.path, a.offset.unwrap_or(0), limit as usize)?)
+            }
+            ToolCall::WriteFile(a) => ToolData::Written {
+                bytes_written: ws.write_file(&a.path, a.content.as_bytes(), a.append)?,
+            },
+            ToolCall::ListDir(a) => ToolData::Listing {
+                entries: ws.list_dir(&a.path)?,
+            },
+            ToolCall::DeletePath(a) => {
+                ws.delete_path(&a.path)?;
+                ToolData::Deleted { deleted: a.path }
+            }
+            ToolCall::Shell(_) | ToolCall::RunPython(_) => {
+                unreachable!("process tools are run above")
+            }
+        };
+        Ok(ToolResult::file(tool, started, data))
+    }
+}
+
+/// A call id: 16 random hex digits (from the kernel's random source).
+pub(crate) fn new_call_id() -> String {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        bytes = (nanos ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_each_tool_and_refuses_bad_shapes() {
+        assert!(matches!(
+            ToolCall::parse("shell", json!({"command": "ls", "timeout": 5})).unwrap(),
+            ToolCall::Shell(ShellArgs {
+                timeout: Some(TimeoutArg::Secs(_)),
+                ..
+            })
+        ));
+        assert!(matches!(
+            ToolCall::parse("run_python", json!({"code": "print(1)", "timeout": "2m"})).unwrap(),
+            ToolCall::RunPython(_)
+        ));
+        assert!(matches!(
+            ToolCall::parse("list_dir", json!({"path": "."})).unwrap(),
+            ToolCall::ListDir(_)
+        ));
+        let unknown = ToolCall::parse("rm_rf", json!({})).unwrap_err();
+        assert_eq!(unknown.kind(), "unknown_tool");
+        for (tool, args) in [
+            ("shell", json!({"command": 5})),
+            ("shell", json!({"cmd": "ls"})),
+            ("shell", json!({"command": "ls", "extra": 1})),
+            ("write_file", json!({"path": "a"})),
+            ("read_file", json!({"path": "a", "offset": -1})),
+        ] {
+            let err = ToolCall::parse(tool, args.clone()).unwrap_err();
+            assert_eq!(err.kind(), "bad_call", "{tool} {args}");
+        }
+    }
+
+    #[test]
+    fn result_json_is_stable() {
+        let r = ToolResult::file(
+            "write_file",
+            Instant::now(),
+            ToolData::Written { bytes_written: 3 },
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["data"]["bytes_written"], 3);
+        assert_eq!(v["truncated"], json!({"stdout": false, "stderr": false}));
+        assert!(v.get("stdout_base64").is_none());
+        for key in [
+            "tool",
+            "exit_code",
+            "stdout",
+            "stderr",
+            "timed_out",
+            "cancelled",
+            "duration_ms",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+    }
 }

@@ -15,7 +15,6 @@ pub mod reaper;
 pub mod spec;
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -723,43 +722,22 @@ impl SandboxPool {
         }
     }
 
-    /// Creates the user's host folder if missing and gives it to the sandbox uid:gid. A symlink
-    /// or a non-folder in its place is refused: the bind mount would follow it.
-    fn prepare_workspace(&self, user: &UserId) -> Result<PathBuf> {
+    /// Creates the user's host folder if missing and gives it to the sandbox uid:gid.
+    pub fn prepare_workspace(&self, user: &UserId) -> Result<PathBuf> {
         let cfg = &self.inner.config;
         let path = self.workspace(user);
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match std::fs::DirBuilder::new().mode(0o750).create(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(Error::io("create user folder", &path, e)),
-                }
-                std::fs::symlink_metadata(&path)
-                    .map_err(|e| Error::io("inspect user folder", &path, e))?
-            }
-            Err(e) => return Err(Error::io("inspect user folder", &path, e)),
-        };
-        if !meta.file_type().is_dir() {
-            return Err(Error::io(
-                "use user folder",
-                &path,
-                std::io::Error::other(
-                    "it is not a plain folder (a symlink or a file); refusing to mount it",
-                ),
-            ));
-        }
-        if meta.uid() != cfg.uid || meta.gid() != cfg.gid {
-            std::os::unix::fs::lchown(&path, Some(cfg.uid), Some(cfg.gid)).map_err(|e| {
-                Error::io(
-                    "give the user folder to ZCBOT_SANDBOX_UID (run as root, or set ZCBOT_SANDBOX_UID to the folder's owner)",
-                    &path,
-                    e,
-                )
-            })?;
-        }
+        crate::files::prepare_user_folder(&path, Some((cfg.uid, cfg.gid)))?;
         Ok(path)
+    }
+
+    /// Records activity for `user` if it has a live sandbox (file tools run on the host, but
+    /// they are activity all the same).
+    pub fn mark_active(&self, user: &UserId) {
+        let persist = self.inner.slots.get(user).and_then(|slot| {
+            let mut st = slot.state.lock();
+            st.live.is_some().then(|| touch(&mut st)).flatten()
+        });
+        self.persist(user, persist);
     }
 
     /// Force-removes a container by name or id; Ok(false) when it was already gone.

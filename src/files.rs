@@ -1,0 +1,478 @@
+//! The file tools, run on the host against one user's folder, confined to it.
+//!
+//! The sandbox user owns that folder and can plant symlinks in it at any moment, so no path is
+//! trusted as a string. Every operation resolves from a descriptor of the user's folder:
+//! `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS` (the kernel refuses `..`, absolute
+//! symlinks and any symlink that would leave the folder, at every component), and, where the
+//! kernel lacks `openat2`, a component-by-component walk with `O_NOFOLLOW` that refuses every
+//! symlink. Creation and deletion act on a parent descriptor with `O_NOFOLLOW` on the last
+//! component, so a symlink swapped in between two calls is never followed.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, fstatat, mkdirat, Mode, SFlag};
+use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::exec::output::to_text;
+
+/// Entries `list_dir` returns at most.
+pub const MAX_ENTRIES: usize = 10_000;
+
+/// One user's folder on the host, as the file tools see it.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    root: PathBuf,
+    uid: u32,
+    gid: u32,
+    force_fallback: bool,
+}
+
+/// What `read_file` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRead {
+    /// The bytes read, as UTF-8 text (U+FFFD for invalid sequences).
+    pub content: String,
+    /// The exact bytes in base64, present only when they are not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub content_base64: Option<String>,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// Where the read started.
+    pub offset: u64,
+    /// How many bytes were read.
+    pub bytes_read: u64,
+    /// Whether the read reached the end of the file.
+    pub eof: bool,
+}
+
+/// One entry of `list_dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// The entry's name (lossy UTF-8).
+    pub name: String,
+    /// file, dir, symlink or other. Symlinks are reported, never followed.
+    pub kind: String,
+    /// Size in bytes (of the link itself for a symlink).
+    pub size: u64,
+}
+
+fn file_error(path: &str, reason: impl Into<String>) -> Error {
+    Error::File {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn errno_error(path: &str, e: Errno) -> Error {
+    let reason = match e {
+        Errno::ENOENT => "no such file or folder".to_owned(),
+        Errno::EXDEV | Errno::ELOOP => {
+            "it leads outside the workspace (through '..' or a symlink); refused".to_owned()
+        }
+        Errno::ENOTDIR => "a component of the path is not a folder".to_owned(),
+        Errno::EISDIR => "it is a folder".to_owned(),
+        Errno::EEXIST => "it already exists".to_owned(),
+        Errno::ENOTEMPTY => "the folder is not empty".to_owned(),
+        Errno::ENOSPC | Errno::EDQUOT => "no space left".to_owned(),
+        other => other.desc().to_owned(),
+    };
+    file_error(path, reason)
+}
+
+fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: fd was just returned by a successful open and is owned by no one else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+impl Workspace {
+    /// The workspace of the folder `root` (which must exist), owned by `uid:gid`.
+    pub fn new(root: PathBuf, uid: u32, gid: u32) -> Self {
+        Workspace {
+            root,
+            uid,
+            gid,
+            force_fallback: false,
+        }
+    }
+
+    /// Uses the `O_NOFOLLOW` walk even where `openat2` exists (tests of the fallback).
+    pub fn with_fallback(mut self) -> Self {
+        self.force_fallback = true;
+        self
+    }
+
+    /// The folder on the host.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn open_root(&self) -> Result<OwnedFd> {
+        openat(
+            None,
+            &self.root,
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map(own)
+        .map_err(|e| Error::io("open the user folder", &self.root, e.into()))
+    }
+
+    /// Opens `parts` (already normalized) beneath `dir`.
+    fn open_beneath(
+        &self,
+        dir: &OwnedFd,
+        parts: &[&OsStr],
+        flags: OFlag,
+        shown: &str,
+    ) -> Result<OwnedFd> {
+        let flags = flags | OFlag::O_CLOEXEC;
+        if parts.is_empty() {
+            return openat(Some(dir.as_raw_fd()), ".", flags, Mode::empty())
+                .map(own)
+                .map_err(|e| errno_error(shown, e));
+        }
+        if !self.force_fallback {
+            let joined: PathBuf = parts.iter().collect();
+            let how = OpenHow::new()
+                .flags(flags)
+                .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            match openat2(dir.as_raw_fd(), &joined, how) {
+                Ok(fd) => return Ok(own(fd)),
+                Err(Errno::ENOSYS) => {}
+                Err(e) => return Err(errno_error(shown, e)),
+            }
+        }
+        // No openat2: walk one component at a time and refuse every symlink.
+        let mut cur = openat(
+            Some(dir.as_raw_fd()),
+            ".",
+            OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map(own)
+        .map_err(|e| errno_error(shown, e))?;
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            let f = if last {
+                flags | OFlag::O_NOFOLLOW
+            } else {
+                OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+            };
+            cur = openat(Some(cur.as_raw_fd()), *part, f, Mode::empty())
+                .map(own)
+                .map_err(|e| errno_error(shown, e))?;
+        }
+        Ok(cur)
+    }
+
+    /// Reads up to `limit` bytes from `offset` of a regular file.
+    pub fn read_file(&self, path: &str, offset: u64, limit: usize) -> Result<FileRead> {
+        let parts = normalize(path)?;
+        let root = self.open_root()?;
+        let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_NONBLOCK, path)?;
+        let st = fstat(fd.as_raw_fd()).map_err(|e| errno_error(path, e))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(file_error(path, "it is not a regular file"));
+        }
+        let size = st.st_size as u64;
+        let want = limit.min(size.saturating_sub(offset) as usize);
+        let mut buf = vec![0u8; want];
+        let mut got = 0;
+        while got < want {
+            match nix::sys::uio::pread(&fd, &mut buf[got..], (offset + got as u64) as i64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(errno_error(path, e)),
+            }
+        }
+        buf.truncate(got);
+        let (content, content_base64) = to_text(&buf);
+        Ok(FileRead {
+            content,
+            content_base64,
+            size,
+            offset,
+            bytes_read: got as u64,
+            eof: offset + got as u64 >= size,
+        })
+    }
+
+    /// Writes `content` to a file, creating it and any missing parent folders (owned by the
+    /// sandbox user); replaces the contents unless `append`. Returns the bytes written.
+    pub fn write_file(&self, path: &str, content: &[u8], append: bool) -> Result<u64> {
+        let parts = normalize(path)?;
+        let Some((name, parents)) = parts.split_last() else {
+            return Err(file_error(
+                path,
+                "that is the workspace folder itself, not a file",
+            ));
+        };
+        let root = self.open_root()?;
+        let mut dir = self.open_beneath(&root, &[], OFlag::O_DIRECTORY, path)?;
+        for part in parents {
+            match self.open_beneath(&dir, &[part], OFlag::O_DIRECTORY, path) {
+                Ok(next) => dir = next,
+                Err(_) if !exists_at(&dir, part) => {
+                    match mkdirat(
+                        Some(dir.as_raw_fd()),
+                        *part,
+                        Mode::from_bits_truncate(0o755),
+                    ) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(errno_error(path, e)),
+                    }
+                    let next = self.open_beneath(&dir, &[part], OFlag::O_DIRECTORY, path)?;
+                    self.give(&next);
+                    dir = next;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mode = if append {
+            OFlag::O_APPEND
+        } else {
+            OFlag::O_TRUNC
+        };
+        let fd = openat(
+            Some(dir.as_raw_fd()),
+            *name,
+            OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NONBLOCK
+                | mode,
+            Mode::from_bits_truncate(0o644),
+        )
+        .map(own)
+        .map_err(|e| errno_error(path, e))?;
+        let st = fstat(fd.as_raw_fd()).map_err(|e| errno_error(path, e))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(file_error(path, "it is not a regular file"));
+        }
+        self.give(&fd);
+        let mut written = 0;
+        while written < content.len() {
+            match nix::unistd::write(&fd, &content[written..]) {
+                Ok(n) => written += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(errno_error(path, e)),
+            }
+        }
+        Ok(written as u64)
+    }
+
+    /// Lists a folder (symlinks are reported as such, never followed), sorted by name.
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        let parts = normalize(path)?;
+        let root = self.open_root()?;
+        let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
+        let mut out = Vec::new();
+        for name in read_names(&fd).map_err(|e| errno_error(path, e))? {
+            let st = match fstatat(
+                Some(fd.as_raw_fd()),
+                name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue, // removed meanwhile
+                Err(e) => return Err(errno_error(path, e)),
+            };
+            let kind = match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+                SFlag::S_IFREG => "file",
+                SFlag::S_IFDIR => "dir",
+                SFlag::S_IFLNK => "symlink",
+                _ => "other",
+            };
+            out.push(DirEntry {
+                name: name.to_string_lossy().into_owned(),
+                kind: kind.to_owned(),
+                size: st.st_size as u64,
+            });
+            if out.len() >= MAX_ENTRIES {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Deletes a file, a symlink (not its target) or a folder with everything in it.
+    pub fn delete_path(&self, path: &str) -> Result<()> {
+        let parts = normalize(path)?;
+        let Some((name, parents)) = parts.split_last() else {
+            return Err(file_error(
+                path,
+                "refusing to delete the workspace folder itself",
+            ));
+        };
+        let root = self.open_root()?;
+        let parent =
+            self.open_beneath(&root, parents, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
+        remove_at(&parent, name).map_err(|e| errno_error(path, e))
+    }
+
+    /// Gives a file or folder the daemon created to the sandbox user, so it can change it.
+    fn give(&self, fd: &OwnedFd) {
+        let _ = fchown(
+            fd.as_raw_fd(),
+            Some(Uid::from_raw(self.uid)),
+            Some(Gid::from_raw(self.gid)),
+        );
+    }
+}
+
+/// Creates a user's host folder if missing and, with `owner`, gives it to that uid:gid. A symlink
+/// or a non-folder in its place is refused: a bind mount or a file tool would follow it.
+pub fn prepare_user_folder(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::DirBuilder::new().mode(0o750).create(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("create user folder", path, e)),
+            }
+            std::fs::symlink_metadata(path)
+                .map_err(|e| Error::io("inspect user folder", path, e))?
+        }
+        Err(e) => return Err(Error::io("inspect user folder", path, e)),
+    };
+    if !meta.file_type().is_dir() {
+        return Err(Error::io(
+            "use user folder",
+            path,
+            std::io::Error::other(
+                "it is not a plain folder (a symlink or a file); refusing to use it",
+            ),
+        ));
+    }
+    if let Some((uid, gid)) = owner {
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| {
+                Error::io(
+                    "give the user folder to ZCBOT_SANDBOX_UID (run as root, or set ZCBOT_SANDBOX_UID to the folder's owner)",
+                    path,
+                    e,
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn exists_at(dir: &OwnedFd, name: &OsStr) -> bool {
+    fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .is_ok()
+}
+
+fn read_names(dir: &OwnedFd) -> nix::Result<Vec<std::ffi::OsString>> {
+    let dup = nix::unistd::dup(dir.as_raw_fd())?;
+    let mut d = nix::dir::Dir::from_fd(dup)?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let entry = entry?;
+        let name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes `name` in `dir`, recursively for a folder, never following a symlink.
+fn remove_at(dir: &OwnedFd, name: &OsStr) -> nix::Result<()> {
+    let st = fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+        let sub = openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map(own)?;
+        for child in read_names(&sub)? {
+            remove_at(&sub, &child)?;
+        }
+        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
+    } else {
+        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
+    }
+}
+
+/// Turns a tool's path into components under the workspace: relative paths, or absolute ones
+/// under `/workspace` (the agent sees that path in the container). `.` is dropped; `..` is
+/// applied lexically and refused if it would climb above the workspace; NUL is refused.
+pub fn normalize(path: &str) -> Result<Vec<&OsStr>> {
+    if path.contains('\0') {
+        return Err(file_error(path, "the path contains a NUL byte"));
+    }
+    let rel = if let Some(rest) = path.strip_prefix("/workspace") {
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return Err(file_error(path, "absolute paths must be under /workspace"));
+        }
+        rest.trim_start_matches('/')
+    } else if path.starts_with('/') {
+        return Err(file_error(path, "absolute paths must be under /workspace"));
+    } else {
+        path
+    };
+    let mut parts: Vec<&OsStr> = Vec::new();
+    for c in Path::new(rel).components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if parts.pop().is_none() {
+                    return Err(file_error(path, "'..' would leave the workspace; refused"));
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(file_error(path, "absolute paths must be under /workspace"))
+            }
+        }
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_container_and_relative_paths() {
+        let n = |p| {
+            normalize(p)
+                .unwrap()
+                .iter()
+                .map(|s| s.to_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        assert_eq!(n("a/b.txt"), "a/b.txt");
+        assert_eq!(n("/workspace/a/./b"), "a/b");
+        assert_eq!(n("/workspace"), "");
+        assert_eq!(n("a/../b"), "b");
+        assert_eq!(n("."), "");
+        for bad in ["../x", "/etc/passwd", "/workspacex/a", "a/../../x", "a\0b"] {
+            assert_eq!(normalize(bad).unwrap_err().kind(), "file", "{bad:?}");
+        }
+    }
+}

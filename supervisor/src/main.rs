@@ -1,0 +1,466 @@
+//! zcbot-supervise: the per-call supervisor that runs inside a sandbox container.
+//!
+//! The daemon starts every tool call as `docker exec -u <sandbox uid> zcbot-supervise ... -- ARGV`.
+//! The supervisor:
+//! - makes itself a child subreaper, so descendants that escape with setsid or a double fork
+//!   re-parent to it instead of to the container's init;
+//! - runs ARGV in a new session with stdin on /dev/null (or a program read from stdin into a
+//!   memfd, for run_python: no file is ever written), stdout and stderr on pipes it forwards, so
+//!   the exec stream ends when the supervisor ends, whatever a background child still holds;
+//! - when the main process exits, on SIGTERM/SIGINT/SIGHUP (timeout or cancel from the daemon), or
+//!   at its own backstop deadline, kills its whole subtree: SIGTERM, a grace period, then rounds of
+//!   SIGSTOP + SIGKILL until no descendant is left;
+//! - exits with the main process's status (128+N when killed by signal N).
+//!
+//! Two helper modes run as separate execs of the same binary:
+//! - `--signal CALL_ID`: sends SIGTERM to the supervisor of that call (the daemon's cancel path
+//!   when it cannot signal by host PID).
+//! - `--sweep`: kills every process of this uid whose parent is PID 1, with its subtree. Every
+//!   call's processes descend from a live supervisor (whose parent is outside the container), so
+//!   such processes are orphans of a supervisor that was killed: nothing else is touched.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CString, OsString};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The most program text `--stdin-program` accepts.
+const MAX_PROGRAM: usize = 16 << 20;
+
+static SIG_PIPE_W: AtomicI32 = AtomicI32::new(-1);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig != libc::SIGCHLD {
+        LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    }
+    let fd = SIG_PIPE_W.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; the pipe is non-blocking, a full pipe is fine.
+        unsafe { libc::write(fd, b"s".as_ptr().cast(), 1) };
+    }
+}
+
+fn die(code: i32, msg: &str) -> ! {
+    let _ = writeln!(std::io::stderr(), "zcbot-supervise: {msg}");
+    std::process::exit(code)
+}
+
+struct Args {
+    call_id: String,
+    timeout: Duration,
+    grace: Duration,
+    workdir: Option<String>,
+    stdin_program: bool,
+    argv: Vec<OsString>,
+}
+
+fn main() {
+    let mut raw = std::env::args_os().skip(1);
+    let mut args = Args {
+        call_id: String::new(),
+        timeout: Duration::from_secs(3600),
+        grace: Duration::from_millis(500),
+        workdir: None,
+        stdin_program: false,
+        argv: Vec::new(),
+    };
+    while let Some(a) = raw.next() {
+        let mut value = |name: &str| {
+            raw.next()
+                .and_then(|v| v.into_string().ok())
+                .unwrap_or_else(|| die(125, &format!("{name} needs a value")))
+        };
+        match a.to_str() {
+            Some("--call-id") => args.call_id = value("--call-id"),
+            Some("--timeout-ms") => {
+                args.timeout = Duration::from_millis(millis(&value("--timeout-ms")))
+            }
+            Some("--grace-ms") => args.grace = Duration::from_millis(millis(&value("--grace-ms"))),
+            Some("--workdir") => args.workdir = Some(value("--workdir")),
+            Some("--stdin-program") => args.stdin_program = true,
+            Some("--signal") => std::process::exit(signal_call(&value("--signal"))),
+            Some("--sweep") => std::process::exit(sweep()),
+            Some("--") => {
+                args.argv = raw.by_ref().collect();
+                break;
+            }
+            _ => die(125, &format!("unknown argument {a:?}")),
+        }
+    }
+    if args.argv.is_empty() {
+        die(125, "no command given after --");
+    }
+    std::process::exit(supervise(args))
+}
+
+fn millis(v: &str) -> u64 {
+    v.parse()
+        .unwrap_or_else(|_| die(125, &format!("{v:?} is not a number of milliseconds")))
+}
+
+fn cstr(s: impl AsRef<[u8]>) -> CString {
+    CString::new(s.as_ref()).unwrap_or_else(|_| die(125, "an argument contains a NUL byte"))
+}
+
+fn pipe_cloexec() -> [libc::c_int; 2] {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        die(125, &format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    fds
+}
+
+fn supervise(args: Args) -> i32 {
+    // SAFETY: plain prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    let mut argv: Vec<CString> = args.argv.iter().map(|a| cstr(a.as_bytes())).collect();
+    let mut program_fd = -1;
+    if args.stdin_program {
+        let mut code = Vec::new();
+        let n = std::io::stdin()
+            .take(MAX_PROGRAM as u64 + 1)
+            .read_to_end(&mut code)
+            .unwrap_or_else(|e| die(125, &format!("reading the program from stdin: {e}")));
+        if n > MAX_PROGRAM {
+            die(125, "the program is larger than 16 MiB");
+        }
+        // SAFETY: a valid NUL-terminated name; flags 0 (no CLOEXEC: the child must inherit it).
+        program_fd = unsafe { libc::memfd_create(c"zcbot-program".as_ptr(), 0) };
+        if program_fd < 0 {
+            die(
+                125,
+                &format!("memfd_create: {}", std::io::Error::last_os_error()),
+            );
+        }
+        write_all(program_fd, &code);
+        argv.push(cstr(format!("/proc/self/fd/{program_fd}")));
+    }
+
+    let sig = pipe_cloexec();
+    for fd in sig {
+        // SAFETY: fcntl on our own descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    }
+    SIG_PIPE_W.store(sig[1], Ordering::SeqCst);
+    for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+        // SAFETY: installing a handler that only does async-signal-safe work.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(s, &sa, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: ignoring SIGPIPE so a vanished reader gives EPIPE instead of killing us.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+
+    let out = pipe_cloexec();
+    let err = pipe_cloexec();
+    let workdir = args.workdir.as_deref().map(cstr);
+    let devnull = c"/dev/null";
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+
+    // SAFETY: after fork the child only calls async-signal-safe functions before execvp.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        die(125, &format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if child == 0 {
+        // SAFETY: child side of fork; every call here is async-signal-safe.
+        unsafe {
+            for s in [
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGHUP,
+                libc::SIGCHLD,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            libc::setsid();
+            let null = libc::open(devnull.as_ptr(), libc::O_RDONLY);
+            libc::dup2(null, 0);
+            libc::dup2(out[1], 1);
+            libc::dup2(err[1], 2);
+            if let Some(dir) = &workdir {
+                if libc::chdir(dir.as_ptr()) != 0 {
+                    let msg = b"zcbot-supervise: cannot enter the working directory\n";
+                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::_exit(126);
+                }
+            }
+            libc::execvp(ptrs[0], ptrs.as_ptr());
+            let msg = b"zcbot-supervise: command not found or not executable\n";
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: closing our copies of the child's ends and the program memfd.
+    unsafe {
+        libc::close(out[1]);
+        libc::close(err[1]);
+        if program_fd >= 0 {
+            libc::close(program_fd);
+        }
+    }
+
+    let started = Instant::now();
+    let mut streams = [(out[0], 1, true), (err[0], 2, true)];
+    let mut status: Option<i32> = None;
+    let mut kill_phase: Option<(Instant, bool)> = None; // (SIGKILL at, why: true = stop request)
+    let mut exit_override: Option<i32> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Reap everything that exited; note the main child's status.
+        loop {
+            let mut ws = 0;
+            // SAFETY: waitpid with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if pid == child {
+                status = Some(if libc::WIFEXITED(ws) {
+                    libc::WEXITSTATUS(ws)
+                } else {
+                    128 + libc::WTERMSIG(ws)
+                });
+            }
+        }
+        let requested = LAST_SIGNAL.swap(0, Ordering::SeqCst);
+        let now = Instant::now();
+        if kill_phase.is_none() {
+            let reason = if requested != 0 {
+                exit_override = Some(128 + requested);
+                Some(true)
+            } else if now.duration_since(started) >= args.timeout {
+                exit_override = Some(124);
+                Some(true)
+            } else if status.is_some() {
+                Some(false)
+            } else {
+                None
+            };
+            if let Some(why) = reason {
+                signal_all(&descendants(), &[libc::SIGCONT, libc::SIGTERM]);
+                kill_phase = Some((now + args.grace, why));
+            }
+        }
+        if let Some((kill_at, _)) = kill_phase {
+            if now >= kill_at {
+                kill_everything();
+            }
+            let open = streams.iter().any(|s| s.2);
+            if descendants().is_empty() && !open {
+                break;
+            }
+        }
+        let open: Vec<usize> = (0..2).filter(|i| streams[*i].2).collect();
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|i| libc::pollfd {
+                fd: streams[*i].0,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        fds.push(libc::pollfd {
+            fd: sig[0],
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let wait_ms = match kill_phase {
+            Some(_) => 10,
+            None => args
+                .timeout
+                .saturating_sub(now.duration_since(started))
+                .as_millis()
+                .min(1000) as i32,
+        };
+        // SAFETY: fds is a valid array of pollfd.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms.max(1)) };
+        for (k, i) in open.iter().enumerate() {
+            if fds[k].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
+                continue;
+            }
+            // SAFETY: reading into a buffer we own.
+            let n = unsafe { libc::read(streams[*i].0, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                write_all(streams[*i].1, &buf[..n as usize]);
+            } else if n == 0 {
+                streams[*i].2 = false;
+            }
+        }
+        let mut drain = [0u8; 64];
+        // SAFETY: draining our own non-blocking signal pipe.
+        while unsafe { libc::read(sig[0], drain.as_mut_ptr().cast(), drain.len()) } > 0 {}
+        if kill_phase.is_some()
+            && status.is_some()
+            && streams.iter().all(|s| !s.2)
+            && descendants().is_empty()
+        {
+            break;
+        }
+    }
+    exit_override
+        .filter(|_| kill_phase.is_some_and(|(_, why)| why))
+        .or(status)
+        .unwrap_or(125)
+}
+
+fn write_all(fd: libc::c_int, mut data: &[u8]) {
+    while !data.is_empty() {
+        // SAFETY: writing from a slice we own.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return; // the reader is gone: keep supervising, drop the output
+        }
+        data = &data[n as usize..];
+    }
+}
+
+/// (pid, ppid, uid) of every process we can see.
+fn processes() -> Vec<(i32, i32, u32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name is in parentheses and may hold spaces: parse after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let ppid = fields.nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let uid = std::fs::metadata(entry.path())
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap_or(0);
+        out.push((pid, ppid, uid));
+    }
+    out
+}
+
+/// Every live descendant of this process.
+fn descendants() -> Vec<i32> {
+    subtree_of(&[std::process::id() as i32], &processes(), false)
+}
+
+fn subtree_of(roots: &[i32], procs: &[(i32, i32, u32)], include_roots: bool) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for &(pid, ppid, _) in procs {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut seen: HashSet<i32> = HashSet::new();
+    let mut stack: Vec<i32> = roots.to_vec();
+    let mut out = Vec::new();
+    if include_roots {
+        out.extend_from_slice(roots);
+    }
+    while let Some(p) = stack.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            if seen.insert(c) {
+                out.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn signal_all(pids: &[i32], signals: &[libc::c_int]) {
+    for &pid in pids {
+        for &s in signals {
+            // SAFETY: kill(2) on a pid; at worst ESRCH.
+            unsafe { libc::kill(pid, s) };
+        }
+    }
+}
+
+/// Freezes, then kills, every descendant, round after round, until none is left. Freezing first
+/// stops a fork bomb from outrunning the kills; the pids limit bounds the rounds.
+fn kill_everything() {
+    for _ in 0..1000 {
+        let pids = descendants();
+        if pids.is_empty() {
+            return;
+        }
+        signal_all(&pids, &[libc::SIGSTOP]);
+        signal_all(&descendants(), &[libc::SIGSTOP]);
+        signal_all(&descendants(), &[libc::SIGKILL]);
+        loop {
+            // SAFETY: reaping children; ws is a valid pointer.
+            let mut ws = 0;
+            if unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG) } <= 0 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `--signal CALL_ID`: SIGTERM to the supervisor whose command line names that call.
+fn signal_call(call_id: &str) -> i32 {
+    let me = std::process::id() as i32;
+    let mut found = 1;
+    for (pid, _, _) in processes() {
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_ours = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"zcbot-supervise"))
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--call-id" && w[1] == call_id.as_bytes());
+        if is_ours {
+            signal_all(&[pid], &[libc::SIGCONT, libc::SIGTERM]);
+            found = 0;
+        }
+    }
+    found
+}
+
+/// `--sweep`: kills orphans of killed supervisors (processes of this uid whose parent is PID 1).
+fn sweep() -> i32 {
+    // SAFETY: getuid never fails.
+    let uid = unsafe { libc::getuid() };
+    for _ in 0..1000 {
+        let procs = processes();
+        let orphans: Vec<i32> = procs
+            .iter()
+            .filter(|(pid, ppid, u)| *ppid == 1 && *u == uid && *pid != 1)
+            .map(|(pid, _, _)| *pid)
+            .collect();
+        if orphans.is_empty() {
+            return 0;
+        }
+        let all = subtree_of(&orphans, &procs, true);
+        signal_all(&all, &[libc::SIGSTOP]);
+        signal_all(&all, &[libc::SIGKILL]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    1
+}
