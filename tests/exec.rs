@@ -1,0 +1,620 @@
+//! Tool execution through both backends, against the real Docker Engine. Witnesses: `ps` in the
+//! container (docker CLI) and on the host.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{docker, exec_as, TestPool};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
+use zcbot_sandbox::{Config, UserId};
+
+async fn docker_executor(t: &TestPool) -> Executor {
+    let mut cfg = t.config();
+    cfg.backend = zcbot_sandbox::config::Backend::Docker;
+    Executor::from_config(cfg).await.expect("docker executor")
+}
+
+async fn call(ex: &Executor, user: &UserId, tool: &str, args: Value) -> ToolResult {
+    let call = ToolCall::parse(tool, args).unwrap();
+    ex.run(user, call, &CancellationToken::new()).await.unwrap()
+}
+
+async fn sh(ex: &Executor, user: &UserId, command: &str) -> ToolResult {
+    call(ex, user, "shell", json!({ "command": command })).await
+}
+
+/// The sandbox user's processes other than `ps` itself, as the docker CLI sees them.
+fn user_processes(container: &str) -> Vec<String> {
+    let (_, out, _) = exec_as(container, "1000:1000", "ps -u 1000 -o pid=,ppid=,args=");
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains("ps -u 1000"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits up to `within` for no user process matching `needle` to be left.
+async fn gone(container: &str, needle: &str, within: Duration) -> Vec<String> {
+    let until = Instant::now() + within;
+    loop {
+        let left: Vec<String> = user_processes(container)
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect();
+        if left.is_empty() || Instant::now() > until {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn shell_runs_as_the_sandbox_user_in_workspace_with_a_clean_environment() {
+    let t = TestPool::new("xenv");
+    std::env::set_var("ZCBOT_TEST_HOST_SECRET", "must-not-leak");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let r = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": "id -u; pwd; env", "env": {"FOO": "bar baz"}}),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("1000"));
+    assert_eq!(lines.next(), Some("/workspace"));
+    assert!(r.stdout.contains("FOO=bar baz"), "{}", r.stdout);
+    assert!(r.stdout.contains("HOME=/workspace"), "{}", r.stdout);
+    assert!(
+        !r.stdout.contains("must-not-leak"),
+        "a host variable leaked: {}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("ZCBOT_USERS_ROOT"), "{}", r.stdout);
+
+    let r = call(
+        &ex,
+        &user,
+        "run_python",
+        json!({"code": "import os\nprint(os.getuid(), os.getcwd())"}),
+    )
+    .await;
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str()),
+        (Some(0), "1000 /workspace\n"),
+        "{r:?}"
+    );
+    let r = sh(&ex, &user, "echo out; echo err >&2; exit 3").await;
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
+        (Some(3), "out\n", "err\n")
+    );
+}
+
+#[tokio::test]
+async fn workdir_is_confined_to_workspace() {
+    let t = TestPool::new("xwd");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    call(
+        &ex,
+        &user,
+        "write_file",
+        json!({"path": "sub/dir/f.txt", "content": "x"}),
+    )
+    .await;
+    for wd in ["sub/dir", "/workspace/sub/dir", "sub/../sub/dir"] {
+        let r = call(
+            &ex,
+            &user,
+            "shell",
+            json!({"command": "pwd; ls", "workdir": wd}),
+        )
+        .await;
+        assert_eq!(r.stdout, "/workspace/sub/dir\nf.txt\n", "{wd}: {r:?}");
+    }
+    for wd in ["../", "/etc", "sub/../../x", "/workspacex"] {
+        let err = ex
+            .run(
+                &user,
+                ToolCall::parse("shell", json!({"command": "pwd", "workdir": wd})).unwrap(),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "bad_call", "{wd}: {err}");
+    }
+    let r = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": "pwd", "workdir": "missing"}),
+    )
+    .await;
+    assert_ne!(r.exit_code, Some(0));
+    assert!(r.stderr.contains("working directory"), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_timeout_kills_every_process_of_the_call_even_escaped_ones() {
+    let t = TestPool::new("xtimeout");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let container = ex.pool().unwrap().ensure(&user).await.unwrap().name;
+    // Parent, child, background grandchild, a setsid escape and a double fork, all ignoring TERM.
+    let command = r#"trap '' TERM
+sleep 1001 &
+(sleep 1002 &)
+setsid sh -c "trap '' TERM; sleep 1003" &
+(sh -c "trap '' TERM; sleep 1004 & sleep 1005" &)
+sh -c "sleep 1006"
+"#;
+    let started = Instant::now();
+    let r = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": command, "timeout": 1}),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(r.timed_out && !r.cancelled, "{r:?}");
+    assert_eq!(r.exit_code, None);
+    assert!(took < Duration::from_millis(2900), "took {took:?}");
+    let left = gone(&container, "sleep 100", Duration::from_millis(100)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn cancel_kills_the_calls_processes_and_says_so() {
+    let t = TestPool::new("xcancel");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let container = ex.pool().unwrap().ensure(&user).await.unwrap().name;
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        trigger.cancel();
+    });
+    let call = ToolCall::parse(
+        "shell",
+        json!({"command": "setsid sleep 2001 & sleep 2002; echo never"}),
+    )
+    .unwrap();
+    let r = ex.run(&user, call, &cancel).await.unwrap();
+    assert!(r.cancelled && !r.timed_out, "{r:?}");
+    assert!(!r.stdout.contains("never"));
+    let left = gone(&container, "sleep 200", Duration::from_millis(100)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn a_dropped_call_still_kills_its_processes() {
+    let t = TestPool::new("xdrop");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let container = ex.pool().unwrap().ensure(&user).await.unwrap().name;
+    let call = ToolCall::parse(
+        "shell",
+        json!({"command": "(setsid sleep 3001 &); sleep 3002"}),
+    )
+    .unwrap();
+    let cancel = CancellationToken::new();
+    // The caller gives up (an HTTP client that went away): the future is dropped mid-call.
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(800), ex.run(&user, call, &cancel)).await;
+    assert!(dropped.is_err());
+    let left = gone(&container, "sleep 300", Duration::from_secs(5)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn another_call_of_the_same_user_survives_a_timeout() {
+    let t = TestPool::new("xpeer");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let (slow, doomed) = tokio::join!(
+        sh(&ex, &user, "sleep 2.5; echo survived"),
+        call(
+            &ex,
+            &user,
+            "shell",
+            json!({"command": "sleep 4001", "timeout": 1})
+        ),
+    );
+    assert!(doomed.timed_out);
+    assert_eq!(
+        (slow.exit_code, slow.stdout.as_str()),
+        (Some(0), "survived\n"),
+        "{slow:?}"
+    );
+}
+
+#[tokio::test]
+async fn output_is_capped_head_and_tail_under_a_fast_flood() {
+    let mut t = TestPool::new("xflood");
+    t.set("ZCBOT_OUTPUT_CAP", "64KiB");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let r = sh(
+        &ex,
+        &user,
+        "echo START; yes | head -c 50000000; echo; echo END; echo ERR >&2",
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0), "{:?}", r.stderr);
+    assert!(r.truncated.stdout && !r.truncated.stderr);
+    assert!(r.stdout.starts_with("START\ny\n"), "head kept");
+    assert!(r.stdout.ends_with("y\n\nEND\n"), "tail kept");
+    assert!(r.stdout.contains("bytes omitted"));
+    assert!(r.stdout.len() < 64 * 1024 + 100, "{}", r.stdout.len());
+    assert_eq!(r.stderr, "ERR\n");
+}
+
+#[tokio::test]
+async fn binary_output_is_returned_losslessly() {
+    let t = TestPool::new("xbin");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let r = sh(&ex, &user, r"printf '\377\376ok'").await;
+    assert_eq!(r.stdout_base64.as_deref(), Some("//5vaw=="), "{r:?}");
+    assert!(r.stdout.ends_with("ok"));
+}
+
+#[tokio::test]
+async fn file_tools_never_follow_links_planted_from_inside_the_sandbox() {
+    let t = TestPool::new("xlinks");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let host_outside = t.root.join("outside");
+    std::fs::create_dir_all(&host_outside).unwrap();
+    std::fs::write(host_outside.join("secret"), "host secret").unwrap();
+    let o = host_outside.display();
+    // Planted by the sandbox user, between two calls, from inside the container.
+    let r = sh(&ex, &user, &format!(
+        "ln -s /etc/passwd pw && ln -s / root && ln -s {o} out && mkdir -p mid && ln -s ../../../../../.. mid/up && ln -s {o}/secret target && echo planted"
+    ))
+    .await;
+    assert_eq!(r.stdout, "planted\n", "{r:?}");
+    let host_passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let run = |tool: &'static str, args: Value| {
+        let ex = &ex;
+        let user = &user;
+        async move {
+            ex.run(
+                user,
+                ToolCall::parse(tool, args).unwrap(),
+                &CancellationToken::new(),
+            )
+            .await
+        }
+    };
+    for path in [
+        "pw",
+        "root/etc/passwd",
+        "out/secret",
+        "mid/up/etc/passwd",
+        "target",
+        "../../outside/secret",
+    ] {
+        match run("read_file", json!({"path": path})).await {
+            Ok(r) => {
+                let data = serde_json::to_string(&r.data).unwrap();
+                assert!(
+                    !data.contains("host secret")
+                        && !data.contains(host_passwd.lines().next().unwrap()),
+                    "read {path}: {data}"
+                );
+                panic!("read {path} was allowed: {data}");
+            }
+            Err(e) => assert_eq!(e.kind(), "file", "{path}: {e}"),
+        }
+    }
+    for path in [
+        "root/tmp/zcbot-pwned",
+        "out/new",
+        "mid/up/tmp/zcbot-pwned",
+        "target",
+    ] {
+        let err = run("write_file", json!({"path": path, "content": "pwned"}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "file", "{path}: {err}");
+    }
+    for path in ["out", "root", "mid/up"] {
+        let err = run("list_dir", json!({"path": path})).await.unwrap_err();
+        assert_eq!(err.kind(), "file", "{path}: {err}");
+    }
+    for path in ["out/secret", "mid/up/tmp"] {
+        let err = run("delete_path", json!({"path": path})).await.unwrap_err();
+        assert_eq!(err.kind(), "file", "{path}: {err}");
+    }
+    // Deleting the link itself removes the link, not its target.
+    run("delete_path", json!({"path": "out"})).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(host_outside.join("secret")).unwrap(),
+        "host secret"
+    );
+    assert!(!host_outside.join("new").exists());
+    assert!(!std::path::Path::new("/tmp/zcbot-pwned").exists());
+    // A hard link to a file outside cannot even be made from inside.
+    let r = sh(&ex, &user, "ln /etc/passwd hl 2>&1; echo rc=$?").await;
+    assert!(!r.stdout.contains("rc=0"), "{r:?}");
+}
+
+#[tokio::test]
+async fn file_tools_work_on_the_same_folder_the_sandbox_sees() {
+    let t = TestPool::new("xfiles");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let w = call(
+        &ex,
+        &user,
+        "write_file",
+        json!({"path": "notes/a.txt", "content": "from host\n"}),
+    )
+    .await;
+    assert_eq!(serde_json::to_value(&w.data).unwrap()["bytes_written"], 10);
+    let r = sh(
+        &ex,
+        &user,
+        "cat notes/a.txt; echo more >> notes/a.txt; ls -ln notes",
+    )
+    .await;
+    assert!(r.stdout.starts_with("from host\n"), "{r:?}");
+    assert!(
+        r.stdout.contains(" 1000 1000 "),
+        "host-written files belong to the sandbox user: {}",
+        r.stdout
+    );
+    let read = call(
+        &ex,
+        &user,
+        "read_file",
+        json!({"path": "/workspace/notes/a.txt"}),
+    )
+    .await;
+    assert_eq!(
+        serde_json::to_value(&read.data).unwrap()["content"],
+        "from host\nmore\n"
+    );
+    let list = call(&ex, &user, "list_dir", json!({"path": "notes"})).await;
+    assert_eq!(
+        serde_json::to_value(&list.data).unwrap()["entries"][0]["name"],
+        "a.txt"
+    );
+    call(&ex, &user, "delete_path", json!({"path": "notes"})).await;
+    let r = sh(&ex, &user, "ls").await;
+    assert_eq!(r.stdout, "");
+}
+
+#[tokio::test]
+async fn run_python_writes_nothing_on_the_host_even_with_planted_links() {
+    let t = TestPool::new("xpy");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let outside = t.root.join("outside-py");
+    std::fs::create_dir_all(&outside).unwrap();
+    let o = outside.display();
+    sh(
+        &ex,
+        &user,
+        &format!("ln -s {o} .zcbot_tmp; ln -s {o} tmp; mkdir -p .cache; ln -s {o} .cache/zcbot"),
+    )
+    .await;
+    let ws = ex.pool().unwrap().workspace(&user);
+    let before: Vec<_> = std::fs::read_dir(&ws)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let r = call(
+        &ex,
+        &user,
+        "run_python",
+        json!({"code": "import sys\nprint('ran', sys.argv[0].startswith('/proc/'))"}),
+    )
+    .await;
+    assert_eq!(r.stdout, "ran True\n", "{r:?}");
+    let after: Vec<_> = std::fs::read_dir(&ws)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "run_python created files in the workspace"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "run_python wrote through a planted link"
+    );
+    // Cancelled and timed-out runs leave nothing either.
+    let r = call(
+        &ex,
+        &user,
+        "run_python",
+        json!({"code": "import time\ntime.sleep(60)", "timeout": 1}),
+    )
+    .await;
+    assert!(r.timed_out);
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn bad_calls_are_refused_and_run_nothing() {
+    let mut t = TestPool::new("xbad");
+    t.set("ZCBOT_EXEC_TIMEOUT_MAX", "10s")
+        .set("ZCBOT_EXEC_TIMEOUT", "5s");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    assert_eq!(
+        ToolCall::parse("format_disk", json!({}))
+            .unwrap_err()
+            .kind(),
+        "unknown_tool"
+    );
+    for (tool, args) in [
+        (
+            "shell",
+            json!({"command": "touch /workspace/ran", "timeout": 11}),
+        ),
+        (
+            "shell",
+            json!({"command": "touch /workspace/ran", "timeout": "forever"}),
+        ),
+        (
+            "shell",
+            json!({"command": "touch /workspace/ran", "timeout": -1}),
+        ),
+        (
+            "shell",
+            json!({"command": "touch /workspace/ran", "env": {"BAD-NAME": "x"}}),
+        ),
+        ("shell", json!({"command": "touch /workspace/ran\u{0}"})),
+        ("read_file", json!({"path": "x", "limit": 1_000_000_000u64})),
+    ] {
+        let err = ex
+            .run(
+                &user,
+                ToolCall::parse(tool, args.clone()).unwrap(),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "bad_call", "{tool} {args}: {err}");
+    }
+    assert!(!ex.pool().unwrap().workspace(&user).join("ran").exists());
+    assert!(
+        t.containers().is_empty(),
+        "a refused call must not even create a sandbox"
+    );
+}
+
+#[tokio::test]
+async fn a_container_removed_behind_the_pools_back_is_recreated_and_the_call_retried() {
+    let t = TestPool::new("xgone");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let first = ex.pool().unwrap().ensure(&user).await.unwrap();
+    docker(&["rm", "-f", &first.name]);
+    let r = sh(&ex, &user, "echo still works").await;
+    assert_eq!(r.stdout, "still works\n", "{r:?}");
+    let now = ex.pool().unwrap().ensure(&user).await.unwrap();
+    assert_ne!(now.container_id, first.container_id);
+    // Stopped rather than removed: the same.
+    docker(&["stop", "-t", "0", &now.name]);
+    let r = sh(&ex, &user, "echo again").await;
+    assert_eq!(r.stdout, "again\n", "{r:?}");
+}
+
+#[tokio::test]
+async fn a_killed_supervisor_leaves_no_orphans() {
+    let t = TestPool::new("xsupkill");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let container = ex.pool().unwrap().ensure(&user).await.unwrap().name;
+    let victim = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": "setsid sleep 5001 & sleep 5002", "timeout": 60}),
+    );
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        // The sandbox user kills the other call's supervisor outright.
+        // (slee[p]: the pattern must not match this call's own command line.)
+        sh(
+            &ex,
+            &user,
+            "pkill -9 -f 'zcbot-supervise.*slee[p] 5001'; echo done",
+        )
+        .await
+    };
+    let (v, k) = tokio::join!(victim, killer);
+    assert_eq!(k.stdout, "done\n");
+    assert_eq!(v.exit_code, Some(137), "{v:?}");
+    let left = gone(&container, "sleep 500", Duration::from_secs(3)).await;
+    assert!(
+        left.is_empty(),
+        "orphans of the killed supervisor survived: {left:?}"
+    );
+    assert_eq!(sh(&ex, &user, "echo next").await.stdout, "next\n");
+}
+
+#[tokio::test]
+async fn the_backend_switch_never_falls_back_to_the_host() {
+    let t = TestPool::new("xswitch");
+    let mut cfg = t.config();
+    assert!(matches!(
+        Executor::from_config(cfg.clone()).await.unwrap(),
+        Executor::Host(_)
+    ));
+    cfg.backend = zcbot_sandbox::config::Backend::Docker;
+    assert!(matches!(
+        Executor::from_config(cfg.clone()).await.unwrap(),
+        Executor::Docker(_)
+    ));
+    let err = Config::from_lookup(|k| (k == "ZCBOT_SANDBOX_BACKEND").then(|| "vm".to_owned()))
+        .unwrap_err();
+    assert!(err.to_string().contains("ZCBOT_SANDBOX_BACKEND"), "{err}");
+    cfg.docker_host = Some("unix:///nonexistent/docker.sock".into());
+    let err = Executor::from_config(cfg)
+        .await
+        .err()
+        .expect("no silent fallback");
+    assert_eq!(err.kind(), "docker_unreachable", "{err}");
+}
+
+#[tokio::test]
+async fn host_backend_keeps_the_guarantees_that_need_no_container() {
+    let t = TestPool::new("xhost");
+    std::env::set_var("ZCBOT_TEST_HOST_SECRET2", "must-not-leak");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    let user = t.user("u");
+    let r = sh(&ex, &user, "pwd; env").await;
+    let ws = t.root.join("users").join(user.as_str());
+    assert!(
+        r.stdout.starts_with(&format!("{}\n", ws.display())),
+        "{r:?}"
+    );
+    assert!(!r.stdout.contains("must-not-leak"), "{}", r.stdout);
+    let r = call(&ex, &user, "run_python", json!({"code": "print(6*7)"})).await;
+    assert_eq!(r.stdout, "42\n");
+    let marker = format!("zcbot-host-{}", t.pool_id);
+    let r = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": format!("sh -c 'sleep 600; : {marker}' & sleep 601"), "timeout": 1}),
+    )
+    .await;
+    assert!(r.timed_out);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        !ps.contains(&marker),
+        "host process group survived the timeout"
+    );
+    // The same confined file tools.
+    std::os::unix::fs::symlink("/etc", ws.join("etc")).unwrap();
+    let err = ex
+        .run(
+            &user,
+            ToolCall::parse("read_file", json!({"path": "etc/passwd"})).unwrap(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "file");
+}
