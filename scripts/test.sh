@@ -18,7 +18,18 @@ cargo fmt --all -- --check
 echo "test.sh: cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "test.sh: cargo test" >&2
-cargo test --all-targets "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --all-targets "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary, examples last with 0).
+summary=$(awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$log")
+if [ "$status" != 0 ]; then
+    echo "tests: $summary"
+    exit "$status"
+fi
 
 # The tests clean up after themselves; say so loudly if any of their containers survived.
 # Test pools have ids starting with 't', so their containers are named zcbot-sandbox-t<id>.<user>.
@@ -27,5 +38,7 @@ left=$(docker ps -a --filter label=io.zcbot.managed-by=zcbot-sandbox --format '{
 if [ -n "$left" ]; then
     echo "test.sh: test containers were left behind:" >&2
     echo "$left" >&2
+    echo "tests: $summary, but containers were left behind"
     exit 1
 fi
+echo "tests: $summary"
