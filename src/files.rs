@@ -177,11 +177,7 @@ impl Workspace {
         let parts = normalize(path)?;
         let root = self.open_root()?;
         let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_NONBLOCK, path)?;
-        let st = fstat(fd.as_raw_fd()).map_err(|e| errno_error(path, e))?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(file_error(path, "it is not a regular file"));
-        }
-        let size = st.st_size as u64;
+        let size = regular_file_size(&fd, path)?;
         let want = limit.min(size.saturating_sub(offset) as usize);
         let mut buf = vec![0u8; want];
         let mut got = 0;
@@ -254,10 +250,7 @@ impl Workspace {
         )
         .map(own)
         .map_err(|e| errno_error(path, e))?;
-        let st = fstat(fd.as_raw_fd()).map_err(|e| errno_error(path, e))?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(file_error(path, "it is not a regular file"));
-        }
+        regular_file_size(&fd, path)?;
         self.give(&fd);
         let mut written = 0;
         while written < content.len() {
@@ -368,6 +361,16 @@ pub fn prepare_user_folder(path: &Path, owner: Option<(u32, u32)>) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The size of the open file, or an error if it is not a regular file (a FIFO or a device must
+/// never block or surprise the daemon).
+fn regular_file_size(fd: &OwnedFd, path: &str) -> Result<u64> {
+    let st = fstat(fd.as_raw_fd()).map_err(|e| errno_error(path, e))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(file_error(path, "it is not a regular file"));
+    }
+    Ok(st.st_size as u64)
 }
 
 fn exists_at(dir: &OwnedFd, name: &OsStr) -> bool {

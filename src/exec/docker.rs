@@ -120,7 +120,14 @@ impl DockerExecutor {
             .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
             .collect();
 
-        let gone = |e: &Error| e.is_not_found() || e.is_conflict();
+        // 404 or 409 before the process started: the container is gone or stopped; retry.
+        let attempt = |e: Error| {
+            if e.is_not_found() || e.is_conflict() {
+                Attempt::Gone(container_id.clone())
+            } else {
+                Attempt::Failed(e)
+            }
+        };
         let created = docker
             .call(
                 || format!("create an exec in {container}"),
@@ -139,26 +146,14 @@ impl DockerExecutor {
                 ),
             )
             .await
-            .map_err(|e| {
-                if gone(&e) {
-                    Attempt::Gone(container_id.clone())
-                } else {
-                    Attempt::Failed(e)
-                }
-            })?;
+            .map_err(attempt)?;
         let started = docker
             .call(
                 || format!("start an exec in {container}"),
                 docker.raw().start_exec(&created.id, None),
             )
             .await
-            .map_err(|e| {
-                if gone(&e) {
-                    Attempt::Gone(container_id.clone())
-                } else {
-                    Attempt::Failed(e)
-                }
-            })?;
+            .map_err(attempt)?;
         let StartExecResults::Attached {
             mut output,
             mut input,
