@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
+use zcbot_sandbox::server::{ServeOptions, Server};
 use zcbot_sandbox::{smoke, Config, SandboxPool, UserId};
 
 /// One long-lived, hardened Docker container per chat-agent user.
@@ -22,6 +23,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon: the HTTP API on ZCBOT_LISTEN (default 127.0.0.1:8787) or a unix socket.
+    /// SIGTERM/SIGINT: stop accepting, let calls finish for ZCBOT_SHUTDOWN_GRACE, cancel the rest.
+    Serve {
+        /// Remove every sandbox of the pool on exit (default: keep them warm for the next start).
+        #[arg(long)]
+        remove_on_exit: bool,
+    },
     /// List this pool's sandboxes: user, container, state, idle time, config current or stale.
     Ps {
         /// Print JSON instead of a table.
@@ -118,6 +126,31 @@ async fn pool() -> Result<SandboxPool> {
 /// Runs one subcommand; the exit code says how it went.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Serve { remove_on_exit } => {
+            let config = Config::from_env()?;
+            let backend = config.backend;
+            let server = Server::start(config, ServeOptions { remove_on_exit }).await?;
+            let address = server.address();
+            // Best effort: a closed stdout must never take the daemon down.
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(
+                out,
+                "zcbot-sandbox: listening on {address} (backend {backend:?})"
+            );
+            let _ = match address.strip_prefix("unix:") {
+                Some(path) => writeln!(
+                    out,
+                    "try: curl --unix-socket {path} -s http://x/v1/users/demo/tools/shell -d '{{\"command\":\"id\"}}'"
+                ),
+                None => writeln!(
+                    out,
+                    "try: curl -s {address}/v1/users/demo/tools/shell -d '{{\"command\":\"id\"}}'"
+                ),
+            };
+            let _ = out.flush();
+            server.run(shutdown_signal()).await?;
+        }
         Command::Ps { json } => {
             let list = pool().await?.list().await?;
             if json {
@@ -297,4 +330,15 @@ fn render(result: &ToolResult, json: bool) -> ExitCode {
         result.exit_code.unwrap_or(1).clamp(0, 255)
     };
     ExitCode::from(code as u8)
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
 }

@@ -67,6 +67,35 @@ pub struct Config {
     pub output_cap: usize,
     /// `ZCBOT_KILL_GRACE`: time between SIGTERM and SIGKILL when a call is stopped (default 500ms).
     pub kill_grace: Duration,
+    /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT`, or a unix socket as an absolute path or
+    /// `unix:PATH` (default `127.0.0.1:8787`).
+    pub listen: Listen,
+    /// `ZCBOT_API_TOKEN`: when set, every request needs `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
+    /// `ZCBOT_MAX_BODY`: the largest request body (default 4MiB).
+    pub max_body: usize,
+    /// `ZCBOT_USER_MAX_CALLS`: calls one user may have in flight (default 4); more get 429.
+    pub user_max_calls: usize,
+    /// `ZCBOT_SHUTDOWN_GRACE`: how long calls in flight may finish after SIGTERM (default 30s).
+    pub shutdown_grace: Duration,
+}
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "http://{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// Where tool calls run.
@@ -104,6 +133,11 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_EXEC_TIMEOUT_MAX",
     "ZCBOT_OUTPUT_CAP",
     "ZCBOT_KILL_GRACE",
+    "ZCBOT_LISTEN",
+    "ZCBOT_API_TOKEN",
+    "ZCBOT_MAX_BODY",
+    "ZCBOT_USER_MAX_CALLS",
+    "ZCBOT_SHUTDOWN_GRACE",
 ];
 
 impl Config {
@@ -123,6 +157,27 @@ impl Config {
                 var: "ZCBOT_EXEC_TIMEOUT",
                 value: humantime::format_duration(exec_timeout).to_string(),
                 reason: "must not be longer than ZCBOT_EXEC_TIMEOUT_MAX".into(),
+            });
+        }
+        let listen = parse_var(&get, "ZCBOT_LISTEN", "127.0.0.1:8787", parse_listen)?;
+        let api_token = get("ZCBOT_API_TOKEN");
+        if let Listen::Tcp(addr) = &listen {
+            if !addr.ip().is_loopback() && api_token.is_none() {
+                return Err(Error::Config {
+                    var: "ZCBOT_LISTEN",
+                    value: addr.to_string(),
+                    reason:
+                        "anyone who reaches the API can run code as any user: listening beyond \
+                             loopback needs ZCBOT_API_TOKEN"
+                            .into(),
+                });
+            }
+        }
+        if api_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(Error::Config {
+                var: "ZCBOT_API_TOKEN",
+                value: "(hidden)".into(),
+                reason: "must be at least 16 characters".into(),
             });
         }
         Ok(Config {
@@ -182,6 +237,15 @@ impl Config {
                 parse_bytes(v, 1024).map(|n| n as usize)
             })?,
             kill_grace: parse_var(&get, "ZCBOT_KILL_GRACE", "500ms", parse_duration)?,
+            listen,
+            api_token,
+            max_body: parse_var(&get, "ZCBOT_MAX_BODY", "4MiB", |v| {
+                parse_bytes(v, 1024).map(|n| n as usize)
+            })?,
+            user_max_calls: parse_var(&get, "ZCBOT_USER_MAX_CALLS", "4", |v| {
+                parse_int(v, 1, 10_000).map(|n| n as usize)
+            })?,
+            shutdown_grace: parse_var(&get, "ZCBOT_SHUTDOWN_GRACE", "30s", parse_duration)?,
         })
     }
 
@@ -201,6 +265,18 @@ fn parse_var<T>(
 ) -> Result<T> {
     let value = get(var).unwrap_or_else(|| default.to_owned());
     parse(value.trim()).map_err(|reason| Error::Config { var, value, reason })
+}
+
+fn parse_listen(v: &str) -> std::result::Result<Listen, String> {
+    if let Some(path) = v.strip_prefix("unix:") {
+        return parse_abs_path(path).map(Listen::Unix);
+    }
+    if v.starts_with('/') {
+        return parse_abs_path(v).map(Listen::Unix);
+    }
+    v.parse()
+        .map(Listen::Tcp)
+        .map_err(|_| "write HOST:PORT (e.g. 127.0.0.1:8787) or a unix socket path".into())
 }
 
 fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
@@ -350,6 +426,24 @@ mod tests {
         assert_eq!(c.backend, Backend::Host);
         assert_eq!(c.exec_timeout, Duration::from_secs(120));
         assert_eq!(c.output_cap, 1 << 20);
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8787".parse().unwrap()));
+        assert!(c.api_token.is_none());
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_token() {
+        let token = "0123456789abcdef0123";
+        let c = cfg(&[("ZCBOT_LISTEN", "0.0.0.0:9000"), ("ZCBOT_API_TOKEN", token)]).unwrap();
+        assert_eq!(c.api_token.as_deref(), Some(token));
+        let c = cfg(&[("ZCBOT_LISTEN", "unix:/run/zcbot.sock")]).unwrap();
+        assert_eq!(c.listen, Listen::Unix("/run/zcbot.sock".into()));
+        let err = cfg(&[("ZCBOT_API_TOKEN", "short")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ZCBOT_API_TOKEN") && !err.contains("short"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -400,6 +494,9 @@ mod tests {
             ("ZCBOT_SANDBOX_BACKEND", "podman"),
             ("ZCBOT_OUTPUT_CAP", "10"),
             ("ZCBOT_EXEC_TIMEOUT", "1h"),
+            ("ZCBOT_LISTEN", "0.0.0.0:8787"),
+            ("ZCBOT_LISTEN", "localhost"),
+            ("ZCBOT_USER_MAX_CALLS", "0"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             let msg = err.to_string();

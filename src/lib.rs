@@ -10,6 +10,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod pool;
+pub mod server;
 pub mod smoke;
 pub mod user;
 

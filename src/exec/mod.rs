@@ -533,8 +533,8 @@ impl Executor {
     }
 }
 
-/// A call id: 16 random hex digits (from the kernel's random source).
-pub(crate) fn new_call_id() -> String {
+/// A new call id: 16 random hex digits (from the kernel's random source).
+pub fn new_call_id() -> String {
     let mut bytes = [0u8; 8];
     if std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))

@@ -1,0 +1,285 @@
+//! The daemon: `zcbot-sandbox serve`, the HTTP API over the executor and the pool.
+//!
+//! Lifespan: validated config -> executor (docker: connect and negotiate, image, network) ->
+//! reconcile -> reaper -> listen. Any failing step ends startup with its reason; the daemon never
+//! serves half-initialised. On SIGTERM/SIGINT it stops accepting, lets calls in flight finish for
+//! `ZCBOT_SHUTDOWN_GRACE`, cancels the rest (their processes killed), stops the reaper, and keeps
+//! the containers warm unless told to remove them.
+//!
+//! Anyone who reaches this API can run code as any user: it listens on loopback or a unix socket
+//! (mode 0600) by default, refuses a non-loopback address without `ZCBOT_API_TOKEN`, and with a
+//! token checks `Authorization: Bearer` on every request in constant time.
+
+pub mod metrics;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Listen};
+use crate::error::Error;
+use crate::exec::Executor;
+use crate::pool::reaper::ReaperHandle;
+use crate::user::UserId;
+use metrics::Metrics;
+
+/// How the daemon ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// Remove every sandbox of the pool on exit (default: keep them warm for the next start).
+    pub remove_on_exit: bool,
+}
+
+/// A call in flight, findable by its id.
+struct CallEntry {
+    user: UserId,
+    cancel: CancellationToken,
+}
+
+/// Shared by every request.
+pub(crate) struct AppState {
+    executor: Executor,
+    token_hash: Option<[u8; 32]>,
+    calls: DashMap<String, CallEntry>,
+    per_user: DashMap<UserId, usize>,
+    metrics: Metrics,
+    reaper: Mutex<Option<ReaperHandle>>,
+    /// Parent of every call's token: cancelling it cancels every call (end of shutdown grace).
+    all_calls: CancellationToken,
+}
+
+/// A started daemon: initialised and bound, not yet serving.
+pub struct Server {
+    state: Arc<AppState>,
+    listener: Listener,
+    options: ServeOptions,
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Server {
+    /// Runs the lifespan up to listening: executor (for docker: connect, image, network),
+    /// reconcile, reaper, bind. Fails with the reason at the first step that fails.
+    pub async fn start(config: Config, options: ServeOptions) -> crate::Result<Self> {
+        let listen = config.listen.clone();
+        let token_hash = config
+            .api_token
+            .as_ref()
+            .map(|t| Sha256::digest(t.as_bytes()).into());
+        let executor = Executor::from_config(config).await?;
+        let mut reaper = None;
+        if let Some(pool) = executor.pool() {
+            let report = pool.reconcile().await?;
+            tracing::info!(
+                adopted = report.adopted.len(),
+                removed = report.removed.len(),
+                foreign = report.foreign.len(),
+                "reconciled the sandboxes an earlier run left"
+            );
+            reaper = Some(pool.spawn_reaper());
+        } else {
+            tracing::warn!("backend is host: tool calls run on this host and are NOT isolated (development only)");
+        }
+        let listener = match &listen {
+            Listen::Tcp(addr) => Listener::Tcp(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io("listen on", addr.to_string(), e))?,
+            ),
+            Listen::Unix(path) => Listener::Unix(bind_unix(path)?, path.clone()),
+        };
+        Ok(Server {
+            state: Arc::new(AppState {
+                executor,
+                token_hash,
+                calls: DashMap::new(),
+                per_user: DashMap::new(),
+                metrics: Metrics::default(),
+                reaper: Mutex::new(reaper),
+                all_calls: CancellationToken::new(),
+            }),
+            listener,
+            options,
+        })
+    }
+
+    /// Where it listens, as a URL-ish string (`http://127.0.0.1:8787` or `unix:/path`).
+    pub fn address(&self) -> String {
+        match &self.listener {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_default(),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully (see the module docs).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> crate::Result<()> {
+        let state = self.state.clone();
+        let grace = state.executor_config().shutdown_grace;
+        let app = routes::router(state.clone());
+        let stop = CancellationToken::new();
+        let stopping = stop.clone();
+        let all_calls = state.all_calls.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new connections; calls in flight may finish");
+            stopping.cancel();
+            tokio::time::sleep(grace).await;
+            tracing::info!("shutdown grace over: cancelling the calls still running");
+            all_calls.cancel();
+        });
+        let signal = {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        };
+        let served = match self.listener {
+            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Listener::Unix(l, ref path) => {
+                let r = axum::serve(l, app).with_graceful_shutdown(signal).await;
+                let _ = std::fs::remove_file(path);
+                r
+            }
+        };
+        served.map_err(|e| Error::io("serve", "the listener", e))?;
+        // Calls cancelled at the end of the grace stop within the kill grace; make sure they did.
+        while !state.calls.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        state.reaper.lock().take();
+        if let Some(pool) = state.executor.pool() {
+            if self.options.remove_on_exit {
+                let n = pool.shutdown_all().await?;
+                tracing::info!(removed = n, "removed every sandbox (--remove-on-exit)");
+            } else {
+                tracing::info!("sandboxes kept warm for the next start");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AppState {
+    fn executor_config(&self) -> &Config {
+        match &self.executor {
+            Executor::Host(h) => h.config(),
+            Executor::Docker(d) => d.pool().config(),
+        }
+    }
+}
+
+/// Binds a unix socket with mode 0600. A stale socket file (nobody listening) is replaced; a live
+/// one is refused.
+fn bind_unix(path: &std::path::Path) -> crate::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::io(
+                "listen on",
+                path,
+                std::io::Error::other("exists and is not a socket"),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::io(
+                "listen on",
+                path,
+                std::io::Error::other("another process is listening there"),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|e| Error::io("listen on", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("restrict the socket", path, e))?;
+    Ok(listener)
+}
+
+/// The API's error body: `{ "error": { "kind": "...", "message": "..." } }`.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    kind: String,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind: kind.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::InvalidUser { .. } | Error::BadCall { .. } | Error::File { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
+            Error::PoolFull { .. }
+            | Error::DockerUnreachable { .. }
+            | Error::DockerTimeout { .. }
+            | Error::ImageMissing { .. }
+            | Error::NetworkMismatch { .. }
+            | Error::SandboxStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.kind(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "kind": self.kind, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// With a token configured, every request needs `Authorization: Bearer <token>`. Hashing both
+/// sides first makes the comparison constant-time in content and length.
+pub(crate) async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token_hash {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| Sha256::digest(t.as_bytes()));
+        let ok = given.is_some_and(|g| bool::from(g.as_slice().ct_eq(expected.as_slice())));
+        if !ok {
+            state.metrics.error("unauthorized");
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong token: send Authorization: Bearer <ZCBOT_API_TOKEN>",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}

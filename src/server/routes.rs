@@ -1,0 +1,383 @@
+//! The API's routes: translate requests into library calls and results into JSON. No logic of
+//! their own beyond that, the call registry and the per-user limit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::{auth, ApiError, AppState, CallEntry};
+use crate::exec::{new_call_id, ToolCall};
+use crate::user::UserId;
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+pub(super) fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.executor_config().max_body;
+    Router::new()
+        .route("/v1/users/{user}/tools/{tool}", post(call_tool))
+        .route("/v1/calls/{call_id}", delete(cancel_call))
+        .route("/v1/sandboxes", get(list_sandboxes))
+        .route(
+            "/v1/users/{user}/sandbox",
+            get(get_sandbox).delete(remove_sandbox),
+        )
+        .route("/v1/reap", post(reap))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see RUN.md for the API",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+fn counted(state: &AppState, e: impl Into<ApiError>) -> ApiError {
+    let e = e.into();
+    state.metrics.error(&e.kind);
+    e
+}
+
+fn valid_call_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Holds one of the user's call slots and the call's registry entry; releases both however the
+/// request ends (finished, failed, or dropped because the client went away).
+struct InFlight<'a> {
+    state: &'a AppState,
+    user: UserId,
+    call_id: Option<String>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = &self.call_id {
+            self.state.calls.remove(id);
+        }
+        if let Some(mut n) = self.state.per_user.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+        }
+        self.state.per_user.remove_if(&self.user, |_, n| *n == 0);
+        self.state.metrics.in_flight(-1);
+    }
+}
+
+async fn call_tool(
+    State(state): State<Arc<AppState>>,
+    Path((user, tool)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let st = &*state;
+    let body = body.map_err(|r| {
+        let kind = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_body"
+        };
+        counted(
+            st,
+            ApiError::new(
+                r.status(),
+                kind,
+                format!("{} (ZCBOT_MAX_BODY)", r.body_text()),
+            ),
+        )
+    })?;
+    let user = UserId::parse(&user).map_err(|e| counted(st, e))?;
+    let mut args: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            counted(
+                st,
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    format!("the body is not JSON: {e}"),
+                ),
+            )
+        })?
+    };
+    let Some(obj) = args.as_object_mut() else {
+        return Err(counted(
+            st,
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                "the body must be a JSON object of the tool's arguments",
+            ),
+        ));
+    };
+    let call_id = match obj.remove("call_id") {
+        None => new_call_id(),
+        Some(Value::String(id)) if valid_call_id(&id) => id,
+        Some(_) => {
+            return Err(counted(
+                st,
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_call",
+                    "call_id must be 1 to 64 characters of letters, digits, '-', '_' and '.'",
+                ),
+            ))
+        }
+    };
+    let call = ToolCall::parse(&tool, args).map_err(|e| counted(st, e))?;
+
+    // The per-user limit, then the registry; the guard undoes both.
+    let limit = st.executor_config().user_max_calls;
+    {
+        let mut n = st.per_user.entry(user.clone()).or_insert(0);
+        if *n >= limit {
+            return Err(counted(
+                st,
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_calls",
+                    format!(
+                        "user {user} already has {limit} calls in flight (ZCBOT_USER_MAX_CALLS)"
+                    ),
+                ),
+            ));
+        }
+        *n += 1;
+    }
+    st.metrics.in_flight(1);
+    let mut in_flight = InFlight {
+        state: st,
+        user: user.clone(),
+        call_id: None,
+    };
+    let cancel = st.all_calls.child_token();
+    match st.calls.entry(call_id.clone()) {
+        dashmap::Entry::Occupied(_) => {
+            return Err(counted(
+                st,
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "call_id_in_use",
+                    format!("a call with id {call_id} is already in flight"),
+                ),
+            ));
+        }
+        dashmap::Entry::Vacant(v) => {
+            v.insert(CallEntry {
+                user: user.clone(),
+                cancel: cancel.clone(),
+            });
+        }
+    }
+    in_flight.call_id = Some(call_id.clone());
+
+    let started = Instant::now();
+    let backend = st.executor.backend();
+    let backend_name = match backend {
+        crate::config::Backend::Host => "host",
+        crate::config::Backend::Docker => "docker",
+    };
+    let result = st.executor.run(&user, call, &cancel).await;
+    let took = started.elapsed();
+    match result {
+        Ok(r) => {
+            st.metrics
+                .observe_call(&r.tool, backend_name, took, r.timed_out, r.cancelled);
+            tracing::info!(user = %user, tool = %r.tool, call_id = %call_id, duration_ms = r.duration_ms,
+                exit_code = ?r.exit_code, timed_out = r.timed_out, cancelled = r.cancelled, "call finished");
+            let mut resp = Json(r).into_response();
+            if let Ok(v) = HeaderValue::from_str(&call_id) {
+                resp.headers_mut().insert("x-zcbot-call-id", v);
+            }
+            Ok(resp)
+        }
+        Err(e) => {
+            tracing::warn!(user = %user, tool = %tool, call_id = %call_id, kind = e.kind(), error = %e, "call failed");
+            Err(counted(st, e))
+        }
+    }
+}
+
+async fn cancel_call(State(state): State<Arc<AppState>>, Path(call_id): Path<String>) -> ApiResult {
+    match state.calls.get(&call_id) {
+        Some(entry) => {
+            entry.cancel.cancel();
+            tracing::info!(call_id = %call_id, user = %entry.user, "call cancelled through the API");
+            Ok((StatusCode::ACCEPTED, Json(json!({ "cancelled": call_id }))).into_response())
+        }
+        None => Err(counted(
+            &state,
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_call",
+                format!("no call {call_id} is in flight"),
+            ),
+        )),
+    }
+}
+
+async fn list_sandboxes(State(state): State<Arc<AppState>>) -> ApiResult {
+    let Some(pool) = state.executor.pool() else {
+        return Ok(Json(json!([])).into_response());
+    };
+    let list = pool.list().await.map_err(|e| counted(&state, e))?;
+    Ok(Json(list).into_response())
+}
+
+async fn get_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let no_sandbox = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_sandbox",
+            format!("user {user} has no sandbox"),
+        )
+    };
+    let Some(pool) = state.executor.pool() else {
+        return Err(counted(&state, no_sandbox()));
+    };
+    let list = pool.list().await.map_err(|e| counted(&state, e))?;
+    match list.into_iter().find(|s| s.user == user.as_str()) {
+        Some(s) => Ok(Json(s).into_response()),
+        None => Err(counted(&state, no_sandbox())),
+    }
+}
+
+async fn remove_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let Some(pool) = state.executor.pool() else {
+        return Err(counted(
+            &state,
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_sandbox",
+                "the host backend has no sandboxes",
+            ),
+        ));
+    };
+    if pool.remove(&user).await.map_err(|e| counted(&state, e))? {
+        tracing::info!(user = %user, "sandbox removed through the API");
+        Ok(Json(json!({ "removed": pool.container_name(&user) })).into_response())
+    } else {
+        Err(counted(
+            &state,
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_sandbox",
+                format!("user {user} has no sandbox"),
+            ),
+        ))
+    }
+}
+
+async fn reap(State(state): State<Arc<AppState>>) -> ApiResult {
+    let Some(pool) = state.executor.pool() else {
+        return Ok(Json(json!({ "reaped": [] })).into_response());
+    };
+    let reaped = pool
+        .reap_idle(pool.config().idle)
+        .await
+        .map_err(|e| counted(&state, e))?;
+    Ok(Json(json!({ "reaped": reaped })).into_response())
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// Ready: Docker answers, the image is present, the network is there and internal, the reaper
+/// runs. Each check is reported; any failure is 503.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let mut checks: BTreeMap<&str, String> = BTreeMap::new();
+    if let Some(pool) = state.executor.pool() {
+        let docker = pool.docker();
+        let ok = |r: crate::Result<()>| r.map_or_else(|e| e.to_string(), |_| "ok".to_owned());
+        checks.insert(
+            "docker",
+            ok(docker
+                .call(|| "ping".into(), docker.raw().ping())
+                .await
+                .map(|_| ())),
+        );
+        let image = &pool.config().image;
+        checks.insert(
+            "image",
+            ok(docker
+                .call(
+                    || format!("inspect image {image}"),
+                    docker.raw().inspect_image(image),
+                )
+                .await
+                .map(|_| ())),
+        );
+        let net = &pool.network().name;
+        let network = docker
+            .call(
+                || format!("inspect network {net}"),
+                docker.raw().inspect_network(net, None),
+            )
+            .await;
+        checks.insert(
+            "network",
+            match network {
+                Ok(n) if n.internal == Some(true) => "ok".to_owned(),
+                Ok(_) => format!("network {net} is no longer internal"),
+                Err(e) => e.to_string(),
+            },
+        );
+        let alive = state.reaper.lock().as_ref().is_some_and(|r| r.is_alive());
+        checks.insert(
+            "reaper",
+            if alive {
+                "ok".into()
+            } else {
+                "the reaper task is not running".into()
+            },
+        );
+    }
+    let ready = checks.values().all(|v| v == "ok");
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let backend = state.executor.backend();
+    (
+        status,
+        Json(json!({ "ready": ready, "backend": backend, "checks": checks })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let pool = match state.executor.pool() {
+        None => None,
+        Some(pool) => {
+            let mut states: BTreeMap<String, u64> = BTreeMap::new();
+            if let Ok(list) = pool.list().await {
+                for s in list {
+                    *states.entry(s.state).or_default() += 1;
+                }
+            }
+            Some((pool.stats(), states))
+        }
+    };
+    let body = state.metrics.render(pool);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

@@ -1,0 +1,750 @@
+//! The daemon against the real engine: every endpoint, every error status with its bad input,
+//! token auth, unix socket, disconnect and API cancel, graceful shutdown, restart adoption, the
+//! reaper, metrics. A raw HTTP/1.1 client keeps the tests independent of any HTTP library.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{docker, exec_as, TestPool};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use zcbot_sandbox::config::{Backend, Listen};
+use zcbot_sandbox::server::{ServeOptions, Server};
+
+struct Daemon {
+    addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<zcbot_sandbox::Result<()>>,
+}
+
+impl Daemon {
+    async fn start(t: &TestPool) -> Daemon {
+        let mut cfg = t.config();
+        cfg.backend = Backend::Docker;
+        if !matches!(cfg.listen, Listen::Unix(_)) {
+            cfg.listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
+        }
+        let server = Server::start(cfg, ServeOptions::default())
+            .await
+            .expect("daemon starts");
+        let addr = server.address();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Daemon {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// SIGTERM, in effect; waits until the daemon has finished shutting down.
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn req(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, _, body) =
+            raw(&self.addr, method, path, body.map(|b| b.to_string()), &[]).await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+}
+
+/// One request over a fresh connection; returns status, head and body.
+async fn raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: zcbot\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    let response = match addr.strip_prefix("unix:") {
+        Some(path) => exchange(tokio::net::UnixStream::connect(path).await.unwrap(), &req).await,
+        None => {
+            exchange(
+                tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
+                    .await
+                    .unwrap(),
+                &req,
+            )
+            .await
+        }
+    };
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+async fn exchange(mut s: impl AsyncRead + AsyncWrite + Unpin, req: &str) -> String {
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn sleepers(container: &str, needle: &str) -> Vec<String> {
+    let (_, out, _) = exec_as(container, "1000:1000", "ps -u 1000 -o args=");
+    // Only the processes that are the sleeps, not the shells and supervisor whose command lines
+    // mention them.
+    out.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn wait_gone(container: &str, needle: &str, within: Duration) -> Vec<String> {
+    let until = Instant::now() + within;
+    loop {
+        let left = sleepers(container, needle);
+        if left.is_empty() || Instant::now() > until {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_endpoint_answers_as_documented() {
+    let t = TestPool::new("sapi");
+    let d = Daemon::start(&t).await;
+    let user = t.user("u");
+    let u = user.as_str();
+
+    let (status, head, body) = raw(
+        &d.addr,
+        "POST",
+        &format!("/v1/users/{u}/tools/shell"),
+        Some(json!({"command": "echo hi; id -u", "call_id": "c-1"}).to_string()),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        head.to_lowercase().contains("x-zcbot-call-id: c-1"),
+        "{head}"
+    );
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["stdout"].as_str()),
+        (Some(0), Some("hi\n1000\n"))
+    );
+
+    let (s, r) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{u}/tools/write_file"),
+            Some(json!({"path": "a.txt", "content": "x"})),
+        )
+        .await;
+    assert_eq!((s, r["data"]["bytes_written"].as_i64()), (200, Some(1)));
+    let (s, r) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{u}/tools/list_dir"),
+            Some(json!({"path": "."})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["data"]["entries"][0]["name"].as_str()),
+        (200, Some("a.txt"))
+    );
+
+    let (s, list) = d.req("GET", "/v1/sandboxes", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list[0]["user"], u);
+    assert_eq!(list[0]["config_current"], true);
+    let (s, one) = d.req("GET", &format!("/v1/users/{u}/sandbox"), None).await;
+    assert_eq!((s, one["state"].as_str()), (200, Some("running")));
+    let (s, r) = d.req("POST", "/v1/reap", None).await;
+    assert_eq!(
+        (s, r["reaped"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "nothing idle yet"
+    );
+    let (s, _) = d.req("GET", "/healthz", None).await;
+    assert_eq!(s, 200);
+    let (s, ready) = d.req("GET", "/readyz", None).await;
+    assert_eq!((s, ready["ready"].as_bool()), (200, Some(true)), "{ready}");
+
+    let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(
+        metrics.contains("zcbot_containers{state=\"running\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zcbot_ensures_total{kind=\"cold\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zcbot_exec_duration_seconds_count{tool=\"shell\",backend=\"docker\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("zcbot_calls_in_flight 0"), "{metrics}");
+
+    let (s, r) = d
+        .req("DELETE", &format!("/v1/users/{u}/sandbox"), None)
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert!(t.containers().is_empty());
+    let (s, r) = d.req("GET", &format!("/v1/users/{u}/sandbox"), None).await;
+    assert_eq!((s, r["error"]["kind"].as_str()), (404, Some("no_sandbox")));
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_their_status_and_change_nothing() {
+    let mut t = TestPool::new("sbad");
+    t.set("ZCBOT_MAX_BODY", "4KiB");
+    let d = Daemon::start(&t).await;
+    let u = t.user("u");
+    let tool = |name: &str| format!("/v1/users/{u}/tools/{name}");
+    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/users/Bad.User/tools/shell".into(),
+            Some(r#"{"command":"id"}"#.into()),
+            400,
+            "invalid_user",
+        ),
+        (
+            "POST",
+            "/v1/users/-rf/tools/shell".into(),
+            Some(r#"{"command":"id"}"#.into()),
+            400,
+            "invalid_user",
+        ),
+        (
+            "POST",
+            "/v1/users/%2e%2e/tools/shell".into(),
+            Some(r#"{"command":"id"}"#.into()),
+            400,
+            "invalid_user",
+        ),
+        (
+            "POST",
+            tool("shell"),
+            Some("{not json".into()),
+            400,
+            "bad_json",
+        ),
+        ("POST", tool("shell"), Some("[1,2]".into()), 400, "bad_json"),
+        (
+            "POST",
+            tool("shell"),
+            Some(r#"{"command": 5}"#.into()),
+            400,
+            "bad_call",
+        ),
+        (
+            "POST",
+            tool("shell"),
+            Some(r#"{"command": "id", "sudo": true}"#.into()),
+            400,
+            "bad_call",
+        ),
+        (
+            "POST",
+            tool("shell"),
+            Some(r#"{"command": "id", "call_id": "has space"}"#.into()),
+            400,
+            "bad_call",
+        ),
+        (
+            "POST",
+            tool("shell"),
+            Some(r#"{"command": "id", "timeout": 100000}"#.into()),
+            400,
+            "bad_call",
+        ),
+        (
+            "POST",
+            tool("read_file"),
+            Some(r#"{"path": "../../etc/passwd"}"#.into()),
+            400,
+            "file",
+        ),
+        (
+            "POST",
+            tool("read_file"),
+            Some(r#"{"path": "/etc/passwd"}"#.into()),
+            400,
+            "file",
+        ),
+        (
+            "POST",
+            tool("launch_missiles"),
+            Some("{}".into()),
+            404,
+            "unknown_tool",
+        ),
+        ("DELETE", "/v1/calls/nope".into(), None, 404, "unknown_call"),
+        ("GET", "/v1/nowhere".into(), None, 404, "not_found"),
+        (
+            "POST",
+            tool("shell"),
+            Some(format!(r#"{{"command": "{}"}}"#, "x".repeat(8192))),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (method, path, body, status, kind) in cases {
+        let (s, _, text) = raw(&d.addr, method, &path, body, &[]).await;
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}"));
+        assert_eq!(
+            (s, v["error"]["kind"].as_str()),
+            (status, Some(kind)),
+            "{method} {path}: {text}"
+        );
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    assert!(
+        t.containers().is_empty(),
+        "a refused request must not create a sandbox"
+    );
+    let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(
+        metrics.contains("zcbot_errors_total{kind=\"invalid_user\"} 3"),
+        "{metrics}"
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn conflicts_limits_and_a_full_pool() {
+    let mut t = TestPool::new("slimit");
+    t.set("ZCBOT_USER_MAX_CALLS", "1")
+        .set("ZCBOT_SANDBOX_MAX", "1");
+    let d = Daemon::start(&t).await;
+    let (a, b) = (t.user("a"), t.user("b"));
+    let a_path = format!("/v1/users/{a}/tools/shell");
+    let slow = raw(
+        &d.addr,
+        "POST",
+        &a_path,
+        Some(json!({"command": "sleep 2", "call_id": "slow-1"}).to_string()),
+        &[],
+    );
+    let others = async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let same_id = d
+            .req(
+                "POST",
+                &format!("/v1/users/{b}/tools/shell"),
+                Some(json!({"command": "id", "call_id": "slow-1"})),
+            )
+            .await;
+        let too_many = d
+            .req(
+                "POST",
+                &format!("/v1/users/{a}/tools/shell"),
+                Some(json!({"command": "id"})),
+            )
+            .await;
+        let full = d
+            .req(
+                "POST",
+                &format!("/v1/users/{b}/tools/shell"),
+                Some(json!({"command": "id"})),
+            )
+            .await;
+        (same_id, too_many, full)
+    };
+    let ((s, _, body), ((s1, r1), (s2, r2), (s3, r3))) = tokio::join!(slow, others);
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        (s1, r1["error"]["kind"].as_str()),
+        (409, Some("call_id_in_use")),
+        "{r1}"
+    );
+    assert_eq!(
+        (s2, r2["error"]["kind"].as_str()),
+        (429, Some("too_many_calls")),
+        "{r2}"
+    );
+    assert_eq!(
+        (s3, r3["error"]["kind"].as_str()),
+        (503, Some("pool_full")),
+        "{r3}"
+    );
+    assert_eq!(t.containers(), vec![t.container_name(&a)]);
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_guards_every_request() {
+    let mut t = TestPool::new("stoken");
+    let token = "s3cret-token-0123456789";
+    t.set("ZCBOT_API_TOKEN", token);
+    let d = Daemon::start(&t).await;
+    let u = t.user("u");
+    let path = format!("/v1/users/{u}/tools/shell");
+    let body = Some(json!({"command": "id"}).to_string());
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong")],
+        vec![("Authorization", token)],
+    ] {
+        let (s, _, text) = raw(&d.addr, "POST", &path, body.clone(), &headers).await;
+        assert_eq!(s, 401, "{headers:?}: {text}");
+        assert!(text.contains("unauthorized"));
+    }
+    let (s, _, _) = raw(&d.addr, "GET", "/healthz", None, &[]).await;
+    assert_eq!(s, 401, "every request needs the token");
+    assert!(t.containers().is_empty());
+    let auth = format!("Bearer {token}");
+    let (s, _, text) = raw(&d.addr, "POST", &path, body, &[("Authorization", &auth)]).await;
+    assert_eq!(s, 200, "{text}");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn serves_on_a_unix_socket_only_its_owner_can_open() {
+    let mut t = TestPool::new("sunix");
+    std::fs::create_dir_all(&t.root).unwrap();
+    let sock = t.root.join("api.sock");
+    t.set("ZCBOT_LISTEN", &format!("unix:{}", sock.display()));
+    let d = Daemon::start(&t).await;
+    assert_eq!(d.addr, format!("unix:{}", sock.display()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (s, r) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{}/tools/shell", t.user("u")),
+            Some(json!({"command": "echo via unix"})),
+        )
+        .await;
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("via unix\n")));
+    d.shutdown().await;
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_takes_its_processes_with_it() {
+    let t = TestPool::new("sdisc");
+    let d = Daemon::start(&t).await;
+    let user = t.user("u");
+    let (s, _) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{user}/tools/shell"),
+            Some(json!({"command": "true"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let container = t.container_name(&user);
+    let body = json!({"command": "setsid sleep 6001 & sleep 6002"}).to_string();
+    let req = format!("POST /v1/users/{user}/tools/shell HTTP/1.1\r\nHost: z\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let mut conn = tokio::net::TcpStream::connect(d.addr.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    conn.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        sleepers(&container, "sleep 600").len(),
+        2,
+        "the call is running"
+    );
+    drop(conn);
+    let left = wait_gone(&container, "sleep 600", Duration::from_secs(5)).await;
+    assert!(
+        left.is_empty(),
+        "left behind after the client went away: {left:?}"
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn delete_call_cancels_it() {
+    let t = TestPool::new("scancel");
+    let d = Daemon::start(&t).await;
+    let user = t.user("u");
+    let path = format!("/v1/users/{user}/tools/shell");
+    let call = d.req(
+        "POST",
+        &path,
+        Some(json!({"command": "sleep 7001", "call_id": "to-cancel"})),
+    );
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        d.req("DELETE", "/v1/calls/to-cancel", None).await
+    };
+    let ((s, r), (cs, cr)) = tokio::join!(call, cancel);
+    assert_eq!(
+        (cs, cr["cancelled"].as_str()),
+        (202, Some("to-cancel")),
+        "{cr}"
+    );
+    assert_eq!(s, 200);
+    assert_eq!(
+        (r["cancelled"].as_bool(), r["exit_code"].is_null()),
+        (Some(true), true),
+        "{r}"
+    );
+    assert!(wait_gone(
+        &t.container_name(&user),
+        "sleep 7001",
+        Duration::from_secs(2)
+    )
+    .await
+    .is_empty());
+    let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(metrics.contains("zcbot_cancels_total 1"), "{metrics}");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_calls_finish_within_the_grace_and_cancels_the_rest() {
+    let mut t = TestPool::new("sgrace");
+    t.set("ZCBOT_SHUTDOWN_GRACE", "3s");
+    let d = Daemon::start(&t).await;
+    let user = t.user("u");
+    let (s, _) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{user}/tools/shell"),
+            Some(json!({"command": "true"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let addr = d.addr.clone();
+    let path = format!("/v1/users/{user}/tools/shell");
+    let post = |cmd: &str| {
+        raw(
+            &addr,
+            "POST",
+            &path,
+            Some(json!({ "command": cmd }).to_string()),
+            &[],
+        )
+    };
+    let quick = post("sleep 1.5; echo finished");
+    let long = post("sleep 8001");
+    let stop = async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let started = Instant::now();
+        d.shutdown().await;
+        started.elapsed()
+    };
+    let ((qs, _, q), (ls, _, l), took) = tokio::join!(quick, long, stop);
+    let (q, l): (Value, Value) = (
+        serde_json::from_str(&q).unwrap(),
+        serde_json::from_str(&l).unwrap(),
+    );
+    assert_eq!(
+        (qs, q["stdout"].as_str(), q["cancelled"].as_bool()),
+        (200, Some("finished\n"), Some(false)),
+        "{q}"
+    );
+    assert_eq!((ls, l["cancelled"].as_bool()), (200, Some(true)), "{l}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(7),
+        "shutdown took {took:?}"
+    );
+    assert!(sleepers(&t.container_name(&user), "sleep 8001").is_empty());
+    assert!(
+        tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
+            .await
+            .is_err(),
+        "still listening"
+    );
+    // The sandbox is kept warm for the next start.
+    assert_eq!(t.containers(), vec![t.container_name(&user)]);
+}
+
+#[tokio::test]
+async fn a_restarted_daemon_adopts_its_warm_sandboxes() {
+    let t = TestPool::new("srestart");
+    let user = t.user("u");
+    let d = Daemon::start(&t).await;
+    let (s, _) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{user}/tools/shell"),
+            Some(json!({"command": "echo one > f"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let id = docker(&["inspect", "-f", "{{.Id}}", &t.container_name(&user)]);
+    d.shutdown().await;
+
+    let d = Daemon::start(&t).await;
+    let (s, r) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{user}/tools/shell"),
+            Some(json!({"command": "cat f"})),
+        )
+        .await;
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("one\n")));
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Id}}", &t.container_name(&user)]),
+        id,
+        "recreated instead of adopted"
+    );
+    let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(
+        metrics.contains("zcbot_ensures_total{kind=\"cold\"} 0"),
+        "{metrics}"
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_reaper_removes_an_idle_sandbox_within_idle_plus_one_period() {
+    let mut t = TestPool::new("sreaper");
+    t.set("ZCBOT_SANDBOX_IDLE", "2s")
+        .set("ZCBOT_SANDBOX_REAP_EVERY", "1s");
+    let d = Daemon::start(&t).await;
+    let user = t.user("u");
+    let (s, _) = d
+        .req(
+            "POST",
+            &format!("/v1/users/{user}/tools/shell"),
+            Some(json!({"command": "true"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let done = Instant::now();
+    while !t.containers().is_empty() && done.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = done.elapsed();
+    assert!(t.containers().is_empty(), "not reaped after {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "reaped before it was idle: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(4500),
+        "idle 2s + period 1s, took {took:?}"
+    );
+    let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(metrics.contains("zcbot_reaped_total 1"), "{metrics}");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn startup_fails_with_the_reason_and_never_serves_half_initialised() {
+    let mut t = TestPool::new("sfail");
+    t.set("ZCBOT_SANDBOX_IMAGE", "zcbot-sandbox:missing");
+    let mut cfg = t.config();
+    cfg.backend = Backend::Docker;
+    cfg.listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
+    let err = Server::start(cfg.clone(), ServeOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), "image_missing", "{err}");
+    cfg.image = "zcbot-sandbox:latest".into();
+    cfg.docker_host = Some("unix:///nonexistent.sock".into());
+    let err = Server::start(cfg, ServeOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), "docker_unreachable", "{err}");
+}
+
+#[tokio::test]
+async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
+    use std::io::BufRead;
+    let mut t = TestPool::new("sbin");
+    t.set("ZCBOT_SANDBOX_BACKEND", "docker")
+        .set("ZCBOT_LISTEN", "127.0.0.1:0")
+        .set("ZCBOT_SHUTDOWN_GRACE", "2s");
+    let user = t.user("u");
+    let start = || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .arg("serve")
+            .envs(t.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        // Keep draining: a daemon whose stdout reader went away must still work, but don't test
+        // that by accident here.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        (child, addr)
+    };
+    let (mut child, addr) = start();
+    let (s, _, body) = raw(
+        &addr,
+        "POST",
+        &format!("/v1/users/{user}/tools/shell"),
+        Some(json!({"command": "hostname"}).to_string()),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let id = docker(&["inspect", "-f", "{{.Id}}", &t.container_name(&user)]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let (mut child, addr) = start();
+    let (s, _, _) = raw(
+        &addr,
+        "POST",
+        &format!("/v1/users/{user}/tools/shell"),
+        Some(json!({"command": "true"}).to_string()),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Id}}", &t.container_name(&user)]),
+        id
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+        .success());
+}
