@@ -199,8 +199,10 @@ async fn call_tool(
         Ok(r) => {
             st.metrics
                 .observe_call(&r.tool, backend_name, took, r.timed_out, r.cancelled);
-            tracing::info!(user = %user, tool = %r.tool, call_id = %call_id, duration_ms = r.duration_ms,
-                exit_code = ?r.exit_code, timed_out = r.timed_out, cancelled = r.cancelled, "call finished");
+            let container = st.executor.pool().map(|p| p.container_name(&user));
+            tracing::info!(user = %user, tool = %r.tool, call_id = %call_id, container = container.as_deref().unwrap_or("-"),
+                duration_ms = r.duration_ms, exit_code = ?r.exit_code, timed_out = r.timed_out,
+                cancelled = r.cancelled, "call finished");
             let mut resp = Json(r).into_response();
             if let Ok(v) = HeaderValue::from_str(&call_id) {
                 resp.headers_mut().insert("x-zcbot-call-id", v);
