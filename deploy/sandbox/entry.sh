@@ -46,6 +46,11 @@ ruleset() {
     echo ':INPUT ACCEPT [0:0]'
     echo ':FORWARD ACCEPT [0:0]'
     echo ':OUTPUT DROP [0:0]'
+    # Docker's embedded DNS listens on 127.0.0.11 (loopback) and forwards out of the container:
+    # with no egress it would resolve other users' sandboxes and carry data out in queries.
+    if [ "$family" = 4 ] && [ "$egress" = none ]; then
+        echo '-A OUTPUT -d 127.0.0.11/32 -j REJECT'
+    fi
     echo '-A OUTPUT -o lo -j ACCEPT'
     for cidr in $blocks; do
         case "$cidr" in

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig, Mount, MountType,
-    NetworkingConfig,
+    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigCgroupnsModeEnum,
+    HostConfigLogConfig, Mount, MountType, NetworkingConfig,
 };
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -172,6 +172,9 @@ impl SpecTemplate {
             nano_cpus: Some((config.cpus * 1e9).round() as i64),
             network_mode: Some(config.network.clone()),
             ipc_mode: Some("private".to_owned()),
+            // Docker 20.10 on cgroup v1 shares the host's cgroup namespace by default, which
+            // shows host cgroup paths (and other containers' ids) inside.
+            cgroupns_mode: Some(HostConfigCgroupnsModeEnum::PRIVATE),
             privileged: Some(false),
             // The sandbox, not the host, is what the kernel kills first under memory pressure.
             oom_score_adj: Some(500),
@@ -292,6 +295,7 @@ mod tests {
         assert_eq!(hc.memory, hc.memory_swap);
         assert!(hc.binds.is_none());
         assert!(hc.pid_mode.is_none() && hc.userns_mode.is_none());
+        assert_eq!(hc.cgroupns_mode, Some(HostConfigCgroupnsModeEnum::PRIVATE));
         assert!(hc.tmpfs.unwrap()["/tmp"].contains("nosuid"));
     }
 }
