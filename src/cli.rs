@@ -30,6 +30,12 @@ enum Command {
         #[arg(long)]
         remove_on_exit: bool,
     },
+    /// The host firewall for the sandbox network: up (install or repair), down (remove), status.
+    Net {
+        /// up, down or status.
+        #[arg(value_parser = ["up", "down", "status"])]
+        action: String,
+    },
     /// List this pool's sandboxes: user, container, state, idle time, config current or stale.
     Ps {
         /// Print JSON instead of a table.
@@ -151,11 +157,26 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let _ = out.flush();
             server.run(shutdown_signal()).await?;
         }
+        Command::Net { action } => {
+            let config = Config::from_env()?;
+            let bridge = zcbot_sandbox::pool::network::bridge_name(&config.network);
+            let outcome = match action.as_str() {
+                "up" => zcbot_sandbox::firewall::install(&bridge).map(|_| "installed"),
+                "down" => zcbot_sandbox::firewall::remove(&bridge).map(|_| "removed"),
+                _ => zcbot_sandbox::firewall::check(&bridge).map(|_| "in place"),
+            };
+            match outcome {
+                Ok(what) => println!("host firewall for {} ({bridge}): {what}", config.network),
+                Err(e) => bail!("host firewall for {} ({bridge}): {e}", config.network),
+            }
+        }
         Command::Ps { json } => {
-            let list = pool().await?.list().await?;
+            let pool = pool().await?;
+            let list = pool.list().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                println!("host firewall: {}", pool.host_firewall());
                 println!(
                     "{:<24} {:<14} {:<10} {:>10} {:>9}  CONFIG",
                     "USER", "CONTAINER", "STATE", "IDLE", "IN_FLIGHT"

@@ -78,6 +78,9 @@ pub struct Config {
     pub user_max_calls: usize,
     /// `ZCBOT_SHUTDOWN_GRACE`: how long calls in flight may finish after SIGTERM (default 30s).
     pub shutdown_grace: Duration,
+    /// `ZCBOT_REQUIRE_HOST_FIREWALL`: refuse to start when the host firewall cannot be installed
+    /// (default off: start with a loud warning).
+    pub require_host_firewall: bool,
 }
 
 /// Where the daemon listens.
@@ -138,6 +141,7 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_MAX_BODY",
     "ZCBOT_USER_MAX_CALLS",
     "ZCBOT_SHUTDOWN_GRACE",
+    "ZCBOT_REQUIRE_HOST_FIREWALL",
 ];
 
 impl Config {
@@ -246,6 +250,16 @@ impl Config {
                 parse_int(v, 1, 10_000).map(|n| n as usize)
             })?,
             shutdown_grace: parse_var(&get, "ZCBOT_SHUTDOWN_GRACE", "30s", parse_duration)?,
+            require_host_firewall: parse_var(
+                &get,
+                "ZCBOT_REQUIRE_HOST_FIREWALL",
+                "0",
+                |v| match v.to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" => Ok(true),
+                    "0" | "false" | "no" => Ok(false),
+                    _ => Err("must be 1 or 0".into()),
+                },
+            )?,
         })
     }
 

@@ -92,6 +92,13 @@ pub enum Error {
         log: String,
     },
 
+    /// The host firewall could not be installed and `ZCBOT_REQUIRE_HOST_FIREWALL` demands it.
+    #[error("the host firewall for the sandbox network could not be installed: {reason} (run the daemon as root, or unset ZCBOT_REQUIRE_HOST_FIREWALL to run with the in-container rules only)")]
+    HostFirewall {
+        /// Why it could not be installed.
+        reason: String,
+    },
+
     /// The pool holds `ZCBOT_SANDBOX_MAX` containers and none of them is idle.
     #[error("pool full: {max} sandboxes are running and every one has a call in flight; retry later or raise ZCBOT_SANDBOX_MAX")]
     PoolFull {
@@ -158,6 +165,7 @@ impl Error {
             Error::NetworkMismatch { .. } => "network_mismatch",
             Error::SandboxStart { .. } => "sandbox_start",
             Error::PoolFull { .. } => "pool_full",
+            Error::HostFirewall { .. } => "host_firewall",
             Error::BadCall { .. } => "bad_call",
             Error::UnknownTool { .. } => "unknown_tool",
             Error::File { .. } => "file",

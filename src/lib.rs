@@ -9,6 +9,7 @@ pub mod docker;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod firewall;
 pub mod pool;
 pub mod server;
 pub mod smoke;

@@ -76,6 +76,20 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         ),
     ));
 
+    push(match pool.host_firewall() {
+        crate::firewall::HostFirewall::Enforced { bridge } => {
+            match crate::firewall::check(bridge) {
+                Ok(()) => check(
+                    "host firewall",
+                    true,
+                    format!("the host drops what enters from {bridge} (IPv4 and IPv6)"),
+                ),
+                Err(e) => check("host firewall", false, format!("rules missing: {e}")),
+            }
+        }
+        other => check("host firewall", false, other.to_string()),
+    });
+
     let sandbox = match pool.ensure(user).await {
         Ok(sb) => {
             push(check(

@@ -185,6 +185,7 @@ async fn every_endpoint_answers_as_documented() {
     assert_eq!(s, 200);
     let (s, ready) = d.req("GET", "/readyz", None).await;
     assert_eq!((s, ready["ready"].as_bool()), (200, Some(true)), "{ready}");
+    assert_eq!(ready["checks"]["host_firewall"], "ok", "{ready}");
 
     let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
     assert!(

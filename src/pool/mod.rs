@@ -31,6 +31,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::docker::Docker;
 use crate::error::{Error, Result};
+use crate::firewall::HostFirewall;
 use crate::user::UserId;
 use activity::ActivityLog;
 use network::SandboxNetwork;
@@ -114,6 +115,7 @@ struct Inner {
     config: Config,
     docker: Docker,
     network: SandboxNetwork,
+    host_firewall: HostFirewall,
     template: SpecTemplate,
     activity: ActivityLog,
     slots: DashMap<UserId, Arc<Slot>>,
@@ -200,6 +202,18 @@ impl SandboxPool {
             Err(e) => return Err(e),
         };
         let network = network::ensure_network(&docker, &config.network).await?;
+        let host_firewall = match crate::firewall::install(&network.bridge) {
+            Ok(()) => HostFirewall::Enforced {
+                bridge: network.bridge.clone(),
+            },
+            Err(reason) if config.require_host_firewall => {
+                return Err(Error::HostFirewall { reason })
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "HOST FIREWALL NOT ENFORCED: only the rules inside each container keep sandboxes off the host; set ZCBOT_REQUIRE_HOST_FIREWALL=1 to refuse to start like this");
+                HostFirewall::NotEnforced { reason }
+            }
+        };
         let blocked = spec::blocklist(&config, &spec::host_addresses());
         std::fs::create_dir_all(&config.users_root)
             .map_err(|e| Error::io("create users root", &config.users_root, e))?;
@@ -219,6 +233,7 @@ impl SandboxPool {
                 config,
                 docker,
                 network,
+                host_firewall,
                 activity,
                 slots: DashMap::new(),
                 admission: parking_lot::Mutex::new(()),
@@ -235,6 +250,11 @@ impl SandboxPool {
     /// The pool's network.
     pub fn network(&self) -> &SandboxNetwork {
         &self.inner.network
+    }
+
+    /// Whether the host enforces isolation for the sandbox network (see [`crate::firewall`]).
+    pub fn host_firewall(&self) -> &HostFirewall {
+        &self.inner.host_firewall
     }
 
     /// The Docker client the pool uses (the executors run their execs through it).

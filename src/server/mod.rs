@@ -244,7 +244,8 @@ impl From<Error> for ApiError {
             | Error::DockerTimeout { .. }
             | Error::ImageMissing { .. }
             | Error::NetworkMismatch { .. }
-            | Error::SandboxStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Error::SandboxStart { .. }
+            | Error::HostFirewall { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -343,6 +343,19 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
                 Err(e) => e.to_string(),
             },
         );
+        checks.insert(
+            "host_firewall",
+            match pool.host_firewall() {
+                crate::firewall::HostFirewall::Enforced { bridge } => {
+                    crate::firewall::check(bridge)
+                        .map_or_else(|e| format!("rules missing: {e}"), |_| "ok".to_owned())
+                }
+                // Not required: reported, not failing (the daemon said so loudly at startup).
+                crate::firewall::HostFirewall::NotEnforced { reason } => {
+                    format!("ok (not enforced: {reason})")
+                }
+            },
+        );
         let alive = state.reaper.lock().as_ref().is_some_and(|r| r.is_alive());
         checks.insert(
             "reaper",
@@ -353,7 +366,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             },
         );
     }
-    let ready = checks.values().all(|v| v == "ok");
+    let ready = checks.values().all(|v| v.starts_with("ok"));
     let status = if ready {
         StatusCode::OK
     } else {

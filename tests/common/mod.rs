@@ -187,6 +187,8 @@ impl Drop for TestPool {
             docker_try(&args);
         }
         docker_try(&["network", "rm", &self.network]);
+        let bridge = zcbot_sandbox::pool::network::bridge_name(&self.network);
+        let _ = zcbot_sandbox::firewall::remove(&bridge);
         for image in &self.extra_images {
             docker_try(&["rmi", "-f", image]);
         }

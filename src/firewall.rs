@@ -1,0 +1,160 @@
+//! Host-side enforcement: the host's own netfilter drops what comes from the sandbox network, so
+//! isolation does not rest on the rules inside each container alone.
+//!
+//! From an `--internal` network the host's services answer (traffic to the host goes through the
+//! host's INPUT chain, which `--internal` does not filter), and the in-container rules live in a
+//! namespace whose root holds NET_ADMIN. So, for IPv4 and IPv6, the daemon owns one chain per
+//! sandbox network, `ZCBOT-<bridge>`, holding a single DROP, and jumps to it from INPUT (traffic
+//! to the host) and from DOCKER-USER, or FORWARD where the engine has no usable DOCKER-USER
+//! (forwarded traffic), for packets entering from the network's bridge. Installing is idempotent
+//! (a restart adds nothing twice); `zcbot-sandbox net down` removes it all.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Whether the host enforces isolation for the sandbox network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum HostFirewall {
+    /// Our chains are installed for this bridge.
+    Enforced {
+        /// The bridge interface the rules match.
+        bridge: String,
+    },
+    /// Not installed: only the in-container rules stand between a sandbox and the host.
+    NotEnforced {
+        /// Why (e.g. the daemon is not root).
+        reason: String,
+    },
+}
+
+impl fmt::Display for HostFirewall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostFirewall::Enforced { bridge } => write!(f, "enforced on the host for {bridge}"),
+            HostFirewall::NotEnforced { reason } => {
+                write!(f, "NOT enforced on the host ({reason})")
+            }
+        }
+    }
+}
+
+/// The chain that holds the rules for `bridge`.
+pub fn chain_name(bridge: &str) -> String {
+    format!("ZCBOT-{bridge}")
+}
+
+struct Family {
+    ipt: iptables::IPTables,
+    name: &'static str,
+}
+
+fn families() -> Result<Vec<Family>, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("the daemon is not root, so it cannot change the host's firewall".into());
+    }
+    let mut out = Vec::new();
+    for (v6, name) in [(false, "iptables"), (true, "ip6tables")] {
+        let ipt = iptables::new(v6).map_err(|e| format!("{name} is not usable: {e}"))?;
+        out.push(Family { ipt, name });
+    }
+    Ok(out)
+}
+
+/// Where forwarded traffic is filtered: DOCKER-USER when it exists and is usable, else FORWARD.
+fn forward_chain(f: &Family) -> &'static str {
+    // (ip6tables-nft may list Docker's chain as "incompatible": then it is not usable.)
+    if f.ipt.chain_exists("filter", "DOCKER-USER").unwrap_or(false) {
+        "DOCKER-USER"
+    } else {
+        "FORWARD"
+    }
+}
+
+fn jumps(f: &Family, bridge: &str) -> Vec<(&'static str, String)> {
+    let rule = format!("-i {bridge} -j {}", chain_name(bridge));
+    vec![("INPUT", rule.clone()), (forward_chain(f), rule)]
+}
+
+/// Installs (or repairs) the host rules for `bridge`. Safe to call on every start.
+pub fn install(bridge: &str) -> Result<(), String> {
+    let chain = chain_name(bridge);
+    for f in families()? {
+        let err = |what: &str, e: Box<dyn std::error::Error>| format!("{} {what}: {e}", f.name);
+        if !f
+            .ipt
+            .chain_exists("filter", &chain)
+            .map_err(|e| err("chain lookup", e))?
+        {
+            f.ipt
+                .new_chain("filter", &chain)
+                .map_err(|e| err("create chain", e))?;
+        }
+        f.ipt
+            .flush_chain("filter", &chain)
+            .map_err(|e| err("flush chain", e))?;
+        f.ipt
+            .append("filter", &chain, "-j DROP")
+            .map_err(|e| err("add DROP", e))?;
+        for (parent, rule) in jumps(&f, bridge) {
+            if !f
+                .ipt
+                .exists("filter", parent, &rule)
+                .map_err(|e| err("rule lookup", e))?
+            {
+                f.ipt
+                    .insert("filter", parent, &rule, 1)
+                    .map_err(|e| err("add jump", e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the rules for `bridge` are all in place.
+pub fn check(bridge: &str) -> Result<(), String> {
+    let chain = chain_name(bridge);
+    for f in families()? {
+        if !f.ipt.chain_exists("filter", &chain).unwrap_or(false) {
+            return Err(format!("{}: chain {chain} is missing", f.name));
+        }
+        let rules = f
+            .ipt
+            .list("filter", &chain)
+            .map_err(|e| format!("{}: {e}", f.name))?;
+        if !rules.iter().any(|r| r.ends_with("-j DROP")) {
+            return Err(format!("{}: chain {chain} has no DROP", f.name));
+        }
+        for (parent, rule) in jumps(&f, bridge) {
+            if !f.ipt.exists("filter", parent, &rule).unwrap_or(false) {
+                return Err(format!("{}: the jump from {parent} is missing", f.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes every rule and chain installed for `bridge`. Removing what is not there is no error.
+pub fn remove(bridge: &str) -> Result<(), String> {
+    let chain = chain_name(bridge);
+    for f in families()? {
+        for parent in ["INPUT", "FORWARD", "DOCKER-USER"] {
+            let rule = format!("-i {bridge} -j {chain}");
+            while f.ipt.exists("filter", parent, &rule).unwrap_or(false) {
+                f.ipt
+                    .delete("filter", parent, &rule)
+                    .map_err(|e| format!("{}: {e}", f.name))?;
+            }
+        }
+        if f.ipt.chain_exists("filter", &chain).unwrap_or(false) {
+            f.ipt
+                .flush_chain("filter", &chain)
+                .map_err(|e| format!("{}: {e}", f.name))?;
+            f.ipt
+                .delete_chain("filter", &chain)
+                .map_err(|e| format!("{}: {e}", f.name))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Host-side enforcement against the real host netfilter and engine.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{exec_as, TestPool};
+use zcbot_sandbox::firewall::{self, HostFirewall};
+use zcbot_sandbox::pool::network::bridge_name;
+
+fn rules(cmd: &str) -> String {
+    let out = Command::new(cmd).args(["-w", "-S"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cli(t: &TestPool, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+        .args(args)
+        .envs(t.env())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn the_host_rules_are_installed_once_per_start_and_removed_by_net_down() {
+    let t = TestPool::new("fwidem");
+    let bridge = bridge_name(&t.network);
+    let jump = format!("-i {bridge} -j {}", firewall::chain_name(&bridge));
+    for _ in 0..2 {
+        let pool = t.pool().await;
+        assert_eq!(
+            pool.host_firewall(),
+            &HostFirewall::Enforced {
+                bridge: bridge.clone()
+            }
+        );
+    }
+    let v4 = rules("iptables");
+    assert_eq!(v4.matches(&format!("-A INPUT {jump}")).count(), 1, "{v4}");
+    assert_eq!(
+        v4.matches(&format!("-A DOCKER-USER {jump}")).count(),
+        1,
+        "{v4}"
+    );
+    assert_eq!(
+        v4.matches(&format!("-A {} -j DROP", firewall::chain_name(&bridge)))
+            .count(),
+        1
+    );
+    let v6 = rules("ip6tables");
+    assert_eq!(v6.matches(&format!("-A INPUT {jump}")).count(), 1, "{v6}");
+    assert!(firewall::check(&bridge).is_ok());
+
+    let (ok, out) = cli(&t, &["net", "down"]);
+    assert!(ok, "{out}");
+    // (Docker's own rules name the bridge too; ours are the ones with our chain.)
+    let chain = firewall::chain_name(&bridge);
+    assert!(!rules("iptables").contains(&chain) && !rules("ip6tables").contains(&chain));
+    let (ok, out) = cli(&t, &["net", "status"]);
+    assert!(!ok && out.contains("missing"), "{out}");
+    let (ok, out) = cli(&t, &["net", "up"]);
+    assert!(ok && firewall::check(&bridge).is_ok(), "{out}");
+}
+
+#[tokio::test]
+async fn the_host_stays_unreachable_even_when_the_in_container_rules_are_gone() {
+    let t = TestPool::new("fwdepth");
+    let pool = t.pool().await;
+    let user = t.user("u");
+    let sb = pool.ensure(&user).await.unwrap();
+    let gw: IpAddr = pool.network().gateway.clone().unwrap().parse().unwrap();
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(gw, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+
+    // Suppose the container's own rules were lost: root in the container opens them wide.
+    let (ok, _, err) = exec_as(&sb.name, "0:0", "iptables -P OUTPUT ACCEPT && iptables -F OUTPUT && ip6tables -P OUTPUT ACCEPT && ip6tables -F OUTPUT");
+    assert!(ok, "{err}");
+    let probe = format!("python3 -c \"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gw}', {port})))\"");
+    let (_, blocked, _) = exec_as(&sb.name, "1000:1000", &probe);
+    assert_ne!(
+        blocked, "0",
+        "the host answered with only the host rules in place"
+    );
+
+    // Without the host rules the same attempt gets through: they are what stopped it.
+    firewall::remove(&bridge_name(&t.network)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, open, _) = exec_as(&sb.name, "1000:1000", &probe);
+    assert_eq!(
+        open, "0",
+        "control: with neither rule set the host should answer"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn an_unprivileged_daemon_says_so_and_can_be_told_to_refuse() {
+    let t = TestPool::new("fwunpriv");
+    // Folders the unprivileged process may write; the docker group lets it reach the engine.
+    std::fs::create_dir_all(t.root.join("users")).unwrap();
+    std::fs::create_dir_all(t.root.join("state")).unwrap();
+    Command::new("chmod")
+        .args(["-R", "777"])
+        .arg(&t.root)
+        .status()
+        .unwrap();
+    let docker_gid = String::from_utf8(
+        Command::new("getent")
+            .args(["group", "docker"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let gid = docker_gid
+        .split(':')
+        .nth(2)
+        .expect("a docker group")
+        .to_owned();
+    let run = |require: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_zcbot-sandbox"),
+                "ps",
+            ])
+            .envs(t.env())
+            .env("ZCBOT_REQUIRE_HOST_FIREWALL", require)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = run("0");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("NOT enforced") && out.contains("not root"),
+        "{out}"
+    );
+    let (ok, out) = run("1");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("host firewall") && out.contains("ZCBOT_REQUIRE_HOST_FIREWALL"),
+        "{out}"
+    );
+}
