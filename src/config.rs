@@ -81,6 +81,9 @@ pub struct Config {
     /// `ZCBOT_REQUIRE_HOST_FIREWALL`: refuse to start when the host firewall cannot be installed
     /// (default off: start with a loud warning).
     pub require_host_firewall: bool,
+    /// `ZCBOT_SELF_CHECK`: at startup (docker backend), a probe sandbox tries the network escapes
+    /// and the daemon refuses to start if any succeeds (default 1).
+    pub self_check: bool,
 }
 
 /// Where the daemon listens.
@@ -142,6 +145,7 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_USER_MAX_CALLS",
     "ZCBOT_SHUTDOWN_GRACE",
     "ZCBOT_REQUIRE_HOST_FIREWALL",
+    "ZCBOT_SELF_CHECK",
 ];
 
 impl Config {
@@ -250,16 +254,8 @@ impl Config {
                 parse_int(v, 1, 10_000).map(|n| n as usize)
             })?,
             shutdown_grace: parse_var(&get, "ZCBOT_SHUTDOWN_GRACE", "30s", parse_duration)?,
-            require_host_firewall: parse_var(
-                &get,
-                "ZCBOT_REQUIRE_HOST_FIREWALL",
-                "0",
-                |v| match v.to_ascii_lowercase().as_str() {
-                    "1" | "true" | "yes" => Ok(true),
-                    "0" | "false" | "no" => Ok(false),
-                    _ => Err("must be 1 or 0".into()),
-                },
-            )?,
+            require_host_firewall: parse_var(&get, "ZCBOT_REQUIRE_HOST_FIREWALL", "0", parse_bool)?,
+            self_check: parse_var(&get, "ZCBOT_SELF_CHECK", "1", parse_bool)?,
         })
     }
 
@@ -279,6 +275,14 @@ fn parse_var<T>(
 ) -> Result<T> {
     let value = get(var).unwrap_or_else(|| default.to_owned());
     parse(value.trim()).map_err(|reason| Error::Config { var, value, reason })
+}
+
+fn parse_bool(v: &str) -> std::result::Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        _ => Err("must be 1 or 0".into()),
+    }
 }
 
 fn parse_listen(v: &str) -> std::result::Result<Listen, String> {

@@ -99,6 +99,13 @@ pub enum Error {
         reason: String,
     },
 
+    /// The startup self-check saw an escape succeed (or could not run): the daemon refuses to serve.
+    #[error("startup self-check failed, refusing to serve: {failures}")]
+    SelfCheck {
+        /// The failed checks, each with what was seen.
+        failures: String,
+    },
+
     /// The pool holds `ZCBOT_SANDBOX_MAX` containers and none of them is idle.
     #[error("pool full: {max} sandboxes are running and every one has a call in flight; retry later or raise ZCBOT_SANDBOX_MAX")]
     PoolFull {
@@ -166,6 +173,7 @@ impl Error {
             Error::SandboxStart { .. } => "sandbox_start",
             Error::PoolFull { .. } => "pool_full",
             Error::HostFirewall { .. } => "host_firewall",
+            Error::SelfCheck { .. } => "self_check",
             Error::BadCall { .. } => "bad_call",
             Error::UnknownTool { .. } => "unknown_tool",
             Error::File { .. } => "file",

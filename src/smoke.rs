@@ -196,20 +196,8 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         },
     ));
 
-    for (name, target) in [
-        (
-            "host via gateway unreachable",
-            pool.network().gateway.clone(),
-        ),
-        (
-            "host via primary address unreachable",
-            primary_address().map(|a| a.to_string()),
-        ),
-    ] {
-        push(match target {
-            None => check(name, false, "could not determine the address to test"),
-            Some(ip) => unreachable_check(name, &ip, &sb).await,
-        });
+    for c in escape_checks(pool, &sb).await {
+        push(c);
     }
 
     push(match pool.remove(user).await {
@@ -222,6 +210,62 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         },
         Err(e) => check("destroy", false, e.to_string()),
     });
+    checks
+}
+
+/// The network escapes, tried from inside a sandbox against listeners this process opens on the
+/// host: the network's gateway, the host's primary address, and the cloud metadata address.
+async fn escape_checks(pool: &SandboxPool, sb: &Runner<'_>) -> Vec<Check> {
+    let mut out = Vec::new();
+    for (name, target) in [
+        (
+            "host via gateway unreachable",
+            pool.network().gateway.clone(),
+        ),
+        (
+            "host via primary address unreachable",
+            primary_address().map(|a| a.to_string()),
+        ),
+    ] {
+        out.push(match target {
+            None => check(name, false, "could not determine the address to test"),
+            Some(ip) => unreachable_check(name, &ip, sb).await,
+        });
+    }
+    let meta = "import socket\ns=socket.socket()\ns.settimeout(3)\nprint(s.connect_ex(('169.254.169.254', 80)))";
+    out.push(match sb.user(&["python3", "-c", meta]).await {
+        Ok(c) if c.exit_code == Some(0) && c.out() != "0" => check(
+            "metadata address unreachable",
+            true,
+            format!("169.254.169.254:80 gives '{}'", c.out()),
+        ),
+        other => check("metadata address unreachable", false, describe(&other)),
+    });
+    out
+}
+
+/// The startup self-check (fail closed): a short-lived probe sandbox, under a user id no real
+/// user can have, tries the network escapes; it is removed afterwards whatever happened. The
+/// daemon refuses to start if any check fails.
+pub async fn self_check(pool: &SandboxPool) -> Vec<Check> {
+    let user = UserId::internal("_selfcheck");
+    let mut checks = Vec::new();
+    match pool.ensure(&user).await {
+        Err(e) => checks.push(check("probe sandbox", false, e.to_string())),
+        Ok(sandbox) => {
+            let cfg = pool.config();
+            let sb = Runner {
+                pool,
+                container: &sandbox.name,
+                uid: format!("{}:{}", cfg.uid, cfg.gid),
+            };
+            checks.extend(escape_checks(pool, &sb).await);
+        }
+    }
+    if let Err(e) = pool.remove(&user).await {
+        checks.push(check("probe removed", false, e.to_string()));
+    }
+    let _ = std::fs::remove_dir_all(pool.workspace(&user));
     checks
 }
 

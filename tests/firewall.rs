@@ -165,3 +165,84 @@ async fn an_unprivileged_daemon_says_so_and_can_be_told_to_refuse() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn the_daemon_refuses_to_start_when_its_self_check_escapes() {
+    let mut t = TestPool::new("fwself");
+    // A sandbox that escapes: its entry reports ready without installing any rule, and the
+    // daemon runs unprivileged, so the host firewall is not there either.
+    let image = format!("zcbot-sandbox-test:{}", t.pool_id);
+    t.extra_images.push(image.clone());
+    let dockerfile = "FROM zcbot-sandbox:latest\nRUN printf '#!/bin/sh\\necho \"zcbot-entry: ready egress=none rules=0\"\\nexec sleep infinity\\n' > /usr/local/sbin/zcbot-entry\n";
+    let mut child = Command::new("docker")
+        .args(["build", "-q", "-t", &image, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::create_dir_all(t.root.join("users")).unwrap();
+    std::fs::create_dir_all(t.root.join("state")).unwrap();
+    Command::new("chmod")
+        .args(["-R", "777"])
+        .arg(&t.root)
+        .status()
+        .unwrap();
+    let group = String::from_utf8(
+        Command::new("getent")
+            .args(["group", "docker"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let gid = group.split(':').nth(2).expect("a docker group").to_owned();
+    t.set("ZCBOT_SANDBOX_IMAGE", &image)
+        .set("ZCBOT_SANDBOX_BACKEND", "docker")
+        .set("ZCBOT_SANDBOX_UID", &format!("65534:{gid}"))
+        .set("ZCBOT_LISTEN", "127.0.0.1:0");
+    let out = tokio::task::spawn_blocking({
+        let env = t.env();
+        move || {
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                    env!("CARGO_BIN_EXE_zcbot-sandbox"),
+                    "serve",
+                ])
+                .envs(env)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the daemon started with an escaping sandbox: {stdout}"
+    );
+    assert!(
+        !stdout.contains("listening"),
+        "it listened before failing: {stdout}"
+    );
+    assert!(
+        stderr.contains("self-check failed") && stderr.contains("host via gateway"),
+        "{stderr}"
+    );
+    assert!(
+        t.containers().is_empty(),
+        "the probe sandbox was left behind: {:?}",
+        t.containers()
+    );
+}

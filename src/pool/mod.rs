@@ -324,10 +324,12 @@ impl SandboxPool {
             self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
         }
         let sandbox = self.bring_up(user).await?;
-        self.inner
-            .counters
-            .ensures_cold
-            .fetch_add(1, Ordering::Relaxed);
+        if !user.is_internal() {
+            self.inner
+                .counters
+                .ensures_cold
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let persist = {
             let mut st = slot.state.lock();
             st.live = Some(sandbox.clone());

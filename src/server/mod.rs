@@ -56,6 +56,8 @@ pub(crate) struct AppState {
     per_user: DashMap<UserId, usize>,
     metrics: Metrics,
     reaper: Mutex<Option<ReaperHandle>>,
+    /// The startup self-check's outcome (None: not run).
+    self_check: Option<String>,
     /// Parent of every call's token: cancelling it cancels every call (end of shutdown grace).
     all_calls: CancellationToken,
 }
@@ -83,6 +85,7 @@ impl Server {
             .map(|t| Sha256::digest(t.as_bytes()).into());
         let executor = Executor::from_config(config).await?;
         let mut reaper = None;
+        let mut self_check = None;
         if let Some(pool) = executor.pool() {
             let report = pool.reconcile().await?;
             tracing::info!(
@@ -91,6 +94,30 @@ impl Server {
                 foreign = report.foreign.len(),
                 "reconciled the sandboxes an earlier run left"
             );
+            if pool.config().self_check {
+                let checks = crate::smoke::self_check(pool).await;
+                let failures: Vec<String> = checks
+                    .iter()
+                    .filter(|c| !c.pass)
+                    .map(ToString::to_string)
+                    .collect();
+                if !failures.is_empty() {
+                    return Err(Error::SelfCheck {
+                        failures: failures.join("; "),
+                    });
+                }
+                for c in &checks {
+                    tracing::info!(check = c.name, detail = %c.detail, "self-check passed");
+                }
+                self_check = Some(format!(
+                    "ok ({} escape attempts failed at startup)",
+                    checks.len()
+                ));
+            } else {
+                tracing::warn!(
+                    "ZCBOT_SELF_CHECK=0: starting without trying the network escapes first"
+                );
+            }
             reaper = Some(pool.spawn_reaper());
         } else {
             tracing::warn!("backend is host: tool calls run on this host and are NOT isolated (development only)");
@@ -111,6 +138,7 @@ impl Server {
                 per_user: DashMap::new(),
                 metrics: Metrics::default(),
                 reaper: Mutex::new(reaper),
+                self_check,
                 all_calls: CancellationToken::new(),
             }),
             listener,
@@ -245,7 +273,8 @@ impl From<Error> for ApiError {
             | Error::ImageMissing { .. }
             | Error::NetworkMismatch { .. }
             | Error::SandboxStart { .. }
-            | Error::HostFirewall { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Error::HostFirewall { .. }
+            | Error::SelfCheck { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

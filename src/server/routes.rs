@@ -356,6 +356,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
                 }
             },
         );
+        checks.insert(
+            "self_check",
+            state
+                .self_check
+                .clone()
+                .unwrap_or_else(|| "ok (disabled by ZCBOT_SELF_CHECK=0)".into()),
+        );
         let alive = state.reaper.lock().as_ref().is_some_and(|r| r.is_alive());
         checks.insert(
             "reaper",
