@@ -159,15 +159,23 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Net { action } => {
             let config = Config::from_env()?;
-            let bridge = zcbot_sandbox::pool::network::bridge_name(&config.network);
+            let network = config.network_name();
+            let bridge = zcbot_sandbox::pool::network::bridge_name(&network);
             let outcome = match action.as_str() {
-                "up" => zcbot_sandbox::firewall::install(&bridge).map(|_| "installed"),
+                "up" => {
+                    let blocked = zcbot_sandbox::pool::spec::blocklist(
+                        &config,
+                        &zcbot_sandbox::pool::spec::host_addresses(),
+                    );
+                    zcbot_sandbox::firewall::install(&bridge, config.egress, &blocked)
+                        .map(|_| "installed")
+                }
                 "down" => zcbot_sandbox::firewall::remove(&bridge).map(|_| "removed"),
                 _ => zcbot_sandbox::firewall::check(&bridge).map(|_| "in place"),
             };
             match outcome {
-                Ok(what) => println!("host firewall for {} ({bridge}): {what}", config.network),
-                Err(e) => bail!("host firewall for {} ({bridge}): {e}", config.network),
+                Ok(what) => println!("host firewall for {network} ({bridge}): {what}"),
+                Err(e) => bail!("host firewall for {network} ({bridge}): {e}"),
             }
         }
         Command::Ps { json } => {

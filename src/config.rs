@@ -84,6 +84,41 @@ pub struct Config {
     /// `ZCBOT_SELF_CHECK`: at startup (docker backend), a probe sandbox tries the network escapes
     /// and the daemon refuses to start if any succeeds (default 1).
     pub self_check: bool,
+    /// `ZCBOT_SANDBOX_EGRESS`: `none` (default; no way out at all) or `public` (public addresses
+    /// only, on a separate non-internal network).
+    pub egress: Egress,
+}
+
+/// What a sandbox may reach beyond itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Nothing: an internal network and default-deny rules.
+    None,
+    /// Public addresses only: every private, local, reserved range and the host are rejected.
+    Public,
+}
+
+impl Egress {
+    /// The word used in variables and the entry's arguments.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Egress::None => "none",
+            Egress::Public => "public",
+        }
+    }
+}
+
+impl Config {
+    /// The Docker network the sandboxes use: `ZCBOT_SANDBOX_NETWORK`, or
+    /// `<ZCBOT_SANDBOX_NETWORK>-public` for the public egress policy (a different network, since
+    /// it cannot be internal).
+    pub fn network_name(&self) -> String {
+        match self.egress {
+            Egress::None => self.network.clone(),
+            Egress::Public => format!("{}-public", self.network),
+        }
+    }
 }
 
 /// Where the daemon listens.
@@ -146,6 +181,7 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_SHUTDOWN_GRACE",
     "ZCBOT_REQUIRE_HOST_FIREWALL",
     "ZCBOT_SELF_CHECK",
+    "ZCBOT_SANDBOX_EGRESS",
 ];
 
 impl Config {
@@ -209,7 +245,7 @@ impl Config {
                 parse_abs_path,
             )?,
             network: parse_var(&get, "ZCBOT_SANDBOX_NETWORK", "zcbot-sandbox-net", |v| {
-                docker_name(v, 64).map(str::to_owned)
+                docker_name(v, 56).map(str::to_owned)
             })?,
             pool_id: parse_var(&get, "ZCBOT_POOL_ID", "default", parse_pool_id)?,
             idle: parse_var(&get, "ZCBOT_SANDBOX_IDLE", "5m", parse_duration)?,
@@ -256,6 +292,11 @@ impl Config {
             shutdown_grace: parse_var(&get, "ZCBOT_SHUTDOWN_GRACE", "30s", parse_duration)?,
             require_host_firewall: parse_var(&get, "ZCBOT_REQUIRE_HOST_FIREWALL", "0", parse_bool)?,
             self_check: parse_var(&get, "ZCBOT_SELF_CHECK", "1", parse_bool)?,
+            egress: parse_var(&get, "ZCBOT_SANDBOX_EGRESS", "none", |v| match v {
+                "none" => Ok(Egress::None),
+                "public" => Ok(Egress::Public),
+                _ => Err("must be none or public".into()),
+            })?,
         })
     }
 
@@ -515,6 +556,7 @@ mod tests {
             ("ZCBOT_LISTEN", "0.0.0.0:8787"),
             ("ZCBOT_LISTEN", "localhost"),
             ("ZCBOT_USER_MAX_CALLS", "0"),
+            ("ZCBOT_SANDBOX_EGRESS", "open"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             let msg = err.to_string();

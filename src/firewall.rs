@@ -3,15 +3,21 @@
 //!
 //! From an `--internal` network the host's services answer (traffic to the host goes through the
 //! host's INPUT chain, which `--internal` does not filter), and the in-container rules live in a
-//! namespace whose root holds NET_ADMIN. So, for IPv4 and IPv6, the daemon owns one chain per
-//! sandbox network, `ZCBOT-<bridge>`, holding a single DROP, and jumps to it from INPUT (traffic
-//! to the host) and from DOCKER-USER, or FORWARD where the engine has no usable DOCKER-USER
-//! (forwarded traffic), for packets entering from the network's bridge. Installing is idempotent
-//! (a restart adds nothing twice); `zcbot-sandbox net down` removes it all.
+//! namespace whose root holds NET_ADMIN. So, for IPv4 and IPv6, the daemon owns two chains per
+//! sandbox network, for packets entering from the network's bridge:
+//! - `ZCBOT-<bridge>`, jumped to from INPUT (traffic to the host itself): a single DROP;
+//! - `ZCBOTF-<bridge>`, jumped to from DOCKER-USER, or FORWARD where the engine has no usable
+//!   DOCKER-USER (forwarded traffic): a DROP for egress `none`; for `public`, a DROP per blocked
+//!   range of that family and then RETURN, so Docker's own rules forward the rest.
+//!
+//! Installing is idempotent (a restart adds nothing twice); `zcbot-sandbox net down` removes it.
 
 use std::fmt;
 
+use ipnet::IpNet;
 use serde::Serialize;
+
+use crate::config::Egress;
 
 /// Whether the host enforces isolation for the sandbox network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -40,14 +46,20 @@ impl fmt::Display for HostFirewall {
     }
 }
 
-/// The chain that holds the rules for `bridge`.
+/// The chain for traffic from `bridge` to the host.
 pub fn chain_name(bridge: &str) -> String {
     format!("ZCBOT-{bridge}")
+}
+
+/// The chain for traffic from `bridge` forwarded elsewhere.
+pub fn forward_chain_name(bridge: &str) -> String {
+    format!("ZCBOTF-{bridge}")
 }
 
 struct Family {
     ipt: iptables::IPTables,
     name: &'static str,
+    v6: bool,
 }
 
 fn families() -> Result<Vec<Family>, String> {
@@ -57,7 +69,7 @@ fn families() -> Result<Vec<Family>, String> {
     let mut out = Vec::new();
     for (v6, name) in [(false, "iptables"), (true, "ip6tables")] {
         let ipt = iptables::new(v6).map_err(|e| format!("{name} is not usable: {e}"))?;
-        out.push(Family { ipt, name });
+        out.push(Family { ipt, name, v6 });
     }
     Ok(out)
 }
@@ -73,30 +85,61 @@ fn forward_chain(f: &Family) -> &'static str {
 }
 
 fn jumps(f: &Family, bridge: &str) -> Vec<(&'static str, String)> {
-    let rule = format!("-i {bridge} -j {}", chain_name(bridge));
-    vec![("INPUT", rule.clone()), (forward_chain(f), rule)]
+    vec![
+        ("INPUT", format!("-i {bridge} -j {}", chain_name(bridge))),
+        (
+            forward_chain(f),
+            format!("-i {bridge} -j {}", forward_chain_name(bridge)),
+        ),
+    ]
 }
 
-/// Installs (or repairs) the host rules for `bridge`. Safe to call on every start.
-pub fn install(bridge: &str) -> Result<(), String> {
-    let chain = chain_name(bridge);
+/// What each of our chains holds for `egress`, for one family.
+fn contents(
+    bridge: &str,
+    v6: bool,
+    egress: Egress,
+    blocked: &[IpNet],
+) -> Vec<(String, Vec<String>)> {
+    let forward = match egress {
+        Egress::None => vec!["-j DROP".to_owned()],
+        Egress::Public => blocked
+            .iter()
+            .filter(|n| matches!(n, IpNet::V6(_)) == v6)
+            .map(|n| format!("-d {n} -j DROP"))
+            .chain(std::iter::once("-j RETURN".to_owned()))
+            .collect(),
+    };
+    vec![
+        (chain_name(bridge), vec!["-j DROP".to_owned()]),
+        (forward_chain_name(bridge), forward),
+    ]
+}
+
+/// Installs (or repairs) the host rules for `bridge` under `egress`, with `blocked` the ranges
+/// a sandbox must never reach. Safe to call on every start.
+pub fn install(bridge: &str, egress: Egress, blocked: &[IpNet]) -> Result<(), String> {
     for f in families()? {
         let err = |what: &str, e: Box<dyn std::error::Error>| format!("{} {what}: {e}", f.name);
-        if !f
-            .ipt
-            .chain_exists("filter", &chain)
-            .map_err(|e| err("chain lookup", e))?
-        {
+        for (chain, rules) in contents(bridge, f.v6, egress, blocked) {
+            if !f
+                .ipt
+                .chain_exists("filter", &chain)
+                .map_err(|e| err("chain lookup", e))?
+            {
+                f.ipt
+                    .new_chain("filter", &chain)
+                    .map_err(|e| err("create chain", e))?;
+            }
             f.ipt
-                .new_chain("filter", &chain)
-                .map_err(|e| err("create chain", e))?;
+                .flush_chain("filter", &chain)
+                .map_err(|e| err("flush chain", e))?;
+            for rule in rules {
+                f.ipt
+                    .append("filter", &chain, &rule)
+                    .map_err(|e| err("add rule", e))?;
+            }
         }
-        f.ipt
-            .flush_chain("filter", &chain)
-            .map_err(|e| err("flush chain", e))?;
-        f.ipt
-            .append("filter", &chain, "-j DROP")
-            .map_err(|e| err("add DROP", e))?;
         for (parent, rule) in jumps(&f, bridge) {
             if !f
                 .ipt
@@ -114,17 +157,18 @@ pub fn install(bridge: &str) -> Result<(), String> {
 
 /// Checks the rules for `bridge` are all in place.
 pub fn check(bridge: &str) -> Result<(), String> {
-    let chain = chain_name(bridge);
     for f in families()? {
-        if !f.ipt.chain_exists("filter", &chain).unwrap_or(false) {
-            return Err(format!("{}: chain {chain} is missing", f.name));
-        }
-        let rules = f
-            .ipt
-            .list("filter", &chain)
-            .map_err(|e| format!("{}: {e}", f.name))?;
-        if !rules.iter().any(|r| r.ends_with("-j DROP")) {
-            return Err(format!("{}: chain {chain} has no DROP", f.name));
+        for chain in [chain_name(bridge), forward_chain_name(bridge)] {
+            if !f.ipt.chain_exists("filter", &chain).unwrap_or(false) {
+                return Err(format!("{}: chain {chain} is missing", f.name));
+            }
+            let rules = f
+                .ipt
+                .list("filter", &chain)
+                .map_err(|e| format!("{}: {e}", f.name))?;
+            if !rules.iter().any(|r| r.contains("-j DROP")) {
+                return Err(format!("{}: chain {chain} has no DROP", f.name));
+            }
         }
         for (parent, rule) in jumps(&f, bridge) {
             if !f.ipt.exists("filter", parent, &rule).unwrap_or(false) {
@@ -137,23 +181,24 @@ pub fn check(bridge: &str) -> Result<(), String> {
 
 /// Removes every rule and chain installed for `bridge`. Removing what is not there is no error.
 pub fn remove(bridge: &str) -> Result<(), String> {
-    let chain = chain_name(bridge);
     for f in families()? {
-        for parent in ["INPUT", "FORWARD", "DOCKER-USER"] {
-            let rule = format!("-i {bridge} -j {chain}");
-            while f.ipt.exists("filter", parent, &rule).unwrap_or(false) {
+        for chain in [chain_name(bridge), forward_chain_name(bridge)] {
+            for parent in ["INPUT", "FORWARD", "DOCKER-USER"] {
+                let rule = format!("-i {bridge} -j {chain}");
+                while f.ipt.exists("filter", parent, &rule).unwrap_or(false) {
+                    f.ipt
+                        .delete("filter", parent, &rule)
+                        .map_err(|e| format!("{}: {e}", f.name))?;
+                }
+            }
+            if f.ipt.chain_exists("filter", &chain).unwrap_or(false) {
                 f.ipt
-                    .delete("filter", parent, &rule)
+                    .flush_chain("filter", &chain)
+                    .map_err(|e| format!("{}: {e}", f.name))?;
+                f.ipt
+                    .delete_chain("filter", &chain)
                     .map_err(|e| format!("{}: {e}", f.name))?;
             }
-        }
-        if f.ipt.chain_exists("filter", &chain).unwrap_or(false) {
-            f.ipt
-                .flush_chain("filter", &chain)
-                .map_err(|e| format!("{}: {e}", f.name))?;
-            f.ipt
-                .delete_chain("filter", &chain)
-                .map_err(|e| format!("{}: {e}", f.name))?;
         }
     }
     Ok(())

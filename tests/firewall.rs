@@ -35,37 +35,52 @@ fn cli(t: &TestPool, args: &[&str]) -> (bool, String) {
 async fn the_host_rules_are_installed_once_per_start_and_removed_by_net_down() {
     let t = TestPool::new("fwidem");
     let bridge = bridge_name(&t.network);
-    let jump = format!("-i {bridge} -j {}", firewall::chain_name(&bridge));
+    let (chain, fchain) = (
+        firewall::chain_name(&bridge),
+        firewall::forward_chain_name(&bridge),
+    );
     for _ in 0..2 {
         let pool = t.pool().await;
-        assert_eq!(
-            pool.host_firewall(),
-            &HostFirewall::Enforced {
-                bridge: bridge.clone()
-            }
-        );
+        let enforced = HostFirewall::Enforced {
+            bridge: bridge.clone(),
+        };
+        assert_eq!(pool.host_firewall(), &enforced);
     }
+    let count = |text: &str, line: String| text.lines().filter(|l| *l == line).count();
     let v4 = rules("iptables");
-    assert_eq!(v4.matches(&format!("-A INPUT {jump}")).count(), 1, "{v4}");
     assert_eq!(
-        v4.matches(&format!("-A DOCKER-USER {jump}")).count(),
+        count(&v4, format!("-A INPUT -i {bridge} -j {chain}")),
         1,
         "{v4}"
     );
     assert_eq!(
-        v4.matches(&format!("-A {} -j DROP", firewall::chain_name(&bridge)))
-            .count(),
-        1
+        count(&v4, format!("-A DOCKER-USER -i {bridge} -j {fchain}")),
+        1,
+        "{v4}"
     );
+    assert_eq!(count(&v4, format!("-A {chain} -j DROP")), 1, "{v4}");
+    assert_eq!(count(&v4, format!("-A {fchain} -j DROP")), 1, "{v4}");
     let v6 = rules("ip6tables");
-    assert_eq!(v6.matches(&format!("-A INPUT {jump}")).count(), 1, "{v6}");
+    assert_eq!(
+        count(&v6, format!("-A INPUT -i {bridge} -j {chain}")),
+        1,
+        "{v6}"
+    );
+    assert_eq!(
+        count(&v6, format!("-A FORWARD -i {bridge} -j {fchain}")),
+        1,
+        "{v6}"
+    );
     assert!(firewall::check(&bridge).is_ok());
 
     let (ok, out) = cli(&t, &["net", "down"]);
     assert!(ok, "{out}");
-    // (Docker's own rules name the bridge too; ours are the ones with our chain.)
-    let chain = firewall::chain_name(&bridge);
-    assert!(!rules("iptables").contains(&chain) && !rules("ip6tables").contains(&chain));
+    // (Docker's own rules name the bridge too; ours are the ones with our chains.)
+    for c in [&chain, &fchain] {
+        assert!(
+            !rules("iptables").contains(c.as_str()) && !rules("ip6tables").contains(c.as_str())
+        );
+    }
     let (ok, out) = cli(&t, &["net", "status"]);
     assert!(!ok && out.contains("missing"), "{out}");
     let (ok, out) = cli(&t, &["net", "up"]);
@@ -244,5 +259,78 @@ async fn the_daemon_refuses_to_start_when_its_self_check_escapes() {
         t.containers().is_empty(),
         "the probe sandbox was left behind: {:?}",
         t.containers()
+    );
+}
+
+#[tokio::test]
+async fn public_egress_opens_only_public_addresses_on_its_own_network() {
+    let mut t = TestPool::new("fwpublic");
+    let public_net = format!("{}-public", t.network);
+    t.set("ZCBOT_SANDBOX_EGRESS", "public");
+    let bridge = bridge_name(&public_net);
+    let pool = t.pool().await;
+    assert_eq!(pool.network().name, public_net);
+    let inspect = |f: &str| common::docker(&["network", "inspect", "-f", f, &public_net]);
+    assert_eq!(inspect("{{.Internal}}"), "false");
+    assert_eq!(
+        inspect("{{index .Options \"com.docker.network.bridge.enable_icc\"}}"),
+        "false"
+    );
+    let user = t.user("u");
+    let sb = pool.ensure(&user).await.unwrap();
+
+    // Inside: the blocklist is rejected, then everything else is accepted.
+    let (_, v4, _) = exec_as(&sb.name, "0:0", "iptables -S OUTPUT");
+    assert_eq!(v4.lines().last(), Some("-A OUTPUT -j ACCEPT"), "{v4}");
+    for range in [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+    ] {
+        assert!(
+            v4.contains(&format!("-d {range} -j REJECT")),
+            "{range} not rejected: {v4}"
+        );
+    }
+    let (_, v6, _) = exec_as(&sb.name, "0:0", "ip6tables -S OUTPUT");
+    assert!(
+        v6.contains("-d fc00::/7 -j REJECT") && v6.contains("-d fe80::/10 -j REJECT"),
+        "{v6}"
+    );
+
+    // On the host: INPUT from the bridge dropped; forwarded traffic to blocked ranges dropped.
+    let fchain = firewall::forward_chain_name(&bridge);
+    let host = rules("iptables");
+    for line in [
+        format!("-A {fchain} -d 169.254.0.0/16 -j DROP"),
+        format!("-A {fchain} -d 10.0.0.0/8 -j DROP"),
+        format!("-A {fchain} -j RETURN"),
+        format!("-A {} -j DROP", firewall::chain_name(&bridge)),
+    ] {
+        assert!(host.lines().any(|l| l == line), "{line} missing:\n{host}");
+    }
+
+    // The host stays unreachable. (No test sends traffic to a public address: nothing of ours
+    // is there.)
+    let gw = pool.network().gateway.clone().unwrap();
+    let listener = tokio::net::TcpListener::bind((gw.parse::<IpAddr>().unwrap(), 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let probe = format!("python3 -c \"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gw}', {port})))\"");
+    let (_, got, _) = exec_as(&sb.name, "1000:1000", &probe);
+    assert_ne!(got, "0", "the host answered a public-egress sandbox");
+    drop(listener);
+
+    // Back to none: the container is recreated on the internal network.
+    t.set("ZCBOT_SANDBOX_EGRESS", "none");
+    let again = t.pool().await.ensure(&user).await.unwrap();
+    assert_ne!(again.container_id, sb.container_id);
+    assert_eq!(
+        common::docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &again.name]),
+        t.network
     );
 }

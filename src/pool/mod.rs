@@ -201,8 +201,15 @@ impl SandboxPool {
             }
             Err(e) => return Err(e),
         };
-        let network = network::ensure_network(&docker, &config.network).await?;
-        let host_firewall = match crate::firewall::install(&network.bridge) {
+        let network = network::ensure_network(
+            &docker,
+            &config.network_name(),
+            config.egress == crate::config::Egress::None,
+        )
+        .await?;
+        let blocked = spec::blocklist(&config, &spec::host_addresses());
+        let host_firewall = match crate::firewall::install(&network.bridge, config.egress, &blocked)
+        {
             Ok(()) => HostFirewall::Enforced {
                 bridge: network.bridge.clone(),
             },
@@ -214,7 +221,6 @@ impl SandboxPool {
                 HostFirewall::NotEnforced { reason }
             }
         };
-        let blocked = spec::blocklist(&config, &spec::host_addresses());
         std::fs::create_dir_all(&config.users_root)
             .map_err(|e| Error::io("create users root", &config.users_root, e))?;
         let activity = ActivityLog::open(&config.state_dir, &config.pool_id)?;

@@ -46,17 +46,18 @@ pub fn bridge_name(network: &str) -> String {
     format!("zcb-{hex}")
 }
 
-/// Makes sure the network `name` exists as an internal bridge with ICC off and our bridge name.
-/// An existing network with other settings is refused with [`Error::NetworkMismatch`].
-pub async fn ensure_network(docker: &Docker, name: &str) -> Result<SandboxNetwork> {
+/// Makes sure the network `name` exists as a bridge with ICC off and our bridge name, internal
+/// unless `internal` is false (the `public` egress policy). An existing network with other
+/// settings is refused with [`Error::NetworkMismatch`].
+pub async fn ensure_network(docker: &Docker, name: &str, internal: bool) -> Result<SandboxNetwork> {
     if let Some(found) = inspect(docker, name).await? {
-        return verify(found, name);
+        return verify(found, name, internal);
     }
     let bridge = bridge_name(name);
     let request = NetworkCreateRequest {
         name: name.to_owned(),
         driver: Some("bridge".to_owned()),
-        internal: Some(true),
+        internal: Some(internal),
         attachable: Some(false),
         enable_ipv6: Some(false),
         options: Some(HashMap::from([
@@ -91,7 +92,7 @@ pub async fn ensure_network(docker: &Docker, name: &str) -> Result<SandboxNetwor
         Err(e) => return Err(e),
     };
     let winner = resolve_duplicates(docker, name, mine.as_deref()).await?;
-    verify(winner, name)
+    verify(winner, name, internal)
 }
 
 async fn inspect(docker: &Docker, name: &str) -> Result<Option<bollard::models::Network>> {
@@ -150,7 +151,7 @@ fn created_key(n: &bollard::models::Network) -> (SystemTime, String) {
     (created, n.id.clone().unwrap_or_default())
 }
 
-fn verify(n: bollard::models::Network, name: &str) -> Result<SandboxNetwork> {
+fn verify(n: bollard::models::Network, name: &str, internal: bool) -> Result<SandboxNetwork> {
     let mismatch = |reason: String| Error::NetworkMismatch {
         name: name.to_owned(),
         reason,
@@ -161,9 +162,14 @@ fn verify(n: bollard::models::Network, name: &str) -> Result<SandboxNetwork> {
             n.driver.unwrap_or_default()
         )));
     }
-    if n.internal != Some(true) {
+    if internal && n.internal != Some(true) {
         return Err(mismatch(
             "is not internal (sandboxes would reach outside)".to_owned(),
+        ));
+    }
+    if !internal && n.internal == Some(true) {
+        return Err(mismatch(
+            "is internal, but the public egress policy needs a network with a way out".to_owned(),
         ));
     }
     let options = n.options.unwrap_or_default();

@@ -138,7 +138,7 @@ impl SpecTemplate {
         user: &UserId,
         workspace: &Path,
     ) -> (ContainerCreateBody, String) {
-        let mut cmd = vec!["--egress".to_owned(), "none".to_owned()];
+        let mut cmd = vec!["--egress".to_owned(), config.egress.as_str().to_owned()];
         for net in &self.blocked {
             cmd.push("--block".to_owned());
             cmd.push(net.to_string());
@@ -170,7 +170,7 @@ impl SpecTemplate {
             memory: Some(config.memory_bytes),
             memory_swap: Some(config.memory_bytes),
             nano_cpus: Some((config.cpus * 1e9).round() as i64),
-            network_mode: Some(config.network.clone()),
+            network_mode: Some(config.network_name()),
             ipc_mode: Some("private".to_owned()),
             // Docker 20.10 on cgroup v1 shares the host's cgroup namespace by default, which
             // shows host cgroup paths (and other containers' ids) inside.
@@ -196,7 +196,7 @@ impl SpecTemplate {
             host_config: Some(host_config),
             networking_config: Some(NetworkingConfig {
                 endpoints_config: Some(HashMap::from([(
-                    config.network.clone(),
+                    config.network_name(),
                     EndpointSettings::default(),
                 )])),
             }),

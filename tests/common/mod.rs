@@ -186,9 +186,12 @@ impl Drop for TestPool {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             docker_try(&args);
         }
-        docker_try(&["network", "rm", &self.network]);
-        let bridge = zcbot_sandbox::pool::network::bridge_name(&self.network);
-        let _ = zcbot_sandbox::firewall::remove(&bridge);
+        // The pool's network for each egress policy, and the host rules of each.
+        for network in [self.network.clone(), format!("{}-public", self.network)] {
+            docker_try(&["network", "rm", &network]);
+            let bridge = zcbot_sandbox::pool::network::bridge_name(&network);
+            let _ = zcbot_sandbox::firewall::remove(&bridge);
+        }
         for image in &self.extra_images {
             docker_try(&["rmi", "-f", image]);
         }
