@@ -185,6 +185,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!("host firewall: {}", pool.host_firewall());
+                println!("container rules: {}", pool.rules_mode());
                 println!(
                     "{:<24} {:<14} {:<10} {:>10} {:>9}  CONFIG",
                     "USER", "CONTAINER", "STATE", "IDLE", "IN_FLIGHT"

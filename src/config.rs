@@ -87,6 +87,21 @@ pub struct Config {
     /// `ZCBOT_SANDBOX_EGRESS`: `none` (default; no way out at all) or `public` (public addresses
     /// only, on a separate non-internal network).
     pub egress: Egress,
+    /// `ZCBOT_CONTAINER_RULES`: who installs each container's own rules: `host` (the daemon,
+    /// through the container's network namespace; needs root), `entry` (the container, which then
+    /// keeps NET_ADMIN), or `auto` (default: host when the daemon is root).
+    pub container_rules: RulesSetting,
+}
+
+/// The `ZCBOT_CONTAINER_RULES` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesSetting {
+    /// Host when the daemon is root, else entry.
+    Auto,
+    /// Always from the host (startup fails without root).
+    Host,
+    /// Always by the entry.
+    Entry,
 }
 
 /// What a sandbox may reach beyond itself.
@@ -182,6 +197,7 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_REQUIRE_HOST_FIREWALL",
     "ZCBOT_SELF_CHECK",
     "ZCBOT_SANDBOX_EGRESS",
+    "ZCBOT_CONTAINER_RULES",
 ];
 
 impl Config {
@@ -292,6 +308,12 @@ impl Config {
             shutdown_grace: parse_var(&get, "ZCBOT_SHUTDOWN_GRACE", "30s", parse_duration)?,
             require_host_firewall: parse_var(&get, "ZCBOT_REQUIRE_HOST_FIREWALL", "0", parse_bool)?,
             self_check: parse_var(&get, "ZCBOT_SELF_CHECK", "1", parse_bool)?,
+            container_rules: parse_var(&get, "ZCBOT_CONTAINER_RULES", "auto", |v| match v {
+                "auto" => Ok(RulesSetting::Auto),
+                "host" => Ok(RulesSetting::Host),
+                "entry" => Ok(RulesSetting::Entry),
+                _ => Err("must be auto, host or entry".into()),
+            })?,
             egress: parse_var(&get, "ZCBOT_SANDBOX_EGRESS", "none", |v| match v {
                 "none" => Ok(Egress::None),
                 "public" => Ok(Egress::Public),

@@ -203,3 +203,111 @@ pub fn remove(bridge: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The container's own rules for one family, as `iptables-restore` input: the same ruleset the
+/// entry installs in its fallback mode (deploy/sandbox/entry.sh; tests check both).
+pub fn container_ruleset(v6: bool, egress: Egress, blocked: &[IpNet]) -> String {
+    let mut out =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT DROP [0:0]\n");
+    if !v6 && egress == Egress::None {
+        // Docker's embedded DNS (loopback) forwards out of the container: closed with no egress.
+        out.push_str("-A OUTPUT -d 127.0.0.11/32 -j REJECT\n");
+    }
+    out.push_str("-A OUTPUT -o lo -j ACCEPT\n");
+    for net in blocked.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
+        out.push_str(&format!("-A OUTPUT -d {net} -j REJECT\n"));
+    }
+    if egress == Egress::Public {
+        out.push_str("-A OUTPUT -j ACCEPT\n");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// The network namespace of host process `pid`, as `net:[inode]` (changes when a container is
+/// restarted, which gives it a fresh namespace without rules).
+pub fn netns_id(pid: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Runs `work` on a dedicated thread that has entered the network namespace of host process
+/// `pid`; processes it spawns inherit that namespace. Never a pooled thread: the namespace must
+/// not outlive this one job.
+fn in_netns<T: Send + 'static>(
+    pid: i32,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("open the network namespace of pid {pid}: {e}"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("enter the network namespace of pid {pid}: {e}"))?;
+        work()
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked".to_owned())?
+}
+
+fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<String, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    let _ = child
+        .stdin
+        .take()
+        .map(|mut s| s.write_all(input.as_bytes()));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs the container's own rules from the host, inside the network namespace of its PID 1
+/// (host pid `pid`), one atomic `iptables-restore` per family, then reads them back. The
+/// container itself then needs no capability at all.
+pub fn apply_in_container(pid: i32, egress: Egress, blocked: &[IpNet]) -> Result<(), String> {
+    let sets = [false, true].map(|v6| (v6, container_ruleset(v6, egress, blocked)));
+    in_netns(pid, move || {
+        for (v6, rules) in &sets {
+            let (restore, list) = if *v6 {
+                ("ip6tables-restore", "ip6tables")
+            } else {
+                ("iptables-restore", "iptables")
+            };
+            run_with_input(restore, &["-w"], rules)?;
+            let have = run_with_input(list, &["-w", "-S", "OUTPUT"], "")?;
+            let want = rules.lines().filter(|l| l.starts_with("-A OUTPUT")).count();
+            let got = have.lines().filter(|l| l.starts_with("-A OUTPUT")).count();
+            if !have.lines().any(|l| l == "-P OUTPUT DROP") || got != want {
+                return Err(format!(
+                    "{list} in the container holds {got} OUTPUT rules, expected {want}"
+                ));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The container's OUTPUT rules (IPv4, then `---`, then IPv6), read from the host.
+pub fn list_in_container(pid: i32) -> Result<String, String> {
+    in_netns(pid, || {
+        let v4 = run_with_input("iptables", &["-w", "-S", "OUTPUT"], "")?;
+        let v6 = run_with_input("ip6tables", &["-w", "-S", "OUTPUT"], "")?;
+        Ok(format!("{}---\n{}", v4, v6))
+    })
+}

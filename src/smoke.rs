@@ -108,6 +108,7 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         pool,
         container: &sandbox.name,
         uid: format!("{}:{}", cfg.uid, cfg.gid),
+        pid: sandbox.netns.as_ref().map(|(pid, _)| *pid),
     };
 
     push(match sb.user(&["id", "-u"]).await {
@@ -136,6 +137,24 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
             other => check("capabilities", false, describe(&other)),
         },
     );
+
+    // Host rules mode: the container has no capability even in its bounding set.
+    let mode = pool.rules_mode();
+    push(match mode {
+        crate::pool::RulesMode::Host => {
+            match sb.user(&["grep", "^CapBnd:", "/proc/self/status"]).await {
+                Ok(c) if c.out().ends_with("0000000000000000") => {
+                    check("container rules", true, mode.to_string())
+                }
+                other => check(
+                    "container rules",
+                    false,
+                    format!("{mode}, but: {}", describe(&other)),
+                ),
+            }
+        }
+        crate::pool::RulesMode::Entry => check("container rules", true, mode.to_string()),
+    });
 
     push(
         match sb
@@ -258,6 +277,7 @@ pub async fn self_check(pool: &SandboxPool) -> Vec<Check> {
                 pool,
                 container: &sandbox.name,
                 uid: format!("{}:{}", cfg.uid, cfg.gid),
+                pid: sandbox.netns.as_ref().map(|(pid, _)| *pid),
             };
             checks.extend(escape_checks(pool, &sb).await);
         }
@@ -274,6 +294,8 @@ struct Runner<'a> {
     pool: &'a SandboxPool,
     container: &'a str,
     uid: String,
+    /// Host rules mode: the host pid of the container's PID 1.
+    pid: Option<i32>,
 }
 
 impl Runner<'_> {
@@ -286,6 +308,25 @@ impl Runner<'_> {
     /// Reading the rules needs NET_ADMIN, which only root in the container holds. This exec runs
     /// as root, only lists, and changes nothing; every tool call names the sandbox user.
     async fn root_list_rules(&self) -> crate::Result<Captured> {
+        if let Some(pid) = self.pid {
+            // Host rules mode: nothing in the container may read them; the daemon can.
+            let listed =
+                tokio::task::spawn_blocking(move || crate::firewall::list_in_container(pid))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+            return Ok(match listed {
+                Ok(text) => Captured {
+                    exit_code: Some(0),
+                    stdout: text.into_bytes(),
+                    stderr: Vec::new(),
+                },
+                Err(e) => Captured {
+                    exit_code: Some(1),
+                    stdout: Vec::new(),
+                    stderr: e.into_bytes(),
+                },
+            });
+        }
         let argv = [
             "sh",
             "-c",

@@ -283,13 +283,13 @@ async fn raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused() {
     assert!(!r.contains("rc=0"), "mount worked: {r}");
     let r = lab.py(&u, "import ctypes,ctypes.util,os\nlibc=ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)\nKEYCTL=250\nr=libc.syscall(KEYCTL, 0, -3, 0)\nprint(r, os.strerror(ctypes.get_errno()))").await.stdout;
     assert!(r.starts_with("-1"), "keyctl worked: {r}");
-    // And the rules are exactly what the entry installed.
-    let (_, rules, _) = common::exec_as(
-        &lab.container(&u),
-        "0:0",
-        "/usr/sbin/iptables -S OUTPUT | head -1",
-    );
+    // And the rules are still exactly what was installed; with the rules installed from the
+    // host, not even root inside the container may read or change them.
+    let container = lab.container(&u);
+    let (_, rules, _) = common::netns_exec(&container, "iptables -S OUTPUT | head -1");
     assert_eq!(rules, "-P OUTPUT DROP");
+    let (ok, _, _) = common::exec_as(&container, "0:0", "/usr/sbin/iptables -F OUTPUT");
+    assert!(!ok, "root in the container flushed its rules");
 }
 
 #[tokio::test]

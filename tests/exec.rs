@@ -618,3 +618,22 @@ async fn host_backend_keeps_the_guarantees_that_need_no_container() {
         .unwrap_err();
     assert_eq!(err.kind(), "file");
 }
+
+#[tokio::test]
+async fn a_container_restarted_behind_the_pools_back_gets_its_rules_before_the_next_call() {
+    let t = TestPool::new("xrestart");
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let sb = ex.pool().unwrap().ensure(&user).await.unwrap();
+    docker(&["restart", "-t", "0", &sb.name]);
+    // Control: the restart gave it a fresh network namespace, with no rules in it.
+    let (_, before, _) = common::netns_exec(&sb.name, "iptables -S OUTPUT | head -1");
+    assert_eq!(before, "-P OUTPUT ACCEPT");
+    let r = sh(&ex, &user, "echo ok").await;
+    assert_eq!(r.stdout, "ok\n", "{r:?}");
+    let (_, after, _) = common::netns_exec(&sb.name, "iptables -S OUTPUT | head -1");
+    assert_eq!(
+        after, "-P OUTPUT DROP",
+        "the call ran without the rules back in place"
+    );
+}

@@ -100,8 +100,8 @@ async fn the_host_stays_unreachable_even_when_the_in_container_rules_are_gone() 
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
 
-    // Suppose the container's own rules were lost: root in the container opens them wide.
-    let (ok, _, err) = exec_as(&sb.name, "0:0", "iptables -P OUTPUT ACCEPT && iptables -F OUTPUT && ip6tables -P OUTPUT ACCEPT && ip6tables -F OUTPUT");
+    // Suppose the container's own rules were lost: open them wide from the host.
+    let (ok, _, err) = common::netns_exec(&sb.name, "iptables -P OUTPUT ACCEPT && iptables -F OUTPUT && ip6tables -P OUTPUT ACCEPT && ip6tables -F OUTPUT");
     assert!(ok, "{err}");
     let probe = format!("python3 -c \"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gw}', {port})))\"");
     let (_, blocked, _) = exec_as(&sb.name, "1000:1000", &probe);
@@ -280,7 +280,7 @@ async fn public_egress_opens_only_public_addresses_on_its_own_network() {
     let sb = pool.ensure(&user).await.unwrap();
 
     // Inside: the blocklist is rejected, then everything else is accepted.
-    let (_, v4, _) = exec_as(&sb.name, "0:0", "iptables -S OUTPUT");
+    let (_, v4, _) = common::netns_exec(&sb.name, "iptables -S OUTPUT");
     assert_eq!(v4.lines().last(), Some("-A OUTPUT -j ACCEPT"), "{v4}");
     for range in [
         "10.0.0.0/8",
@@ -295,7 +295,7 @@ async fn public_egress_opens_only_public_addresses_on_its_own_network() {
             "{range} not rejected: {v4}"
         );
     }
-    let (_, v6, _) = exec_as(&sb.name, "0:0", "ip6tables -S OUTPUT");
+    let (_, v6, _) = common::netns_exec(&sb.name, "ip6tables -S OUTPUT");
     assert!(
         v6.contains("-d fc00::/7 -j REJECT") && v6.contains("-d fe80::/10 -j REJECT"),
         "{v6}"
@@ -333,4 +333,30 @@ async fn public_egress_opens_only_public_addresses_on_its_own_network() {
         common::docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &again.name]),
         t.network
     );
+}
+
+#[tokio::test]
+async fn the_entry_and_the_host_install_the_same_rules() {
+    // Two implementations of one ruleset (entry.sh for the fallback, firewall.rs from the host):
+    // they must never drift apart.
+    for egress in ["none", "public"] {
+        let mut outputs = Vec::new();
+        for mode in ["entry", "host"] {
+            let mut t = TestPool::new("fwsame");
+            t.set("ZCBOT_CONTAINER_RULES", mode)
+                .set("ZCBOT_SANDBOX_EGRESS", egress);
+            let sb = t.pool().await.ensure(&t.user("u")).await.unwrap();
+            let (ok, rules, err) = common::netns_exec(
+                &sb.name,
+                "iptables -S OUTPUT; echo ---; ip6tables -S OUTPUT",
+            );
+            assert!(ok, "{err}");
+            outputs.push(rules);
+        }
+        assert_eq!(
+            outputs[0], outputs[1],
+            "egress {egress}: entry and host rules differ"
+        );
+        assert!(outputs[0].contains("-P OUTPUT DROP"));
+    }
 }

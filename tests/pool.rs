@@ -26,7 +26,8 @@ async fn ensure_creates_a_hardened_container_and_reuses_it() {
     assert_eq!(inspect(c, "{{.State.Running}}"), "true");
     assert_eq!(inspect(c, "{{.HostConfig.ReadonlyRootfs}}"), "true");
     assert_eq!(inspect(c, "{{.HostConfig.CapDrop}}"), "[ALL]");
-    assert_eq!(inspect(c, "{{.HostConfig.CapAdd}}"), "[NET_ADMIN]");
+    // Root daemon: the rules come from the host, so not even NET_ADMIN is added.
+    assert_eq!(inspect(c, "{{.HostConfig.CapAdd}}"), "[]");
     assert_eq!(
         inspect(c, "{{.HostConfig.SecurityOpt}}"),
         "[no-new-privileges:true]"
@@ -131,12 +132,13 @@ async fn the_sandbox_user_is_unprivileged_and_the_root_is_read_only() {
     // The sandbox user cannot touch the egress rules.
     let (ok, _, err) = exec_as(c, "1000:1000", "/usr/sbin/iptables -P OUTPUT ACCEPT");
     assert!(!ok, "the sandbox user changed the firewall: {err}");
-    let (_, rules, _) = exec_as(
-        c,
-        "0:0",
-        "/usr/sbin/iptables -S OUTPUT; /usr/sbin/ip6tables -S OUTPUT",
-    );
+    let (_, rules, _) = common::netns_exec(c, "iptables -S OUTPUT; ip6tables -S OUTPUT");
     assert_eq!(rules.matches("-P OUTPUT DROP").count(), 2, "{rules}");
+    // Run as root here, the pool installs the rules from the host: the container holds no
+    // capability at all, not even in its bounding set.
+    assert_eq!(inspect(c, "{{.HostConfig.CapAdd}}"), "[]");
+    let (_, bounding, _) = exec_as(c, "0:0", "grep CapBnd /proc/self/status");
+    assert_eq!(bounding, "CapBnd:\t0000000000000000");
 }
 
 #[tokio::test]
@@ -163,9 +165,16 @@ async fn concurrent_ensures_of_one_user_create_exactly_one_container() {
 
 #[tokio::test]
 async fn a_stopped_container_is_started_with_fresh_rules() {
-    let t = TestPool::new("stopped");
+    // The entry installs the rules here (an unprivileged daemon's mode): on every start of the
+    // container, and the pool must wait for this run's ready line.
+    let mut t = TestPool::new("stopped");
+    t.set("ZCBOT_CONTAINER_RULES", "entry");
     let user = t.user("dave");
     let first = t.pool().await.ensure(&user).await.unwrap();
+    assert_eq!(
+        inspect(&first.name, "{{.HostConfig.CapAdd}}"),
+        "[NET_ADMIN]"
+    );
     docker(&["stop", "-t", "0", &first.name]);
 
     // A new owner process finds it stopped and starts the same container.
@@ -184,7 +193,7 @@ async fn a_stopped_container_is_started_with_fresh_rules() {
     assert_eq!(inspect(&again.name, "{{.State.Running}}"), "true");
     // The restart gave it a new network namespace: the rules must be there again, not assumed
     // from the previous run's ready line.
-    let (_, rules, _) = exec_as(&again.name, "0:0", "/usr/sbin/iptables -S OUTPUT");
+    let (_, rules, _) = common::netns_exec(&again.name, "iptables -S OUTPUT");
     assert!(
         rules.contains("-P OUTPUT DROP") && rules.contains("169.254.0.0/16"),
         "{rules}"
@@ -433,6 +442,8 @@ async fn smoke_passes_every_check_and_removes_its_sandbox() {
 #[tokio::test]
 async fn a_failing_entry_fails_ensure_with_its_log_and_leaves_nothing() {
     let mut t = TestPool::new("entryfail");
+    // The entry installs the rules in this mode; its failure must fail ensure.
+    t.set("ZCBOT_CONTAINER_RULES", "entry");
     let image = format!("zcbot-sandbox-test:{}", t.pool_id);
     t.extra_images.push(image.clone());
     let dockerfile = "FROM zcbot-sandbox:latest\nRUN printf '#!/bin/sh\\necho \"zcbot-entry: FAILED: rule did not apply: iptables -A OUTPUT\" >&2\\nexit 3\\n' > /usr/local/sbin/zcbot-entry\n";

@@ -20,12 +20,17 @@ fail() {
 
 egress=none
 blocks=""
+by_host=no
 while [ $# -gt 0 ]; do
     case "$1" in
     --egress)
         [ $# -ge 2 ] || fail "--egress needs a value"
         egress=$2
         shift 2
+        ;;
+    --rules-by-host)
+        by_host=yes
+        shift
         ;;
     --block)
         [ $# -ge 2 ] || fail "--block needs a CIDR"
@@ -36,6 +41,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$egress" in none | public) ;; *) fail "--egress must be none or public, not '$egress'" ;; esac
+
+if [ "$by_host" = yes ]; then
+    # The daemon installs the rules from the host, inside this container's network namespace;
+    # this container holds no capability to do it itself (or to undo it).
+    log "idle; egress=$egress rules are installed by the host"
+    exec sleep infinity
+fi
 
 # Each family's filter table is replaced in one atomic iptables-restore transaction: there is no
 # moment with half the rules, and it costs one process per family instead of one per rule.

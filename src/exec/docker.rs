@@ -92,6 +92,12 @@ impl DockerExecutor {
         let cfg = self.pool.config();
         let container = lease.sandbox().name.clone();
         let container_id = lease.sandbox().container_id.clone();
+        // Host rules mode: a container restarted behind the pool's back has a fresh network
+        // namespace without rules. One readlink tells; the retry re-installs them.
+        if !self.pool.rules_intact(lease.sandbox()) {
+            tracing::warn!(container = %container, "the sandbox's network namespace changed (restarted?): re-installing its rules");
+            return Err(Attempt::Gone(container_id));
+        }
         let call_id = new_call_id();
         let uid = format!("{}:{}", cfg.uid, cfg.gid);
         let backstop = spec.timeout + cfg.kill_grace + BACKSTOP;

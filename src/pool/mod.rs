@@ -28,13 +28,14 @@ use dashmap::DashMap;
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, RulesSetting};
 use crate::docker::Docker;
 use crate::error::{Error, Result};
 use crate::firewall::HostFirewall;
 use crate::user::UserId;
 use activity::ActivityLog;
 use network::SandboxNetwork;
+pub use spec::RulesMode;
 use spec::{SpecTemplate, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY, LABEL_POOL};
 
 /// How much of a failed container's log an error carries.
@@ -53,6 +54,10 @@ pub struct Sandbox {
     pub name: String,
     /// The config hash it was created with.
     pub config_hash: String,
+    /// Host rules mode: the host pid of its PID 1 and the network namespace its rules were
+    /// installed in.
+    #[serde(skip)]
+    pub netns: Option<(i32, String)>,
 }
 
 /// Counters of what the pool did since it started (the daemon exports them as metrics).
@@ -208,6 +213,18 @@ impl SandboxPool {
         )
         .await?;
         let blocked = spec::blocklist(&config, &spec::host_addresses());
+        let rules = match (config.container_rules, nix::unistd::geteuid().is_root()) {
+            (RulesSetting::Entry, _) | (RulesSetting::Auto, false) => RulesMode::Entry,
+            (RulesSetting::Auto, true) | (RulesSetting::Host, true) => RulesMode::Host,
+            (RulesSetting::Host, false) => {
+                return Err(Error::Config {
+                    var: "ZCBOT_CONTAINER_RULES",
+                    value: "host".into(),
+                    reason: "installing the containers' rules from the host needs a root daemon"
+                        .into(),
+                })
+            }
+        };
         let host_firewall = match crate::firewall::install(&network.bridge, config.egress, &blocked)
         {
             Ok(()) => HostFirewall::Enforced {
@@ -235,7 +252,11 @@ impl SandboxPool {
         );
         Ok(SandboxPool {
             inner: Arc::new(Inner {
-                template: SpecTemplate { image_id, blocked },
+                template: SpecTemplate {
+                    image_id,
+                    blocked,
+                    rules,
+                },
                 config,
                 docker,
                 network,
@@ -602,12 +623,19 @@ impl SandboxPool {
         let timeout = self.inner.config.start_timeout;
         let mut log = String::new();
         let started = self.inspect_run(name).await?;
+        if self.inner.template.rules == RulesMode::Host {
+            if let Some((id, _, pid)) = started {
+                return self
+                    .install_rules_from_host(user, name, hash, id, pid)
+                    .await;
+            }
+        }
         let outcome = match &started {
             None => {
                 log = self.log_tail(name).await;
                 Ok(Ok(false))
             }
-            Some((_, started_at)) => {
+            Some((_, started_at, _)) => {
                 let since = started_at
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs().saturating_sub(1))
@@ -650,12 +678,13 @@ impl SandboxPool {
         };
         let reason = match outcome {
             Ok(Ok(true)) => match self.inspect_run(name).await? {
-                Some((id, _)) => {
+                Some((id, _, _)) => {
                     return Ok(Sandbox {
                         user: user.to_string(),
                         container_id: id,
                         name: name.to_owned(),
                         config_hash: hash.to_owned(),
+                        netns: None,
                     })
                 }
                 None => "it stopped right after applying its rules".to_owned(),
@@ -677,6 +706,67 @@ impl SandboxPool {
             reason,
             log: tail(&log, LOG_TAIL_BYTES),
         })
+    }
+
+    /// Host rules mode: installs the container's rules inside its network namespace (atomic,
+    /// idempotent: also right for an adopted or restarted container) and records the namespace,
+    /// so every call can check in microseconds that it is still the one with the rules.
+    async fn install_rules_from_host(
+        &self,
+        user: &UserId,
+        name: &str,
+        hash: &str,
+        container_id: String,
+        pid: i32,
+    ) -> Result<Sandbox> {
+        let egress = self.inner.config.egress;
+        let blocked = self.inner.template.blocked.clone();
+        let netns = crate::firewall::netns_id(pid);
+        let applied = tokio::task::spawn_blocking(move || {
+            crate::firewall::apply_in_container(pid, egress, &blocked)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match (applied, netns) {
+            (Ok(()), Some(ns)) if crate::firewall::netns_id(pid).as_ref() == Some(&ns) => {
+                Ok(Sandbox {
+                    user: user.to_string(),
+                    container_id,
+                    name: name.to_owned(),
+                    config_hash: hash.to_owned(),
+                    netns: Some((pid, ns)),
+                })
+            }
+            (result, _) => {
+                let reason = match result {
+                    Err(e) => format!("its egress rules could not be installed from the host: {e}"),
+                    Ok(()) => "it restarted while its rules were being installed".to_owned(),
+                };
+                if let Err(e) = self.remove_container(name).await {
+                    tracing::warn!(container = %name, error = %e, "could not remove a failed sandbox");
+                }
+                Err(Error::SandboxStart {
+                    user: user.to_string(),
+                    container: name.to_owned(),
+                    reason,
+                    log: String::new(),
+                })
+            }
+        }
+    }
+
+    /// Whether `sandbox` still runs in the network namespace its rules were installed in (host
+    /// rules mode; always true in entry mode, where the entry re-applies them on every start).
+    pub fn rules_intact(&self, sandbox: &Sandbox) -> bool {
+        match &sandbox.netns {
+            None => true,
+            Some((pid, ns)) => crate::firewall::netns_id(*pid).as_ref() == Some(ns),
+        }
+    }
+
+    /// How the containers' own rules are installed.
+    pub fn rules_mode(&self) -> RulesMode {
+        self.inner.template.rules
     }
 
     /// The last lines of a container's log (empty if they cannot be read).
@@ -701,7 +791,7 @@ impl SandboxPool {
     }
 
     /// The id and start time of the container's current run; None if it is not running.
-    async fn inspect_run(&self, name: &str) -> Result<Option<(String, SystemTime)>> {
+    async fn inspect_run(&self, name: &str) -> Result<Option<(String, SystemTime, i32)>> {
         let docker = &self.inner.docker;
         let found = docker
             .call(
@@ -723,7 +813,8 @@ impl SandboxPool {
             .as_deref()
             .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        Ok(Some((found.id.unwrap_or_default(), started_at)))
+        let pid = state.pid.unwrap_or(0) as i32;
+        Ok(Some((found.id.unwrap_or_default(), started_at, pid)))
     }
 
     /// Why a container that should be running is not, in words for the error.

@@ -128,6 +128,28 @@ pub struct SpecTemplate {
     pub image_id: String,
     /// The ranges the entry rejects.
     pub blocked: Vec<IpNet>,
+    /// Who installs the container's own rules.
+    pub rules: RulesMode,
+}
+
+/// Who installs a container's own egress rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RulesMode {
+    /// The daemon, from the host, inside the container's network namespace: the container holds
+    /// no capability at all.
+    Host,
+    /// The container's entry, which therefore keeps NET_ADMIN (an unprivileged daemon's fallback).
+    Entry,
+}
+
+impl std::fmt::Display for RulesMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RulesMode::Host => "installed from the host (containers hold no capability)",
+            RulesMode::Entry => "installed by each container's entry (containers keep NET_ADMIN)",
+        })
+    }
 }
 
 impl SpecTemplate {
@@ -139,6 +161,9 @@ impl SpecTemplate {
         workspace: &Path,
     ) -> (ContainerCreateBody, String) {
         let mut cmd = vec!["--egress".to_owned(), config.egress.as_str().to_owned()];
+        if self.rules == RulesMode::Host {
+            cmd.push("--rules-by-host".to_owned());
+        }
         for net in &self.blocked {
             cmd.push("--block".to_owned());
             cmd.push(net.to_string());
@@ -161,10 +186,13 @@ impl SpecTemplate {
                 read_only: Some(false),
                 ..Default::default()
             }]),
-            // Only NET_ADMIN, which the entry (root) needs to install the rules. Every exec names
-            // the unprivileged user, whose capability sets are empty.
+            // No capability when the host installs the rules; otherwise only NET_ADMIN, which the
+            // entry (root) needs. Every exec names the unprivileged user, whose sets are empty.
             cap_drop: Some(vec!["ALL".to_owned()]),
-            cap_add: Some(vec!["NET_ADMIN".to_owned()]),
+            cap_add: match self.rules {
+                RulesMode::Host => None,
+                RulesMode::Entry => Some(vec!["NET_ADMIN".to_owned()]),
+            },
             security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
             pids_limit: Some(config.pids),
             memory: Some(config.memory_bytes),
@@ -227,6 +255,7 @@ mod tests {
         SpecTemplate {
             image_id: "sha256:abc".into(),
             blocked: blocklist(&cfg(), &[]),
+            rules: RulesMode::Entry,
         }
     }
 

@@ -356,6 +356,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
                 }
             },
         );
+        checks.insert("container_rules", format!("ok ({})", pool.rules_mode()));
         checks.insert(
             "self_check",
             state

@@ -203,3 +203,18 @@ impl Drop for TestPool {
 pub fn exec_as(container: &str, user: &str, script: &str) -> (bool, String, String) {
     docker_try(&["exec", "-u", user, container, "sh", "-c", script])
 }
+
+/// Runs a shell command on the host inside the container's network namespace (the witness for
+/// the container's own rules, which nothing inside the container may read in host rules mode).
+pub fn netns_exec(container: &str, script: &str) -> (bool, String, String) {
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", container]);
+    let out = Command::new("nsenter")
+        .args(["-t", &pid, "-n", "sh", "-c", script])
+        .output()
+        .expect("nsenter (util-linux) is needed by the tests");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
