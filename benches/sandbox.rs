@@ -1,0 +1,540 @@
+//! What a tool call costs, each figure next to its baseline measured in the same run (the machine
+//! is shared and noisy, so only ratios within one run mean much). Run by `scripts/bench.sh`:
+//! prints a table and writes it as JSON (path in ZCBOT_BENCH_JSON).
+//!
+//! Scenarios: 1 warm exec of `true`; 2 cold ensure; 3 warm ensure; 4 concurrency; 5 a pool of
+//! many warm containers; 6 a call that prints 100 MiB. Percentiles come from an HDR histogram,
+//! after a warm-up, with the sample count stated.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use zcbot_sandbox::exec::Executor;
+use zcbot_sandbox::server::{ServeOptions, Server};
+use zcbot_sandbox::{Config, SandboxPool, UserId};
+
+fn env_usize(k: &str, default: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
+}
+
+/// Microseconds at p50/p90/p99 and the count.
+fn summary(h: &Histogram<u64>) -> Value {
+    json!({ "n": h.len(), "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99) })
+}
+
+fn row(name: &str, h: &Histogram<u64>, base: Option<&Histogram<u64>>) {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ratio = base.map_or(String::new(), |b| {
+        format!(
+            "  x{:.3} of baseline p50",
+            h.value_at_quantile(0.5) as f64 / b.value_at_quantile(0.5) as f64
+        )
+    });
+    println!(
+        "  {name:<46} n={:<6} p50 {:>9.3} ms  p90 {:>9.3} ms  p99 {:>9.3} ms{ratio}",
+        h.len(),
+        ms(0.5),
+        ms(0.9),
+        ms(0.99)
+    );
+}
+
+fn record(h: &mut Histogram<u64>, since: Instant) {
+    h.record(since.elapsed().as_micros().max(1) as u64).unwrap();
+}
+
+/// (user + system) CPU seconds of this process, and of its reaped children.
+fn cpu_seconds() -> (f64, f64) {
+    let mut self_usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut child_usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the structs we own.
+    unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, &mut self_usage);
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut child_usage);
+    }
+    let secs = |u: &libc::rusage| {
+        (u.ru_utime.tv_sec + u.ru_stime.tv_sec) as f64
+            + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) as f64 / 1e6
+    };
+    (secs(&self_usage), secs(&child_usage))
+}
+
+fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn mem_available_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap();
+    s.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn docker_cli(args: &[&str]) -> bool {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// One HTTP/1.1 request over a fresh loopback connection, as a client without keep-alive would.
+async fn http_post(addr: &str, path: &str, body: &str) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Bench {
+    id: String,
+    root: std::path::PathBuf,
+    network: String,
+    config: Config,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let id = format!("bench{:x}", std::process::id());
+        let root = std::env::temp_dir().join(format!("zcbot-{id}"));
+        let network = format!("zcbt-{id}");
+        let vars = [
+            ("ZCBOT_POOL_ID", id.clone()),
+            ("ZCBOT_SANDBOX_NETWORK", network.clone()),
+            ("ZCBOT_USERS_ROOT", root.join("users").display().to_string()),
+            ("ZCBOT_STATE_DIR", root.join("state").display().to_string()),
+            ("ZCBOT_SANDBOX_MAX", "1000".to_owned()),
+            ("ZCBOT_USER_MAX_CALLS", "64".to_owned()),
+            ("ZCBOT_LISTEN", "127.0.0.1:0".to_owned()),
+            ("ZCBOT_SANDBOX_BACKEND", "docker".to_owned()),
+        ];
+        let config = Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(k).ok())
+        })
+        .unwrap();
+        Bench {
+            id,
+            root,
+            network,
+            config,
+        }
+    }
+
+    fn user(i: usize) -> UserId {
+        UserId::parse(&format!("u{i}")).unwrap()
+    }
+
+    /// The `docker run -d` flags equivalent to a pool container (the CLI baseline).
+    fn docker_run_args(&self, name: &str, image: &str) -> Vec<String> {
+        let ws = self.root.join("baseline");
+        std::fs::create_dir_all(&ws).unwrap();
+        let mut a: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--read-only",
+            "--tmpfs",
+            "/tmp:rw,nosuid,nodev,size=67108864,mode=1777",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges:true",
+            "--pids-limit",
+            "128",
+            "-m",
+            "512m",
+            "--memory-swap",
+            "512m",
+            "--cpus",
+            "1",
+            "--ipc",
+            "private",
+            "--cgroupns",
+            "private",
+            "--network",
+            &self.config.network_name(),
+            "-v",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(format!("{}:/workspace", ws.display()));
+        a.extend([
+            image.to_owned(),
+            "--egress".into(),
+            "none".into(),
+            "--rules-by-host".into(),
+        ]);
+        a
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let n_exec = env_usize("ZCBOT_BENCH_EXEC_N", 300);
+    let n_cold = env_usize("ZCBOT_BENCH_COLD_N", 20);
+    let n_scale = env_usize("ZCBOT_BENCH_SCALE", 200);
+    let b = Bench::new();
+    let mut results = serde_json::Map::new();
+    let started = Instant::now();
+    let version = String::from_utf8_lossy(
+        &Command::new("docker")
+            .args(["version", "-f", "{{.Server.Version}}"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    println!(
+        "zcbot-sandbox bench: {} cores, {} MiB, Docker Engine {version}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        mem_available_kib() / 1024
+    );
+    results.insert("machine".into(), json!({ "cores": std::thread::available_parallelism().map_or(0, |n| n.get()), "docker": version }));
+
+    let server = Server::start(b.config.clone(), ServeOptions::default())
+        .await
+        .expect("daemon starts");
+    let addr = server.address().trim_start_matches("http://").to_owned();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let executor = Executor::from_config(b.config.clone()).await.unwrap();
+    let pool = executor.pool().unwrap().clone();
+    let cancel = CancellationToken::new();
+    let image_id = pool.image_id().to_owned();
+
+    // 1. Warm exec of `true`, four ways, interleaved call by call on one warm container.
+    println!("\n1. warm exec of `true` (one user, warm container), interleaved");
+    let u0 = Bench::user(0);
+    let c0 = pool.ensure(&u0).await.unwrap().name;
+    let body = r#"{"command":"true"}"#;
+    let path = format!("/v1/users/{u0}/tools/shell");
+    let (mut lib, mut http, mut cli, mut api) = (hist(), hist(), hist(), hist());
+    for i in 0..(n_exec + 30) {
+        let warm = i < 30;
+        let t = Instant::now();
+        executor
+            .run_argv(&u0, vec!["true".into()], None, None, &cancel)
+            .await
+            .unwrap();
+        if !warm {
+            record(&mut lib, t)
+        }
+        let t = Instant::now();
+        assert_eq!(http_post(&addr, &path, body).await, 200);
+        if !warm {
+            record(&mut http, t)
+        }
+        let t = Instant::now();
+        assert!(docker_cli(&["exec", &c0, "true"]));
+        if !warm {
+            record(&mut cli, t)
+        }
+        let t = Instant::now();
+        zcbot_sandbox::exec::docker::run_collect(
+            pool.docker(),
+            &c0,
+            "1000:1000",
+            &["true"],
+            Duration::from_secs(30),
+            1024,
+        )
+        .await
+        .unwrap();
+        if !warm {
+            record(&mut api, t)
+        }
+    }
+    row("DockerExecutor (library, supervisor)", &lib, Some(&cli));
+    row(
+        "HTTP API (serve, shell tool, new connection)",
+        &http,
+        Some(&cli),
+    );
+    row(
+        "bare Docker API exec (create/start/inspect)",
+        &api,
+        Some(&cli),
+    );
+    row("baseline: docker exec <container> true (CLI)", &cli, None);
+    results.insert("warm_exec".into(), json!({ "library": summary(&lib), "http": summary(&http), "bare_api": summary(&api), "cli_baseline": summary(&cli) }));
+
+    // 2. Cold ensure vs docker run -d with the same flags, interleaved.
+    println!("\n2. cold ensure (create + start + rules in place) vs docker run -d, same flags");
+    let (mut cold, mut run) = (hist(), hist());
+    for i in 0..n_cold {
+        let u = UserId::parse(&format!("cold{i}")).unwrap();
+        let t = Instant::now();
+        pool.ensure(&u).await.unwrap();
+        record(&mut cold, t);
+        pool.remove(&u).await.unwrap();
+        let name = format!("zcbot-baseline-{}-{i}", b.id);
+        let t = Instant::now();
+        assert!(docker_cli(
+            &b.docker_run_args(&name, &image_id)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        ));
+        record(&mut run, t);
+        docker_cli(&["rm", "-f", &name]);
+    }
+    row("cold ensure", &cold, Some(&run));
+    row("baseline: docker run -d (CLI)", &run, None);
+    results.insert(
+        "cold_ensure".into(),
+        json!({ "ensure": summary(&cold), "docker_run_baseline": summary(&run) }),
+    );
+
+    // 3. Warm ensure: no Docker round trip at all.
+    println!("\n3. warm ensure (already running)");
+    let before = pool.stats();
+    let mut warm = hist();
+    for _ in 0..100_000 {
+        let t = Instant::now();
+        pool.ensure(&u0).await.unwrap();
+        h_ns(&mut warm, t);
+    }
+    let after = pool.stats();
+    let p = |q| warm.value_at_quantile(q) as f64 / 1000.0;
+    println!("  warm ensure  n={} p50 {:.3} us  p99 {:.3} us  cold ensures meanwhile: {} (no Docker call)", warm.len(), p(0.5), p(0.99), after.ensures_cold - before.ensures_cold);
+    results.insert("warm_ensure".into(), json!({ "n": warm.len(), "p50_ns": warm.value_at_quantile(0.5), "p99_ns": warm.value_at_quantile(0.99), "docker_calls": after.ensures_cold - before.ensures_cold }));
+
+    // 4. Concurrency: 50 users x 20 calls at 8/16/32 in flight, library vs CLI.
+    println!("\n4. concurrency: 50 users x 20 calls of `true`");
+    let users: Vec<UserId> = (0..50).map(Bench::user).collect();
+    let mut names = Vec::new();
+    for u in &users {
+        names.push(pool.ensure(u).await.unwrap().name);
+    }
+    let executor = Arc::new(executor);
+    let mut conc = serde_json::Map::new();
+    for inflight in [8usize, 16, 32] {
+        let (lib_res, cli_res) = (
+            run_concurrent(inflight, &users, |u| {
+                let ex = executor.clone();
+                async move {
+                    let t = Instant::now();
+                    ex.run_argv(
+                        &u,
+                        vec!["true".into()],
+                        None,
+                        None,
+                        &CancellationToken::new(),
+                    )
+                    .await
+                    .unwrap();
+                    t
+                }
+            })
+            .await,
+            run_concurrent(inflight, &users, |u| {
+                let name = names[users.iter().position(|x| *x == u).unwrap()].clone();
+                async move {
+                    let t = Instant::now();
+                    tokio::process::Command::new("docker")
+                        .args(["exec", &name, "true"])
+                        .output()
+                        .await
+                        .unwrap();
+                    t
+                }
+            })
+            .await,
+        );
+        println!(
+            "  {inflight:>2} in flight: library {:>6.1} calls/s p99 {:>7.1} ms cpu {:>5.2} s/1000 | CLI {:>6.1} calls/s p99 {:>7.1} ms cpu {:>5.2} s/1000 | throughput x{:.2}",
+            lib_res.0, lib_res.1 as f64 / 1000.0, lib_res.2, cli_res.0, cli_res.1 as f64 / 1000.0, cli_res.2, lib_res.0 / cli_res.0
+        );
+        conc.insert(inflight.to_string(), json!({
+            "library": { "calls_per_s": lib_res.0, "p99_us": lib_res.1, "cpu_s_per_1000": lib_res.2 },
+            "cli": { "calls_per_s": cli_res.0, "p99_us": cli_res.1, "cpu_s_per_1000": cli_res.2 },
+        }));
+    }
+    results.insert("concurrency".into(), Value::Object(conc));
+
+    // 6. A call that prints 100 MiB: wall time and the daemon's peak RSS.
+    println!("\n6. output: a call that prints 100 MiB (cap 1 MiB per stream)");
+    let rss_before = status_kib("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the peak
+    let t = Instant::now();
+    let r = executor
+        .run(
+            &u0,
+            zcbot_sandbox::exec::ToolCall::parse(
+                "shell",
+                json!({"command": "head -c 104857600 /dev/zero | tr '\\0' x"}),
+            )
+            .unwrap(),
+            &cancel,
+        )
+        .await
+        .unwrap();
+    let wall = t.elapsed();
+    let peak = status_kib("VmHWM:");
+    let t = Instant::now();
+    assert!(docker_cli(&[
+        "exec",
+        &c0,
+        "sh",
+        "-c",
+        "head -c 104857600 /dev/zero | tr '\\0' x > /dev/null"
+    ]));
+    let base = t.elapsed();
+    println!("  wall {:.2} s (the same work with output discarded in the container: {:.2} s), truncated {}, RSS {} MiB before, peak {} MiB", wall.as_secs_f64(), base.as_secs_f64(), r.truncated.stdout, rss_before / 1024, peak / 1024);
+    results.insert("output_100mib".into(), json!({ "wall_s": wall.as_secs_f64(), "discarded_in_container_s": base.as_secs_f64(), "rss_before_kib": rss_before, "peak_rss_kib": peak }));
+
+    // 5. Scale: many warm containers.
+    println!("\n5. scale: {n_scale} warm containers");
+    for u in &users {
+        pool.remove(u).await.unwrap();
+    }
+    pool.remove(&u0).await.unwrap();
+    let rss_empty = status_kib("VmRSS:");
+    let mem_before = mem_available_kib();
+    let t = Instant::now();
+    let scale_users: Vec<UserId> = (0..n_scale)
+        .map(|i| UserId::parse(&format!("s{i}")).unwrap())
+        .collect();
+    run_concurrent_once(4, &scale_users, |u| {
+        let pool = pool.clone();
+        async move {
+            pool.ensure(&u).await.unwrap();
+        }
+    })
+    .await;
+    let create_s = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem_per = (mem_before.saturating_sub(mem_available_kib())) as f64 / n_scale as f64 / 1024.0;
+    let rss_full = status_kib("VmRSS:");
+    // A fresh owner process: what startup costs with that many containers.
+    let fresh = SandboxPool::connect(b.config.clone()).await.unwrap();
+    let t = Instant::now();
+    let report = fresh.reconcile().await.unwrap();
+    let reconcile_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let none = fresh.reap_idle(Duration::from_secs(3600)).await.unwrap();
+    let pass_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let all = fresh.reap_idle(Duration::from_nanos(1)).await.unwrap();
+    let reap_all_s = t.elapsed().as_secs_f64();
+    println!("  created in {create_s:.1} s (4 at a time); host memory per warm container {mem_per:.1} MiB (MemAvailable)");
+    println!("  startup reconcile: {reconcile_s:.2} s ({} adopted); a reaper pass with nothing to reap: {pass_ms:.3} ms ({} reaped); reaping all: {reap_all_s:.2} s ({} reaped)", report.adopted.len(), none.len(), all.len());
+    println!(
+        "  daemon RSS with {n_scale} containers: {} MiB, with 0: {} MiB",
+        rss_full / 1024,
+        rss_empty / 1024
+    );
+    results.insert("scale".into(), json!({ "containers": n_scale, "create_s": create_s, "host_mib_per_container": mem_per, "reconcile_s": reconcile_s, "adopted": report.adopted.len(), "reap_pass_nothing_ms": pass_ms, "reap_all_s": reap_all_s, "rss_kib_full": rss_full, "rss_kib_empty": rss_empty }));
+
+    let _ = stop_tx.send(());
+    let _ = served.await;
+    pool.shutdown_all().await.unwrap();
+    docker_cli(&["network", "rm", &b.network]);
+    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(&b.network));
+    let _ = std::fs::remove_dir_all(&b.root);
+    results.insert("took_s".into(), json!(started.elapsed().as_secs_f64()));
+    println!("\nbench took {:.0} s", started.elapsed().as_secs_f64());
+    if let Ok(path) = std::env::var("ZCBOT_BENCH_JSON") {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&Value::Object(results)).unwrap(),
+        )
+        .unwrap();
+        println!("results: {path}");
+    }
+}
+
+fn h_ns(h: &mut Histogram<u64>, since: Instant) {
+    h.record(since.elapsed().as_nanos().max(1) as u64).unwrap();
+}
+
+/// Runs 20 calls per user, `inflight` at a time. Returns (calls/s, p99 us, CPU s per 1000 calls),
+/// CPU counting this process and the child processes it reaped (the CLI's docker processes).
+async fn run_concurrent<F, Fut>(inflight: usize, users: &[UserId], call: F) -> (f64, u64, f64)
+where
+    F: Fn(UserId) -> Fut,
+    Fut: std::future::Future<Output = Instant> + Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
+    let (s0, c0) = cpu_seconds();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for round in 0..20 {
+        for u in users {
+            let _ = round;
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let fut = call(u.clone());
+            tasks.push(tokio::spawn(async move {
+                let t = fut.await;
+                drop(permit);
+                t.elapsed()
+            }));
+        }
+    }
+    let mut h = hist();
+    for t in tasks {
+        h.record(t.await.unwrap().as_micros().max(1) as u64)
+            .unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (s1, c1) = cpu_seconds();
+    let calls = h.len() as f64;
+    (
+        calls / secs,
+        h.value_at_quantile(0.99),
+        ((s1 - s0) + (c1 - c0)) / calls * 1000.0,
+    )
+}
+
+async fn run_concurrent_once<F, Fut>(inflight: usize, users: &[UserId], call: F)
+where
+    F: Fn(UserId) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
+    let mut tasks = Vec::new();
+    for u in users {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let fut = call(u.clone());
+        tasks.push(tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
