@@ -125,26 +125,7 @@ async fn the_host_stays_unreachable_even_when_the_in_container_rules_are_gone() 
 async fn an_unprivileged_daemon_says_so_and_can_be_told_to_refuse() {
     let t = TestPool::new("fwunpriv");
     // Folders the unprivileged process may write; the docker group lets it reach the engine.
-    std::fs::create_dir_all(t.root.join("users")).unwrap();
-    std::fs::create_dir_all(t.root.join("state")).unwrap();
-    Command::new("chmod")
-        .args(["-R", "777"])
-        .arg(&t.root)
-        .status()
-        .unwrap();
-    let docker_gid = String::from_utf8(
-        Command::new("getent")
-            .args(["group", "docker"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let gid = docker_gid
-        .split(':')
-        .nth(2)
-        .expect("a docker group")
-        .to_owned();
+    let gid = common::unprivileged(&t);
     let run = |require: &str| {
         let out = Command::new("setpriv")
             .args([
@@ -186,39 +167,11 @@ async fn the_daemon_refuses_to_start_when_its_self_check_escapes() {
     let mut t = TestPool::new("fwself");
     // A sandbox that escapes: its entry reports ready without installing any rule, and the
     // daemon runs unprivileged, so the host firewall is not there either.
-    let image = format!("zcbot-sandbox-test:{}", t.pool_id);
-    t.extra_images.push(image.clone());
-    let dockerfile = "FROM zcbot-sandbox:latest\nRUN printf '#!/bin/sh\\necho \"zcbot-entry: ready egress=none rules=0\"\\nexec sleep infinity\\n' > /usr/local/sbin/zcbot-entry\n";
-    let mut child = Command::new("docker")
-        .args(["build", "-q", "-t", &image, "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dockerfile.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    std::fs::create_dir_all(t.root.join("users")).unwrap();
-    std::fs::create_dir_all(t.root.join("state")).unwrap();
-    Command::new("chmod")
-        .args(["-R", "777"])
-        .arg(&t.root)
-        .status()
-        .unwrap();
-    let group = String::from_utf8(
-        Command::new("getent")
-            .args(["group", "docker"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let gid = group.split(':').nth(2).expect("a docker group").to_owned();
+    let image = common::build_test_image(
+        &mut t,
+        "RUN printf '#!/bin/sh\\necho \"zcbot-entry: ready egress=none rules=0\"\\nexec sleep infinity\\n' > /usr/local/sbin/zcbot-entry\n",
+    );
+    let gid = common::unprivileged(&t);
     t.set("ZCBOT_SANDBOX_IMAGE", &image)
         .set("ZCBOT_SANDBOX_BACKEND", "docker")
         .set("ZCBOT_SANDBOX_UID", &format!("65534:{gid}"))

@@ -444,23 +444,10 @@ async fn a_failing_entry_fails_ensure_with_its_log_and_leaves_nothing() {
     let mut t = TestPool::new("entryfail");
     // The entry installs the rules in this mode; its failure must fail ensure.
     t.set("ZCBOT_CONTAINER_RULES", "entry");
-    let image = format!("zcbot-sandbox-test:{}", t.pool_id);
-    t.extra_images.push(image.clone());
-    let dockerfile = "FROM zcbot-sandbox:latest\nRUN printf '#!/bin/sh\\necho \"zcbot-entry: FAILED: rule did not apply: iptables -A OUTPUT\" >&2\\nexit 3\\n' > /usr/local/sbin/zcbot-entry\n";
-    let mut child = std::process::Command::new("docker")
-        .args(["build", "-q", "-t", &image, "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dockerfile.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let image = common::build_test_image(
+        &mut t,
+        "RUN printf '#!/bin/sh\\necho \"zcbot-entry: FAILED: rule did not apply: iptables -A OUTPUT\" >&2\\nexit 3\\n' > /usr/local/sbin/zcbot-entry\n",
+    );
     t.set("ZCBOT_SANDBOX_IMAGE", &image);
 
     let pool = t.pool().await;

@@ -696,16 +696,23 @@ impl SandboxPool {
                 humantime::format_duration(timeout)
             ),
         };
-        // Nothing half-started is left behind: the log tail goes into the error instead.
+        Err(self
+            .fail_start(user, name, reason, tail(&log, LOG_TAIL_BYTES))
+            .await)
+    }
+
+    /// A sandbox that did not come up: removed, so nothing half-started is left behind; what went
+    /// wrong (and the log's tail) goes into the error instead.
+    async fn fail_start(&self, user: &UserId, name: &str, reason: String, log: String) -> Error {
         if let Err(e) = self.remove_container(name).await {
             tracing::warn!(container = %name, error = %e, "could not remove a failed sandbox");
         }
-        Err(Error::SandboxStart {
+        Error::SandboxStart {
             user: user.to_string(),
             container: name.to_owned(),
             reason,
-            log: tail(&log, LOG_TAIL_BYTES),
-        })
+            log,
+        }
     }
 
     /// Host rules mode: installs the container's rules inside its network namespace (atomic,
@@ -742,15 +749,7 @@ impl SandboxPool {
                     Err(e) => format!("its egress rules could not be installed from the host: {e}"),
                     Ok(()) => "it restarted while its rules were being installed".to_owned(),
                 };
-                if let Err(e) = self.remove_container(name).await {
-                    tracing::warn!(container = %name, error = %e, "could not remove a failed sandbox");
-                }
-                Err(Error::SandboxStart {
-                    user: user.to_string(),
-                    container: name.to_owned(),
-                    reason,
-                    log: String::new(),
-                })
+                Err(self.fail_start(user, name, reason, String::new()).await)
             }
         }
     }

@@ -218,3 +218,49 @@ pub fn netns_exec(container: &str, script: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     )
 }
+
+/// Builds a throwaway image FROM the sandbox image with `dockerfile_tail` appended (a broken or
+/// permissive entry, say), tagged for this test and removed with it. Returns the tag.
+pub fn build_test_image(t: &mut TestPool, dockerfile_tail: &str) -> String {
+    use std::io::Write;
+    let image = format!("zcbot-sandbox-test:{}", t.pool_id);
+    t.extra_images.push(image.clone());
+    let mut child = Command::new("docker")
+        .args(["build", "-q", "-t", &image, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dockerfile = format!("FROM zcbot-sandbox:latest\n{dockerfile_tail}");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "building {image} failed");
+    image
+}
+
+/// Prepares this test's folders for a daemon running as nobody and returns the docker group's
+/// gid, with which such a daemon still reaches the engine (`setpriv --reuid=65534 --regid=GID`).
+pub fn unprivileged(t: &TestPool) -> String {
+    std::fs::create_dir_all(t.root.join("users")).unwrap();
+    std::fs::create_dir_all(t.root.join("state")).unwrap();
+    Command::new("chmod")
+        .args(["-R", "777"])
+        .arg(&t.root)
+        .status()
+        .unwrap();
+    let group = Command::new("getent")
+        .args(["group", "docker"])
+        .output()
+        .unwrap()
+        .stdout;
+    String::from_utf8(group)
+        .unwrap()
+        .split(':')
+        .nth(2)
+        .expect("a docker group")
+        .to_owned()
+}
