@@ -20,14 +20,16 @@ struct Daemon {
 
 impl Daemon {
     async fn start(t: &TestPool) -> Daemon {
+        Daemon::start_with(t, ServeOptions::default()).await
+    }
+
+    async fn start_with(t: &TestPool, options: ServeOptions) -> Daemon {
         let mut cfg = t.config();
         cfg.backend = Backend::Docker;
         if !matches!(cfg.listen, Listen::Unix(_)) {
             cfg.listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
         }
-        let server = Server::start(cfg, ServeOptions::default())
-            .await
-            .expect("daemon starts");
+        let server = Server::start(cfg, options).await.expect("daemon starts");
         let addr = server.address();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
@@ -753,36 +755,17 @@ async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
 #[tokio::test]
 async fn remove_on_exit_removes_every_sandbox_of_the_pool() {
     let t = TestPool::new("srmexit");
-    let mut cfg = t.config();
-    cfg.backend = Backend::Docker;
-    cfg.listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
-    let server = Server::start(
-        cfg,
-        ServeOptions {
-            remove_on_exit: true,
-        },
-    )
-    .await
-    .unwrap();
-    let addr = server.address();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
+    let options = ServeOptions {
+        remove_on_exit: true,
+    };
+    let d = Daemon::start_with(&t, options).await;
     for name in ["a", "b"] {
-        let (s, _, _) = raw(
-            &addr,
-            "POST",
-            &format!("/v1/users/{}/tools/shell", t.user(name)),
-            Some(json!({"command": "true"}).to_string()),
-            &[],
-        )
-        .await;
+        let path = format!("/v1/users/{}/tools/shell", t.user(name));
+        let (s, _) = d.req("POST", &path, Some(json!({"command": "true"}))).await;
         assert_eq!(s, 200);
     }
     assert_eq!(t.containers().len(), 2);
-    tx.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    d.shutdown().await;
     assert!(
         t.containers().is_empty(),
         "--remove-on-exit left {:?}",

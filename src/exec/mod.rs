@@ -43,6 +43,9 @@ pub enum TimeoutArg {
     Text(String),
 }
 
+// `shell` and `run_python` repeat `timeout`, `workdir` and `env` on purpose: serde's `flatten`
+// cannot be combined with `deny_unknown_fields`, and unknown fields must be refused.
+
 /// Arguments of `shell`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
