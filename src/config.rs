@@ -164,7 +164,7 @@ pub enum Backend {
     Docker,
 }
 
-/// Every variable [`Config`] reads, for documentation and `--help` output.
+/// Every variable [`Config`] reads (a test holds RUN.md to documenting each one).
 pub const VARIABLES: &[&str] = &[
     "ZCBOT_SANDBOX_IMAGE",
     "ZCBOT_USERS_ROOT",

@@ -294,11 +294,6 @@ impl SandboxPool {
         &self.inner.template.image_id
     }
 
-    /// The ranges every sandbox rejects.
-    pub fn blocked(&self) -> &[ipnet::IpNet] {
-        &self.inner.template.blocked
-    }
-
     /// What the pool has done since it started.
     pub fn stats(&self) -> PoolStats {
         let c = &self.inner.counters;
