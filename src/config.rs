@@ -36,7 +36,7 @@ pub struct Config {
     pub memory_bytes: i64,
     /// `ZCBOT_SANDBOX_CPUS`: CPU limit in cores (default 1.0).
     pub cpus: f64,
-    /// `ZCBOT_SANDBOX_PIDS`: most processes in one container (default 128).
+    /// `ZCBOT_SANDBOX_PIDS`: most processes in one container (default 256).
     pub pids: i64,
     /// `ZCBOT_SANDBOX_TMPFS_SIZE`: size of the container's `/tmp` tmpfs in bytes (default 64MiB).
     pub tmpfs_bytes: i64,
@@ -59,6 +59,8 @@ pub struct Config {
     pub start_timeout: Duration,
     /// `ZCBOT_SANDBOX_BACKEND`: where `shell` and `run_python` run (default `host`).
     pub backend: Backend,
+    /// `ZCBOT_EXEC_TRANSPORT`: how process calls reach the sandbox (default `channel`).
+    pub transport: Transport,
     /// `ZCBOT_EXEC_TIMEOUT`: a call's timeout when the caller gives none (default 120s).
     pub exec_timeout: Duration,
     /// `ZCBOT_EXEC_TIMEOUT_MAX`: the longest timeout a caller may ask for (default 600s).
@@ -164,6 +166,17 @@ pub enum Backend {
     Docker,
 }
 
+/// How the docker backend reaches a sandbox for a process call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One Docker exec per call (50-70 ms of engine work each).
+    Exec,
+    /// Calls multiplexed over one long-lived exec per container (about a millisecond each);
+    /// falls back to `Exec` for a call when the channel cannot be opened.
+    Channel,
+}
+
 /// Every variable [`Config`] reads (a test holds RUN.md to documenting each one).
 pub const VARIABLES: &[&str] = &[
     "ZCBOT_SANDBOX_IMAGE",
@@ -185,6 +198,7 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_DOCKER_TIMEOUT",
     "ZCBOT_SANDBOX_START_TIMEOUT",
     "ZCBOT_SANDBOX_BACKEND",
+    "ZCBOT_EXEC_TRANSPORT",
     "ZCBOT_EXEC_TIMEOUT",
     "ZCBOT_EXEC_TIMEOUT_MAX",
     "ZCBOT_OUTPUT_CAP",
@@ -270,7 +284,7 @@ impl Config {
                 parse_bytes(v, 6 << 20)
             })?,
             cpus: parse_var(&get, "ZCBOT_SANDBOX_CPUS", "1.0", parse_cpus)?,
-            pids: parse_var(&get, "ZCBOT_SANDBOX_PIDS", "128", |v| {
+            pids: parse_var(&get, "ZCBOT_SANDBOX_PIDS", "256", |v| {
                 parse_int(v, 8, 1 << 22)
             })?,
             tmpfs_bytes: parse_var(&get, "ZCBOT_SANDBOX_TMPFS_SIZE", "64MiB", |v| {
@@ -290,6 +304,11 @@ impl Config {
                 "host" => Ok(Backend::Host),
                 "docker" => Ok(Backend::Docker),
                 _ => Err("must be host or docker".into()),
+            })?,
+            transport: parse_var(&get, "ZCBOT_EXEC_TRANSPORT", "channel", |v| match v {
+                "exec" => Ok(Transport::Exec),
+                "channel" => Ok(Transport::Channel),
+                _ => Err("must be exec or channel".into()),
             })?,
             exec_timeout,
             exec_timeout_max,
@@ -500,7 +519,7 @@ mod tests {
         assert_eq!(c.reap_every, Duration::from_secs(60));
         assert_eq!(c.memory_bytes, 512 << 20);
         assert_eq!(c.cpus, 1.0);
-        assert_eq!(c.pids, 128);
+        assert_eq!(c.pids, 256);
         assert_eq!((c.uid, c.gid), (1000, 1000));
         assert_eq!(c.pool_id, "default");
         assert!(c.pg_ips.is_empty() && c.block_cidrs.is_empty());

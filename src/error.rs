@@ -138,6 +138,27 @@ pub enum Error {
         reason: String,
     },
 
+    /// The exec channel to the sandbox died while the call ran (helper killed, container removed
+    /// or restarted, stream error). The call's processes were killed; nothing of it is left.
+    #[error("the exec channel to sandbox {container} of user {user} died while the call was running ({reason}); its processes were killed: run the call again")]
+    ChannelLost {
+        /// The user whose call it was.
+        user: String,
+        /// The container's name.
+        container: String,
+        /// Why the channel died.
+        reason: String,
+    },
+
+    /// The sandbox could not start the call's process (its process limit reached, say).
+    #[error("sandbox {container} could not start the call: {reason}")]
+    CallStart {
+        /// The container's name.
+        container: String,
+        /// What the in-container helper said.
+        reason: String,
+    },
+
     /// A host file or folder operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -178,6 +199,8 @@ impl Error {
             Error::UnknownTool { .. } => "unknown_tool",
             Error::File { .. } => "file",
             Error::Io { .. } => "io",
+            Error::ChannelLost { .. } => "channel_lost",
+            Error::CallStart { .. } => "call_start",
         }
     }
 

@@ -1,5 +1,7 @@
-//! The docker backend: every process call is one Docker exec of the in-container supervisor
-//! (`zcbot-supervise`) as the sandbox uid.
+//! The docker backend: every process call runs under the in-container supervisor
+//! (`zcbot-supervise`) as the sandbox uid, reached by one of two transports
+//! (`ZCBOT_EXEC_TRANSPORT`): over the user's persistent channel ([`super::channel`], the
+//! default), or by one Docker exec per call (this module; also the channel's fallback).
 //!
 //! Docker has no API to kill an exec, and dropping the attached stream does not stop it. So a
 //! call is stopped by signalling its supervisor, which kills the call's whole subtree (setsid and
@@ -13,6 +15,8 @@
 //! to the container's init, and `zcbot-supervise --sweep` kills exactly those: every live call's
 //! processes descend from a live supervisor. If even that fails, the container is recycled.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -20,8 +24,10 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use super::channel::{ChannelAttempt, Channels, TransportStats, Unusable};
 use super::output::Capture;
-use super::{new_call_id, ProcessOutcome, ProcessSpec, BASE_ENV};
+use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec, BASE_ENV};
+use crate::config::Transport;
 use crate::docker::Docker;
 use crate::error::{Error, Result};
 use crate::pool::{Lease, SandboxPool};
@@ -30,20 +36,44 @@ use crate::user::UserId;
 /// Where the image installs the supervisor.
 pub const SUPERVISOR: &str = "/usr/local/bin/zcbot-supervise";
 /// How long after a stop signal the supervisor may take before the daemon's harder fallbacks.
-const STOP_MARGIN: Duration = Duration::from_secs(3);
+pub(crate) const STOP_MARGIN: Duration = Duration::from_secs(3);
 /// The supervisor's own deadline lies this far past the call's: it only fires if the daemon is
 /// gone (crashed), so the call's processes never outlive it by much.
-const BACKSTOP: Duration = Duration::from_secs(2);
+pub(crate) const BACKSTOP: Duration = Duration::from_secs(2);
 
 /// Runs process calls in each user's sandbox.
 pub struct DockerExecutor {
     pool: SandboxPool,
+    transport: Transport,
+    channels: Channels,
+    stats: Arc<TransportStats>,
 }
 
 impl DockerExecutor {
-    /// An executor on `pool`.
+    /// An executor on `pool`, with the pool's configured transport.
     pub fn new(pool: SandboxPool) -> Self {
-        DockerExecutor { pool }
+        let stats = Arc::new(TransportStats::default());
+        DockerExecutor {
+            transport: pool.config().transport,
+            pool,
+            channels: Channels::new(stats.clone()),
+            stats,
+        }
+    }
+
+    /// The configured transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// What the transports did (channel opens, deaths, fallbacks, latency per transport).
+    pub fn stats(&self) -> &TransportStats {
+        &self.stats
+    }
+
+    /// Closes every exec channel: each helper stops its calls and exits. For shutdown.
+    pub fn close_channels(&self) {
+        self.channels.close_all();
     }
 
     /// The pool it runs in.
@@ -52,17 +82,52 @@ impl DockerExecutor {
     }
 
     /// Runs `spec` in `user`'s sandbox. If the container vanished or stopped behind the pool's
-    /// back, the pool forgets it and the call runs once more on a fresh one.
+    /// back, the pool forgets it and the call runs once more on a fresh one. Over the channel, a
+    /// call the channel lost before it started runs once more on a new channel, then by per-call
+    /// exec.
     pub(crate) async fn run(
         &self,
         user: &UserId,
         spec: ProcessSpec,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome> {
+        let started = std::time::Instant::now();
         let mut retried = false;
+        let mut not_started = 0;
         loop {
             let lease = self.pool.lease(user).await?;
-            match self.run_once(lease, &spec, cancel).await {
+            // Host rules mode: a container restarted behind the pool's back has a fresh network
+            // namespace without rules. One readlink tells; the retry re-installs them.
+            let attempt = if !self.pool.rules_intact(lease.sandbox()) {
+                tracing::warn!(container = %lease.sandbox().name, "the sandbox's network namespace changed (restarted?): re-installing its rules");
+                Err(Attempt::Gone(lease.sandbox().container_id.clone()))
+            } else if self.transport == Transport::Channel {
+                match self.channels.get(&self.pool, &lease).await {
+                    Ok(ch) => match ch.run(lease, &spec, cancel).await {
+                        Ok(outcome) => {
+                            self.stats.observe(true, started.elapsed());
+                            return Ok(outcome);
+                        }
+                        Err(ChannelAttempt::Failed(e)) => return Err(e),
+                        Err(ChannelAttempt::NotStarted) => {
+                            not_started += 1;
+                            if not_started >= 2 {
+                                let lease = self.pool.lease(user).await?;
+                                self.channels.back_off(&lease).await;
+                            }
+                            continue;
+                        }
+                    },
+                    Err(Unusable::Gone(id)) => Err(Attempt::Gone(id)),
+                    Err(Unusable::Fallback) => {
+                        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        self.run_once(lease, &spec, cancel).await
+                    }
+                }
+            } else {
+                self.run_once(lease, &spec, cancel).await
+            };
+            match attempt {
                 Err(Attempt::Gone(container_id)) if !retried => {
                     tracing::info!(user = %user, "sandbox vanished behind the pool's back: recreating and retrying once");
                     self.pool.invalidate(user, &container_id);
@@ -77,7 +142,10 @@ impl DockerExecutor {
                     })
                 }
                 Err(Attempt::Failed(e)) => return Err(e),
-                Ok(outcome) => return Ok(outcome),
+                Ok(outcome) => {
+                    self.stats.observe(false, started.elapsed());
+                    return Ok(outcome);
+                }
             }
         }
     }
@@ -92,12 +160,6 @@ impl DockerExecutor {
         let cfg = self.pool.config();
         let container = lease.sandbox().name.clone();
         let container_id = lease.sandbox().container_id.clone();
-        // Host rules mode: a container restarted behind the pool's back has a fresh network
-        // namespace without rules. One readlink tells; the retry re-installs them.
-        if !self.pool.rules_intact(lease.sandbox()) {
-            tracing::warn!(container = %container, "the sandbox's network namespace changed (restarted?): re-installing its rules");
-            return Err(Attempt::Gone(container_id));
-        }
         let call_id = new_call_id();
         let uid = format!("{}:{}", cfg.uid, cfg.gid);
         let backstop = spec.timeout + cfg.kill_grace + BACKSTOP;
@@ -110,21 +172,16 @@ impl DockerExecutor {
             "--grace-ms".into(),
             cfg.kill_grace.as_millis().to_string(),
         ];
-        if !spec.workdir.is_empty() {
+        if let Some(dir) = workdir_path(spec) {
             cmd.push("--workdir".into());
-            cmd.push(format!("/workspace/{}", spec.workdir.join("/")));
+            cmd.push(dir);
         }
         if spec.program.is_some() {
             cmd.push("--stdin-program".into());
         }
         cmd.push("--".into());
         cmd.extend(spec.argv.iter().cloned());
-        let env: Vec<String> = BASE_ENV
-            .iter()
-            .filter(|(k, _)| !spec.env.contains_key(*k))
-            .map(|(k, v)| format!("{k}={v}"))
-            .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
-            .collect();
+        let env = base_env(&spec.env);
 
         // 404 or 409 before the process started: the container is gone or stopped; retry.
         let attempt = |e: Error| {
@@ -267,7 +324,12 @@ impl DockerExecutor {
     }
 }
 
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+/// The call's working directory in the container, when it is not /workspace itself.
+pub(crate) fn workdir_path(spec: &ProcessSpec) -> Option<String> {
+    (!spec.workdir.is_empty()).then(|| format!("/workspace/{}", spec.workdir.join("/")))
+}
+
+pub(crate) async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -343,7 +405,7 @@ impl CallHandle {
         let Some(pid) = info.pid.filter(|p| *p > 0) else {
             return false;
         };
-        signal_verified(pid as i32, &self.call_id, signals)
+        signal_verified(pid as i32, "--call-id", &self.call_id, signals)
     }
 
     /// The supervisor died or would not stop: kill it, then its orphans; recycle the container if
@@ -421,9 +483,10 @@ impl Drop for StopGuard {
     }
 }
 
-/// Sends `signals` to `pid` through a pidfd, after checking that its command line is this call's
-/// supervisor. The pidfd pins the process, so the check and the signal concern the same one.
-fn signal_verified(pid: i32, call_id: &str, signals: &[libc::c_int]) -> bool {
+/// Sends `signals` to `pid` through a pidfd, after checking that its command line is our
+/// supervisor with `flag id` (`--call-id` for a call, `--serve` for a channel's helper). The pidfd
+/// pins the process, so the check and the signal concern the same one.
+pub(crate) fn signal_verified(pid: i32, flag: &str, id: &str, signals: &[libc::c_int]) -> bool {
     // SAFETY: pidfd_open with a pid and no flags; returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if fd < 0 {
@@ -435,12 +498,12 @@ fn signal_verified(pid: i32, call_id: &str, signals: &[libc::c_int]) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = args
-        .first()
-        .is_some_and(|a| a.ends_with(b"zcbot-supervise"))
+    // The first two words: the binary, or an interpreter running a replacement of it (which must
+    // be killable too: it is what the daemon started).
+    let ours = args.iter().take(2).any(|a| a.ends_with(b"zcbot-supervise"))
         && args
             .windows(2)
-            .any(|w| w[0] == b"--call-id" && w[1] == call_id.as_bytes());
+            .any(|w| w[0] == flag.as_bytes() && w[1] == id.as_bytes());
     if !ours {
         return false;
     }

@@ -6,6 +6,7 @@
 //! confined by [`crate::files`]. Results have one serde shape, shared by the library, the HTTP API
 //! and the CLI's `--json`.
 
+pub mod channel;
 pub mod docker;
 pub mod host;
 pub mod output;
@@ -28,6 +29,16 @@ pub const BASE_ENV: &[(&str, &str)] = &[
     ("HOME", "/workspace"),
     ("LANG", "C.UTF-8"),
 ];
+
+/// The whole environment of a call: the base with `extra` set over it, as `KEY=VALUE`.
+pub(crate) fn base_env(extra: &BTreeMap<String, String>) -> Vec<String> {
+    BASE_ENV
+        .iter()
+        .filter(|(k, _)| !extra.contains_key(*k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(extra.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect()
+}
 
 /// The most environment variables a call may set, and their total size.
 const MAX_ENV: usize = 256;
@@ -337,6 +348,21 @@ impl Executor {
         match self {
             Executor::Host(_) => None,
             Executor::Docker(d) => Some(d.pool()),
+        }
+    }
+
+    /// What the docker backend's transports did; None for the host backend.
+    pub fn transport_stats(&self) -> Option<&channel::TransportStats> {
+        match self {
+            Executor::Host(_) => None,
+            Executor::Docker(d) => Some(d.stats()),
+        }
+    }
+
+    /// Closes the docker backend's exec channels (their helpers stop their calls and exit).
+    pub fn close_channels(&self) {
+        if let Executor::Docker(d) = self {
+            d.close_channels();
         }
     }
 

@@ -57,6 +57,13 @@ impl Capture {
         }
     }
 
+    /// Counts `n` bytes that were dropped before they reached us: the channel's helper applies
+    /// the cap inside the container and sends only the head, this count, then the tail.
+    pub fn skip(&mut self, n: u64) {
+        self.total += n;
+        self.tail.clear();
+    }
+
     /// The kept bytes: everything when it fit, else head + a marker + tail, cut on UTF-8
     /// character boundaries when the text is UTF-8.
     pub fn finish(self) -> Captured {
@@ -148,6 +155,19 @@ mod tests {
         assert_eq!(out.total, 30);
         assert_eq!(
             String::from_utf8(out.bytes).unwrap(),
+            "01234\n[... 20 bytes omitted ...]\nPQRST"
+        );
+    }
+
+    #[test]
+    fn a_count_skipped_in_the_container_reads_like_the_same_flood_here() {
+        // The helper sends the head, the count it dropped, then the tail.
+        let mut c = Capture::new(10);
+        c.push(b"01234");
+        c.skip(20);
+        c.push(b"PQRST");
+        assert_eq!(
+            String::from_utf8(c.finish().bytes).unwrap(),
             "01234\n[... 20 bytes omitted ...]\nPQRST"
         );
     }

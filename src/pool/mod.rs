@@ -393,6 +393,14 @@ impl SandboxPool {
         Ok(removed)
     }
 
+    /// Removes the container `container_id` of `user` if it is still there, forgetting it if it is
+    /// the live one: for a sandbox whose leftovers could not be cleaned up in place. By id, so a
+    /// container that replaced it meanwhile is left alone.
+    pub async fn recycle(&self, user: &UserId, container_id: &str) -> Result<bool> {
+        self.invalidate(user, container_id);
+        self.remove_container(container_id).await
+    }
+
     /// Removes every container of this pool (known to this process or not). Returns how many.
     pub async fn shutdown_all(&self) -> Result<usize> {
         let listed = self.list_ours().await?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::exec::channel::{TransportStats, LATENCY_BUCKETS};
 use crate::pool::PoolStats;
 
 /// Upper bounds (seconds) of the exec latency histogram's buckets.
@@ -77,7 +78,11 @@ impl Metrics {
     }
 
     /// The text exposition, with the pool's figures (None for the host backend).
-    pub fn render(&self, pool: Option<(PoolStats, BTreeMap<String, u64>)>) -> String {
+    pub fn render(
+        &self,
+        pool: Option<(PoolStats, BTreeMap<String, u64>)>,
+        transports: Option<&TransportStats>,
+    ) -> String {
         let mut out = String::new();
         let (stats, states) = pool.unwrap_or_default();
         let _ = writeln!(
@@ -172,7 +177,59 @@ impl Metrics {
                 h.count
             );
         }
+        if let Some(t) = transports {
+            render_transports(&mut out, t);
+        }
         out
+    }
+}
+
+/// The docker backend's transports: channel life cycle and latency per transport.
+fn render_transports(out: &mut String, t: &TransportStats) {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        out,
+        "zcbot_channel_opens_total",
+        "Exec channels opened (one long-lived exec per container).",
+        get(&t.opens),
+    );
+    counter(
+        out,
+        "zcbot_channel_deaths_total",
+        "Exec channels that died (helper killed, container gone, malformed or stalled stream).",
+        get(&t.deaths),
+    );
+    counter(
+        out,
+        "zcbot_channel_fallbacks_total",
+        "Process calls served by per-call exec because the channel could not be used.",
+        get(&t.fallbacks),
+    );
+    let name = "zcbot_transport_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Wall time of process calls by the transport that served them."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (transport, h) in [("channel", &t.channel), ("exec", &t.exec)] {
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{transport=\"{transport}\",le=\"{bound}\"}} {}",
+                get(n)
+            );
+        }
+        let count = get(&h.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{transport=\"{transport}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{transport=\"{transport}\"}} {}",
+            get(&h.sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{transport=\"{transport}\"}} {count}");
     }
 }
 
@@ -191,7 +248,7 @@ mod tests {
         let m = Metrics::default();
         m.observe_call("shell", "docker", Duration::from_millis(70), false, false);
         m.observe_call("shell", "docker", Duration::from_secs(2), true, false);
-        let text = m.render(None);
+        let text = m.render(None, None);
         assert!(text.contains("zcbot_exec_duration_seconds_bucket{tool=\"shell\",backend=\"docker\",le=\"0.1\"} 1"), "{text}");
         assert!(text.contains(
             "zcbot_exec_duration_seconds_bucket{tool=\"shell\",backend=\"docker\",le=\"2.5\"} 2"

@@ -194,6 +194,7 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         state.reaper.lock().take();
+        state.executor.close_channels();
         if let Some(pool) = state.executor.pool() {
             if self.options.remove_on_exit {
                 let n = pool.shutdown_all().await?;
@@ -274,7 +275,9 @@ impl From<Error> for ApiError {
             | Error::NetworkMismatch { .. }
             | Error::SandboxStart { .. }
             | Error::HostFirewall { .. }
-            | Error::SelfCheck { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Error::SelfCheck { .. }
+            | Error::CallStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ChannelLost { .. } => StatusCode::BAD_GATEWAY,
             Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

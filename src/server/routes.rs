@@ -401,6 +401,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             Some((pool.stats(), states))
         }
     };
-    let body = state.metrics.render(pool);
+    let body = state.metrics.render(pool, state.executor.transport_stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

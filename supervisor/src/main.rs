@@ -12,6 +12,9 @@
 //!   SIGSTOP + SIGKILL until no descendant is left;
 //! - exits with the main process's status (128+N when killed by signal N).
 //!
+//! `--serve` runs the channel server (see `serve.rs`): one long-lived exec per container that
+//! starts a supervisor like this one for every call the daemon sends over it.
+//!
 //! Two helper modes run as separate execs of the same binary:
 //! - `--signal CALL_ID`: sends SIGTERM to the supervisor of that call (the daemon's cancel path
 //!   when it cannot signal by host PID).
@@ -26,13 +29,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+mod serve;
+
 /// The most program text `--stdin-program` accepts.
 const MAX_PROGRAM: usize = 16 << 20;
 
 static SIG_PIPE_W: AtomicI32 = AtomicI32::new(-1);
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_signal(sig: libc::c_int) {
+pub(crate) extern "C" fn on_signal(sig: libc::c_int) {
     if sig != libc::SIGCHLD {
         LAST_SIGNAL.store(sig, Ordering::SeqCst);
     }
@@ -48,13 +53,14 @@ fn die(code: i32, msg: &str) -> ! {
     std::process::exit(code)
 }
 
-struct Args {
-    call_id: String,
-    timeout: Duration,
-    grace: Duration,
-    workdir: Option<String>,
-    stdin_program: bool,
-    argv: Vec<OsString>,
+/// One call to supervise (from the command line, or from a channel START).
+pub(crate) struct Args {
+    pub(crate) call_id: String,
+    pub(crate) timeout: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) workdir: Option<String>,
+    pub(crate) stdin_program: bool,
+    pub(crate) argv: Vec<OsString>,
 }
 
 fn main() {
@@ -83,6 +89,11 @@ fn main() {
             Some("--stdin-program") => args.stdin_program = true,
             Some("--signal") => std::process::exit(signal_call(&value("--signal"))),
             Some("--sweep") => std::process::exit(sweep()),
+            // The channel id only names the server in `ps` and for the daemon's PID checks.
+            Some("--serve") => {
+                let _channel_id = raw.next();
+                std::process::exit(serve::serve())
+            }
             Some("--") => {
                 args.argv = raw.by_ref().collect();
                 break;
@@ -105,7 +116,7 @@ fn cstr(s: impl AsRef<[u8]>) -> CString {
     CString::new(s.as_ref()).unwrap_or_else(|_| die(125, "an argument contains a NUL byte"))
 }
 
-fn pipe_cloexec() -> [libc::c_int; 2] {
+pub(crate) fn pipe_cloexec() -> [libc::c_int; 2] {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -114,7 +125,7 @@ fn pipe_cloexec() -> [libc::c_int; 2] {
     fds
 }
 
-fn supervise(args: Args) -> i32 {
+pub(crate) fn supervise(args: Args) -> i32 {
     // SAFETY: plain prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
@@ -216,12 +227,25 @@ fn supervise(args: Args) -> i32 {
     let mut kill_phase: Option<(Instant, bool)> = None; // (SIGKILL at, why: true = stop request)
     let mut exit_override: Option<i32> = None;
     let mut buf = vec![0u8; 64 * 1024];
+    // As a subreaper, every descendant has a chain of live parents up to us: with no child left
+    // (ECHILD) there is no descendant, and the /proc walk can be skipped (the common case).
+    let mut children_left = true;
+    let descendants_now = |children_left: bool| {
+        if children_left {
+            descendants()
+        } else {
+            Vec::new()
+        }
+    };
     loop {
         // Reap everything that exited; note the main child's status.
         loop {
             let mut ws = 0;
             // SAFETY: waitpid with a valid status pointer.
             let pid = unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG) };
+            if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                children_left = false;
+            }
             if pid <= 0 {
                 break;
             }
@@ -248,16 +272,19 @@ fn supervise(args: Args) -> i32 {
                 None
             };
             if let Some(why) = reason {
-                signal_all(&descendants(), &[libc::SIGCONT, libc::SIGTERM]);
+                signal_all(
+                    &descendants_now(children_left),
+                    &[libc::SIGCONT, libc::SIGTERM],
+                );
                 kill_phase = Some((now + args.grace, why));
             }
         }
         if let Some((kill_at, _)) = kill_phase {
-            if now >= kill_at {
+            if now >= kill_at && children_left {
                 kill_everything();
             }
             let open = streams.iter().any(|s| s.2);
-            if descendants().is_empty() && !open {
+            if descendants_now(children_left).is_empty() && !open {
                 break;
             }
         }
@@ -303,7 +330,7 @@ fn supervise(args: Args) -> i32 {
         if kill_phase.is_some()
             && status.is_some()
             && streams.iter().all(|s| !s.2)
-            && descendants().is_empty()
+            && descendants_now(children_left).is_empty()
         {
             break;
         }
@@ -314,7 +341,9 @@ fn supervise(args: Args) -> i32 {
         .unwrap_or(125)
 }
 
-fn write_all(fd: libc::c_int, mut data: &[u8]) {
+/// Writes everything (blocking); false when the reader is gone (the caller drops the output and
+/// keeps supervising).
+pub(crate) fn write_all(fd: libc::c_int, mut data: &[u8]) -> bool {
     while !data.is_empty() {
         // SAFETY: writing from a slice we own.
         let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
@@ -322,10 +351,11 @@ fn write_all(fd: libc::c_int, mut data: &[u8]) {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return; // the reader is gone: keep supervising, drop the output
+            return false;
         }
         data = &data[n as usize..];
     }
+    true
 }
 
 /// (pid, ppid, uid) of every process we can see.
@@ -444,7 +474,7 @@ fn signal_call(call_id: &str) -> i32 {
 }
 
 /// `--sweep`: kills orphans of killed supervisors (processes of this uid whose parent is PID 1).
-fn sweep() -> i32 {
+pub(crate) fn sweep() -> i32 {
     // SAFETY: getuid never fails.
     let uid = unsafe { libc::getuid() };
     for _ in 0..1000 {

@@ -1,0 +1,459 @@
+//! `--serve`: the in-container end of the persistent channel (see `zcbot_supervise::proto`).
+//!
+//! The daemon starts this once per container as one long-lived `docker exec -i` and multiplexes
+//! every call of that user over its stdin/stdout. For each START the server forks a per-call
+//! supervisor (the same code as `--call-id ...`, without an exec; `ps` shows it as
+//! `zcbot-call`), so a call over the channel gets exactly what a per-call exec gets: its own session, a subreaper that kills the whole subtree on
+//! timeout or cancel, the minimal environment, the confined workdir. The server:
+//! - reads each call's output in chunks of at most `proto::CHUNK`, round-robin over ready pipes,
+//!   so a flooding call never holds back another call's frames;
+//! - applies the output cap here, in the container: the head is forwarded as it comes, the tail is
+//!   kept in a ring and sent at the end, the middle is only counted. A flood of gigabytes costs
+//!   the channel and the daemon about the cap;
+//! - is single-threaded (one poll loop), so forking is safe, and marks itself non-dumpable, so
+//!   the sandbox user (same uid, no capabilities) cannot ptrace it or open its descriptors;
+//! - gives every supervisor a parent-death signal: if the server dies, every call is killed;
+//! - on end of input (the daemon closed the channel or died) or SIGTERM: stops every call, waits
+//!   for their supervisors, exits.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use zcbot_supervise::proto::{self, Decoder, Start};
+
+use crate::{on_signal, pipe_cloexec, sweep, write_all, Args, LAST_SIGNAL, SIG_PIPE_W};
+
+/// One output stream of one call.
+struct Stream {
+    fd: libc::c_int,
+    open: bool,
+    head_left: usize,
+    tail: VecDeque<u8>,
+    tail_cap: usize,
+    skipped: u64,
+}
+
+impl Stream {
+    fn new(fd: libc::c_int, cap: usize) -> Self {
+        Stream {
+            fd,
+            open: true,
+            head_left: cap / 2,
+            tail: VecDeque::new(),
+            tail_cap: cap - cap / 2,
+            skipped: 0,
+        }
+    }
+
+    /// Forwards what still fits the head; keeps the rest in the tail ring, counting what falls out.
+    fn take(&mut self, data: &[u8], id: u64, no: u8, out: &mut Vec<u8>) {
+        let h = data.len().min(self.head_left);
+        if h > 0 {
+            output_frame(out, id, no, &data[..h]);
+            self.head_left -= h;
+        }
+        let rest = &data[h..];
+        if rest.len() >= self.tail_cap {
+            self.skipped += (self.tail.len() + rest.len() - self.tail_cap) as u64;
+            self.tail.clear();
+            self.tail.extend(&rest[rest.len() - self.tail_cap..]);
+        } else {
+            let overflow = (self.tail.len() + rest.len()).saturating_sub(self.tail_cap);
+            self.tail.drain(..overflow);
+            self.skipped += overflow as u64;
+            self.tail.extend(rest);
+        }
+    }
+
+    /// Sends the count of dropped bytes and the kept tail.
+    fn finish(&mut self, id: u64, no: u8, out: &mut Vec<u8>) {
+        if self.skipped > 0 {
+            let mut p = vec![no];
+            p.extend_from_slice(&self.skipped.to_be_bytes());
+            proto::encode(out, proto::SKIPPED, id, &p);
+        }
+        let tail: Vec<u8> = self.tail.drain(..).collect();
+        for chunk in tail.chunks(proto::CHUNK) {
+            output_frame(out, id, no, chunk);
+        }
+    }
+}
+
+fn output_frame(out: &mut Vec<u8>, id: u64, no: u8, bytes: &[u8]) {
+    let mut p = Vec::with_capacity(bytes.len() + 1);
+    p.push(no);
+    p.extend_from_slice(bytes);
+    proto::encode(out, proto::OUTPUT, id, &p);
+}
+
+/// One running call: its supervisor and its two output pipes.
+struct Call {
+    pid: libc::pid_t,
+    streams: [Stream; 2],
+    /// (status, killed by a signal) once the supervisor was reaped.
+    status: Option<(i32, bool)>,
+}
+
+fn set_nonblocking(fd: libc::c_int) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Runs the server until the daemon closes the channel; returns the exit status.
+pub fn serve() -> i32 {
+    // SAFETY: prctl with integer arguments. Non-dumpable: no ptrace, no /proc/PID/fd for the
+    // sandbox user; executed supervisors become dumpable again, as any process.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // SAFETY: getpid never fails.
+    let me = unsafe { libc::getpid() };
+
+    let sig = pipe_cloexec();
+    for fd in sig {
+        set_nonblocking(fd);
+    }
+    SIG_PIPE_W.store(sig[1], Ordering::SeqCst);
+    for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+        // SAFETY: installing a handler that only does async-signal-safe work.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(s, &sa, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: a vanished daemon gives EPIPE instead of killing the server.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    set_nonblocking(0);
+
+    let mut out = Vec::new();
+    let mut hello = proto::VERSION.to_be_bytes().to_vec();
+    hello.extend_from_slice(&(me as u32).to_be_bytes());
+    proto::encode(&mut out, proto::HELLO, 0, &hello);
+
+    let mut decoder = Decoder::new(proto::MAX_TO_HELPER);
+    let mut calls: HashMap<u64, Call> = HashMap::new();
+    let mut by_pid: HashMap<libc::pid_t, u64> = HashMap::new();
+    let mut input_open = true;
+    let mut daemon_gone = false;
+    let mut inbuf = vec![0u8; 256 << 10];
+    let mut chunk = vec![0u8; proto::CHUNK];
+    loop {
+        if !out.is_empty() {
+            if !daemon_gone && !write_all(1, &out) {
+                daemon_gone = true;
+                input_open = false;
+                stop_all(&calls);
+            }
+            out.clear();
+        }
+        if !input_open && calls.is_empty() {
+            return 0;
+        }
+
+        let mut fds = vec![libc::pollfd {
+            fd: sig[0],
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if input_open {
+            fds.push(libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let mut owners = Vec::new();
+        for (id, call) in &calls {
+            for (k, s) in call.streams.iter().enumerate() {
+                if s.open {
+                    fds.push(libc::pollfd {
+                        fd: s.fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                    owners.push((*id, k));
+                }
+            }
+        }
+        // SAFETY: fds is a valid array of pollfd.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+
+        let mut drain = [0u8; 64];
+        // SAFETY: draining our own non-blocking signal pipe.
+        while unsafe { libc::read(sig[0], drain.as_mut_ptr().cast(), drain.len()) } > 0 {}
+        if LAST_SIGNAL.swap(0, Ordering::SeqCst) != 0 && input_open {
+            input_open = false;
+            stop_all(&calls);
+        }
+
+        let base = if input_open { 2 } else { 1 };
+        if input_open && fds[1].revents != 0 {
+            loop {
+                // SAFETY: reading into a buffer we own.
+                let n = unsafe { libc::read(0, inbuf.as_mut_ptr().cast(), inbuf.len()) };
+                if n > 0 {
+                    decoder.push(&inbuf[..n as usize]);
+                    continue;
+                }
+                if n == 0 || errno() != libc::EAGAIN {
+                    input_open = false;
+                }
+                break;
+            }
+            loop {
+                match decoder.next_frame() {
+                    Ok(None) => break,
+                    Ok(Some(f)) if f.kind == proto::START => {
+                        match Start::decode(&f.payload)
+                            .map_err(|e| e.to_string())
+                            .and_then(|s| start_call(f.id, &s, me, &calls))
+                        {
+                            Ok(call) => {
+                                by_pid.insert(call.pid, f.id);
+                                proto::encode(
+                                    &mut out,
+                                    proto::STARTED,
+                                    f.id,
+                                    &(call.pid as u32).to_be_bytes(),
+                                );
+                                calls.insert(f.id, call);
+                            }
+                            Err(reason) => {
+                                proto::encode(&mut out, proto::FAILED, f.id, reason.as_bytes())
+                            }
+                        }
+                    }
+                    Ok(Some(f)) if f.kind == proto::CANCEL => {
+                        if let Some(call) = calls.get(&f.id) {
+                            stop(call.pid);
+                        }
+                    }
+                    Ok(Some(_)) | Err(_) => {
+                        // Not our daemon speaking: stop serving.
+                        input_open = false;
+                        break;
+                    }
+                }
+            }
+            if !input_open {
+                stop_all(&calls);
+            }
+        }
+
+        for (k, (id, s)) in owners.iter().enumerate() {
+            if fds[base + k].revents == 0 {
+                continue;
+            }
+            let Some(call) = calls.get_mut(id) else {
+                continue;
+            };
+            let stream = &mut call.streams[*s];
+            // SAFETY: reading into a buffer we own.
+            let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+            if n > 0 {
+                stream.take(&chunk[..n as usize], *id, *s as u8 + 1, &mut out);
+            } else if n == 0 || errno() != libc::EAGAIN {
+                stream.open = false;
+                // SAFETY: closing our own read end.
+                unsafe { libc::close(stream.fd) };
+            }
+        }
+
+        loop {
+            let mut ws = 0;
+            // SAFETY: waitpid with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if let Some(call) = by_pid.remove(&pid).and_then(|id| calls.get_mut(&id)) {
+                call.status = Some(if libc::WIFEXITED(ws) {
+                    (libc::WEXITSTATUS(ws), false)
+                } else {
+                    (128 + libc::WTERMSIG(ws), true)
+                });
+            }
+        }
+
+        let done: Vec<u64> = calls
+            .iter()
+            .filter(|(_, c)| c.status.is_some() && c.streams.iter().all(|s| !s.open))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let mut call = calls.remove(&id).expect("listed above");
+            let (status, signaled) = call.status.expect("checked above");
+            if signaled {
+                // The supervisor itself was killed (the sandbox user can): its processes are now
+                // orphans of PID 1, which every live call's processes are not. Kill exactly those.
+                sweep();
+            }
+            for (k, s) in call.streams.iter_mut().enumerate() {
+                s.finish(id, k as u8 + 1, &mut out);
+            }
+            let mut p = status.to_be_bytes().to_vec();
+            p.push(u8::from(signaled));
+            proto::encode(&mut out, proto::EXIT, id, &p);
+        }
+    }
+}
+
+/// SIGTERM to a call's supervisor (SIGCONT first, in case it was stopped): it kills its subtree.
+fn stop(pid: libc::pid_t) {
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+fn stop_all(calls: &HashMap<u64, Call>) {
+    for call in calls.values() {
+        if call.status.is_none() {
+            stop(call.pid);
+        }
+    }
+}
+
+/// Forks and executes the call's supervisor. Everything is prepared before the fork; the child
+/// only calls async-signal-safe functions.
+fn start_call(
+    id: u64,
+    start: &Start,
+    me: libc::pid_t,
+    calls: &HashMap<u64, Call>,
+) -> Result<Call, String> {
+    if calls.contains_key(&id) {
+        return Err(format!("call {id:016x} is already running"));
+    }
+    if start.argv.is_empty() {
+        return Err("no command given".into());
+    }
+    if start.argv.iter().chain(&start.env).any(|a| a.contains(&0)) {
+        return Err("the command or the environment contains a NUL byte".into());
+    }
+    let workdir = match &start.workdir {
+        w if w.is_empty() => None,
+        w => Some(String::from_utf8(w.clone()).map_err(|_| "the workdir is not UTF-8")?),
+    };
+    let args = Args {
+        call_id: format!("{id:016x}"),
+        timeout: Duration::from_millis(start.timeout_ms),
+        grace: Duration::from_millis(start.grace_ms),
+        workdir,
+        stdin_program: start.program.is_some(),
+        argv: start
+            .argv
+            .iter()
+            .map(|a| OsString::from_vec(a.clone()))
+            .collect(),
+    };
+    let env: Vec<(OsString, OsString)> = start
+        .env
+        .iter()
+        .filter_map(|e| {
+            let eq = e.iter().position(|b| *b == b'=')?;
+            Some((
+                OsString::from_vec(e[..eq].to_vec()),
+                OsString::from_vec(e[eq + 1..].to_vec()),
+            ))
+        })
+        .collect();
+
+    // The call's stdin: the program in a memfd (read by the supervisor, never a file), or nothing.
+    let stdin_fd = match &start.program {
+        Some(program) => {
+            // SAFETY: a valid NUL-terminated name.
+            let fd = unsafe { libc::memfd_create(c"zcbot-program".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+            }
+            if !write_all(fd, program) {
+                // SAFETY: closing our own descriptor.
+                unsafe { libc::close(fd) };
+                return Err("could not hold the program in memory".into());
+            }
+            // SAFETY: rewinding our own descriptor.
+            unsafe { libc::lseek(fd, 0, libc::SEEK_SET) };
+            fd
+        }
+        // SAFETY: opening /dev/null.
+        None => unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+    };
+    let outp = pipe_cloexec();
+    let errp = pipe_cloexec();
+
+    // Fork without exec: the child is the call's supervisor (an exec of this binary would cost
+    // another pass through the container's file system). Safe because the server is
+    // single-threaded: no lock can be held by a thread that does not exist in the child.
+    // SAFETY: see above.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: child side of fork, single-threaded.
+        unsafe {
+            for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            // If the server dies, every call is stopped (SIGTERM: the supervisor kills its tree).
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+            if libc::getppid() != me {
+                libc::_exit(125);
+            }
+            libc::prctl(libc::PR_SET_NAME, c"zcbot-call".as_ptr(), 0, 0, 0);
+            libc::dup2(stdin_fd, 0);
+            libc::dup2(outp[1], 1);
+            libc::dup2(errp[1], 2);
+            // Nothing of the server's (the channel, other calls' pipes) stays open in the call.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        }
+        SIG_PIPE_W.store(-1, Ordering::SeqCst);
+        LAST_SIGNAL.store(0, Ordering::SeqCst);
+        for (k, _) in std::env::vars_os() {
+            std::env::remove_var(k);
+        }
+        for (k, v) in env {
+            std::env::set_var(k, v);
+        }
+        let status = crate::supervise(args);
+        // SAFETY: leave without running anything inherited from the server.
+        unsafe { libc::_exit(status) };
+    }
+    let fork_error = std::io::Error::last_os_error();
+    // SAFETY: closing our copies of the child's ends.
+    unsafe {
+        libc::close(stdin_fd);
+        libc::close(outp[1]);
+        libc::close(errp[1]);
+    }
+    if pid < 0 {
+        // SAFETY: closing the read ends nobody will use.
+        unsafe {
+            libc::close(outp[0]);
+            libc::close(errp[0]);
+        }
+        let hint = if fork_error.raw_os_error() == Some(libc::EAGAIN) {
+            " (the sandbox's process limit, ZCBOT_SANDBOX_PIDS, is probably reached)"
+        } else {
+            ""
+        };
+        return Err(format!("cannot start the call: fork: {fork_error}{hint}"));
+    }
+    set_nonblocking(outp[0]);
+    set_nonblocking(errp[0]);
+    let cap = start.cap.min(1 << 30) as usize;
+    Ok(Call {
+        pid,
+        streams: [Stream::new(outp[0], cap), Stream::new(errp[0], cap)],
+        status: None,
+    })
+}
