@@ -753,6 +753,67 @@ async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
 }
 
 #[tokio::test]
+async fn a_crashed_daemon_leaves_no_call_and_no_channel_helper_behind() {
+    use std::io::BufRead;
+    let mut t = TestPool::new("scrash");
+    t.set("ZCBOT_SANDBOX_BACKEND", "docker")
+        .set("ZCBOT_LISTEN", "127.0.0.1:0");
+    let user = t.user("u");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+        .arg("serve")
+        .envs(t.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/users/{user}/tools/shell");
+    let call = {
+        let (addr, path) = (addr.clone(), path.clone());
+        tokio::spawn(async move {
+            let body = json!({"command": "setsid sleep 7001 & (sleep 7002 &); sleep 7003"});
+            raw(&addr, "POST", &path, Some(body.to_string()), &[]).await
+        })
+    };
+    let container = t.container_name(&user);
+    let until = Instant::now() + Duration::from_secs(30);
+    while sleepers(&container, "sleep 700").len() < 3 {
+        assert!(Instant::now() < until, "the call never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The daemon dies without a chance to clean up: its connections to the engine close, the
+    // channel's helper sees the end of its input and stops every call.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = call.await;
+    let left = wait_gone(&container, "sleep 700", Duration::from_secs(5)).await;
+    assert!(left.is_empty(), "the call outlived the daemon: {left:?}");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, helpers, _) = exec_as(&container, "0:0", "pgrep -c -x zcbot-supervise");
+        if helpers == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the channel's helper outlived the daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn remove_on_exit_removes_every_sandbox_of_the_pool() {
     let t = TestPool::new("srmexit");
     let options = ServeOptions {
