@@ -111,6 +111,43 @@ async fn http_post(addr: &str, path: &str, body: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// An HTTP/1.1 client that keeps its connection open between requests, as a real client would.
+struct KeepAlive {
+    s: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+impl KeepAlive {
+    async fn connect(addr: &str) -> Self {
+        KeepAlive {
+            s: tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap()),
+        }
+    }
+
+    async fn post(&mut self, path: &str, body: &str) -> u16 {
+        use tokio::io::AsyncBufReadExt;
+        let req = format!("POST {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        self.s.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let (mut status, mut len) = (0u16, 0usize);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.s.read_line(&mut line).await.unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if l.starts_with("HTTP/1.1 ") {
+                status = l[9..12].parse().unwrap_or(0);
+            } else if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).await.unwrap();
+        status
+    }
+}
+
 struct Bench {
     id: String,
     root: std::path::PathBuf,
@@ -232,16 +269,22 @@ async fn main() {
     }));
     let executor = Executor::from_config(b.config.clone()).await.unwrap();
     let pool = executor.pool().unwrap().clone();
+    // The same pool reached by one Docker exec per call (ZCBOT_EXEC_TRANSPORT=exec).
+    let mut exec_config = b.config.clone();
+    exec_config.transport = zcbot_sandbox::config::Transport::Exec;
+    let per_call = Arc::new(Executor::from_config(exec_config).await.unwrap());
     let cancel = CancellationToken::new();
     let image_id = pool.image_id().to_owned();
 
-    // 1. Warm exec of `true`, four ways, interleaved call by call on one warm container.
+    // 1. Warm exec of `true`, six ways, interleaved call by call on one warm container.
     println!("\n1. warm exec of `true` (one user, warm container), interleaved");
     let u0 = Bench::user(0);
     let c0 = pool.ensure(&u0).await.unwrap().name;
     let body = r#"{"command":"true"}"#;
     let path = format!("/v1/users/{u0}/tools/shell");
-    let (mut lib, mut http, mut cli, mut api) = (hist(), hist(), hist(), hist());
+    let (mut lib, mut lib_exec, mut http, mut http_ka, mut cli, mut api) =
+        (hist(), hist(), hist(), hist(), hist(), hist());
+    let mut client = KeepAlive::connect(&addr).await;
     for i in 0..(n_exec + 30) {
         let warm = i < 30;
         let t = Instant::now();
@@ -253,9 +296,22 @@ async fn main() {
             record(&mut lib, t)
         }
         let t = Instant::now();
+        per_call
+            .run_argv(&u0, vec!["true".into()], None, None, &cancel)
+            .await
+            .unwrap();
+        if !warm {
+            record(&mut lib_exec, t)
+        }
+        let t = Instant::now();
         assert_eq!(http_post(&addr, &path, body).await, 200);
         if !warm {
             record(&mut http, t)
+        }
+        let t = Instant::now();
+        assert_eq!(client.post(&path, body).await, 200);
+        if !warm {
+            record(&mut http_ka, t)
         }
         let t = Instant::now();
         assert!(docker_cli(&["exec", &c0, "true"]));
@@ -277,7 +333,13 @@ async fn main() {
             record(&mut api, t)
         }
     }
-    row("DockerExecutor (library, supervisor)", &lib, Some(&cli));
+    row("library, channel transport (default)", &lib, Some(&cli));
+    row("library, per-call exec transport", &lib_exec, Some(&cli));
+    row(
+        "HTTP API (serve, shell tool, keep-alive)",
+        &http_ka,
+        Some(&cli),
+    );
     row(
         "HTTP API (serve, shell tool, new connection)",
         &http,
@@ -289,7 +351,15 @@ async fn main() {
         Some(&cli),
     );
     row("baseline: docker exec <container> true (CLI)", &cli, None);
-    results.insert("warm_exec".into(), json!({ "library": summary(&lib), "http": summary(&http), "bare_api": summary(&api), "cli_baseline": summary(&cli) }));
+    let ratio =
+        |h: &Histogram<u64>| h.value_at_quantile(0.5) as f64 / cli.value_at_quantile(0.5) as f64;
+    println!(
+        "  p50 as a fraction of the CLI's: channel library 1/{:.1}, HTTP keep-alive 1/{:.1}, per-call exec 1/{:.1}",
+        1.0 / ratio(&lib),
+        1.0 / ratio(&http_ka),
+        1.0 / ratio(&lib_exec)
+    );
+    results.insert("warm_exec".into(), json!({ "library_channel": summary(&lib), "library_exec": summary(&lib_exec), "http_keepalive": summary(&http_ka), "http": summary(&http), "bare_api": summary(&api), "cli_baseline": summary(&cli) }));
 
     // 2. Cold ensure vs docker run -d with the same flags, interleaved.
     println!("\n2. cold ensure (create + start + rules in place) vs docker run -d, same flags");
@@ -342,6 +412,23 @@ async fn main() {
     let executor = Arc::new(executor);
     let mut conc = serde_json::Map::new();
     for inflight in [8usize, 16, 32] {
+        let exec_res = run_concurrent(inflight, &users, |u| {
+            let ex = per_call.clone();
+            async move {
+                let t = Instant::now();
+                ex.run_argv(
+                    &u,
+                    vec!["true".into()],
+                    None,
+                    None,
+                    &CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+                t
+            }
+        })
+        .await;
         let (lib_res, cli_res) = (
             run_concurrent(inflight, &users, |u| {
                 let ex = executor.clone();
@@ -374,12 +461,25 @@ async fn main() {
             })
             .await,
         );
+        let line = |name: &str, r: (f64, u64, f64)| {
+            format!(
+                "{name} {:>6.1} calls/s p99 {:>7.1} ms cpu {:>5.2} s/1000",
+                r.0,
+                r.1 as f64 / 1000.0,
+                r.2
+            )
+        };
         println!(
-            "  {inflight:>2} in flight: library {:>6.1} calls/s p99 {:>7.1} ms cpu {:>5.2} s/1000 | CLI {:>6.1} calls/s p99 {:>7.1} ms cpu {:>5.2} s/1000 | throughput x{:.2}",
-            lib_res.0, lib_res.1 as f64 / 1000.0, lib_res.2, cli_res.0, cli_res.1 as f64 / 1000.0, cli_res.2, lib_res.0 / cli_res.0
+            "  {inflight:>2} in flight: {} | {} | {} | channel/exec x{:.1}, channel/CLI x{:.1}",
+            line("channel", lib_res),
+            line("per-call exec", exec_res),
+            line("CLI", cli_res),
+            lib_res.0 / exec_res.0,
+            lib_res.0 / cli_res.0
         );
         conc.insert(inflight.to_string(), json!({
-            "library": { "calls_per_s": lib_res.0, "p99_us": lib_res.1, "cpu_s_per_1000": lib_res.2 },
+            "library_channel": { "calls_per_s": lib_res.0, "p99_us": lib_res.1, "cpu_s_per_1000": lib_res.2 },
+            "library_exec": { "calls_per_s": exec_res.0, "p99_us": exec_res.1, "cpu_s_per_1000": exec_res.2 },
             "cli": { "calls_per_s": cli_res.0, "p99_us": cli_res.1, "cpu_s_per_1000": cli_res.2 },
         }));
     }
@@ -404,6 +504,22 @@ async fn main() {
         .unwrap();
     let wall = t.elapsed();
     let peak = status_kib("VmHWM:");
+    // The same over per-call exec, where the cap is applied here rather than in the container.
+    let t = Instant::now();
+    per_call
+        .run(
+            &u0,
+            zcbot_sandbox::exec::ToolCall::parse(
+                "shell",
+                json!({"command": "head -c 104857600 /dev/zero | tr '\\0' x"}),
+            )
+            .unwrap(),
+            &cancel,
+        )
+        .await
+        .unwrap();
+    let wall_exec = t.elapsed();
+    let peak_exec = status_kib("VmHWM:");
     let t = Instant::now();
     assert!(docker_cli(&[
         "exec",
@@ -413,8 +529,13 @@ async fn main() {
         "head -c 104857600 /dev/zero | tr '\\0' x > /dev/null"
     ]));
     let base = t.elapsed();
-    println!("  wall {:.2} s (the same work with output discarded in the container: {:.2} s), truncated {}, RSS {} MiB before, peak {} MiB", wall.as_secs_f64(), base.as_secs_f64(), r.truncated.stdout, rss_before / 1024, peak / 1024);
-    results.insert("output_100mib".into(), json!({ "wall_s": wall.as_secs_f64(), "discarded_in_container_s": base.as_secs_f64(), "rss_before_kib": rss_before, "peak_rss_kib": peak }));
+    println!("  channel: wall {:.2} s (the same work with output discarded in the container: {:.2} s), truncated {}, RSS {} MiB before, peak {} MiB", wall.as_secs_f64(), base.as_secs_f64(), r.truncated.stdout, rss_before / 1024, peak / 1024);
+    println!(
+        "  per-call exec: wall {:.2} s, peak RSS {} MiB",
+        wall_exec.as_secs_f64(),
+        peak_exec / 1024
+    );
+    results.insert("output_100mib".into(), json!({ "wall_s": wall.as_secs_f64(), "exec_wall_s": wall_exec.as_secs_f64(), "discarded_in_container_s": base.as_secs_f64(), "rss_before_kib": rss_before, "peak_rss_kib": peak, "exec_peak_rss_kib": peak_exec }));
 
     // 5. Scale: many warm containers.
     println!("\n5. scale: {n_scale} warm containers");
@@ -428,10 +549,19 @@ async fn main() {
     let scale_users: Vec<UserId> = (0..n_scale)
         .map(|i| UserId::parse(&format!("s{i}")).unwrap())
         .collect();
+    // Each container as production holds it: warm, with its channel open (one call made).
     run_concurrent_once(4, &scale_users, |u| {
-        let pool = pool.clone();
+        let ex = executor.clone();
         async move {
-            pool.ensure(&u).await.unwrap();
+            ex.run_argv(
+                &u,
+                vec!["true".into()],
+                None,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
         }
     })
     .await;
@@ -450,7 +580,7 @@ async fn main() {
     let t = Instant::now();
     let all = fresh.reap_idle(Duration::from_nanos(1)).await.unwrap();
     let reap_all_s = t.elapsed().as_secs_f64();
-    println!("  created in {create_s:.1} s (4 at a time); host memory per warm container {mem_per:.1} MiB (MemAvailable)");
+    println!("  created in {create_s:.1} s (4 at a time, one call each: channel open); host memory per warm container {mem_per:.1} MiB (MemAvailable)");
     println!("  startup reconcile: {reconcile_s:.2} s ({} adopted); a reaper pass with nothing to reap: {pass_ms:.3} ms ({} reaped); reaping all: {reap_all_s:.2} s ({} reaped)", report.adopted.len(), none.len(), all.len());
     println!(
         "  daemon RSS with {n_scale} containers: {} MiB, with 0: {} MiB",
