@@ -192,6 +192,7 @@ impl Bench {
     /// The `docker run -d` flags equivalent to a pool container (the CLI baseline).
     fn docker_run_args(&self, name: &str, image: &str) -> Vec<String> {
         let ws = self.root.join("baseline");
+        let pids = self.config.pids.to_string();
         std::fs::create_dir_all(&ws).unwrap();
         let mut a: Vec<String> = [
             "run",
@@ -206,7 +207,7 @@ impl Bench {
             "--security-opt",
             "no-new-privileges:true",
             "--pids-limit",
-            "128",
+            &pids,
             "-m",
             "512m",
             "--memory-swap",

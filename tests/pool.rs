@@ -33,7 +33,7 @@ async fn ensure_creates_a_hardened_container_and_reuses_it() {
         "[no-new-privileges:true]"
     );
     assert_eq!(inspect(c, "{{.HostConfig.Privileged}}"), "false");
-    assert_eq!(inspect(c, "{{.HostConfig.PidsLimit}}"), "128");
+    assert_eq!(inspect(c, "{{.HostConfig.PidsLimit}}"), "256");
     assert_eq!(
         inspect(c, "{{.HostConfig.Memory}}"),
         (512u64 << 20).to_string()
