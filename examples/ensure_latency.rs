@@ -132,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
     Command::new("docker")
         .args(["network", "rm", &network])
         .output()?;
+    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(&network));
     std::fs::remove_dir_all(&root)?;
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! same warm container.
 //!
 //! Run: `cargo run --release --example exec_latency [N]` after scripts/build-image.sh. It uses its
-//! own pool id, network and folders and removes them at the end.
+//! own pool id, network and folders and removes them at the end. The transport is
+//! `ZCBOT_EXEC_TRANSPORT` (default channel). With `ZCBOT_PROFILE_ONLY=1` it makes only the
+//! library calls, back to back, for a system-wide profiler to watch (see BENCH.md).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -68,17 +70,51 @@ async fn main() -> anyhow::Result<()> {
             .args(["exec", &container, "true"])
             .output()?;
     }
+    let transport = format!("{:?}", pool.config().transport).to_lowercase();
+    if std::env::var("ZCBOT_PROFILE_ONLY").is_ok_and(|v| v == "1") {
+        let mut ours = Vec::with_capacity(n);
+        let started = Instant::now();
+        for _ in 0..n {
+            let t = Instant::now();
+            executor
+                .run_argv(&user, argv(), None, None, &cancel)
+                .await?;
+            ours.push(t.elapsed());
+        }
+        let took = started.elapsed();
+        summary(&format!("DockerExecutor ({transport}), alone"), ours);
+        println!("{n} calls in {:.2} s", took.as_secs_f64());
+    } else {
+        interleaved(&executor, &user, &container, &transport, n).await?;
+    }
+
+    pool.shutdown_all().await?;
+    Command::new("docker")
+        .args(["network", "rm", &network])
+        .output()?;
+    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(&network));
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+async fn interleaved(
+    executor: &Executor,
+    user: &UserId,
+    container: &str,
+    transport: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let argv = || vec!["true".to_owned()];
     let (mut ours, mut cli) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
         let t = Instant::now();
-        let r = executor
-            .run_argv(&user, argv(), None, None, &cancel)
-            .await?;
+        let r = executor.run_argv(user, argv(), None, None, &cancel).await?;
         ours.push(t.elapsed());
         anyhow::ensure!(r.exit_code == Some(0), "true failed: {r:?}");
         let t = Instant::now();
         let ok = Command::new("docker")
-            .args(["exec", &container, "true"])
+            .args(["exec", container, "true"])
             .output()?
             .status
             .success();
@@ -86,18 +122,12 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(ok, "docker exec failed");
     }
     println!("warm `true`, {n} calls each, interleaved, after 20 warm-up calls each\n");
-    let (o50, o90) = summary("DockerExecutor (exec + supervisor)", ours);
+    let (o50, o90) = summary(&format!("DockerExecutor ({transport})"), ours);
     let (c50, c90) = summary("docker exec <container> true (CLI)", cli);
     println!(
         "\nratio DockerExecutor / docker CLI: p50 {:.2}, p90 {:.2}",
         o50.as_secs_f64() / c50.as_secs_f64(),
         o90.as_secs_f64() / c90.as_secs_f64()
     );
-
-    pool.shutdown_all().await?;
-    Command::new("docker")
-        .args(["network", "rm", &network])
-        .output()?;
-    std::fs::remove_dir_all(&root)?;
     Ok(())
 }
