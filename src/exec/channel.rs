@@ -165,7 +165,10 @@ impl Channels {
             }
         }
         if let Some(old) = st.channel.take() {
-            old.die("replaced by a channel into the user's current container".into());
+            old.die(
+                "replaced by a channel into the user's current container".into(),
+                true,
+            );
         }
         self.prune();
         match Channel::open(pool, lease, self.stats.clone()).await {
@@ -193,7 +196,7 @@ impl Channels {
         let mut st = slot.lock().await;
         st.failed = Some((lease.sandbox().container_id.clone(), Instant::now()));
         if let Some(ch) = st.channel.take() {
-            ch.die("backing off to per-call exec".into());
+            ch.die("backing off to per-call exec".into(), true);
         }
     }
 
@@ -213,7 +216,7 @@ impl Channels {
         for slot in self.slots.iter() {
             if let Ok(mut st) = slot.try_lock() {
                 if let Some(ch) = st.channel.take() {
-                    ch.die("the daemon is closing its channels".into());
+                    ch.die("the daemon is closing its channels".into(), true);
                 }
             }
         }
@@ -387,29 +390,30 @@ impl Channel {
     /// Routes the helper's frames to the calls until the stream ends or breaks the protocol.
     async fn read_loop(self: Arc<Self>, mut output: Output, mut decoder: Decoder) {
         let mut stderr = Vec::new();
-        let reason = loop {
+        // (reason, whether it can be a normal end: the container removed or stopped by the pool)
+        let (reason, expected) = loop {
             if let Err(reason) = self.dispatch(&mut decoder) {
-                break reason;
+                break (reason, false);
             }
             tokio::select! {
                 item = output.next() => match item {
                     Some(Ok(LogOutput::StdErr { message })) => keep_some(&mut stderr, &message),
                     Some(Ok(other)) => decoder.push(&other.into_bytes()),
-                    Some(Err(e)) => break format!("stream error: {e}"),
+                    Some(Err(e)) => break (format!("stream error: {e}"), false),
                     None => {
                         let said = String::from_utf8_lossy(&stderr).trim().to_owned();
                         break if said.is_empty() {
-                            "the helper exited".to_owned()
+                            ("the helper exited".to_owned(), true)
                         } else {
-                            format!("the helper exited saying: {said}")
+                            (format!("the helper exited saying: {said}"), true)
                         };
                     }
                 },
-                _ = self.dead.cancelled() => break self.reason(),
+                _ = self.dead.cancelled() => break (self.reason(), true),
             }
         };
         drop(output);
-        self.die(reason);
+        self.die(reason, expected);
     }
 
     /// Handles every complete frame; an error is a reason to kill the channel.
@@ -478,8 +482,10 @@ impl Channel {
     }
 
     /// Marks the channel dead (first reason wins), hands every call in flight its end, and
-    /// cleans up what the helper may have left.
-    fn die(self: &Arc<Self>, reason: String) {
+    /// cleans up what the helper may have left. `expected`: an end that is normal when no call is
+    /// in flight (the pool removed the container, the daemon closes or replaces the channel);
+    /// only the others are counted and logged as deaths.
+    fn die(self: &Arc<Self>, reason: String, expected: bool) {
         {
             let mut r = self.reason.lock();
             if r.is_some() {
@@ -489,8 +495,12 @@ impl Channel {
         }
         self.dead.cancel();
         let pending: Vec<Pending> = self.calls.lock().drain().map(|(_, p)| p).collect();
-        self.stats.deaths.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(user = %self.user, container = %self.container, calls = pending.len(), reason = %reason, "exec channel died");
+        if expected && pending.is_empty() {
+            tracing::debug!(user = %self.user, container = %self.container, reason = %reason, "exec channel closed");
+        } else {
+            self.stats.deaths.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(user = %self.user, container = %self.container, calls = pending.len(), reason = %reason, "exec channel died");
+        }
         let in_flight = pending.iter().any(|p| p.started);
         for p in pending {
             let started = p.started;
@@ -586,14 +596,17 @@ impl Channel {
         match wrote {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                self.die(format!("writing to the helper failed: {e}"));
+                self.die(format!("writing to the helper failed: {e}"), false);
                 false
             }
             Err(_) => {
-                self.die(format!(
-                    "the helper took no input for {}",
-                    humantime::format_duration(timeout)
-                ));
+                self.die(
+                    format!(
+                        "the helper took no input for {}",
+                        humantime::format_duration(timeout)
+                    ),
+                    false,
+                );
                 false
             }
         }
@@ -670,7 +683,7 @@ impl Channel {
                     stop_at = Some(tokio::time::Instant::now() + cfg.kill_grace + STOP_MARGIN);
                 }
                 _ = super::docker::sleep_until_opt(stop_at) => {
-                    self.die("the helper did not stop a call in time".into());
+                    self.die("the helper did not stop a call in time".into(), false);
                     stop_at = None;
                 }
             }
