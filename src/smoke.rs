@@ -219,6 +219,10 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         push(c);
     }
 
+    if cfg.transport == crate::config::Transport::Channel {
+        push(channel_check(pool, user).await);
+    }
+
     push(match pool.remove(user).await {
         Ok(_) => match pool.list().await {
             Ok(list) if list.iter().all(|s| s.name != sandbox.name) => {
@@ -230,6 +234,52 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         Err(e) => check("destroy", false, e.to_string()),
     });
     checks
+}
+
+/// A call over the exec channel (the default transport): it must run as a call does over
+/// per-call exec (its own session), and not by falling back.
+async fn channel_check(pool: &SandboxPool, user: &UserId) -> Check {
+    let ex = crate::exec::docker::DockerExecutor::new(pool.clone());
+    let spec = crate::exec::ProcessSpec {
+        argv: vec!["sh".into(), "-c".into(), "ps -o sid= -p $$; echo $$".into()],
+        program: None,
+        timeout: EXEC_TIMEOUT,
+        workdir: Vec::new(),
+        env: Default::default(),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // The first call opens the channel; the second shows what a warm call costs.
+    let first = ex.run(user, spec.clone(), &cancel).await;
+    let started = std::time::Instant::now();
+    let second = ex.run(user, spec, &cancel).await;
+    let took = started.elapsed();
+    ex.close_channels();
+    let stats = ex.stats();
+    let (opens, fallbacks) = (
+        stats.opens.load(Ordering::Relaxed),
+        stats.fallbacks.load(Ordering::Relaxed),
+    );
+    match (first, second) {
+        (Ok(_), Ok(out)) => {
+            let text = String::from_utf8_lossy(&out.stdout.bytes).into_owned();
+            let ids: Vec<&str> = text.split_whitespace().collect();
+            let own_session = ids.len() == 2 && ids[0] == ids[1];
+            let pass = own_session && opens == 1 && fallbacks == 0;
+            check(
+                "exec channel",
+                pass,
+                if pass {
+                    format!(
+                        "a warm call over the channel ran in its own session in {:.1} ms",
+                        took.as_secs_f64() * 1e3
+                    )
+                } else {
+                    format!("session ids {text:?}, channels opened {opens}, fallbacks to per-call exec {fallbacks} (see the daemon's log)")
+                },
+            )
+        }
+        (Err(e), _) | (_, Err(e)) => check("exec channel", false, e.to_string()),
+    }
 }
 
 /// The network escapes, tried from inside a sandbox against listeners this process opens on the

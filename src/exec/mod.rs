@@ -280,11 +280,11 @@ pub struct ProcessSpec {
 /// The outcome of a process, before it becomes a [`ToolResult`].
 #[derive(Debug)]
 pub(crate) struct ProcessOutcome {
-    exit_code: Option<i32>,
-    stdout: output::Captured,
-    stderr: output::Captured,
-    timed_out: bool,
-    cancelled: bool,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) stdout: output::Captured,
+    pub(crate) stderr: output::Captured,
+    pub(crate) timed_out: bool,
+    pub(crate) cancelled: bool,
 }
 
 impl ProcessOutcome {

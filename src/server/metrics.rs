@@ -258,4 +258,25 @@ mod tests {
         );
         assert!(text.contains("zcbot_timeouts_total 1"));
     }
+
+    #[test]
+    fn transport_figures_are_rendered_per_transport() {
+        let t = TransportStats::default();
+        t.opens.fetch_add(2, Ordering::Relaxed);
+        t.fallbacks.fetch_add(1, Ordering::Relaxed);
+        t.observe(true, Duration::from_micros(1500));
+        t.observe(false, Duration::from_millis(60));
+        let text = Metrics::default().render(None, Some(&t));
+        for line in [
+            "zcbot_channel_opens_total 2",
+            "zcbot_channel_deaths_total 0",
+            "zcbot_channel_fallbacks_total 1",
+            "zcbot_transport_duration_seconds_bucket{transport=\"channel\",le=\"0.002\"} 1",
+            "zcbot_transport_duration_seconds_bucket{transport=\"exec\",le=\"0.05\"} 0",
+            "zcbot_transport_duration_seconds_bucket{transport=\"exec\",le=\"0.1\"} 1",
+            "zcbot_transport_duration_seconds_count{transport=\"channel\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
 }
