@@ -515,6 +515,14 @@ async fn bad_calls_are_refused_and_run_nothing(transport: &str) {
         ),
         ("shell", json!({"command": "touch /workspace/ran\u{0}"})),
         ("read_file", json!({"path": "x", "limit": 1_000_000_000u64})),
+        (
+            "shell",
+            json!({"command": format!("touch /workspace/ran #{}", "x".repeat(1 << 20))}),
+        ),
+        (
+            "run_python",
+            json!({"code": format!("open('/workspace/ran', 'w')\n#{}", "x".repeat(16 << 20))}),
+        ),
     ] {
         let err = ex
             .run(

@@ -40,6 +40,11 @@ pub(crate) fn base_env(extra: &BTreeMap<String, String>) -> Vec<String> {
         .collect()
 }
 
+/// The largest command (all arguments together) and the largest program a call may carry: what
+/// fits a channel frame and the in-container supervisor's own bound.
+const MAX_COMMAND_BYTES: usize = 1 << 20;
+const MAX_PROGRAM_BYTES: usize = 16 << 20;
+
 /// The most environment variables a call may set, and their total size.
 const MAX_ENV: usize = 256;
 const MAX_ENV_BYTES: usize = 64 * 1024;
@@ -480,6 +485,18 @@ impl Executor {
         }
         if argv.iter().any(|a| a.contains('\0')) {
             return Err(bad("the command contains a NUL byte".into()));
+        }
+        if argv.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
+            return Err(bad("the command is larger than 1 MiB".into()));
+        }
+        if program
+            .as_ref()
+            .is_some_and(|p| p.len() > MAX_PROGRAM_BYTES)
+        {
+            return Err(bad(
+                "the program is larger than 16 MiB: write it to a file with write_file and run that"
+                    .into(),
+            ));
         }
         let workdir = match workdir {
             None => Vec::new(),

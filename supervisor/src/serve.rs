@@ -165,7 +165,9 @@ pub fn serve() -> i32 {
             events: libc::POLLIN,
             revents: 0,
         }];
-        if input_open {
+        // Whether fds[1] is stdin: input_open may change below, the layout of fds may not.
+        let stdin_polled = input_open;
+        if stdin_polled {
             fds.push(libc::pollfd {
                 fd: 0,
                 events: libc::POLLIN,
@@ -196,8 +198,8 @@ pub fn serve() -> i32 {
             stop_all(&calls);
         }
 
-        let base = if input_open { 2 } else { 1 };
-        if input_open && fds[1].revents != 0 {
+        let base = if stdin_polled { 2 } else { 1 };
+        if input_open && stdin_polled && fds[1].revents != 0 {
             loop {
                 // SAFETY: reading into a buffer we own.
                 let n = unsafe { libc::read(0, inbuf.as_mut_ptr().cast(), inbuf.len()) };
@@ -205,8 +207,11 @@ pub fn serve() -> i32 {
                     decoder.push(&inbuf[..n as usize]);
                     continue;
                 }
-                if n == 0 || errno() != libc::EAGAIN {
-                    input_open = false;
+                match (n, errno()) {
+                    (0, _) => input_open = false,
+                    (_, libc::EINTR) => continue,
+                    (_, libc::EAGAIN) => {}
+                    _ => input_open = false,
                 }
                 break;
             }
@@ -262,7 +267,7 @@ pub fn serve() -> i32 {
             let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
             if n > 0 {
                 stream.take(&chunk[..n as usize], *id, *s as u8 + 1, &mut out);
-            } else if n == 0 || errno() != libc::EAGAIN {
+            } else if n == 0 || !matches!(errno(), libc::EAGAIN | libc::EINTR) {
                 stream.open = false;
                 // SAFETY: closing our own read end.
                 unsafe { libc::close(stream.fd) };
