@@ -101,7 +101,7 @@ impl DockerExecutor {
             let attempt = if !self.pool.rules_intact(lease.sandbox()) {
                 tracing::warn!(container = %lease.sandbox().name, "the sandbox's network namespace changed (restarted?): re-installing its rules");
                 Err(Attempt::Gone(lease.sandbox().container_id.clone()))
-            } else if self.transport == Transport::Channel {
+            } else if self.transport == Transport::Channel && not_started < 2 {
                 match self.channels.get(&self.pool, &lease).await {
                     Ok(ch) => match ch.run(lease, &spec, cancel).await {
                         Ok(outcome) => {
@@ -110,8 +110,9 @@ impl DockerExecutor {
                         }
                         Err(ChannelAttempt::Failed(e)) => return Err(e),
                         Err(ChannelAttempt::NotStarted) => {
+                            // Twice: this container's channel keeps dying before calls start.
                             not_started += 1;
-                            if not_started >= 2 {
+                            if not_started == 2 {
                                 let lease = self.pool.lease(user).await?;
                                 self.channels.back_off(&lease).await;
                             }
@@ -125,6 +126,9 @@ impl DockerExecutor {
                     }
                 }
             } else {
+                if self.transport == Transport::Channel {
+                    self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
                 self.run_once(lease, &spec, cancel).await
             };
             match attempt {

@@ -1,7 +1,7 @@
 //! zcbot-supervise: the per-call supervisor that runs inside a sandbox container.
 //!
-//! The daemon starts every tool call as `docker exec -u <sandbox uid> zcbot-supervise ... -- ARGV`.
-//! The supervisor:
+//! The daemon starts every tool call as `docker exec -u <sandbox uid> zcbot-supervise ... -- ARGV`,
+//! or, over the channel, has the `--serve` helper fork this same code for it. The supervisor:
 //! - makes itself a child subreaper, so descendants that escape with setsid or a double fork
 //!   re-parent to it instead of to the container's init;
 //! - runs ARGV in a new session with stdin on /dev/null (or a program read from stdin into a
