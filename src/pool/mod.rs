@@ -60,6 +60,15 @@ pub struct Sandbox {
     pub netns: Option<(i32, String)>,
 }
 
+/// One run of a container, as `inspect` reports it.
+struct Run {
+    id: String,
+    started_at: SystemTime,
+    /// When the previous run ended; None if the container never stopped.
+    previous_end: Option<SystemTime>,
+    pid: i32,
+}
+
 /// Counters of what the pool did since it started (the daemon exports them as metrics).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PoolStats {
@@ -617,7 +626,7 @@ impl SandboxPool {
     }
 
     /// Waits until the entry of the container's *current* run reports its rules in place: only a
-    /// ready line stamped at or after the run's `StartedAt` counts, because a restarted container's
+    /// ready line stamped after the previous run ended counts, because a restarted container's
     /// log still holds the ready line of its previous run (whose network namespace, and rules,
     /// are gone). If the entry fails or the deadline passes, the container is removed and the error
     /// carries the log's tail.
@@ -627,9 +636,9 @@ impl SandboxPool {
         let mut log = String::new();
         let started = self.inspect_run(name).await?;
         if self.inner.template.rules == RulesMode::Host {
-            if let Some((id, _, pid)) = started {
+            if let Some(run) = started {
                 return self
-                    .install_rules_from_host(user, name, hash, id, pid)
+                    .install_rules_from_host(user, name, hash, run.id, run.pid)
                     .await;
             }
         }
@@ -638,8 +647,9 @@ impl SandboxPool {
                 log = self.log_tail(name).await;
                 Ok(Ok(false))
             }
-            Some((_, started_at, _)) => {
-                let since = started_at
+            Some(run) => {
+                let since = run
+                    .started_at
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs().saturating_sub(1))
                     as i32;
@@ -663,8 +673,12 @@ impl SandboxPool {
                         while let Some(end) = pending.find('\n') {
                             let line: String = pending.drain(..=end).collect();
                             let (stamp, text) = line.split_once(' ').unwrap_or(("", &line));
-                            let current = humantime::parse_rfc3339_weak(stamp)
-                                .is_ok_and(|t| t >= *started_at);
+                            // The current run's lines come after the previous run ended.
+                            // (Not "after StartedAt": the engine records StartedAt once the
+                            // start returns, and a quick entry's first line can beat it.)
+                            let current = humantime::parse_rfc3339_weak(stamp).is_ok_and(|t| {
+                                run.previous_end.is_none_or(|end| t > end)
+                            });
                             if current && text.starts_with(spec::READY_MARKER) {
                                 return Ok(true);
                             }
@@ -681,10 +695,10 @@ impl SandboxPool {
         };
         let reason = match outcome {
             Ok(Ok(true)) => match self.inspect_run(name).await? {
-                Some((id, _, _)) => {
+                Some(run) => {
                     return Ok(Sandbox {
                         user: user.to_string(),
-                        container_id: id,
+                        container_id: run.id,
                         name: name.to_owned(),
                         config_hash: hash.to_owned(),
                         netns: None,
@@ -792,8 +806,8 @@ impl SandboxPool {
         tail(&out, LOG_TAIL_BYTES)
     }
 
-    /// The id and start time of the container's current run; None if it is not running.
-    async fn inspect_run(&self, name: &str) -> Result<Option<(String, SystemTime, i32)>> {
+    /// The container's current run; None if it is not running.
+    async fn inspect_run(&self, name: &str) -> Result<Option<Run>> {
         let docker = &self.inner.docker;
         let found = docker
             .call(
@@ -810,13 +824,17 @@ impl SandboxPool {
         if state.status != Some(State::RUNNING) {
             return Ok(None);
         }
-        let started_at = state
-            .started_at
-            .as_deref()
-            .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let pid = state.pid.unwrap_or(0) as i32;
-        Ok(Some((found.id.unwrap_or_default(), started_at, pid)))
+        let time = |s: Option<&str>| {
+            s.and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+                .filter(|t| *t > SystemTime::UNIX_EPOCH)
+        };
+        Ok(Some(Run {
+            id: found.id.unwrap_or_default(),
+            started_at: time(state.started_at.as_deref()).unwrap_or(SystemTime::UNIX_EPOCH),
+            // Docker reports 0001-01-01 for a container that never stopped: None.
+            previous_end: time(state.finished_at.as_deref()),
+            pid: state.pid.unwrap_or(0) as i32,
+        }))
     }
 
     /// Why a container that should be running is not, in words for the error.
