@@ -648,11 +648,10 @@ impl SandboxPool {
                 Ok(Ok(false))
             }
             Some(run) => {
-                let since = run
-                    .started_at
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs().saturating_sub(1))
-                    as i32;
+                let since =
+                    run.started_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs().saturating_sub(1)) as i32;
                 let mut stream = docker.raw().logs(
                     name,
                     Some(LogsOptions {
@@ -676,9 +675,8 @@ impl SandboxPool {
                             // The current run's lines come after the previous run ended.
                             // (Not "after StartedAt": the engine records StartedAt once the
                             // start returns, and a quick entry's first line can beat it.)
-                            let current = humantime::parse_rfc3339_weak(stamp).is_ok_and(|t| {
-                                run.previous_end.is_none_or(|end| t > end)
-                            });
+                            let current = humantime::parse_rfc3339_weak(stamp)
+                                .is_ok_and(|t| run.previous_end.is_none_or(|end| t > end));
                             if current && text.starts_with(spec::READY_MARKER) {
                                 return Ok(true);
                             }
