@@ -531,11 +531,14 @@ impl Channel {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
                 Ok(info) => break info.running == Some(true),
-                Err(_) => {
+                Err(e) if e.is_not_found() => {
                     // The container (and the exec with it) is gone.
                     self.cleaned.cancel();
                     return;
                 }
+                // The engine did not answer: do what does not depend on the answer (the sweep
+                // below), but do not recycle a sandbox over a hiccup.
+                Err(_) => break false,
             }
         };
         let mut killed = !running;
