@@ -17,6 +17,9 @@ use super::{summary_name, summary_user, Sandbox, SandboxPool, Slot};
 use crate::error::Result;
 use crate::user::UserId;
 
+/// How many idle sandboxes one reaper pass removes at a time.
+const REAP_PARALLEL: usize = 8;
+
 /// What the startup reconcile found and did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ReconcileReport {
@@ -210,28 +213,40 @@ impl SandboxPool {
             })
             .map(|e| (e.key().clone(), e.value().clone()))
             .collect();
+        // Removals run a few at a time: each is ~100 ms of engine work, mostly waiting.
+        let results: Vec<Result<Option<String>>> =
+            futures_util::stream::iter(candidates.into_iter().map(|(user, slot)| async move {
+                let Ok(_gate) = slot.gate.clone().try_lock_owned() else {
+                    return Ok(None);
+                };
+                let taken = {
+                    let mut st = slot.state.lock();
+                    let still_idle = st.in_flight == 0
+                        && !st.starting
+                        && idle_for(st.last_active, SystemTime::now()) > idle;
+                    if still_idle {
+                        st.live.take()
+                    } else {
+                        None
+                    }
+                };
+                let Some(sandbox) = taken else {
+                    return Ok(None);
+                };
+                self.remove_container(&sandbox.name).await?;
+                self.inner.activity.forget(&user);
+                self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(user = %user, container = %sandbox.name, "reaped idle sandbox");
+                Ok(Some(user.to_string()))
+            }))
+            .buffer_unordered(REAP_PARALLEL)
+            .collect()
+            .await;
         let mut reaped = Vec::new();
-        for (user, slot) in candidates {
-            let Ok(_gate) = slot.gate.clone().try_lock_owned() else {
-                continue;
-            };
-            let taken = {
-                let mut st = slot.state.lock();
-                let still_idle = st.in_flight == 0
-                    && !st.starting
-                    && idle_for(st.last_active, SystemTime::now()) > idle;
-                if still_idle {
-                    st.live.take()
-                } else {
-                    None
-                }
-            };
-            let Some(sandbox) = taken else { continue };
-            self.remove_container(&sandbox.name).await?;
-            self.inner.activity.forget(&user);
-            self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(user = %user, container = %sandbox.name, "reaped idle sandbox");
-            reaped.push(user.to_string());
+        for r in results {
+            if let Some(user) = r? {
+                reaped.push(user);
+            }
         }
         reaped.sort();
         Ok(reaped)
