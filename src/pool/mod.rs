@@ -1,6 +1,6 @@
 //! `SandboxPool`: one long-lived, hardened container per user on the internal network.
 //!
-//! State per user is a [`Slot`]: a tokio mutex (the *gate*) that makes bringing a container up or
+//! State per user is a `Slot`: a tokio mutex (the *gate*) that makes bringing a container up or
 //! down single-flight per user, and a small parking_lot mutex with the live container, the calls
 //! in flight and the last activity, held only for a few instructions and never across `.await`.
 //! Different users never wait on each other.
