@@ -17,21 +17,22 @@
 //! its calls by per-call exec for [`FAILED_BACKOFF`].
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::container::LogOutput;
-use bollard::exec::{CreateExecOptions, StartExecResults};
 use dashmap::DashMap;
-use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use zcbot_supervise::proto::{self, Decoder, Start};
 
-use super::docker::{run_collect, signal_verified, BACKSTOP, STOP_MARGIN, SUPERVISOR};
+use super::docker::{
+    run_collect, signal_verified, start_attached, Attached, Input, Output, BACKSTOP, STOP_MARGIN,
+    SUPERVISOR,
+};
 use super::output::Capture;
 use super::{ProcessOutcome, ProcessSpec};
 use crate::docker::Docker;
@@ -45,9 +46,6 @@ pub const FAILED_BACKOFF: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the helper's own stderr is kept for messages.
 const HELPER_STDERR: usize = 2048;
-
-type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
-type Input = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// Upper bounds (seconds) of the per-transport latency histogram's buckets.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -291,37 +289,24 @@ impl Channel {
         let cfg = pool.config();
         let container = lease.sandbox().name.clone();
         let channel_id = super::new_call_id();
-        let created = docker
-            .call(
-                || format!("create the channel exec in {container}"),
-                docker.raw().create_exec(
-                    &container,
-                    CreateExecOptions {
-                        cmd: Some(vec![
-                            SUPERVISOR.to_owned(),
-                            "--serve".to_owned(),
-                            channel_id.clone(),
-                        ]),
-                        user: Some(format!("{}:{}", cfg.uid, cfg.gid)),
-                        env: Some(super::base_env(&Default::default())),
-                        working_dir: Some("/workspace".to_owned()),
-                        attach_stdin: Some(true),
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await?;
-        let started = docker
-            .call(
-                || format!("start the channel exec in {container}"),
-                docker.raw().start_exec(&created.id, None),
-            )
-            .await?;
-        let StartExecResults::Attached { mut output, input } = started else {
-            return Err(helper_error(&container, "the engine started it detached"));
-        };
+        let Attached {
+            id: exec_id,
+            mut output,
+            input,
+        } = start_attached(
+            &docker,
+            &container,
+            "the channel exec",
+            vec![
+                SUPERVISOR.to_owned(),
+                "--serve".to_owned(),
+                channel_id.clone(),
+            ],
+            &format!("{}:{}", cfg.uid, cfg.gid),
+            super::base_env(&Default::default()),
+            true,
+        )
+        .await?;
         let mut decoder = Decoder::new(proto::MAX_FROM_HELPER);
         let mut stderr = Vec::new();
         let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -371,7 +356,7 @@ impl Channel {
             user: lease.user().clone(),
             container: container.clone(),
             container_id: lease.sandbox().container_id.clone(),
-            exec_id: created.id,
+            exec_id,
             channel_id,
             docker,
             pool: pool.clone(),

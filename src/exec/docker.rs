@@ -15,18 +15,20 @@
 //! to the container's init, and `zcbot-supervise --sweep` kills exactly those: every live call's
 //! processes descend from a live supervisor. If even that fails, the container is recycled.
 
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
-use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{ChannelAttempt, Channels, TransportStats, Unusable};
 use super::output::Capture;
-use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec, BASE_ENV};
+use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec};
 use crate::config::Transport;
 use crate::docker::Docker;
 use crate::error::{Error, Result};
@@ -195,50 +197,27 @@ impl DockerExecutor {
                 Attempt::Failed(e)
             }
         };
-        let created = docker
-            .call(
-                || format!("create an exec in {container}"),
-                docker.raw().create_exec(
-                    &container,
-                    CreateExecOptions {
-                        cmd: Some(cmd),
-                        user: Some(uid.clone()),
-                        env: Some(env),
-                        working_dir: Some("/workspace".to_owned()),
-                        attach_stdin: Some(spec.program.is_some()),
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await
-            .map_err(attempt)?;
-        let started = docker
-            .call(
-                || format!("start an exec in {container}"),
-                docker.raw().start_exec(&created.id, None),
-            )
-            .await
-            .map_err(attempt)?;
-        let StartExecResults::Attached {
+        let Attached {
+            id: exec_id,
             mut output,
             mut input,
-        } = started
-        else {
-            return Err(Attempt::Failed(Error::Docker {
-                op: format!("attach to an exec in {container}"),
-                source: bollard::errors::Error::DockerStreamError {
-                    error: "the engine started the exec detached".to_owned(),
-                },
-            }));
-        };
+        } = start_attached(
+            &docker,
+            &container,
+            "an exec",
+            cmd,
+            &uid,
+            env,
+            spec.program.is_some(),
+        )
+        .await
+        .map_err(attempt)?;
         // From here on the call's processes may be running: whatever ends this future kills them.
         let mut guard = StopGuard {
             call: Some(CallHandle {
                 docker: docker.clone(),
                 pool: self.pool.clone(),
-                exec_id: created.id.clone(),
+                exec_id,
                 call_id,
                 container: container.clone(),
                 uid,
@@ -526,6 +505,70 @@ pub(crate) fn signal_verified(pid: i32, flag: &str, id: &str, signals: &[libc::c
     })
 }
 
+/// What an exec's attached stdout/stderr yield.
+pub(crate) type Output =
+    Pin<Box<dyn Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>> + Send>>;
+/// An exec's attached stdin.
+pub(crate) type Input = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// A started exec with its streams attached.
+pub(crate) struct Attached {
+    pub(crate) id: String,
+    pub(crate) output: Output,
+    pub(crate) input: Input,
+}
+
+/// Creates and starts an exec of `cmd` in `container` as `user` (`uid:gid`), in /workspace with
+/// exactly `env`, attached to its stdout and stderr, and to its stdin when `stdin`. `what` names
+/// it in errors ("an exec", "the channel exec"). Every exec the daemon makes goes through here.
+pub(crate) async fn start_attached(
+    docker: &Docker,
+    container: &str,
+    what: &str,
+    cmd: Vec<String>,
+    user: &str,
+    env: Vec<String>,
+    stdin: bool,
+) -> Result<Attached> {
+    let created = docker
+        .call(
+            || format!("create {what} in {container}"),
+            docker.raw().create_exec(
+                container,
+                CreateExecOptions {
+                    cmd: Some(cmd),
+                    user: Some(user.to_owned()),
+                    env: Some(env),
+                    working_dir: Some("/workspace".to_owned()),
+                    attach_stdin: Some(stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await?;
+    let started = docker
+        .call(
+            || format!("start {what} in {container}"),
+            docker.raw().start_exec(&created.id, None),
+        )
+        .await?;
+    let StartExecResults::Attached { output, input } = started else {
+        return Err(Error::Docker {
+            op: format!("attach to {what} in {container}"),
+            source: bollard::errors::Error::DockerStreamError {
+                error: "the engine started the exec detached".to_owned(),
+            },
+        });
+    };
+    Ok(Attached {
+        id: created.id,
+        output,
+        input,
+    })
+}
+
 /// What one short helper exec produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -560,38 +603,20 @@ pub async fn run_collect(
     timeout: Duration,
     cap: usize,
 ) -> Result<ExecOutput> {
-    let raw = docker.raw();
-    let created = docker
-        .call(
-            || format!("create an exec in {container}"),
-            raw.create_exec(
-                container,
-                CreateExecOptions {
-                    cmd: Some(argv.iter().map(|s| s.to_string()).collect()),
-                    user: Some(user.to_owned()),
-                    env: Some(BASE_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-                    working_dir: Some("/workspace".to_owned()),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            ),
-        )
-        .await?;
-    let started = docker
-        .call(
-            || format!("start an exec in {container}"),
-            raw.start_exec(&created.id, None),
-        )
-        .await?;
-    let StartExecResults::Attached { mut output, .. } = started else {
-        return Err(Error::Docker {
-            op: format!("attach to an exec in {container}"),
-            source: bollard::errors::Error::DockerStreamError {
-                error: "the engine started the exec detached".to_owned(),
-            },
-        });
-    };
+    let Attached {
+        id: exec_id,
+        mut output,
+        ..
+    } = start_attached(
+        docker,
+        container,
+        "an exec",
+        argv.iter().map(|s| s.to_string()).collect(),
+        user,
+        base_env(&Default::default()),
+        false,
+    )
+    .await?;
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
     let read = tokio::time::timeout(timeout, async {
@@ -620,7 +645,7 @@ pub async fn run_collect(
     let inspected = docker
         .call(
             || format!("inspect an exec in {container}"),
-            raw.inspect_exec(&created.id),
+            docker.raw().inspect_exec(&exec_id),
         )
         .await?;
     Ok(ExecOutput {
