@@ -37,7 +37,7 @@ const MAX_PROGRAM: usize = 16 << 20;
 static SIG_PIPE_W: AtomicI32 = AtomicI32::new(-1);
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-pub(crate) extern "C" fn on_signal(sig: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
     if sig != libc::SIGCHLD {
         LAST_SIGNAL.store(sig, Ordering::SeqCst);
     }
@@ -46,6 +46,29 @@ pub(crate) extern "C" fn on_signal(sig: libc::c_int) {
         // SAFETY: write(2) is async-signal-safe; the pipe is non-blocking, a full pipe is fine.
         unsafe { libc::write(fd, b"s".as_ptr().cast(), 1) };
     }
+}
+
+/// Routes SIGTERM/SIGINT/SIGHUP (noted in LAST_SIGNAL) and SIGCHLD to a non-blocking pipe that
+/// a poll loop watches, and ignores SIGPIPE (a vanished reader gives EPIPE). Returns the pipe.
+pub(crate) fn signal_pipe() -> [libc::c_int; 2] {
+    let sig = pipe_cloexec();
+    for fd in sig {
+        // SAFETY: fcntl on our own descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    }
+    SIG_PIPE_W.store(sig[1], Ordering::SeqCst);
+    for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+        // SAFETY: installing a handler that only does async-signal-safe work.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(s, &sa, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: ignoring SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    sig
 }
 
 fn die(code: i32, msg: &str) -> ! {
@@ -152,23 +175,7 @@ pub(crate) fn supervise(args: Args) -> i32 {
         argv.push(cstr(format!("/proc/self/fd/{program_fd}")));
     }
 
-    let sig = pipe_cloexec();
-    for fd in sig {
-        // SAFETY: fcntl on our own descriptor.
-        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
-    }
-    SIG_PIPE_W.store(sig[1], Ordering::SeqCst);
-    for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
-        // SAFETY: installing a handler that only does async-signal-safe work.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(s, &sa, std::ptr::null_mut());
-        }
-    }
-    // SAFETY: ignoring SIGPIPE so a vanished reader gives EPIPE instead of killing us.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let sig = signal_pipe();
 
     let out = pipe_cloexec();
     let err = pipe_cloexec();

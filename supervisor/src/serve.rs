@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use zcbot_supervise::proto::{self, Decoder, Start};
 
-use crate::{on_signal, pipe_cloexec, sweep, write_all, Args, LAST_SIGNAL, SIG_PIPE_W};
+use crate::{pipe_cloexec, signal_pipe, sweep, write_all, Args, LAST_SIGNAL, SIG_PIPE_W};
 
 /// One output stream of one call.
 struct Stream {
@@ -117,22 +117,8 @@ pub fn serve() -> i32 {
     // SAFETY: getpid never fails.
     let me = unsafe { libc::getpid() };
 
-    let sig = pipe_cloexec();
-    for fd in sig {
-        set_nonblocking(fd);
-    }
-    SIG_PIPE_W.store(sig[1], Ordering::SeqCst);
-    for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
-        // SAFETY: installing a handler that only does async-signal-safe work.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(s, &sa, std::ptr::null_mut());
-        }
-    }
-    // SAFETY: a vanished daemon gives EPIPE instead of killing the server.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // A vanished daemon gives EPIPE instead of killing the server.
+    let sig = signal_pipe();
     set_nonblocking(0);
 
     let mut out = Vec::new();
