@@ -432,27 +432,8 @@ async fn an_output_flood_does_not_grow_the_daemons_memory() {
         let user = t.user("u");
         let env = t.env();
         let (peak_growth_mib, stdout_len, truncated) = tokio::task::spawn_blocking(move || {
-            use std::io::{BufRead, Read, Write};
-            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
-                .arg("serve")
-                .envs(env)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-            out.read_line(&mut line).unwrap();
-            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-            let addr = line
-                .split("listening on ")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_start_matches("http://")
-                .to_owned();
+            use std::io::{Read, Write};
+            let (mut child, addr) = common::spawn_daemon(env);
             let kib = |field: &str| -> u64 {
                 std::fs::read_to_string(format!("/proc/{}/status", child.id()))
                     .unwrap()

@@ -676,36 +676,12 @@ async fn startup_fails_with_the_reason_and_never_serves_half_initialised() {
 
 #[tokio::test]
 async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
-    use std::io::BufRead;
     let mut t = TestPool::new("sbin");
     t.set("ZCBOT_SANDBOX_BACKEND", "docker")
         .set("ZCBOT_LISTEN", "127.0.0.1:0")
         .set("ZCBOT_SHUTDOWN_GRACE", "2s");
     let user = t.user("u");
-    let start = || {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
-            .arg("serve")
-            .envs(t.env())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut line).unwrap();
-        // Keep draining: a daemon whose stdout reader went away must still work, but don't test
-        // that by accident here.
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned();
-        (child, addr)
-    };
+    let start = || common::spawn_daemon(t.env());
     let (mut child, addr) = start();
     let (s, _, body) = raw(
         &addr,
@@ -754,30 +730,11 @@ async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
 
 #[tokio::test]
 async fn a_crashed_daemon_leaves_no_call_and_no_channel_helper_behind() {
-    use std::io::BufRead;
     let mut t = TestPool::new("scrash");
     t.set("ZCBOT_SANDBOX_BACKEND", "docker")
         .set("ZCBOT_LISTEN", "127.0.0.1:0");
     let user = t.user("u");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
-        .arg("serve")
-        .envs(t.env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    stdout.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let (mut child, addr) = common::spawn_daemon(t.env());
     let path = format!("/v1/users/{user}/tools/shell");
     let call = {
         let (addr, path) = (addr.clone(), path.clone());

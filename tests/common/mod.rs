@@ -242,6 +242,34 @@ pub fn build_test_image(t: &mut TestPool, dockerfile_tail: &str) -> String {
     image
 }
 
+/// Starts the `zcbot-sandbox serve` binary with `env` (which must set `ZCBOT_LISTEN` to a TCP
+/// address) and returns it with the `host:port` it printed. Its stdout keeps being drained, so a
+/// daemon whose reader went away is never tested by accident.
+pub fn spawn_daemon(env: Vec<(String, String)>) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+        .arg("serve")
+        .envs(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("the daemon did not say where it listens: {line:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned();
+    (child, addr)
+}
+
 /// Prepares this test's folders for a daemon running as nobody and returns the docker group's
 /// gid, with which such a daemon still reaches the engine (`setpriv --reuid=65534 --regid=GID`).
 pub fn unprivileged(t: &TestPool) -> String {
