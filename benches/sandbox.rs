@@ -293,20 +293,12 @@ async fn main() {
     for i in 0..(n_exec + 30) {
         let warm = i < 30;
         settle().await;
-        let t = Instant::now();
-        executor
-            .run_argv(&u0, vec!["true".into()], None, None, &cancel)
-            .await
-            .unwrap();
+        let t = call_true(&executor, &u0).await;
         if !warm {
             record(&mut lib, t)
         }
         settle().await;
-        let t = Instant::now();
-        per_call
-            .run_argv(&u0, vec!["true".into()], None, None, &cancel)
-            .await
-            .unwrap();
+        let t = call_true(&per_call, &u0).await;
         if !warm {
             record(&mut lib_exec, t)
         }
@@ -423,46 +415,19 @@ async fn main() {
     let executor = Arc::new(executor);
     // Every user's channel open before measuring (as it is after a user's first call).
     for u in &users {
-        executor
-            .run_argv(u, vec!["true".into()], None, None, &cancel)
-            .await
-            .unwrap();
+        call_true(&executor, u).await;
     }
     let mut conc = serde_json::Map::new();
     for inflight in [8usize, 16, 32] {
         let exec_res = run_concurrent(inflight, &users, |u| {
             let ex = per_call.clone();
-            async move {
-                let t = Instant::now();
-                ex.run_argv(
-                    &u,
-                    vec!["true".into()],
-                    None,
-                    None,
-                    &CancellationToken::new(),
-                )
-                .await
-                .unwrap();
-                t
-            }
+            async move { call_true(&ex, &u).await }
         })
         .await;
         let (lib_res, cli_res) = (
             run_concurrent(inflight, &users, |u| {
                 let ex = executor.clone();
-                async move {
-                    let t = Instant::now();
-                    ex.run_argv(
-                        &u,
-                        vec!["true".into()],
-                        None,
-                        None,
-                        &CancellationToken::new(),
-                    )
-                    .await
-                    .unwrap();
-                    t
-                }
+                async move { call_true(&ex, &u).await }
             })
             .await,
             run_concurrent(inflight, &users, |u| {
@@ -507,35 +472,20 @@ async fn main() {
     println!("\n6. output: a call that prints 100 MiB (cap 1 MiB per stream)");
     let rss_before = status_kib("VmRSS:");
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the peak
-    let t = Instant::now();
-    let r = executor
-        .run(
-            &u0,
-            zcbot_sandbox::exec::ToolCall::parse(
-                "shell",
-                json!({"command": "head -c 104857600 /dev/zero | tr '\\0' x"}),
-            )
-            .unwrap(),
-            &cancel,
+    let flood = || {
+        zcbot_sandbox::exec::ToolCall::parse(
+            "shell",
+            json!({"command": "head -c 104857600 /dev/zero | tr '\\0' x"}),
         )
-        .await
-        .unwrap();
+        .unwrap()
+    };
+    let t = Instant::now();
+    let r = executor.run(&u0, flood(), &cancel).await.unwrap();
     let wall = t.elapsed();
     let peak = status_kib("VmHWM:");
     // The same over per-call exec, where the cap is applied here rather than in the container.
     let t = Instant::now();
-    per_call
-        .run(
-            &u0,
-            zcbot_sandbox::exec::ToolCall::parse(
-                "shell",
-                json!({"command": "head -c 104857600 /dev/zero | tr '\\0' x"}),
-            )
-            .unwrap(),
-            &cancel,
-        )
-        .await
-        .unwrap();
+    per_call.run(&u0, flood(), &cancel).await.unwrap();
     let wall_exec = t.elapsed();
     let peak_exec = status_kib("VmHWM:");
     let t = Instant::now();
@@ -571,15 +521,7 @@ async fn main() {
     run_concurrent_once(4, &scale_users, |u| {
         let ex = executor.clone();
         async move {
-            ex.run_argv(
-                &u,
-                vec!["true".into()],
-                None,
-                None,
-                &CancellationToken::new(),
-            )
-            .await
-            .unwrap();
+            call_true(&ex, &u).await;
         }
     })
     .await;
@@ -623,6 +565,21 @@ async fn main() {
         .unwrap();
         println!("results: {path}");
     }
+}
+
+/// One call of `true` through `ex`; returns when it started, for the caller to time it.
+async fn call_true(ex: &Executor, user: &UserId) -> Instant {
+    let t = Instant::now();
+    ex.run_argv(
+        user,
+        vec!["true".into()],
+        None,
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    t
 }
 
 fn h_ns(h: &mut Histogram<u64>, since: Instant) {
