@@ -11,6 +11,18 @@ if ! docker info >/dev/null 2>&1; then
     exit 1
 fi
 
+# The quota tests make their own btrfs file systems on loop devices (mkfs.btrfs, btrfs quota).
+if ! command -v mkfs.btrfs >/dev/null 2>&1 || ! command -v btrfs >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "test.sh: installing btrfs-progs (the quota tests make btrfs file systems)" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq btrfs-progs >/dev/null
+    else
+        echo "test.sh: btrfs-progs is missing: install it (apt-get install btrfs-progs) or run as root" >&2
+        exit 1
+    fi
+fi
+
 scripts/build-image.sh
 
 echo "test.sh: cargo fmt --check" >&2

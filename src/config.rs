@@ -40,10 +40,38 @@ pub struct Config {
     pub pids: i64,
     /// `ZCBOT_SANDBOX_TMPFS_SIZE`: size of the container's `/tmp` tmpfs in bytes (default 64MiB).
     pub tmpfs_bytes: i64,
-    /// `ZCBOT_SANDBOX_UID`: `uid:gid` the sandbox user runs as and owns its folder (default 1000:1000).
+    /// `ZCBOT_SANDBOX_UID`: `uid:gid` every tenant runs as when the daemon cannot give each its
+    /// own (not root), and the owner whose folders a root daemon migrates to the tenants' own
+    /// uids (default 1000:1000, the single uid of earlier releases).
     pub uid: u32,
     /// The gid half of `ZCBOT_SANDBOX_UID`.
     pub gid: u32,
+    /// `ZCBOT_SANDBOX_UID_RANGE`: `FIRST-LAST`, the host uids (and gids) tenants get, one each,
+    /// allocated once and kept in the state folder (default 200000-299999). No host account may
+    /// use them: the daemon refuses to start if one does.
+    pub uid_range: UidRange,
+    /// `ZCBOT_SANDBOX_DISK`: bytes one user's folder may hold, enforced by the kernel where the
+    /// users root allows it (btrfs with quotas; default 1GiB).
+    pub disk_bytes: u64,
+    /// `ZCBOT_REQUIRE_DISK_QUOTA`: refuse to start when the users root cannot enforce
+    /// `ZCBOT_SANDBOX_DISK` (default off: start with a loud warning).
+    pub require_disk_quota: bool,
+    /// `ZCBOT_FILE_TIMEOUT`: the deadline of one file tool call (default 30s).
+    pub file_timeout: Duration,
+    /// `ZCBOT_FILE_MAX_ENTRIES`: folder entries one file call may visit (default 1000000).
+    pub file_max_entries: u64,
+    /// `ZCBOT_FILE_WORKERS`: file calls running at once on the host, all users together
+    /// (default 8; each user has at most 2 of them).
+    pub file_workers: usize,
+    /// `ZCBOT_HTTP_HEADER_TIMEOUT`: how long a client may take to send a request's headers
+    /// (default 10s).
+    pub http_header_timeout: Duration,
+    /// `ZCBOT_HTTP_IDLE_TIMEOUT`: how long a kept-alive connection may sit idle between requests
+    /// (default 60s).
+    pub http_idle_timeout: Duration,
+    /// `ZCBOT_HTTP_MAX_CONNECTIONS`: open connections at most; more are refused at once with 503
+    /// (default 1024).
+    pub http_max_connections: usize,
     /// `ZCBOT_SANDBOX_MAX`: most containers at once (default 100).
     pub max_containers: usize,
     /// `ZCBOT_PG_IPS`: database addresses the sandbox must never reach (comma or space separated).
@@ -138,6 +166,38 @@ impl Config {
     }
 }
 
+/// The uids a pool gives its tenants (gid = uid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    /// First uid of the range.
+    pub first: u32,
+    /// Last uid of the range (inclusive).
+    pub last: u32,
+}
+
+impl UidRange {
+    /// How many uids the range holds.
+    pub fn len(&self) -> u64 {
+        u64::from(self.last - self.first) + 1
+    }
+
+    /// Never true: a range holds at least one uid (config validation).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether `uid` lies in the range.
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+}
+
+impl std::fmt::Display for UidRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
 /// Where the daemon listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -191,6 +251,15 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_SANDBOX_PIDS",
     "ZCBOT_SANDBOX_TMPFS_SIZE",
     "ZCBOT_SANDBOX_UID",
+    "ZCBOT_SANDBOX_UID_RANGE",
+    "ZCBOT_SANDBOX_DISK",
+    "ZCBOT_REQUIRE_DISK_QUOTA",
+    "ZCBOT_FILE_TIMEOUT",
+    "ZCBOT_FILE_MAX_ENTRIES",
+    "ZCBOT_FILE_WORKERS",
+    "ZCBOT_HTTP_HEADER_TIMEOUT",
+    "ZCBOT_HTTP_IDLE_TIMEOUT",
+    "ZCBOT_HTTP_MAX_CONNECTIONS",
     "ZCBOT_SANDBOX_MAX",
     "ZCBOT_PG_IPS",
     "ZCBOT_SANDBOX_BLOCK_CIDRS",
@@ -231,6 +300,20 @@ impl Config {
                 var: "ZCBOT_EXEC_TIMEOUT",
                 value: humantime::format_duration(exec_timeout).to_string(),
                 reason: "must not be longer than ZCBOT_EXEC_TIMEOUT_MAX".into(),
+            });
+        }
+        let uid_range = parse_var(
+            &get,
+            "ZCBOT_SANDBOX_UID_RANGE",
+            "200000-299999",
+            parse_uid_range,
+        )?;
+        if uid_range.contains(uid) {
+            // The old single owner's folders would look like some tenant's own.
+            return Err(Error::Config {
+                var: "ZCBOT_SANDBOX_UID_RANGE",
+                value: uid_range.to_string(),
+                reason: format!("must not hold ZCBOT_SANDBOX_UID ({uid})"),
             });
         }
         let listen = parse_var(&get, "ZCBOT_LISTEN", "127.0.0.1:8787", parse_listen)?;
@@ -292,6 +375,28 @@ impl Config {
             })?,
             uid,
             gid,
+            uid_range,
+            disk_bytes: parse_var(&get, "ZCBOT_SANDBOX_DISK", "1GiB", |v| {
+                parse_bytes(v, 16 << 20).map(|n| n as u64)
+            })?,
+            require_disk_quota: parse_var(&get, "ZCBOT_REQUIRE_DISK_QUOTA", "0", parse_bool)?,
+            file_timeout: parse_var(&get, "ZCBOT_FILE_TIMEOUT", "30s", parse_duration)?,
+            file_max_entries: parse_var(&get, "ZCBOT_FILE_MAX_ENTRIES", "1000000", |v| {
+                parse_int(v, 100, 1 << 40).map(|n| n as u64)
+            })?,
+            file_workers: parse_var(&get, "ZCBOT_FILE_WORKERS", "8", |v| {
+                parse_int(v, 1, 1024).map(|n| n as usize)
+            })?,
+            http_header_timeout: parse_var(
+                &get,
+                "ZCBOT_HTTP_HEADER_TIMEOUT",
+                "10s",
+                parse_duration,
+            )?,
+            http_idle_timeout: parse_var(&get, "ZCBOT_HTTP_IDLE_TIMEOUT", "60s", parse_duration)?,
+            http_max_connections: parse_var(&get, "ZCBOT_HTTP_MAX_CONNECTIONS", "1024", |v| {
+                parse_int(v, 1, 1_000_000).map(|n| n as usize)
+            })?,
             max_containers: parse_var(&get, "ZCBOT_SANDBOX_MAX", "100", |v| {
                 parse_int(v, 1, 100_000).map(|n| n as usize)
             })?,
@@ -456,6 +561,29 @@ fn parse_uid_gid(v: &str) -> std::result::Result<(u32, u32), String> {
     Ok((uid, gid))
 }
 
+fn parse_uid_range(v: &str) -> std::result::Result<UidRange, String> {
+    let hint = "write FIRST-LAST such as 200000-299999 (ids no host account uses, above 65535)";
+    let (a, b) = v.split_once('-').ok_or_else(|| hint.to_owned())?;
+    let first: u32 = a.trim().parse().map_err(|_| hint.to_owned())?;
+    let last: u32 = b.trim().parse().map_err(|_| hint.to_owned())?;
+    // Below 65536 live the distribution's and the site's accounts (and nobody, 65534);
+    // u32::MAX is the kernel's "no id" and must never be handed out.
+    if first < 65_536 || last < first || last == u32::MAX {
+        return Err(hint.to_owned());
+    }
+    Ok(UidRange { first, last })
+}
+
+/// A byte count as an operator writes it (`1 GiB`, `512 MiB`, `1000 bytes`).
+pub fn format_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} bytes")
+}
+
 fn parse_pool_id(v: &str) -> std::result::Result<String, String> {
     let ok = !v.is_empty()
         && v.len() <= 32
@@ -528,6 +656,18 @@ mod tests {
         assert_eq!(c.output_cap, 1 << 20);
         assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8787".parse().unwrap()));
         assert!(c.api_token.is_none());
+        assert_eq!(
+            c.uid_range,
+            UidRange {
+                first: 200_000,
+                last: 299_999
+            }
+        );
+        assert_eq!(c.disk_bytes, 1 << 30);
+        assert!(!c.require_disk_quota);
+        assert_eq!(c.file_timeout, Duration::from_secs(30));
+        assert_eq!(c.http_max_connections, 1024);
+        assert_eq!(format_bytes(c.disk_bytes), "1 GiB");
     }
 
     #[test]
@@ -598,6 +738,14 @@ mod tests {
             ("ZCBOT_LISTEN", "localhost"),
             ("ZCBOT_USER_MAX_CALLS", "0"),
             ("ZCBOT_SANDBOX_EGRESS", "open"),
+            ("ZCBOT_SANDBOX_UID_RANGE", "1000-2000"),
+            ("ZCBOT_SANDBOX_UID_RANGE", "300000-200000"),
+            ("ZCBOT_SANDBOX_UID_RANGE", "lots"),
+            ("ZCBOT_SANDBOX_UID_RANGE", "999-299999"),
+            ("ZCBOT_SANDBOX_DISK", "1k"),
+            ("ZCBOT_FILE_WORKERS", "0"),
+            ("ZCBOT_HTTP_MAX_CONNECTIONS", "0"),
+            ("ZCBOT_HTTP_HEADER_TIMEOUT", "never"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             let msg = err.to_string();

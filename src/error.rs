@@ -138,6 +138,47 @@ pub enum Error {
         reason: String,
     },
 
+    /// A file call asked for more than a limit allows (a path too long or too deep, a tree too
+    /// deep or too large to walk). What it did before the limit stands; the rest is untouched.
+    #[error("{path}: over the {limit} limit: {detail}")]
+    FileLimit {
+        /// The path as the caller gave it (shortened).
+        path: String,
+        /// The limit that tripped.
+        limit: &'static str,
+        /// What was asked and what is allowed.
+        detail: String,
+    },
+
+    /// A file call stopped at its deadline or was cancelled. What it did stands; the rest is
+    /// untouched. The executor reports it as a result with `timed_out` or `cancelled` set.
+    #[error("{path}: {} ({progress})", if *cancelled { "cancelled".to_owned() } else { format!("stopped after {} (ZCBOT_FILE_TIMEOUT)", humantime::format_duration(*after)) })]
+    FileStopped {
+        /// The path as the caller gave it (shortened).
+        path: String,
+        /// Cancelled (true) or out of time (false).
+        cancelled: bool,
+        /// The call's deadline.
+        after: Duration,
+        /// What the call had done when it stopped.
+        progress: String,
+    },
+
+    /// The user's folder has no room for a write: its disk quota (`ZCBOT_SANDBOX_DISK`) is used
+    /// up, or the disk is full. Nothing of the write is left.
+    #[error("{path}: the user's folder is full (its disk quota, ZCBOT_SANDBOX_DISK, is used up, or the disk is full); nothing was written: delete files to make room")]
+    DiskFull {
+        /// The path as the caller gave it (shortened).
+        path: String,
+    },
+
+    /// Per-user disk quotas are required (`ZCBOT_REQUIRE_DISK_QUOTA=1`) and cannot be enforced.
+    #[error("per-user disk quotas cannot be enforced: {reason} (prepare a users root as RUN.md says, or unset ZCBOT_REQUIRE_DISK_QUOTA)")]
+    DiskQuota {
+        /// Why not.
+        reason: String,
+    },
+
     /// The exec channel to the sandbox died while the call ran (helper killed, container removed
     /// or restarted, stream error). The call's processes were killed; nothing of it is left.
     #[error("the exec channel to sandbox {container} of user {user} died while the call was running ({reason}); its processes were killed: run the call again")]
@@ -198,6 +239,10 @@ impl Error {
             Error::BadCall { .. } => "bad_call",
             Error::UnknownTool { .. } => "unknown_tool",
             Error::File { .. } => "file",
+            Error::FileLimit { .. } => "file_limit",
+            Error::FileStopped { .. } => "file_stopped",
+            Error::DiskFull { .. } => "disk_full",
+            Error::DiskQuota { .. } => "disk_quota",
             Error::Io { .. } => "io",
             Error::ChannelLost { .. } => "channel_lost",
             Error::CallStart { .. } => "call_start",

@@ -7,10 +7,18 @@
 //! kernel lacks `openat2`, a component-by-component walk with `O_NOFOLLOW` that refuses every
 //! symlink. Creation and deletion act on a parent descriptor with `O_NOFOLLOW` on the last
 //! component, so a symlink swapped in between two calls is never followed.
+//!
+//! Every input is the tenant's: the path (bounded in bytes and components) and the tree it
+//! names (built from inside the sandbox, any depth and width). Nothing here recurses: walks keep
+//! an explicit stack bounded by [`Limits::max_depth`], and every entry visited is charged to a
+//! [`Budget`] (entries, deadline, cancel), so a call ends with a clear error or a partial,
+//! consistent result, never a crash. These functions block: run them off the async workers.
 
-use std::ffi::OsStr;
+pub(crate) mod walk;
+
+use std::collections::BinaryHeap;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -21,9 +29,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::exec::output::to_text;
+pub use walk::{Budget, Stop};
 
-/// Entries `list_dir` returns at most.
-pub const MAX_ENTRIES: usize = 10_000;
+/// Bounds on what one file call may ask of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest path a call may name, in bytes (the kernel's PATH_MAX).
+    pub max_path_bytes: usize,
+    /// The most components a path may have; also the deepest folder a walk descends to.
+    pub max_depth: usize,
+    /// Entries `list_dir` returns at most (the first ones by name).
+    pub list_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_path_bytes: 4096,
+            max_depth: 256,
+            list_entries: 10_000,
+        }
+    }
+}
 
 /// One user's folder on the host, as the file tools see it.
 #[derive(Debug, Clone)]
@@ -32,6 +59,17 @@ pub struct Workspace {
     uid: u32,
     gid: u32,
     force_fallback: bool,
+    limits: Limits,
+}
+
+/// What `list_dir` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// The entries, sorted by name (bytewise).
+    pub entries: Vec<DirEntry>,
+    /// True when the folder holds more than was listed: the listing stopped at
+    /// [`Limits::list_entries`], at the entry budget or at the deadline.
+    pub truncated: bool,
 }
 
 /// What `read_file` returns.
@@ -65,12 +103,37 @@ pub struct DirEntry {
 
 fn file_error(path: &str, reason: impl Into<String>) -> Error {
     Error::File {
-        path: path.to_owned(),
+        path: shorten(path),
         reason: reason.into(),
     }
 }
 
+fn limit_error(path: &str, limit: &'static str, detail: String) -> Error {
+    Error::FileLimit {
+        path: shorten(path),
+        limit,
+        detail,
+    }
+}
+
+/// A tenant's path as shown in errors: at most 256 bytes of it.
+fn shorten(path: &str) -> String {
+    if path.len() <= 256 {
+        return path.to_owned();
+    }
+    let mut cut = 256;
+    while !path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}... ({} bytes)", &path[..cut], path.len())
+}
+
 fn errno_error(path: &str, e: Errno) -> Error {
+    if matches!(e, Errno::EDQUOT | Errno::ENOSPC) {
+        return Error::DiskFull {
+            path: shorten(path),
+        };
+    }
     let reason = match e {
         Errno::ENOENT => "no such file or folder".to_owned(),
         Errno::EXDEV | Errno::ELOOP => {
@@ -80,13 +143,12 @@ fn errno_error(path: &str, e: Errno) -> Error {
         Errno::EISDIR => "it is a folder".to_owned(),
         Errno::EEXIST => "it already exists".to_owned(),
         Errno::ENOTEMPTY => "the folder is not empty".to_owned(),
-        Errno::ENOSPC | Errno::EDQUOT => "no space left".to_owned(),
         other => other.desc().to_owned(),
     };
     file_error(path, reason)
 }
 
-fn own(fd: RawFd) -> OwnedFd {
+pub(crate) fn own(fd: RawFd) -> OwnedFd {
     // SAFETY: fd was just returned by a successful open and is owned by no one else.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
@@ -99,7 +161,14 @@ impl Workspace {
             uid,
             gid,
             force_fallback: false,
+            limits: Limits::default(),
         }
+    }
+
+    /// The same workspace under other limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Uses the `O_NOFOLLOW` walk even where `openat2` exists (tests of the fallback).
@@ -111,6 +180,34 @@ impl Workspace {
     /// The folder on the host.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The path's components, within the limits.
+    fn parts<'p>(&self, path: &'p str) -> Result<Vec<&'p OsStr>> {
+        if path.len() > self.limits.max_path_bytes {
+            return Err(limit_error(
+                path,
+                "path length",
+                format!(
+                    "the path is {} bytes long; at most {} are accepted",
+                    path.len(),
+                    self.limits.max_path_bytes
+                ),
+            ));
+        }
+        let parts = normalize(path)?;
+        if parts.len() > self.limits.max_depth {
+            return Err(limit_error(
+                path,
+                "path depth",
+                format!(
+                    "the path has {} components; at most {} are accepted",
+                    parts.len(),
+                    self.limits.max_depth
+                ),
+            ));
+        }
+        Ok(parts)
     }
 
     fn open_root(&self) -> Result<OwnedFd> {
@@ -172,9 +269,17 @@ impl Workspace {
         Ok(cur)
     }
 
+    /// Checks that `path` is a folder beneath the workspace (a call's working directory).
+    pub fn open_folder(&self, path: &str) -> Result<()> {
+        let parts = self.parts(path)?;
+        let root = self.open_root()?;
+        self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)
+            .map(drop)
+    }
+
     /// Reads up to `limit` bytes from `offset` of a regular file.
     pub fn read_file(&self, path: &str, offset: u64, limit: usize) -> Result<FileRead> {
-        let parts = normalize(path)?;
+        let parts = self.parts(path)?;
         let root = self.open_root()?;
         let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_NONBLOCK, path)?;
         let size = regular_file_size(&fd, path)?;
@@ -203,8 +308,12 @@ impl Workspace {
 
     /// Writes `content` to a file, creating it and any missing parent folders (owned by the
     /// sandbox user); replaces the contents unless `append`. Returns the bytes written.
+    ///
+    /// A replacement is written to a new file beside the target and renamed over it, so a write
+    /// that fails (the disk quota, say) leaves the old contents whole; an append that fails is cut
+    /// back to the old size. The mode of a replaced file is kept.
     pub fn write_file(&self, path: &str, content: &[u8], append: bool) -> Result<u64> {
-        let parts = normalize(path)?;
+        let parts = self.parts(path)?;
         let Some((name, parents)) = parts.split_last() else {
             return Err(file_error(
                 path,
@@ -232,44 +341,117 @@ impl Workspace {
                 Err(e) => return Err(e),
             }
         }
-        let mode = if append {
-            OFlag::O_APPEND
-        } else {
-            OFlag::O_TRUNC
-        };
-        let fd = openat(
+        let existing = match fstatat(
             Some(dir.as_raw_fd()),
             *name,
-            OFlag::O_WRONLY
-                | OFlag::O_CREAT
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC
-                | OFlag::O_NONBLOCK
-                | mode,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) => {
+                if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+                    return Err(file_error(
+                        path,
+                        "it is not a regular file (a folder, a symlink or a device); refused",
+                    ));
+                }
+                Some(st)
+            }
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(errno_error(path, e)),
+        };
+        if append && existing.is_some() {
+            let fd = openat(
+                Some(dir.as_raw_fd()),
+                *name,
+                OFlag::O_WRONLY
+                    | OFlag::O_APPEND
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC
+                    | OFlag::O_NONBLOCK,
+                Mode::empty(),
+            )
+            .map(own)
+            .map_err(|e| errno_error(path, e))?;
+            let before = regular_file_size(&fd, path)?;
+            if let Err(e) = write_all(&fd, content) {
+                // Whole or nothing: cut back what part of the content went in.
+                let _ = nix::unistd::ftruncate(&fd, before as i64);
+                return Err(errno_error(path, e));
+            }
+            return Ok(content.len() as u64);
+        }
+        // A new file beside the target, renamed over it once whole.
+        let temp = OsString::from(format!(".zcbot-write-{}", crate::exec::new_call_id()));
+        let fd = openat(
+            Some(dir.as_raw_fd()),
+            temp.as_os_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o644),
         )
         .map(own)
         .map_err(|e| errno_error(path, e))?;
-        regular_file_size(&fd, path)?;
+        let unlink_temp = || {
+            let _ = unlinkat(
+                Some(dir.as_raw_fd()),
+                temp.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        };
         self.give(&fd);
-        let mut written = 0;
-        while written < content.len() {
-            match nix::unistd::write(&fd, &content[written..]) {
-                Ok(n) => written += n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(errno_error(path, e)),
-            }
+        if let Some(st) = &existing {
+            let _ = nix::sys::stat::fchmod(
+                fd.as_raw_fd(),
+                Mode::from_bits_truncate(st.st_mode & 0o7777 & !0o6000),
+            );
         }
-        Ok(written as u64)
+        if let Err(e) = write_all(&fd, content) {
+            unlink_temp();
+            return Err(errno_error(path, e));
+        }
+        if let Err(e) = nix::fcntl::renameat(
+            Some(dir.as_raw_fd()),
+            temp.as_os_str(),
+            Some(dir.as_raw_fd()),
+            *name,
+        ) {
+            unlink_temp();
+            return Err(errno_error(path, e));
+        }
+        Ok(content.len() as u64)
     }
 
-    /// Lists a folder (symlinks are reported as such, never followed), sorted by name.
-    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
-        let parts = normalize(path)?;
+    /// Lists a folder (symlinks are reported as such, never followed), sorted by name: the first
+    /// [`Limits::list_entries`] names, with `truncated` set when there are more or the budget ran
+    /// out first.
+    pub fn list_dir(&self, path: &str, budget: &mut Budget) -> Result<Listing> {
+        let parts = self.parts(path)?;
         let root = self.open_root()?;
         let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
-        let mut out = Vec::new();
-        for name in read_names(&fd).map_err(|e| errno_error(path, e))? {
+        let keep = self.limits.list_entries;
+        // The smallest `keep` names seen: a max-heap whose top is the first to give up.
+        let mut names: BinaryHeap<OsString> = BinaryHeap::new();
+        let mut truncated = false;
+        let mut dir = walk::DirStream::open(&fd).map_err(|e| errno_error(path, e))?;
+        loop {
+            if let Err(stop) = budget.tick() {
+                match stop {
+                    Stop::Cancelled => return Err(budget.stopped(path, "listed nothing")),
+                    Stop::Deadline | Stop::Entries => {
+                        truncated = true;
+                        break;
+                    }
+                }
+            }
+            let Some(name) = dir.next_name().map_err(|e| errno_error(path, e))? else {
+                break;
+            };
+            names.push(name);
+            if names.len() > keep {
+                names.pop();
+                truncated = true;
+            }
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for name in names.into_sorted_vec() {
             let st = match fstatat(
                 Some(fd.as_raw_fd()),
                 name.as_os_str(),
@@ -290,17 +472,19 @@ impl Workspace {
                 kind: kind.to_owned(),
                 size: st.st_size as u64,
             });
-            if out.len() >= MAX_ENTRIES {
-                break;
-            }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        Ok(Listing {
+            entries: out,
+            truncated,
+        })
     }
 
-    /// Deletes a file, a symlink (not its target) or a folder with everything in it.
-    pub fn delete_path(&self, path: &str) -> Result<()> {
-        let parts = normalize(path)?;
+    /// Deletes a file, a symlink (not its target) or a folder with everything in it, charging
+    /// every entry to `budget`; returns how many entries were removed. A folder deeper than
+    /// [`Limits::max_depth`] is refused when the walk reaches the limit; what was removed before
+    /// any stop stays removed, and the rest stays whole.
+    pub fn delete_path(&self, path: &str, budget: &mut Budget) -> Result<u64> {
+        let parts = self.parts(path)?;
         let Some((name, parents)) = parts.split_last() else {
             return Err(file_error(
                 path,
@@ -310,7 +494,29 @@ impl Workspace {
         let root = self.open_root()?;
         let parent =
             self.open_beneath(&root, parents, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
-        remove_at(&parent, name).map_err(|e| errno_error(path, e))
+        walk::remove_tree(&parent, name, self.limits.max_depth, budget).map_err(|e| match e {
+            walk::RemoveError::Errno(e, 0) => errno_error(path, e),
+            walk::RemoveError::Errno(e, n) => match errno_error(path, e) {
+                Error::File { path, reason } => Error::File {
+                    path,
+                    reason: format!("{reason} ({n} entries were deleted before that)"),
+                },
+                other => other,
+            },
+            walk::RemoveError::TooDeep(n) => limit_error(
+                path,
+                "folder depth",
+                format!(
+                    "the tree is deeper than {} levels ({n} entries were deleted before that); \
+                     delete its deepest part from inside the sandbox (shell: rm -rf)",
+                    self.limits.max_depth
+                ),
+            ),
+            walk::RemoveError::Stopped(n) => budget.stopped(
+                path,
+                &format!("{n} entries deleted, the rest is still there"),
+            ),
+        })
     }
 
     /// Gives a file or folder the daemon created to the sandbox user, so it can change it.
@@ -382,42 +588,16 @@ fn exists_at(dir: &OwnedFd, name: &OsStr) -> bool {
     .is_ok()
 }
 
-fn read_names(dir: &OwnedFd) -> nix::Result<Vec<std::ffi::OsString>> {
-    let dup = nix::unistd::dup(dir.as_raw_fd())?;
-    let mut d = nix::dir::Dir::from_fd(dup)?;
-    let mut names = Vec::new();
-    for entry in d.iter() {
-        let entry = entry?;
-        let name = OsStr::from_bytes(entry.file_name().to_bytes());
-        if name != "." && name != ".." {
-            names.push(name.to_owned());
+fn write_all(fd: &OwnedFd, content: &[u8]) -> nix::Result<()> {
+    let mut written = 0;
+    while written < content.len() {
+        match nix::unistd::write(fd, &content[written..]) {
+            Ok(n) => written += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
         }
     }
-    Ok(names)
-}
-
-/// Removes `name` in `dir`, recursively for a folder, never following a symlink.
-fn remove_at(dir: &OwnedFd, name: &OsStr) -> nix::Result<()> {
-    let st = fstatat(
-        Some(dir.as_raw_fd()),
-        name,
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
-        let sub = openat(
-            Some(dir.as_raw_fd()),
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map(own)?;
-        for child in read_names(&sub)? {
-            remove_at(&sub, &child)?;
-        }
-        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
-    } else {
-        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
-    }
+    Ok(())
 }
 
 /// Turns a tool's path into components under the workspace: relative paths, or absolute ones

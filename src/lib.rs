@@ -11,9 +11,12 @@ pub mod exec;
 pub mod files;
 pub mod firewall;
 pub mod pool;
+pub mod quota;
 pub mod server;
 pub mod smoke;
+pub mod uids;
 pub mod user;
+pub mod users_root;
 
 pub use config::Config;
 pub use error::{Error, Result};

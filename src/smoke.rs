@@ -76,6 +76,13 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         ),
     ));
 
+    for (name, detail) in pool.users_root().checks() {
+        // A users root that does not enforce something is a finding on a real host: the smoke
+        // passes only where every tenant boundary of the host side is in force.
+        let pass = detail.starts_with("ok") && !detail.contains("not enforced");
+        push(check(name, pass, detail));
+    }
+
     push(match pool.host_firewall() {
         crate::firewall::HostFirewall::Enforced { bridge } => {
             match crate::firewall::check(bridge) {
@@ -107,12 +114,12 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
     let sb = Runner {
         pool,
         container: &sandbox.name,
-        uid: format!("{}:{}", cfg.uid, cfg.gid),
+        uid: format!("{}:{}", sandbox.uid, sandbox.gid),
         pid: sandbox.netns.as_ref().map(|(pid, _)| *pid),
     };
 
     push(match sb.user(&["id", "-u"]).await {
-        Ok(c) if c.exit_code == Some(0) && c.out() == cfg.uid.to_string() => {
+        Ok(c) if c.exit_code == Some(0) && c.out() == sandbox.uid.to_string() => {
             check("non-root", true, format!("commands run as uid {}", c.out()))
         }
         other => check("non-root", false, describe(&other)),
@@ -329,11 +336,10 @@ pub async fn self_check(pool: &SandboxPool) -> Vec<Check> {
     match pool.ensure(&user).await {
         Err(e) => checks.push(check("probe sandbox", false, e.to_string())),
         Ok(sandbox) => {
-            let cfg = pool.config();
             let sb = Runner {
                 pool,
                 container: &sandbox.name,
-                uid: format!("{}:{}", cfg.uid, cfg.gid),
+                uid: format!("{}:{}", sandbox.uid, sandbox.gid),
                 pid: sandbox.netns.as_ref().map(|(pid, _)| *pid),
             };
             checks.extend(escape_checks(pool, &sb).await);
@@ -342,7 +348,7 @@ pub async fn self_check(pool: &SandboxPool) -> Vec<Check> {
     if let Err(e) = pool.remove(&user).await {
         checks.push(check("probe removed", false, e.to_string()));
     }
-    let _ = std::fs::remove_dir_all(pool.workspace(&user));
+    let _ = pool.users_root().remove_folder(&user);
     checks
 }
 

@@ -338,7 +338,7 @@ async fn a_fork_bomb_stays_inside_its_pids_limit_and_the_next_call_works() {
         &lab.container(&u),
     ]);
     assert_eq!(pids, "256");
-    let r = lab.sh(&u, "echo alive; ps -u 1000 -o comm=").await;
+    let r = lab.sh(&u, "echo alive; ps -u $(id -u) -o comm=").await;
     assert!(r.stdout.starts_with("alive\n"), "{r:?}");
     // What is not ours (the channel's helper, the call's supervisor) nor this check's ps: the
     // check's own shell, and nothing of the bomb.
@@ -398,7 +398,7 @@ async fn kill_minus_one_from_the_sandbox_is_survived() {
         "the next call works"
     );
     let r = lab
-        .sh(&u, "ps -u 1000 -o args= | grep -c '^sleep 100' || true")
+        .sh(&u, "ps -u $(id -u) -o args= | grep -c '^sleep 100' || true")
         .await;
     assert_eq!(r.stdout.trim(), "0", "orphans survived");
 }
@@ -410,7 +410,10 @@ async fn an_escaped_process_that_ignores_sigterm_is_gone_after_the_timeout() {
     let r = lab.run(&u, "run_python", json!({"timeout": 1, "code": "import os, signal, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n        os.execvp('sleep', ['sleep', '9191'])\n    os._exit(0)\ntime.sleep(60)"})).await.unwrap();
     assert!(r.timed_out);
     let left = lab
-        .sh(&u, "ps -u 1000 -o args= | grep -c '^sleep 9191' || true")
+        .sh(
+            &u,
+            "ps -u $(id -u) -o args= | grep -c '^sleep 9191' || true",
+        )
         .await
         .stdout;
     assert_eq!(

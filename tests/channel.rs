@@ -83,11 +83,15 @@ async fn calls_share_one_channel_and_keep_their_own_session() {
     let container = t.container_name(&user);
     let (_, out, _) = exec_as(
         &container,
-        "1000:1000",
+        &common::tenant(&container),
         "p=$(pgrep -x zcbot-supervise); ps -o user= -p $p; ls /proc/$p/fd 2>&1 | head -1",
     );
     let mut lines = out.lines();
-    assert_eq!(lines.next().map(str::trim), Some("sandbox"), "{out}");
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some(common::tenant_uid(&container).as_str()),
+        "{out}"
+    );
     assert!(
         lines.next().unwrap_or("").contains("Permission denied"),
         "the sandbox user can open the helper's descriptors: {out}"
@@ -113,7 +117,7 @@ async fn killing_the_helper_mid_call_fails_the_call_clearly_and_leaves_nothing()
         // (per-call supervisors are zcbot-call).
         exec_as(
             &container,
-            "1000:1000",
+            &common::tenant(&container),
             "pkill -9 -x zcbot-supervise; echo $?",
         )
     };

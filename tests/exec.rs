@@ -64,10 +64,15 @@ over_both_transports!(
 
 /// The sandbox user's processes other than `ps` itself, as the docker CLI sees them.
 fn user_processes(container: &str) -> Vec<String> {
-    let (_, out, _) = exec_as(container, "1000:1000", "ps -u 1000 -o pid=,ppid=,args=");
+    let uid = common::tenant_uid(container);
+    let (_, out, _) = exec_as(
+        container,
+        &common::tenant(container),
+        &format!("ps -u {uid} -o pid=,ppid=,args="),
+    );
     out.lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.contains("ps -u 1000"))
+        .filter(|l| !l.is_empty() && !l.contains("ps -u "))
         .map(str::to_owned)
         .collect()
 }
@@ -102,7 +107,9 @@ async fn shell_runs_as_the_sandbox_user_in_workspace_with_a_clean_environment(tr
     .await;
     assert_eq!(r.exit_code, Some(0), "{r:?}");
     let mut lines = r.stdout.lines();
-    assert_eq!(lines.next(), Some("1000"));
+    let uid = common::tenant_uid(&t.container_name(&user));
+    assert_ne!(uid, "1000", "each tenant has a uid of its own");
+    assert_eq!(lines.next(), Some(uid.as_str()));
     assert_eq!(lines.next(), Some("/workspace"));
     assert!(r.stdout.contains("FOO=bar baz"), "{}", r.stdout);
     assert!(r.stdout.contains("HOME=/workspace"), "{}", r.stdout);
@@ -122,7 +129,7 @@ async fn shell_runs_as_the_sandbox_user_in_workspace_with_a_clean_environment(tr
     .await;
     assert_eq!(
         (r.exit_code, r.stdout.as_str()),
-        (Some(0), "1000 /workspace\n"),
+        (Some(0), format!("{uid} /workspace\n").as_str()),
         "{r:?}"
     );
     let r = sh(&ex, &user, "echo out; echo err >&2; exit 3").await;
@@ -405,7 +412,10 @@ async fn file_tools_work_on_the_same_folder_the_sandbox_sees(transport: &str) {
     .await;
     assert!(r.stdout.starts_with("from host\n"), "{r:?}");
     assert!(
-        r.stdout.contains(" 1000 1000 "),
+        r.stdout.contains(&{
+            let uid = common::tenant_uid(&t.container_name(&user));
+            format!(" {uid} {uid} ")
+        }),
         "host-written files belong to the sandbox user: {}",
         r.stdout
     );

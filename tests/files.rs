@@ -4,7 +4,12 @@
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use zcbot_sandbox::files::Workspace;
+use zcbot_sandbox::files::{Budget, Workspace};
+
+/// A generous budget for one call.
+fn b() -> Budget {
+    Budget::new(std::time::Duration::from_secs(30), 1_000_000)
+}
 
 struct Scene {
     base: PathBuf,
@@ -69,17 +74,21 @@ fn reads_writes_lists_and_deletes_inside_the_workspace() {
             ("hello", 5, false)
         );
         let names: Vec<_> = ws
-            .list_dir("a")
+            .list_dir("a", &mut b())
             .unwrap()
+            .entries
             .into_iter()
             .map(|e| (e.name, e.kind))
             .collect();
         assert_eq!(names, vec![("b".to_owned(), "dir".to_owned())]);
-        ws.delete_path("a").unwrap();
+        ws.delete_path("a", &mut b()).unwrap();
         assert!(!s.ws.join("a").exists());
-        refused(ws.delete_path("."), "deleting the workspace itself");
         refused(
-            ws.delete_path("/workspace"),
+            ws.delete_path(".", &mut b()),
+            "deleting the workspace itself",
+        );
+        refused(
+            ws.delete_path("/workspace", &mut b()),
             "deleting the workspace itself",
         );
     }
@@ -92,8 +101,8 @@ fn dot_dot_and_absolute_paths_never_leave_the_workspace() {
         refused(ws.read_file("../../outside/secret", 0, 100), "read ..");
         refused(ws.read_file("/etc/passwd", 0, 100), "read absolute");
         refused(ws.write_file("../evil", b"x", false), "write ..");
-        refused(ws.list_dir("../.."), "list ..");
-        refused(ws.delete_path("../../outside"), "delete ..");
+        refused(ws.list_dir("../..", &mut b()), "list ..");
+        refused(ws.delete_path("../../outside", &mut b()), "delete ..");
         assert!(!s.base.join("users").join("evil").exists());
         assert!(s.outside.join("secret").exists());
     }
@@ -120,7 +129,7 @@ fn symlinks_planted_by_the_user_are_never_followed_out() {
             refused(ws.read_file(path, 0, 100), &format!("read {path}"));
         }
         for path in ["abs-dir", "rel-dir", "mid/up", "root"] {
-            refused(ws.list_dir(path), &format!("list {path}"));
+            refused(ws.list_dir(path, &mut b()), &format!("list {path}"));
         }
         for path in [
             "abs-file",
@@ -135,7 +144,7 @@ fn symlinks_planted_by_the_user_are_never_followed_out() {
             );
         }
         for path in ["abs-dir/secret", "rel-dir/secret", "mid/up/secret"] {
-            refused(ws.delete_path(path), &format!("delete {path}"));
+            refused(ws.delete_path(path, &mut b()), &format!("delete {path}"));
         }
         assert_eq!(
             std::fs::read_to_string(s.outside.join("secret")).unwrap(),
@@ -145,8 +154,9 @@ fn symlinks_planted_by_the_user_are_never_followed_out() {
         assert!(!Path::new("/tmp/zcbot-pwned").exists());
         // Listing shows the links as links.
         let kinds: Vec<_> = ws
-            .list_dir(".")
+            .list_dir(".", &mut b())
             .unwrap()
+            .entries
             .into_iter()
             .map(|e| e.kind)
             .collect();
@@ -165,8 +175,8 @@ fn deleting_a_link_or_a_folder_holding_one_removes_only_what_is_inside() {
         std::fs::create_dir_all(s.ws.join("tree/sub")).unwrap();
         symlink(&s.outside, s.ws.join("tree/sub/inner-link")).unwrap();
         std::fs::write(s.ws.join("tree/sub/f"), "x").unwrap();
-        ws.delete_path("link").unwrap();
-        ws.delete_path("tree").unwrap();
+        ws.delete_path("link", &mut b()).unwrap();
+        ws.delete_path("tree", &mut b()).unwrap();
         assert!(!s.ws.join("link").exists() && !s.ws.join("tree").exists());
         assert_eq!(
             std::fs::read_to_string(s.outside.join("secret")).unwrap(),

@@ -104,7 +104,7 @@ async fn the_host_stays_unreachable_even_when_the_in_container_rules_are_gone() 
     let (ok, _, err) = common::netns_exec(&sb.name, "iptables -P OUTPUT ACCEPT && iptables -F OUTPUT && ip6tables -P OUTPUT ACCEPT && ip6tables -F OUTPUT");
     assert!(ok, "{err}");
     let probe = format!("python3 -c \"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gw}', {port})))\"");
-    let (_, blocked, _) = exec_as(&sb.name, "1000:1000", &probe);
+    let (_, blocked, _) = exec_as(&sb.name, &common::tenant(&sb.name), &probe);
     assert_ne!(
         blocked, "0",
         "the host answered with only the host rules in place"
@@ -113,7 +113,7 @@ async fn the_host_stays_unreachable_even_when_the_in_container_rules_are_gone() 
     // Without the host rules the same attempt gets through: they are what stopped it.
     firewall::remove(&bridge_name(&t.network)).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (_, open, _) = exec_as(&sb.name, "1000:1000", &probe);
+    let (_, open, _) = exec_as(&sb.name, &common::tenant(&sb.name), &probe);
     assert_eq!(
         open, "0",
         "control: with neither rule set the host should answer"
@@ -274,7 +274,7 @@ async fn public_egress_opens_only_public_addresses_on_its_own_network() {
         .unwrap();
     let port = listener.local_addr().unwrap().port();
     let probe = format!("python3 -c \"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gw}', {port})))\"");
-    let (_, got, _) = exec_as(&sb.name, "1000:1000", &probe);
+    let (_, got, _) = exec_as(&sb.name, &common::tenant(&sb.name), &probe);
     assert_ne!(got, "0", "the host answered a public-egress sandbox");
     drop(listener);
 

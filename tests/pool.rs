@@ -75,9 +75,18 @@ async fn ensure_creates_a_hardened_container_and_reuses_it() {
         sb.config_hash
     );
 
-    // The user's folder exists on the host and belongs to the sandbox uid.
+    // The user's folder exists on the host, belongs to the tenant's own uid, and is the
+    // tenant's alone; the users root is root's alone.
     let meta = std::fs::metadata(pool.workspace(&user)).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    assert_eq!((meta.uid(), meta.gid()), (sb.uid, sb.gid));
+    assert!((200_000..=299_999).contains(&sb.uid), "{}", sb.uid);
+    assert_eq!(
+        inspect(c, "{{index .Config.Labels \"io.zcbot.uid\"}}"),
+        format!("{}:{}", sb.uid, sb.gid)
+    );
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    let root = std::fs::metadata(pool.workspace(&user).parent().unwrap()).unwrap();
+    assert_eq!(root.mode() & 0o777, 0o700);
 
     // A second ensure reuses the running container without asking Docker.
     let before = pool.stats();
@@ -96,11 +105,17 @@ async fn the_sandbox_user_is_unprivileged_and_the_root_is_read_only() {
     let sb = pool.ensure(&user).await.unwrap();
     let c = &sb.name;
 
-    let (_, id, _) = exec_as(c, "1000:1000", "id -u; id -g");
-    assert_eq!(id, "1000\n1000");
+    let me = common::tenant(c);
+    let uid: u32 = common::tenant_uid(c).parse().unwrap();
+    assert!(
+        (200_000..=299_999).contains(&uid),
+        "a uid of the tenant range: {me}"
+    );
+    let (_, id, _) = exec_as(c, &me, "id -u; id -g");
+    assert_eq!(id, format!("{uid}\n{uid}"));
     let (_, status, _) = exec_as(
         c,
-        "1000:1000",
+        &me,
         "grep -E '^(CapEff|CapPrm|NoNewPrivs)' /proc/self/status",
     );
     assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
@@ -108,7 +123,7 @@ async fn the_sandbox_user_is_unprivileged_and_the_root_is_read_only() {
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
 
     for path in ["/etc/evil", "/usr/bin/evil", "/evil"] {
-        let (ok, _, err) = exec_as(c, "1000:1000", &format!("echo x > {path}"));
+        let (ok, _, err) = exec_as(c, &me, &format!("echo x > {path}"));
         assert!(!ok, "wrote {path}");
         assert!(
             err.contains("Read-only") || err.contains("Permission denied"),
@@ -120,17 +135,17 @@ async fn the_sandbox_user_is_unprivileged_and_the_root_is_read_only() {
     assert!(!ok && err.contains("Read-only"), "{err}");
 
     // /tmp is a size-capped tmpfs; /workspace is the user's host folder.
-    let (_, df, _) = exec_as(c, "1000:1000", "df -k /tmp | tail -1");
+    let (_, df, _) = exec_as(c, &me, "df -k /tmp | tail -1");
     let size_kb: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert_eq!(size_kb, 64 * 1024, "{df}");
-    let (ok, _, err) = exec_as(c, "1000:1000", "echo hello > /workspace/note.txt");
+    let (ok, _, err) = exec_as(c, &me, "echo hello > /workspace/note.txt");
     assert!(ok, "{err}");
     let host = pool.workspace(&user).join("note.txt");
     assert_eq!(std::fs::read_to_string(&host).unwrap(), "hello\n");
-    assert_eq!(std::fs::metadata(&host).unwrap().uid(), 1000);
+    assert_eq!(std::fs::metadata(&host).unwrap().uid(), uid);
 
     // The sandbox user cannot touch the egress rules.
-    let (ok, _, err) = exec_as(c, "1000:1000", "/usr/sbin/iptables -P OUTPUT ACCEPT");
+    let (ok, _, err) = exec_as(c, &me, "/usr/sbin/iptables -P OUTPUT ACCEPT");
     assert!(!ok, "the sandbox user changed the firewall: {err}");
     let (_, rules, _) = common::netns_exec(c, "iptables -S OUTPUT; ip6tables -S OUTPUT");
     assert_eq!(rules.matches("-P OUTPUT DROP").count(), 2, "{rules}");
@@ -376,7 +391,7 @@ async fn a_sandbox_cannot_reach_another_users_sandbox() {
         "exec",
         "-d",
         "-u",
-        "1000:1000",
+        &common::tenant(&b.name),
         &b.name,
         "python3",
         "-m",
@@ -390,20 +405,21 @@ async fn a_sandbox_cannot_reach_another_users_sandbox() {
     };
     let mut self_reach = String::new();
     for _ in 0..50 {
-        self_reach = exec_as(&b.name, "1000:1000", &probe(&b_ip)).1;
+        self_reach = exec_as(&b.name, &common::tenant(&b.name), &probe(&b_ip)).1;
         if self_reach == "0" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(self_reach, "0", "b's own listener answers b");
-    let (_, from_a, _) = exec_as(&a.name, "1000:1000", &probe(&b_ip));
+    let (_, from_a, _) = exec_as(&a.name, &common::tenant(&a.name), &probe(&b_ip));
     assert_ne!(from_a, "0", "a reached b's sandbox at {b_ip}");
 }
 
 #[tokio::test]
 async fn smoke_passes_every_check_and_removes_its_sandbox() {
-    let t = TestPool::new("smoke");
+    // On a users root prepared as RUN.md says (the smoke fails where quotas are not enforced).
+    let t = TestPool::with_quota("smoke", 256);
     let user = t.user("smoke");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
         .args(["smoke", "--user", user.as_str()])
@@ -430,6 +446,9 @@ async fn smoke_passes_every_check_and_removes_its_sandbox() {
         "host via gateway unreachable",
         "host via primary address unreachable",
         "destroy",
+        "users_root",
+        "disk_quota",
+        "tenant_uids",
     ] {
         assert!(
             stdout.contains(&format!("PASS {name}:")),

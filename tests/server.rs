@@ -6,9 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{docker, exec_as, TestPool};
+use common::{docker, exec_as, http_with as raw, TestPool};
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use zcbot_sandbox::config::{Backend, Listen};
 use zcbot_sandbox::server::{ServeOptions, Server};
 
@@ -58,53 +58,14 @@ impl Daemon {
     }
 }
 
-/// One request over a fresh connection; returns status, head and body.
-async fn raw(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<String>,
-    headers: &[(&str, &str)],
-) -> (u16, String, String) {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: zcbot\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    let body = body.unwrap_or_default();
-    req.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    ));
-    let response = match addr.strip_prefix("unix:") {
-        Some(path) => exchange(tokio::net::UnixStream::connect(path).await.unwrap(), &req).await,
-        None => {
-            exchange(
-                tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
-                    .await
-                    .unwrap(),
-                &req,
-            )
-            .await
-        }
-    };
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
-}
-
-async fn exchange(mut s: impl AsyncRead + AsyncWrite + Unpin, req: &str) -> String {
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn sleepers(container: &str, needle: &str) -> Vec<String> {
-    let (_, out, _) = exec_as(container, "1000:1000", "ps -u 1000 -o args=");
+    // No container yet: no sleepers.
+    if !common::docker_try(&["inspect", container]).0 {
+        return Vec::new();
+    }
+    let me = common::tenant(container);
+    let uid = common::tenant_uid(container);
+    let (_, out, _) = exec_as(container, &me, &format!("ps -u {uid} -o args="));
     // Only the processes that are the sleeps, not the shells and supervisor whose command lines
     // mention them.
     out.lines()
@@ -148,7 +109,10 @@ async fn every_endpoint_answers_as_documented() {
     let r: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         (r["exit_code"].as_i64(), r["stdout"].as_str()),
-        (Some(0), Some("hi\n1000\n"))
+        (
+            Some(0),
+            Some(format!("hi\n{}\n", common::tenant_uid(&t.container_name(&user))).as_str())
+        )
     );
 
     let (s, r) = d
@@ -300,7 +264,14 @@ async fn bad_requests_get_their_status_and_change_nothing() {
             404,
             "unknown_tool",
         ),
-        ("DELETE", "/v1/calls/nope".into(), None, 404, "unknown_call"),
+        (
+            "DELETE",
+            format!("/v1/users/{u}/calls/nope"),
+            None,
+            404,
+            "unknown_call",
+        ),
+        ("DELETE", "/v1/calls/nope".into(), None, 410, "route_moved"),
         ("GET", "/v1/nowhere".into(), None, 404, "not_found"),
         (
             "POST",
@@ -355,7 +326,7 @@ async fn conflicts_limits_and_a_full_pool() {
         let same_id = d
             .req(
                 "POST",
-                &format!("/v1/users/{b}/tools/shell"),
+                &format!("/v1/users/{a}/tools/shell"),
                 Some(json!({"command": "id", "call_id": "slow-1"})),
             )
             .await;
@@ -366,11 +337,12 @@ async fn conflicts_limits_and_a_full_pool() {
                 Some(json!({"command": "id"})),
             )
             .await;
+        // b may use a's id (ids are per user): it meets the full pool, not a conflict.
         let full = d
             .req(
                 "POST",
                 &format!("/v1/users/{b}/tools/shell"),
-                Some(json!({"command": "id"})),
+                Some(json!({"command": "id", "call_id": "slow-1"})),
             )
             .await;
         (same_id, too_many, full)
@@ -484,41 +456,87 @@ async fn a_client_that_disconnects_takes_its_processes_with_it() {
 }
 
 #[tokio::test]
-async fn delete_call_cancels_it() {
+async fn a_call_is_cancelled_by_its_own_user_only() {
     let t = TestPool::new("scancel");
     let d = Daemon::start(&t).await;
-    let user = t.user("u");
-    let path = format!("/v1/users/{user}/tools/shell");
-    let call = d.req(
+    let (a, b) = (t.user("a"), t.user("b"));
+    // Two users may use the same call id at once.
+    let (path_a, path_b) = (
+        format!("/v1/users/{a}/tools/shell"),
+        format!("/v1/users/{b}/tools/shell"),
+    );
+    let call_a = d.req(
         "POST",
-        &path,
-        Some(json!({"command": "sleep 7001", "call_id": "to-cancel"})),
+        &path_a,
+        Some(json!({"command": "sleep 7001", "call_id": "same-id"})),
     );
-    let cancel = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        d.req("DELETE", "/v1/calls/to-cancel", None).await
+    let call_b = d.req(
+        "POST",
+        &path_b,
+        Some(
+            json!({"command": "sleep 7002; echo b-finished", "call_id": "same-id", "timeout": 60}),
+        ),
+    );
+    let cancels = async {
+        // Both calls are running (a positive control for what follows).
+        let until = Instant::now() + Duration::from_secs(30);
+        while (sleepers(&t.container_name(&a), "sleep 7001").is_empty()
+            || sleepers(&t.container_name(&b), "sleep 7002").is_empty())
+            && Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // b can neither cancel nor detect a's other calls: the same answer as for no call.
+        let (s1, r1) = d
+            .req(
+                "DELETE",
+                &format!("/v1/users/{b}/calls/only-a-has-this"),
+                None,
+            )
+            .await;
+        // a cancels its own; b's call of the same id keeps running.
+        let (s2, r2) = d
+            .req("DELETE", &format!("/v1/users/{a}/calls/same-id"), None)
+            .await;
+        let a_gone = wait_gone(&t.container_name(&a), "sleep 7001", Duration::from_secs(5)).await;
+        let b_alive = sleepers(&t.container_name(&b), "sleep 7002");
+        let (s3, _) = d
+            .req("DELETE", &format!("/v1/users/{b}/calls/same-id"), None)
+            .await;
+        (s1, r1, s2, r2, a_gone, b_alive, s3)
     };
-    let ((s, r), (cs, cr)) = tokio::join!(call, cancel);
+    let ((sa, ra), (sb, rb), (s1, r1, s2, r2, a_gone, b_alive, s3)) =
+        tokio::join!(call_a, call_b, cancels);
     assert_eq!(
-        (cs, cr["cancelled"].as_str()),
-        (202, Some("to-cancel")),
-        "{cr}"
+        (s1, r1["error"]["kind"].as_str()),
+        (404, Some("unknown_call")),
+        "{r1}"
     );
-    assert_eq!(s, 200);
     assert_eq!(
-        (r["cancelled"].as_bool(), r["exit_code"].is_null()),
-        (Some(true), true),
-        "{r}"
+        (s2, r2["cancelled"].as_str()),
+        (202, Some("same-id")),
+        "{r2}"
     );
-    assert!(wait_gone(
-        &t.container_name(&user),
-        "sleep 7001",
-        Duration::from_secs(2)
-    )
-    .await
-    .is_empty());
+    assert!(
+        a_gone.is_empty(),
+        "a's call survived its cancel: {a_gone:?}"
+    );
+    assert_eq!(
+        b_alive.len(),
+        1,
+        "a's cancel stopped b's call of the same id"
+    );
+    assert_eq!(s3, 202);
+    for (s, r) in [(sa, &ra), (sb, &rb)] {
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(
+            (r["cancelled"].as_bool(), r["exit_code"].is_null()),
+            (Some(true), true),
+            "{r}"
+        );
+    }
     let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
-    assert!(metrics.contains("zcbot_cancels_total 1"), "{metrics}");
+    assert!(metrics.contains("zcbot_cancels_total 2"), "{metrics}");
     d.shutdown().await;
 }
 

@@ -254,6 +254,8 @@ pub(crate) struct Channel {
     user: UserId,
     container: String,
     container_id: String,
+    /// `uid:gid` of the tenant, which the helper and every exec into the container run as.
+    uid: String,
     exec_id: String,
     channel_id: String,
     docker: Docker,
@@ -286,8 +288,8 @@ impl Channel {
         stats: Arc<TransportStats>,
     ) -> Result<Arc<Channel>, Error> {
         let docker = pool.docker().clone();
-        let cfg = pool.config();
         let container = lease.sandbox().name.clone();
+        let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
         let channel_id = super::new_call_id();
         let Attached {
             id: exec_id,
@@ -302,7 +304,7 @@ impl Channel {
                 "--serve".to_owned(),
                 channel_id.clone(),
             ],
-            &format!("{}:{}", cfg.uid, cfg.gid),
+            &uid,
             super::base_env(&Default::default()),
             true,
         )
@@ -356,6 +358,7 @@ impl Channel {
             user: lease.user().clone(),
             container: container.clone(),
             container_id: lease.sandbox().container_id.clone(),
+            uid,
             exec_id,
             channel_id,
             docker,
@@ -501,7 +504,7 @@ impl Channel {
     async fn clean_up(self: Arc<Self>, calls_in_flight: bool) {
         self.writer.lock().await.take();
         let cfg = self.pool.config();
-        let uid = format!("{}:{}", cfg.uid, cfg.gid);
+        let uid = self.uid.clone();
         let deadline = Instant::now() + cfg.kill_grace + STOP_MARGIN;
         let running = loop {
             match self

@@ -27,6 +27,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{ChannelAttempt, Channels, TransportStats, Unusable};
+use super::file_calls::FileRunner;
 use super::output::Capture;
 use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec};
 use crate::config::Transport;
@@ -46,6 +47,7 @@ pub(crate) const BACKSTOP: Duration = Duration::from_secs(2);
 /// Runs process calls in each user's sandbox.
 pub struct DockerExecutor {
     pool: SandboxPool,
+    files: FileRunner,
     transport: Transport,
     channels: Channels,
     stats: Arc<TransportStats>,
@@ -55,8 +57,10 @@ impl DockerExecutor {
     /// An executor on `pool`, with the pool's configured transport.
     pub fn new(pool: SandboxPool) -> Self {
         let stats = Arc::new(TransportStats::default());
+        let cfg = pool.config();
         DockerExecutor {
-            transport: pool.config().transport,
+            files: FileRunner::new(cfg.file_workers, cfg.file_timeout, cfg.file_max_entries),
+            transport: cfg.transport,
             pool,
             channels: Channels::new(stats.clone()),
             stats,
@@ -81,6 +85,11 @@ impl DockerExecutor {
     /// The pool it runs in.
     pub fn pool(&self) -> &SandboxPool {
         &self.pool
+    }
+
+    /// Where its file calls run.
+    pub fn files(&self) -> &FileRunner {
+        &self.files
     }
 
     /// Runs `spec` in `user`'s sandbox. If the container vanished or stopped behind the pool's
@@ -167,7 +176,7 @@ impl DockerExecutor {
         let container = lease.sandbox().name.clone();
         let container_id = lease.sandbox().container_id.clone();
         let call_id = new_call_id();
-        let uid = format!("{}:{}", cfg.uid, cfg.gid);
+        let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
         let backstop = spec.timeout + cfg.kill_grace + BACKSTOP;
         let mut cmd = vec![
             SUPERVISOR.to_owned(),
@@ -410,7 +419,9 @@ impl CallHandle {
         if !matches!(swept, Ok(ref c) if c.exit_code == Some(0)) {
             let user = self.lease.user().clone();
             tracing::warn!(user = %user, container = %self.container, "could not sweep a call's leftovers: recycling the sandbox");
-            if let Err(e) = self.pool.remove(&user).await {
+            // By id: a replacement created meanwhile (and its other calls) is left alone.
+            let id = &self.lease.sandbox().container_id;
+            if let Err(e) = self.pool.recycle(&user, id).await {
                 tracing::warn!(user = %user, error = %e, "could not recycle the sandbox");
             }
         }

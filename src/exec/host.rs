@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::file_calls::FileRunner;
 use super::output::Capture;
 use super::{ProcessOutcome, ProcessSpec, BASE_ENV};
 use crate::config::Config;
@@ -19,15 +20,22 @@ use crate::error::{Error, Result};
 use crate::files::{self, Workspace};
 use crate::user::UserId;
 
-/// Runs process calls on the host.
+/// Runs process calls on the host. Cheap to clone: clones share everything.
+#[derive(Clone)]
 pub struct HostExecutor {
     config: std::sync::Arc<Config>,
+    files: std::sync::Arc<FileRunner>,
 }
 
 impl HostExecutor {
     /// An executor with `config`'s users folder, timeouts and caps.
     pub fn new(config: Config) -> Self {
         HostExecutor {
+            files: std::sync::Arc::new(FileRunner::new(
+                config.file_workers,
+                config.file_timeout,
+                config.file_max_entries,
+            )),
             config: std::sync::Arc::new(config),
         }
     }
@@ -37,7 +45,12 @@ impl HostExecutor {
         &self.config
     }
 
-    /// The user's folder (created if missing, owned by the daemon's user) as a workspace.
+    /// Where its file calls run.
+    pub fn files(&self) -> &FileRunner {
+        &self.files
+    }
+
+    /// The user's folder (created if missing, owned by the daemon's user) as a workspace. Blocks.
     pub fn workspace(&self, user: &UserId) -> Result<Workspace> {
         let root = &self.config.users_root;
         std::fs::create_dir_all(root).map_err(|e| Error::io("create users root", root, e))?;
@@ -56,14 +69,23 @@ impl HostExecutor {
         spec: ProcessSpec,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome> {
-        let ws = self.workspace(user)?;
-        let mut dir = ws.root().to_path_buf();
-        if !spec.workdir.is_empty() {
-            // Confined resolution: the folder must exist beneath the workspace.
-            let rel = spec.workdir.join("/");
-            ws.list_dir(&rel)?;
-            dir = dir.join(rel);
-        }
+        let dir = {
+            let this = self.clone();
+            let user = user.clone();
+            let workdir = spec.workdir.clone();
+            crate::pool::blocking(move || {
+                let ws = this.workspace(&user)?;
+                let mut dir = ws.root().to_path_buf();
+                if !workdir.is_empty() {
+                    // Confined resolution: the folder must exist beneath the workspace.
+                    let rel = workdir.join("/");
+                    ws.open_folder(&rel)?;
+                    dir = dir.join(rel);
+                }
+                Ok(dir)
+            })
+            .await?
+        };
         let mut argv = spec.argv.clone();
         if spec.program.is_some() {
             argv.push("-".into()); // python3 reads the program from stdin
@@ -72,7 +94,7 @@ impl HostExecutor {
         cmd.args(&argv[1..])
             .env_clear()
             .envs(BASE_ENV.iter().copied())
-            .env("HOME", ws.root())
+            .env("HOME", self.config.users_root.join(user.as_str()))
             .envs(&spec.env)
             .current_dir(&dir)
             .stdin(if spec.program.is_some() {

@@ -8,6 +8,7 @@
 
 pub mod channel;
 pub mod docker;
+pub mod file_calls;
 pub mod host;
 pub mod output;
 
@@ -22,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::files::{self, DirEntry, FileRead, Workspace};
 use crate::pool::SandboxPool;
 use crate::user::UserId;
+use file_calls::FileRunner;
 
 /// The environment every process starts from: nothing of the host's leaks in.
 pub const BASE_ENV: &[(&str, &str)] = &[
@@ -208,13 +210,17 @@ pub enum ToolData {
     },
     /// `list_dir`.
     Listing {
-        /// The entries, sorted by name.
+        /// The entries, sorted by name (at most 10,000: the first ones).
         entries: Vec<DirEntry>,
+        /// True when the folder holds more than was listed.
+        truncated: bool,
     },
     /// `delete_path`.
     Deleted {
         /// The path removed.
         deleted: String,
+        /// How many entries (files, links, folders) were removed.
+        entries: u64,
     },
 }
 
@@ -250,7 +256,7 @@ pub struct ToolResult {
 }
 
 impl ToolResult {
-    fn file(tool: &str, started: Instant, data: ToolData) -> Self {
+    fn file(tool: &str, started: Instant, data: Option<ToolData>) -> Self {
         ToolResult {
             tool: tool.to_owned(),
             exit_code: None,
@@ -262,7 +268,7 @@ impl ToolResult {
             cancelled: false,
             truncated: Truncated::default(),
             duration_ms: started.elapsed().as_millis() as u64,
-            data: Some(data),
+            data,
         }
     }
 }
@@ -378,6 +384,13 @@ impl Executor {
         }
     }
 
+    fn files(&self) -> &FileRunner {
+        match self {
+            Executor::Host(h) => h.files(),
+            Executor::Docker(d) => d.files(),
+        }
+    }
+
     /// Runs one call for `user`. `cancel` stops it (its processes killed, `cancelled` set);
     /// dropping the future stops it too.
     pub async fn run(
@@ -405,7 +418,7 @@ impl Executor {
                 a.workdir,
                 a.env,
             )?,
-            file_call => return self.run_file_tool(user, file_call, started),
+            file_call => return self.run_file_tool(user, file_call, cancel, started).await,
         };
         let outcome = self.run_spec(user, spec, cancel).await?;
         Ok(outcome.into_result(tool, started))
@@ -536,46 +549,99 @@ impl Executor {
         })
     }
 
-    fn run_file_tool(&self, user: &UserId, call: ToolCall, started: Instant) -> Result<ToolResult> {
+    async fn run_file_tool(
+        &self,
+        user: &UserId,
+        call: ToolCall,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<ToolResult> {
         let cfg = self.config();
+        let tool = call.tool();
+        if let ToolCall::ReadFile(a) = &call {
+            let cap = cfg.output_cap as u64;
+            if a.limit.is_some_and(|l| l > cap) {
+                return Err(Error::BadCall {
+                    tool: tool.into(),
+                    reason: format!(
+                        "limit {} is above the output cap {cap} (ZCBOT_OUTPUT_CAP)",
+                        a.limit.unwrap_or_default()
+                    ),
+                });
+            }
+        }
         let ws = match self {
             Executor::Docker(d) => {
-                let path = d.pool().prepare_workspace(user)?;
+                let folder = d.pool().prepare_workspace(user).await?;
                 d.pool().mark_active(user);
-                Workspace::new(path, cfg.uid, cfg.gid)
+                Some(Workspace::new(folder.path, folder.uid, folder.gid))
             }
-            Executor::Host(h) => h.workspace(user)?,
+            // The host backend prepares its folder on the blocking pool, below.
+            Executor::Host(_) => None,
         };
-        let tool = call.tool();
-        let data = match call {
-            ToolCall::ReadFile(a) => {
-                let cap = cfg.output_cap as u64;
-                let limit = a.limit.unwrap_or(cap);
-                if limit > cap {
-                    return Err(Error::BadCall {
-                        tool: tool.into(),
-                        reason: format!(
-                            "limit {limit} is above the output cap {cap} (ZCBOT_OUTPUT_CAP)"
-                        ),
-                    });
-                }
-                ToolData::Read(ws.read_file(&a.path, a.offset.unwrap_or(0), limit as usize)?)
-            }
-            ToolCall::WriteFile(a) => ToolData::Written {
-                bytes_written: ws.write_file(&a.path, a.content.as_bytes(), a.append)?,
-            },
-            ToolCall::ListDir(a) => ToolData::Listing {
-                entries: ws.list_dir(&a.path)?,
-            },
-            ToolCall::DeletePath(a) => {
-                ws.delete_path(&a.path)?;
-                ToolData::Deleted { deleted: a.path }
-            }
+        let host = match self {
+            Executor::Host(h) => Some(h.clone()),
+            Executor::Docker(_) => None,
+        };
+        let cap = cfg.output_cap as u64;
+        let path = match &call {
+            ToolCall::ReadFile(a) => a.path.clone(),
+            ToolCall::WriteFile(a) => a.path.clone(),
+            ToolCall::ListDir(a) | ToolCall::DeletePath(a) => a.path.clone(),
             ToolCall::Shell(_) | ToolCall::RunPython(_) => {
                 unreachable!("process tools are run above")
             }
         };
-        Ok(ToolResult::file(tool, started, data))
+        let who = user.clone();
+        let done = self
+            .files()
+            .run(user, &path, cancel, move |budget| {
+                let ws = match (ws, host) {
+                    (Some(ws), _) => ws,
+                    (None, Some(h)) => h.workspace(&who)?,
+                    (None, None) => unreachable!("one backend or the other"),
+                };
+                Ok(match call {
+                    ToolCall::ReadFile(a) => ToolData::Read(ws.read_file(
+                        &a.path,
+                        a.offset.unwrap_or(0),
+                        a.limit.unwrap_or(cap) as usize,
+                    )?),
+                    ToolCall::WriteFile(a) => ToolData::Written {
+                        bytes_written: ws.write_file(&a.path, a.content.as_bytes(), a.append)?,
+                    },
+                    ToolCall::ListDir(a) => {
+                        let listing = ws.list_dir(&a.path, budget)?;
+                        ToolData::Listing {
+                            entries: listing.entries,
+                            truncated: listing.truncated,
+                        }
+                    }
+                    ToolCall::DeletePath(a) => {
+                        let entries = ws.delete_path(&a.path, budget)?;
+                        ToolData::Deleted {
+                            deleted: a.path,
+                            entries,
+                        }
+                    }
+                    ToolCall::Shell(_) | ToolCall::RunPython(_) => {
+                        unreachable!("process tools are run above")
+                    }
+                })
+            })
+            .await;
+        match done {
+            Ok(data) => Ok(ToolResult::file(tool, started, Some(data))),
+            // Out of time or cancelled: reported like a process call that was stopped.
+            Err(e @ Error::FileStopped { cancelled, .. }) => {
+                let mut r = ToolResult::file(tool, started, None);
+                r.timed_out = !cancelled;
+                r.cancelled = cancelled;
+                r.stderr = e.to_string();
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -636,7 +702,7 @@ mod tests {
         let r = ToolResult::file(
             "write_file",
             Instant::now(),
-            ToolData::Written { bytes_written: 3 },
+            Some(ToolData::Written { bytes_written: 3 }),
         );
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["data"]["bytes_written"], 3);

@@ -33,6 +33,7 @@ use crate::docker::Docker;
 use crate::error::{Error, Result};
 use crate::firewall::HostFirewall;
 use crate::user::UserId;
+use crate::users_root::{UserFolder, UsersRoot};
 use activity::ActivityLog;
 use network::SandboxNetwork;
 pub use spec::RulesMode;
@@ -54,6 +55,10 @@ pub struct Sandbox {
     pub name: String,
     /// The config hash it was created with.
     pub config_hash: String,
+    /// The host uid the tenant runs as (every exec names it; it owns the user's folder).
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
     /// Host rules mode: the host pid of its PID 1 and the network namespace its rules were
     /// installed in.
     #[serde(skip)]
@@ -80,6 +85,9 @@ pub struct PoolStats {
     pub reaped: u64,
     /// Containers removed at startup reconcile (stopped, stale, foreign image).
     pub orphans_removed: u64,
+    /// Containers removed because a call's processes could not be shown stopped in place (a
+    /// supervisor or channel helper that would not die, a sweep that failed).
+    pub recycled: u64,
 }
 
 #[derive(Default)]
@@ -88,6 +96,7 @@ struct Counters {
     ensures_warm: AtomicU64,
     reaped: AtomicU64,
     orphans_removed: AtomicU64,
+    recycled: AtomicU64,
 }
 
 /// Per-user state. See the module docs for the locking rules.
@@ -132,6 +141,7 @@ struct Inner {
     host_firewall: HostFirewall,
     template: SpecTemplate,
     activity: ActivityLog,
+    users: Arc<UsersRoot>,
     slots: DashMap<UserId, Arc<Slot>>,
     admission: parking_lot::Mutex<()>,
     counters: Counters,
@@ -247,8 +257,10 @@ impl SandboxPool {
                 HostFirewall::NotEnforced { reason }
             }
         };
-        std::fs::create_dir_all(&config.users_root)
-            .map_err(|e| Error::io("create users root", &config.users_root, e))?;
+        let users = {
+            let config = config.clone();
+            blocking(move || UsersRoot::open(&config)).await?
+        };
         let activity = ActivityLog::open(&config.state_dir, &config.pool_id)?;
         tracing::info!(
             docker = %docker.host(),
@@ -271,6 +283,7 @@ impl SandboxPool {
                 network,
                 host_firewall,
                 activity,
+                users: Arc::new(users),
                 slots: DashMap::new(),
                 admission: parking_lot::Mutex::new(()),
                 counters: Counters::default(),
@@ -311,12 +324,18 @@ impl SandboxPool {
             ensures_warm: c.ensures_warm.load(Ordering::Relaxed),
             reaped: c.reaped.load(Ordering::Relaxed),
             orphans_removed: c.orphans_removed.load(Ordering::Relaxed),
+            recycled: c.recycled.load(Ordering::Relaxed),
         }
     }
 
     /// The host folder of `user`, bind-mounted at `/workspace`.
     pub fn workspace(&self, user: &UserId) -> PathBuf {
-        self.inner.config.users_root.join(user.as_str())
+        self.inner.users.folder_path(user)
+    }
+
+    /// The users root: its quota, owners and checks.
+    pub fn users_root(&self) -> &UsersRoot {
+        &self.inner.users
     }
 
     /// The container name of `user` in this pool.
@@ -407,7 +426,11 @@ impl SandboxPool {
     /// container that replaced it meanwhile is left alone.
     pub async fn recycle(&self, user: &UserId, container_id: &str) -> Result<bool> {
         self.invalidate(user, container_id);
-        self.remove_container(container_id).await
+        let removed = self.remove_container(container_id).await?;
+        if removed {
+            self.inner.counters.recycled.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 
     /// Removes every container of this pool (known to this process or not). Returns how many.
@@ -524,11 +547,8 @@ impl SandboxPool {
     /// Brings `user`'s container to running with its rules in place, whatever state Docker has it
     /// in. Idempotent, so a bring-up cancelled half-way is finished by the next one.
     async fn bring_up(&self, user: &UserId) -> Result<Sandbox> {
-        let workspace = self.prepare_workspace(user)?;
-        let (mut body, hash) = self
-            .inner
-            .template
-            .build(&self.inner.config, user, &workspace);
+        let folder = self.prepare_workspace(user).await?;
+        let (mut body, hash) = self.inner.template.build(&self.inner.config, user, &folder);
         let name = self.container_name(user);
         let docker = &self.inner.docker;
         for _attempt in 0..4 {
@@ -568,7 +588,7 @@ impl SandboxPool {
                     Err(e) if e.is_conflict() => continue,
                     Err(e) => return Err(e),
                 }
-                return self.start_and_wait(user, &name, &hash).await;
+                return self.start_and_wait(user, &name, &hash, &folder).await;
             };
             let labels = found
                 .config
@@ -594,9 +614,9 @@ impl SandboxPool {
                 continue;
             }
             match status {
-                Some(State::RUNNING) => return self.wait_ready(user, &name, &hash).await,
+                Some(State::RUNNING) => return self.wait_ready(user, &name, &hash, &folder).await,
                 Some(State::CREATED) | Some(State::EXITED) => {
-                    return self.start_and_wait(user, &name, &hash).await
+                    return self.start_and_wait(user, &name, &hash, &folder).await
                 }
                 _ => {
                     tracing::info!(user = %user, container = %name, state = ?status, "sandbox in an unusable state: recreating");
@@ -614,7 +634,13 @@ impl SandboxPool {
         })
     }
 
-    async fn start_and_wait(&self, user: &UserId, name: &str, hash: &str) -> Result<Sandbox> {
+    async fn start_and_wait(
+        &self,
+        user: &UserId,
+        name: &str,
+        hash: &str,
+        folder: &UserFolder,
+    ) -> Result<Sandbox> {
         let docker = &self.inner.docker;
         docker
             .call(
@@ -622,7 +648,7 @@ impl SandboxPool {
                 docker.raw().start_container(name, None),
             )
             .await?;
-        self.wait_ready(user, name, hash).await
+        self.wait_ready(user, name, hash, folder).await
     }
 
     /// Waits until the entry of the container's *current* run reports its rules in place: only a
@@ -630,7 +656,13 @@ impl SandboxPool {
     /// log still holds the ready line of its previous run (whose network namespace, and rules,
     /// are gone). If the entry fails or the deadline passes, the container is removed and the error
     /// carries the log's tail.
-    async fn wait_ready(&self, user: &UserId, name: &str, hash: &str) -> Result<Sandbox> {
+    async fn wait_ready(
+        &self,
+        user: &UserId,
+        name: &str,
+        hash: &str,
+        folder: &UserFolder,
+    ) -> Result<Sandbox> {
         let docker = &self.inner.docker;
         let timeout = self.inner.config.start_timeout;
         let mut log = String::new();
@@ -638,7 +670,7 @@ impl SandboxPool {
         if self.inner.template.rules == RulesMode::Host {
             if let Some(run) = started {
                 return self
-                    .install_rules_from_host(user, name, hash, run.id, run.pid)
+                    .install_rules_from_host(user, name, hash, folder, run.id, run.pid)
                     .await;
             }
         }
@@ -699,6 +731,8 @@ impl SandboxPool {
                         container_id: run.id,
                         name: name.to_owned(),
                         config_hash: hash.to_owned(),
+                        uid: folder.uid,
+                        gid: folder.gid,
                         netns: None,
                     })
                 }
@@ -738,6 +772,7 @@ impl SandboxPool {
         user: &UserId,
         name: &str,
         hash: &str,
+        folder: &UserFolder,
         container_id: String,
         pid: i32,
     ) -> Result<Sandbox> {
@@ -756,6 +791,8 @@ impl SandboxPool {
                     container_id,
                     name: name.to_owned(),
                     config_hash: hash.to_owned(),
+                    uid: folder.uid,
+                    gid: folder.gid,
                     netns: Some((pid, ns)),
                 })
             }
@@ -859,12 +896,12 @@ impl SandboxPool {
         }
     }
 
-    /// Creates the user's host folder if missing and gives it to the sandbox uid:gid.
-    pub fn prepare_workspace(&self, user: &UserId) -> Result<PathBuf> {
-        let cfg = &self.inner.config;
-        let path = self.workspace(user);
-        crate::files::prepare_user_folder(&path, Some((cfg.uid, cfg.gid)))?;
-        Ok(path)
+    /// Makes the user's host folder ready (created with its quota, owned by the tenant's uid;
+    /// see [`UsersRoot::prepare`]), off the async workers.
+    pub async fn prepare_workspace(&self, user: &UserId) -> Result<UserFolder> {
+        let users = self.inner.users.clone();
+        let user = user.clone();
+        blocking(move || users.prepare(&user)).await
     }
 
     /// Records activity for `user` if it has a live sandbox (file tools run on the host, but
@@ -923,6 +960,19 @@ impl SandboxPool {
             )
             .await
     }
+}
+
+/// Runs blocking file system work on tokio's blocking pool, never on an async worker.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(Error::io(
+            "run host file work",
+            "-",
+            std::io::Error::other(e.to_string()),
+        ))
+    })
 }
 
 fn summary_name(c: &bollard::models::ContainerSummary) -> Option<String> {

@@ -77,19 +77,22 @@ impl SandboxPool {
             };
             let verdict = match summary_user(c) {
                 None => Err("its user label is missing or invalid".to_owned()),
-                Some(user) => self.judge(c, &user, &name).map(|_| user),
+                Some(user) => match self.prepare_workspace(&user).await {
+                    Ok(folder) => self.judge(c, &user, &name, &folder).map(|_| (user, folder)),
+                    Err(e) => Err(format!("its user folder cannot be prepared: {e}")),
+                },
             };
             match verdict {
-                Ok(user) => to_adopt.push((user, name, c.clone())),
+                Ok((user, folder)) => to_adopt.push((user, name, folder, c.clone())),
                 Err(reason) => to_remove.push((name, reason)),
             }
         }
 
         // Confirm the rules are in place (the entry's ready line) before adopting.
         let checked: Vec<_> = futures_util::stream::iter(to_adopt)
-            .map(|(user, name, c)| async move {
+            .map(|(user, name, folder, c)| async move {
                 let hash = label(&c, LABEL_CONFIG_HASH).unwrap_or_default();
-                let res = self.wait_ready(&user, &name, &hash).await;
+                let res = self.wait_ready(&user, &name, &hash, &folder).await;
                 (user, name, c, res)
             })
             .buffer_unordered(16)
@@ -140,6 +143,7 @@ impl SandboxPool {
         c: &ContainerSummary,
         user: &UserId,
         name: &str,
+        folder: &crate::users_root::UserFolder,
     ) -> std::result::Result<(), String> {
         if name != self.container_name(user) {
             return Err(format!(
@@ -150,12 +154,11 @@ impl SandboxPool {
         if c.state != Some(SummaryState::RUNNING) {
             return Err(format!("it is not running ({})", state_name(c)));
         }
-        let (_, hash) = self
-            .inner
-            .template
-            .build(&self.inner.config, user, &self.workspace(user));
+        let (_, hash) = self.inner.template.build(&self.inner.config, user, folder);
         if label(c, LABEL_CONFIG_HASH).as_deref() != Some(hash.as_str()) {
-            return Err("its config hash is stale (image, limits, mounts or rules changed)".into());
+            return Err(
+                "its config hash is stale (image, limits, mounts, uid or rules changed)".into(),
+            );
         }
         Ok(())
     }
@@ -298,10 +301,22 @@ impl SandboxPool {
                             .and_then(|s| humantime::parse_rfc3339_weak(&s).ok())
                     })
                     .unwrap_or(now);
-                let (_, hash) =
-                    self.inner
-                        .template
-                        .build(&self.inner.config, &user, &self.workspace(&user));
+                // The uid the container was made for (its folder is not touched to list it).
+                let (uid, gid) = label(c, spec::LABEL_UID)
+                    .and_then(|v| {
+                        let (u, g) = v.split_once(':')?;
+                        Some((u.parse().ok()?, g.parse().ok()?))
+                    })
+                    .unwrap_or((0, 0));
+                let folder = crate::users_root::UserFolder {
+                    path: self.workspace(&user),
+                    uid,
+                    gid,
+                };
+                let (_, hash) = self
+                    .inner
+                    .template
+                    .build(&self.inner.config, &user, &folder);
                 Some(SandboxStatus {
                     user: user.to_string(),
                     name,

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::Path;
 
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, HostConfigCgroupnsModeEnum,
@@ -16,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::user::UserId;
+use crate::users_root::UserFolder;
 
 /// Label that marks a container as made by zcbot-sandbox.
 pub const LABEL_MANAGED_BY: &str = "io.zcbot.managed-by";
@@ -27,6 +27,8 @@ pub const LABEL_POOL: &str = "io.zcbot.pool";
 pub const LABEL_USER: &str = "io.zcbot.user";
 /// Label with the config hash the container was created with.
 pub const LABEL_CONFIG_HASH: &str = "io.zcbot.config-hash";
+/// Label with the tenant's `uid:gid` (in the hash: a new uid means a new container).
+pub const LABEL_UID: &str = "io.zcbot.uid";
 /// Label with the creation time (RFC 3339, UTC).
 pub const LABEL_CREATED_AT: &str = "io.zcbot.created-at";
 /// Prefix of every sandbox container's name.
@@ -153,13 +155,15 @@ impl std::fmt::Display for RulesMode {
 }
 
 impl SpecTemplate {
-    /// The create body for `user` and its config hash. `workspace` is the user's host folder.
+    /// The create body for `user` and its config hash. `folder` is the user's host folder and
+    /// the uid that owns it.
     pub fn build(
         &self,
         config: &Config,
         user: &UserId,
-        workspace: &Path,
+        folder: &UserFolder,
     ) -> (ContainerCreateBody, String) {
+        let workspace = &folder.path;
         let mut cmd = vec!["--egress".to_owned(), config.egress.as_str().to_owned()];
         if self.rules == RulesMode::Host {
             cmd.push("--rules-by-host".to_owned());
@@ -172,6 +176,10 @@ impl SpecTemplate {
             (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
             (LABEL_POOL.to_owned(), config.pool_id.clone()),
             (LABEL_USER.to_owned(), user.to_string()),
+            (
+                LABEL_UID.to_owned(),
+                format!("{}:{}", folder.uid, folder.gid),
+            ),
         ]);
         let host_config = HostConfig {
             readonly_rootfs: Some(true),
@@ -251,6 +259,14 @@ mod tests {
         Config::from_lookup(|_| None).unwrap()
     }
 
+    fn folder(path: &str, uid: u32) -> UserFolder {
+        UserFolder {
+            path: path.into(),
+            uid,
+            gid: uid,
+        }
+    }
+
     fn template() -> SpecTemplate {
         SpecTemplate {
             image_id: "sha256:abc".into(),
@@ -270,7 +286,7 @@ mod tests {
     fn hash_is_stable_and_tracks_what_matters() {
         let c = cfg();
         let u = UserId::parse("alice").unwrap();
-        let ws = Path::new("/srv/users/alice");
+        let ws = &folder("/srv/users/alice", 200_001);
         let (_, h1) = template().build(&c, &u, ws);
         let (_, h2) = template().build(&c, &u, ws);
         assert_eq!(h1, h2, "same inputs, same hash");
@@ -283,8 +299,15 @@ mod tests {
         assert_ne!(h1, t.build(&c, &u, ws).1, "image id");
         assert_ne!(
             h1,
-            template().build(&c, &u, Path::new("/elsewhere")).1,
+            template().build(&c, &u, &folder("/elsewhere", 200_001)).1,
             "mount"
+        );
+        assert_ne!(
+            h1,
+            template()
+                .build(&c, &u, &folder("/srv/users/alice", 200_002))
+                .1,
+            "uid"
         );
         let mut t = template();
         t.blocked.push("8.8.8.8/32".parse().unwrap());
@@ -315,7 +338,7 @@ mod tests {
         let (body, _) = template().build(
             &cfg(),
             &UserId::parse("bob").unwrap(),
-            Path::new("/srv/bob"),
+            &folder("/srv/bob", 200_003),
         );
         let hc = body.host_config.unwrap();
         assert_eq!(hc.readonly_rootfs, Some(true));

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::ConnectionStats;
 use crate::exec::channel::{TransportStats, LATENCY_BUCKETS};
 use crate::pool::PoolStats;
 
@@ -82,8 +83,31 @@ impl Metrics {
         &self,
         pool: Option<(PoolStats, BTreeMap<String, u64>)>,
         transports: Option<&TransportStats>,
+        connections: &ConnectionStats,
     ) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP zcbot_http_connections_open HTTP connections open now."
+        );
+        let _ = writeln!(out, "# TYPE zcbot_http_connections_open gauge");
+        let _ = writeln!(
+            out,
+            "zcbot_http_connections_open {}",
+            connections.open.load(Ordering::Relaxed)
+        );
+        counter(
+            &mut out,
+            "zcbot_http_connections_refused_total",
+            "Connections refused at ZCBOT_HTTP_MAX_CONNECTIONS.",
+            connections.refused.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "zcbot_http_connections_timed_out_total",
+            "Connections closed for slow headers or idleness.",
+            connections.timed_out.load(Ordering::Relaxed),
+        );
         let (stats, states) = pool.unwrap_or_default();
         let _ = writeln!(
             out,
@@ -124,6 +148,12 @@ impl Metrics {
             "zcbot_orphans_removed_total",
             "Containers removed at startup reconcile.",
             stats.orphans_removed,
+        );
+        counter(
+            &mut out,
+            "zcbot_sandboxes_recycled_total",
+            "Sandboxes removed because a call's processes could not be shown stopped in place.",
+            stats.recycled,
         );
         counter(
             &mut out,
@@ -248,7 +278,7 @@ mod tests {
         let m = Metrics::default();
         m.observe_call("shell", "docker", Duration::from_millis(70), false, false);
         m.observe_call("shell", "docker", Duration::from_secs(2), true, false);
-        let text = m.render(None, None);
+        let text = m.render(None, None, &ConnectionStats::default());
         assert!(text.contains("zcbot_exec_duration_seconds_bucket{tool=\"shell\",backend=\"docker\",le=\"0.1\"} 1"), "{text}");
         assert!(text.contains(
             "zcbot_exec_duration_seconds_bucket{tool=\"shell\",backend=\"docker\",le=\"2.5\"} 2"
@@ -266,7 +296,7 @@ mod tests {
         t.fallbacks.fetch_add(1, Ordering::Relaxed);
         t.observe(true, Duration::from_micros(1500));
         t.observe(false, Duration::from_millis(60));
-        let text = Metrics::default().render(None, Some(&t));
+        let text = Metrics::default().render(None, Some(&t), &ConnectionStats::default());
         for line in [
             "zcbot_channel_opens_total 2",
             "zcbot_channel_deaths_total 0",

@@ -10,8 +10,11 @@
 //! (mode 0600) by default, refuses a non-loopback address without `ZCBOT_API_TOKEN`, and with a
 //! token checks `Authorization: Bearer` on every request in constant time.
 
+mod connections;
 pub mod metrics;
 mod routes;
+
+pub use connections::ConnectionStats;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,9 +45,8 @@ pub struct ServeOptions {
     pub remove_on_exit: bool,
 }
 
-/// A call in flight, findable by its id.
+/// A call in flight, findable by its user and id.
 struct CallEntry {
-    user: UserId,
     cancel: CancellationToken,
 }
 
@@ -52,7 +54,9 @@ struct CallEntry {
 pub(crate) struct AppState {
     executor: Executor,
     token_hash: Option<[u8; 32]>,
-    calls: DashMap<String, CallEntry>,
+    /// Calls in flight by (user, call id): ids are per user, so one user can neither find nor
+    /// cancel another's call, and two users may use the same id at once.
+    calls: DashMap<(UserId, String), CallEntry>,
     per_user: DashMap<UserId, usize>,
     metrics: Metrics,
     reaper: Mutex<Option<ReaperHandle>>,
@@ -60,6 +64,8 @@ pub(crate) struct AppState {
     self_check: Option<String>,
     /// Parent of every call's token: cancelling it cancels every call (end of shutdown grace).
     all_calls: CancellationToken,
+    /// What the acceptor did (open, refused, timed-out connections).
+    connections: Arc<connections::ConnectionStats>,
 }
 
 /// A started daemon: initialised and bound, not yet serving.
@@ -140,6 +146,7 @@ impl Server {
                 reaper: Mutex::new(reaper),
                 self_check,
                 all_calls: CancellationToken::new(),
+                connections: Arc::new(connections::ConnectionStats::default()),
             }),
             listener,
             options,
@@ -176,19 +183,20 @@ impl Server {
             tracing::info!("shutdown grace over: cancelling the calls still running");
             all_calls.cancel();
         });
-        let signal = {
-            let stop = stop.clone();
-            async move { stop.cancelled().await }
+        let cfg = state.executor_config();
+        let limits = connections::Limits {
+            header_timeout: cfg.http_header_timeout,
+            idle_timeout: cfg.http_idle_timeout,
+            max_connections: cfg.http_max_connections,
         };
-        let served = match self.listener {
-            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+        let stats = state.connections.clone();
+        match self.listener {
+            Listener::Tcp(l) => connections::serve(l, app, limits, stats, stop).await,
             Listener::Unix(l, ref path) => {
-                let r = axum::serve(l, app).with_graceful_shutdown(signal).await;
+                connections::serve(l, app, limits, stats, stop).await;
                 let _ = std::fs::remove_file(path);
-                r
             }
-        };
-        served.map_err(|e| Error::io("serve", "the listener", e))?;
+        }
         // Calls cancelled at the end of the grace stop within the kill grace; make sure they did.
         while !state.calls.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -264,9 +272,13 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match &e {
-            Error::InvalidUser { .. } | Error::BadCall { .. } | Error::File { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Error::InvalidUser { .. }
+            | Error::BadCall { .. }
+            | Error::File { .. }
+            | Error::FileLimit { .. } => StatusCode::BAD_REQUEST,
+            Error::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            // The executor turns these into results; a caller of the library may still see one.
+            Error::FileStopped { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
             Error::PoolFull { .. }
             | Error::DockerUnreachable { .. }
@@ -276,6 +288,7 @@ impl From<Error> for ApiError {
             | Error::SandboxStart { .. }
             | Error::HostFirewall { .. }
             | Error::SelfCheck { .. }
+            | Error::DiskQuota { .. }
             | Error::CallStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::ChannelLost { .. } => StatusCode::BAD_GATEWAY,
             Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {

@@ -24,7 +24,8 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
     let max_body = state.executor_config().max_body;
     Router::new()
         .route("/v1/users/{user}/tools/{tool}", post(call_tool))
-        .route("/v1/calls/{call_id}", delete(cancel_call))
+        .route("/v1/users/{user}/calls/{call_id}", delete(cancel_call))
+        .route("/v1/calls/{call_id}", delete(cancel_call_moved))
         .route("/v1/sandboxes", get(list_sandboxes))
         .route(
             "/v1/users/{user}/sandbox",
@@ -65,12 +66,17 @@ struct InFlight<'a> {
     state: &'a AppState,
     user: UserId,
     call_id: Option<String>,
+    /// Whether the call took one of its user's slots (and counts as in flight).
+    counted: bool,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some(id) = &self.call_id {
-            self.state.calls.remove(id);
+        if let Some(id) = self.call_id.take() {
+            self.state.calls.remove(&(self.user.clone(), id));
+        }
+        if !self.counted {
+            return;
         }
         if let Some(mut n) = self.state.per_user.get_mut(&self.user) {
             *n = n.saturating_sub(1);
@@ -142,11 +148,37 @@ async fn call_tool(
     };
     let call = ToolCall::parse(&tool, args).map_err(|e| counted(st, e))?;
 
-    // The per-user limit, then the registry; the guard undoes both.
+    // The registry (a duplicate id is a conflict whatever the load), then the per-user limit;
+    // the guard undoes what was done.
+    let cancel = st.all_calls.child_token();
+    match st.calls.entry((user.clone(), call_id.clone())) {
+        dashmap::Entry::Occupied(_) => {
+            return Err(counted(
+                st,
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "call_id_in_use",
+                    format!("user {user} already has a call with id {call_id} in flight"),
+                ),
+            ));
+        }
+        dashmap::Entry::Vacant(v) => {
+            v.insert(CallEntry {
+                cancel: cancel.clone(),
+            });
+        }
+    }
+    let mut in_flight = InFlight {
+        state: st,
+        user: user.clone(),
+        call_id: Some(call_id.clone()),
+        counted: false,
+    };
     let limit = st.executor_config().user_max_calls;
     {
         let mut n = st.per_user.entry(user.clone()).or_insert(0);
         if *n >= limit {
+            drop(n);
             return Err(counted(
                 st,
                 ApiError::new(
@@ -160,32 +192,8 @@ async fn call_tool(
         }
         *n += 1;
     }
+    in_flight.counted = true;
     st.metrics.in_flight(1);
-    let mut in_flight = InFlight {
-        state: st,
-        user: user.clone(),
-        call_id: None,
-    };
-    let cancel = st.all_calls.child_token();
-    match st.calls.entry(call_id.clone()) {
-        dashmap::Entry::Occupied(_) => {
-            return Err(counted(
-                st,
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "call_id_in_use",
-                    format!("a call with id {call_id} is already in flight"),
-                ),
-            ));
-        }
-        dashmap::Entry::Vacant(v) => {
-            v.insert(CallEntry {
-                user: user.clone(),
-                cancel: cancel.clone(),
-            });
-        }
-    }
-    in_flight.call_id = Some(call_id.clone());
 
     let started = Instant::now();
     let backend = st.executor.backend();
@@ -216,11 +224,19 @@ async fn call_tool(
     }
 }
 
-async fn cancel_call(State(state): State<Arc<AppState>>, Path(call_id): Path<String>) -> ApiResult {
-    match state.calls.get(&call_id) {
-        Some(entry) => {
-            entry.cancel.cancel();
-            tracing::info!(call_id = %call_id, user = %entry.user, "call cancelled through the API");
+async fn cancel_call(
+    State(state): State<Arc<AppState>>,
+    Path((user, call_id)): Path<(String, String)>,
+) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let cancel = state
+        .calls
+        .get(&(user.clone(), call_id.clone()))
+        .map(|e| e.cancel.clone());
+    match cancel {
+        Some(cancel) => {
+            cancel.cancel();
+            tracing::info!(call_id = %call_id, user = %user, "call cancelled through the API");
             Ok((StatusCode::ACCEPTED, Json(json!({ "cancelled": call_id }))).into_response())
         }
         None => Err(counted(
@@ -228,10 +244,22 @@ async fn cancel_call(State(state): State<Arc<AppState>>, Path(call_id): Path<Str
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_call",
-                format!("no call {call_id} is in flight"),
+                format!("user {user} has no call {call_id} in flight"),
             ),
         )),
     }
+}
+
+/// The old global cancel route: call ids are per user now, so it cannot say whose call it means.
+async fn cancel_call_moved(State(state): State<Arc<AppState>>) -> ApiResult {
+    Err(counted(
+        &state,
+        ApiError::new(
+            StatusCode::GONE,
+            "route_moved",
+            "call ids belong to their user: cancel with DELETE /v1/users/{user}/calls/{call_id}",
+        ),
+    ))
 }
 
 async fn list_sandboxes(State(state): State<Arc<AppState>>) -> ApiResult {
@@ -357,6 +385,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             },
         );
         checks.insert("container_rules", format!("ok ({})", pool.rules_mode()));
+        let users = pool.clone();
+        let users_checks = tokio::task::spawn_blocking(move || users.users_root().checks())
+            .await
+            .unwrap_or_default();
+        for (name, detail) in users_checks {
+            checks.insert(name, detail);
+        }
         checks.insert(
             "self_check",
             state
@@ -401,6 +436,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             Some((pool.stats(), states))
         }
     };
-    let body = state.metrics.render(pool, state.executor.transport_stats());
+    let body = state
+        .metrics
+        .render(pool, state.executor.transport_stats(), &state.connections);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -151,6 +151,10 @@ pub(crate) fn pipe_cloexec() -> [libc::c_int; 2] {
 pub(crate) fn supervise(args: Args) -> i32 {
     // SAFETY: plain prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    // SAFETY: as above. Non-dumpable: the call's own code (same uid) can neither ptrace this
+    // supervisor nor open its /proc/PID/mem to rewrite the code that stops it; the command it
+    // executes becomes dumpable again, as any program.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 
     let mut argv: Vec<CString> = args.argv.iter().map(|a| cstr(a.as_bytes())).collect();
     let mut program_fd = -1;

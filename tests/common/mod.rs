@@ -11,6 +11,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use zcbot_sandbox::{Config, SandboxPool, UserId};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -86,6 +88,9 @@ pub struct TestPool {
     /// Extra containers (by name) and images to remove at the end.
     pub extra_containers: Vec<String>,
     pub extra_images: Vec<String>,
+    /// The loop-mounted users root of [`TestPool::with_quota`]; dropped (unmounted) after the
+    /// containers that use it are gone.
+    pub quota_fs: Option<QuotaFs>,
 }
 
 impl TestPool {
@@ -117,7 +122,21 @@ impl TestPool {
             vars,
             extra_containers: Vec::new(),
             extra_images: Vec::new(),
+            quota_fs: None,
         }
+    }
+
+    /// Like [`TestPool::new`], with the users root on a btrfs file system of `mib` MiB made for
+    /// this test: loop-mounted `nosuid,nodev`, quotas on (what RUN.md tells operators to make).
+    pub fn with_quota(tag: &str, mib: u64) -> Self {
+        let mut t = TestPool::new(tag);
+        let fs = QuotaFs::new(&t.pool_id, mib);
+        t.set(
+            "ZCBOT_USERS_ROOT",
+            &fs.mount.join("users").display().to_string(),
+        );
+        t.quota_fs = Some(fs);
+        t
     }
 
     /// Sets one more variable for the pools this test makes.
@@ -196,6 +215,80 @@ impl Drop for TestPool {
             docker_try(&["rmi", "-f", image]);
         }
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A btrfs file system in a sparse image file, on a loop device, mounted `nosuid,nodev` with
+/// quotas enabled; unmounted and deleted on drop. Needs root and btrfs-progs (scripts/test.sh
+/// installs it).
+pub struct QuotaFs {
+    pub mount: PathBuf,
+    pub image: PathBuf,
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd} is needed by this test (scripts/test.sh installs it): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl QuotaFs {
+    pub fn new(tag: &str, mib: u64) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test mounts a file system: run the suite as root (scripts/test.sh)"
+        );
+        let base = std::env::temp_dir().join(format!("zcbot-qfs-{tag}"));
+        let _ = std::fs::create_dir_all(&base);
+        let image = base.join("fs.img");
+        let mount = base.join("mnt");
+        std::fs::create_dir_all(&mount).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        run_ok("mkfs.btrfs", &["-q", "-f", image.to_str().unwrap()]);
+        run_ok(
+            "mount",
+            &[
+                "-o",
+                "loop,nosuid,nodev",
+                image.to_str().unwrap(),
+                mount.to_str().unwrap(),
+            ],
+        );
+        run_ok("btrfs", &["quota", "enable", mount.to_str().unwrap()]);
+        QuotaFs { mount, image }
+    }
+}
+
+impl Drop for QuotaFs {
+    fn drop(&mut self) {
+        let m = self.mount.to_str().unwrap().to_owned();
+        // A container that just went away may hold the mount for a moment.
+        let mut unmounted = false;
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&m)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                unmounted = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if !unmounted {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        if let Some(base) = self.image.parent() {
+            let _ = std::fs::remove_dir_all(base);
+        }
     }
 }
 
@@ -291,4 +384,80 @@ pub fn unprivileged(t: &TestPool) -> String {
         .nth(2)
         .expect("a docker group")
         .to_owned()
+}
+
+/// The tenant's `uid:gid` that a sandbox's processes run as (its `io.zcbot.uid` label, read with
+/// the docker CLI as the witness).
+pub fn tenant(container: &str) -> String {
+    docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"io.zcbot.uid\"}}",
+        container,
+    ])
+}
+
+/// The uid half of [`tenant`].
+pub fn tenant_uid(container: &str) -> String {
+    tenant(container)
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// One request over a fresh connection (TCP `host:port` or `unix:/path`); returns status, head
+/// and body.
+pub async fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: zcbot\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    let response = match addr.strip_prefix("unix:") {
+        Some(path) => exchange(tokio::net::UnixStream::connect(path).await.unwrap(), &req).await,
+        None => {
+            exchange(
+                tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
+                    .await
+                    .unwrap(),
+                &req,
+            )
+            .await
+        }
+    };
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+async fn exchange(mut s: impl AsyncRead + AsyncWrite + Unpin, req: &str) -> String {
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// [`http_with`] without extra headers.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> (u16, String, String) {
+    http_with(addr, method, path, body, &[]).await
 }
