@@ -29,6 +29,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+mod filter;
 mod serve;
 
 /// The most program text `--stdin-program` accepts.
@@ -155,6 +156,10 @@ pub(crate) fn supervise(args: Args) -> i32 {
     // supervisor nor open its /proc/PID/mem to rewrite the code that stops it; the command it
     // executes becomes dumpable again, as any program.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Everything the call runs inherits it: no nested btrfs subvolume escapes the disk quota.
+    if let Err(e) = filter::install() {
+        die(125, &format!("installing the seccomp filter: {e}"));
+    }
 
     let mut argv: Vec<CString> = args.argv.iter().map(|a| cstr(a.as_bytes())).collect();
     let mut program_fd = -1;

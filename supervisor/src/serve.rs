@@ -114,6 +114,10 @@ pub fn serve() -> i32 {
     // SAFETY: prctl with integer arguments. Non-dumpable: no ptrace, no /proc/PID/fd for the
     // sandbox user; executed supervisors become dumpable again, as any process.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // The helper carries the filter too (see filter.rs): whatever it forks inherits it.
+    if let Err(e) = crate::filter::install() {
+        crate::die(125, &format!("installing the seccomp filter: {e}"));
+    }
     // SAFETY: getpid never fails.
     let me = unsafe { libc::getpid() };
 
