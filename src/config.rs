@@ -66,6 +66,9 @@ pub struct Config {
     /// `ZCBOT_HTTP_HEADER_TIMEOUT`: how long a client may take to send a request's headers
     /// (default 10s).
     pub http_header_timeout: Duration,
+    /// `ZCBOT_HTTP_BODY_TIMEOUT`: how long a client may take to send a request's body, once its
+    /// headers are in (default 30s).
+    pub http_body_timeout: Duration,
     /// `ZCBOT_HTTP_IDLE_TIMEOUT`: how long a kept-alive connection may sit idle between requests
     /// (default 60s).
     pub http_idle_timeout: Duration,
@@ -259,6 +262,7 @@ pub const VARIABLES: &[&str] = &[
     "ZCBOT_FILE_WORKERS",
     "ZCBOT_HTTP_HEADER_TIMEOUT",
     "ZCBOT_HTTP_IDLE_TIMEOUT",
+    "ZCBOT_HTTP_BODY_TIMEOUT",
     "ZCBOT_HTTP_MAX_CONNECTIONS",
     "ZCBOT_SANDBOX_MAX",
     "ZCBOT_PG_IPS",
@@ -393,6 +397,7 @@ impl Config {
                 "10s",
                 parse_duration,
             )?,
+            http_body_timeout: parse_var(&get, "ZCBOT_HTTP_BODY_TIMEOUT", "30s", parse_duration)?,
             http_idle_timeout: parse_var(&get, "ZCBOT_HTTP_IDLE_TIMEOUT", "60s", parse_duration)?,
             http_max_connections: parse_var(&get, "ZCBOT_HTTP_MAX_CONNECTIONS", "1024", |v| {
                 parse_int(v, 1, 1_000_000).map(|n| n as usize)

@@ -29,6 +29,7 @@ use tower::ServiceExt;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub(crate) header_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_connections: usize,
 }
@@ -184,6 +185,50 @@ impl Drop for BusyGuard {
     }
 }
 
+/// A request body that must arrive whole within a deadline: a client that declares a body and
+/// sends it slowly (or never) gets an error instead of holding its connection and the handler.
+struct TimedBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, within: Duration) -> Self {
+        TimedBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(within)),
+        }
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = axum::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(
+                    "the request body did not arrive within ZCBOT_HTTP_BODY_TIMEOUT".into(),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 const REFUSAL_BODY: &str = r#"{"error":{"kind":"too_many_connections","message":"the daemon has ZCBOT_HTTP_MAX_CONNECTIONS connections open; retry later"}}"#;
 
 /// Serves `app` on `listener` until `stop` is cancelled, then stops accepting and waits for the
@@ -233,9 +278,11 @@ pub(crate) async fn serve<L: Listener>(
             svc_clock.begin();
             let busy = BusyGuard(svc_clock.clone());
             let app = app.clone();
+            let body_timeout = limits.body_timeout;
             async move {
                 let _busy = busy;
-                app.oneshot(req.map(axum::body::Body::new)).await
+                let req = req.map(|body| axum::body::Body::new(TimedBody::new(body, body_timeout)));
+                app.oneshot(req).await
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()

@@ -186,6 +186,7 @@ impl Server {
         let cfg = state.executor_config();
         let limits = connections::Limits {
             header_timeout: cfg.http_header_timeout,
+            body_timeout: cfg.http_body_timeout,
             idle_timeout: cfg.http_idle_timeout,
             max_connections: cfg.http_max_connections,
         };
