@@ -17,6 +17,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::{DashMap, DashSet};
@@ -35,9 +36,9 @@ use crate::user::UserId;
 const PROBE: &std::ffi::CStr = c".zcbot-quota-probe";
 /// The deepest folder a migration reaches (one open descriptor per level).
 const MIGRATE_DEPTH: usize = 1024;
-/// How long migrating one folder to its tenant's uid may take before the call fails (and the next
-/// call goes on where it stopped).
-const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long migrating one folder to its tenant's uid may take before the call fails (the next
+/// call walks again; what is done already is only looked at).
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// A user's folder, ready: where it is and whose it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +75,9 @@ pub struct UsersRoot {
     require_quota: bool,
     owners: Owners,
     prepared: DashMap<UserId, UserFolder>,
+    /// One preparation per user at a time (a first call and its concurrent siblings wait for one
+    /// migration instead of each walking the tree).
+    preparing: DashMap<UserId, Arc<parking_lot::Mutex<()>>>,
     /// Users whose folder predates the quota (a plain folder on a quota root), warned once.
     unquoted: DashSet<UserId>,
 }
@@ -133,6 +137,7 @@ impl UsersRoot {
             require_quota: config.require_disk_quota,
             owners,
             prepared: DashMap::new(),
+            preparing: DashMap::new(),
             unquoted: DashSet::new(),
         })
     }
@@ -162,6 +167,21 @@ impl UsersRoot {
         if let Some(f) = self.prepared.get(user) {
             return Ok(f.clone());
         }
+        let lock = self.preparing.entry(user.clone()).or_default().clone();
+        let done = {
+            let _one = lock.lock();
+            match self.prepared.get(user) {
+                Some(f) => Ok(f.clone()),
+                None => self.prepare_now(user),
+            }
+        };
+        drop(lock);
+        self.preparing
+            .remove_if(user, |_, l| Arc::strong_count(l) == 1);
+        done
+    }
+
+    fn prepare_now(&self, user: &UserId) -> Result<UserFolder> {
         let path = self.folder_path(user);
         let root = open_dir(&self.path)?;
         let name = CString::new(user.as_str()).expect("user ids hold no NUL");

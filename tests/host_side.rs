@@ -290,6 +290,20 @@ async fn a_tenant_cannot_write_past_its_quota_and_a_failed_write_loses_nothing()
         .mount
         .join("users")
         .join(u.as_str());
+    // A nested subvolume (its own qgroup, outside the user's limit) cannot be made from inside.
+    let nest = "import fcntl, os\nbuf = bytearray(4096); buf[8:14] = b'nested'\nfd = os.open('.', os.O_RDONLY)\nfor req in (0x5000940e, 0x50009418):\n    try:\n        fcntl.ioctl(fd, req, buf); print('created')\n    except OSError as e:\n        print(e.errno)";
+    let r = run(&ex, &u, "run_python", json!({ "code": nest }))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "1\n1\n", "EPERM for both subvolume ioctls: {r:?}");
+    // The positive control: on this very file system, an unprivileged host account without the
+    // sandbox's filter can (so the refusal above is the filter's, not the kernel's).
+    let open_dir = t.quota_fs.as_ref().unwrap().mount.join("open");
+    std::fs::create_dir_all(&open_dir).unwrap();
+    std::os::unix::fs::chown(&open_dir, Some(65534), Some(65534)).unwrap();
+    let nest_there = nest.replace("os.open('.'", &format!("os.open('{}'", open_dir.display()));
+    let (made, out) = as_nobody(&["python3", "-c", &nest_there]);
+    assert!(made && out.starts_with("created"), "{out}");
     let size = std::fs::metadata(host.join("big")).unwrap().len();
     // The positive control: the write really ran up to about the quota, then stopped.
     assert!((40 << 20..=72 << 20).contains(&size), "big is {size} bytes");
@@ -528,6 +542,7 @@ async fn a_folder_of_the_old_single_uid_is_migrated_to_the_tenants_own() {
 async fn slow_idle_and_surplus_connections_are_cut_but_a_long_call_is_not() {
     let mut t = TestPool::new("hhttp");
     t.set("ZCBOT_HTTP_HEADER_TIMEOUT", "1s")
+        .set("ZCBOT_HTTP_BODY_TIMEOUT", "1s")
         .set("ZCBOT_HTTP_IDLE_TIMEOUT", "2s")
         .set("ZCBOT_HTTP_MAX_CONNECTIONS", "4");
     let d = Daemon::start(&mut t);
@@ -578,6 +593,22 @@ async fn slow_idle_and_surplus_connections_are_cut_but_a_long_call_is_not() {
         t0.elapsed() >= Duration::from_millis(1800),
         "{:?}",
         t0.elapsed()
+    );
+    // A body declared and never sent: an error once ZCBOT_HTTP_BODY_TIMEOUT passes, not a hang.
+    let mut mute = connect().await.unwrap();
+    let head = format!(
+        "POST /v1/users/{u}/tools/shell HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"comm"
+    );
+    mute.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), mute.read(&mut answer))
+        .await
+        .expect("a silent body held the connection")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("bad_body"),
+        "{answer}"
     );
     // A call longer than both timeouts is answered on its connection.
     let (s, r) = d
