@@ -28,7 +28,7 @@ use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::exec::output::to_text;
+use crate::text::to_text;
 pub use walk::{Budget, Stop};
 
 /// Bounds on what one file call may ask of the host.
@@ -380,7 +380,7 @@ impl Workspace {
             return Ok(content.len() as u64);
         }
         // A new file beside the target, renamed over it once whole.
-        let temp = OsString::from(format!(".zcbot-write-{}", crate::exec::new_call_id()));
+        let temp = OsString::from(format!(".zcbot-write-{}", crate::text::random_id()));
         let fd = openat(
             Some(dir.as_raw_fd()),
             temp.as_os_str(),

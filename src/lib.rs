@@ -14,6 +14,7 @@ pub mod pool;
 pub mod quota;
 pub mod server;
 pub mod smoke;
+pub mod text;
 pub mod uids;
 pub mod user;
 pub mod users_root;

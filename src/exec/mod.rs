@@ -22,6 +22,8 @@ use crate::config::{Backend, Config};
 use crate::error::{Error, Result};
 use crate::files::{self, DirEntry, FileRead, Workspace};
 use crate::pool::SandboxPool;
+/// A new call id (16 random hex digits).
+pub use crate::text::random_id as new_call_id;
 use crate::user::UserId;
 use file_calls::FileRunner;
 
@@ -300,8 +302,8 @@ pub(crate) struct ProcessOutcome {
 
 impl ProcessOutcome {
     fn into_result(self, tool: &str, started: Instant) -> ToolResult {
-        let (stdout, stdout_base64) = output::to_text(&self.stdout.bytes);
-        let (stderr, stderr_base64) = output::to_text(&self.stderr.bytes);
+        let (stdout, stdout_base64) = crate::text::to_text(&self.stdout.bytes);
+        let (stderr, stderr_base64) = crate::text::to_text(&self.stderr.bytes);
         ToolResult {
             tool: tool.to_owned(),
             exit_code: if self.timed_out || self.cancelled {
@@ -643,22 +645,6 @@ impl Executor {
             Err(e) => Err(e),
         }
     }
-}
-
-/// A new call id: 16 random hex digits (from the kernel's random source).
-pub fn new_call_id() -> String {
-    let mut bytes = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .is_err()
-    {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        bytes = (nanos ^ u64::from(std::process::id())).to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -4,8 +4,6 @@
 
 use std::collections::VecDeque;
 
-use base64::Engine;
-
 /// One stream being captured.
 #[derive(Debug)]
 pub struct Capture {
@@ -118,18 +116,6 @@ fn utf8_cut_back(b: &[u8]) -> usize {
     b.len()
 }
 
-/// Text for the JSON result: the bytes as UTF-8, and when they are not valid UTF-8 also the exact
-/// bytes in base64 (the text then has U+FFFD in place of each invalid sequence). Lossless either way.
-pub fn to_text(bytes: &[u8]) -> (String, Option<String>) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => (s.to_owned(), None),
-        Err(_) => (
-            String::from_utf8_lossy(bytes).into_owned(),
-            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,13 +179,5 @@ mod tests {
             text.starts_with("éé\n[...") && text.ends_with("\néé"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn binary_is_returned_losslessly() {
-        let (text, b64) = to_text(&[0xff, b'a', 0x00]);
-        assert_eq!(text, "\u{fffd}a\u{0}");
-        assert_eq!(b64.as_deref(), Some("/2EA"));
-        assert_eq!(to_text(b"ok"), ("ok".to_owned(), None));
     }
 }

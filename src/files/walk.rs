@@ -356,7 +356,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "zcbot-walk-{tag}-{}-{}",
             std::process::id(),
-            crate::exec::new_call_id()
+            crate::text::random_id()
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

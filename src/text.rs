@@ -1,0 +1,57 @@
+//! Bytes and ids as text: what every layer shows in JSON (call results, file contents) and
+//! names things with (call ids, temporary files). Below every other module, so the file tools
+//! and the executors share one of each.
+
+use base64::Engine;
+
+/// Text for the JSON result: the bytes as UTF-8, and when they are not valid UTF-8 also the exact
+/// bytes in base64 (the text then has U+FFFD in place of each invalid sequence). Lossless either way.
+pub fn to_text(bytes: &[u8]) -> (String, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_owned(), None),
+        Err(_) => (
+            String::from_utf8_lossy(bytes).into_owned(),
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    }
+}
+
+/// A random id: 16 hex digits from the kernel's random source (call ids, channel ids, the
+/// names of temporary files).
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        bytes = (nanos ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_is_returned_losslessly() {
+        let (text, b64) = to_text(&[0xff, b'a', 0x00]);
+        assert_eq!(text, "\u{fffd}a\u{0}");
+        assert_eq!(b64.as_deref(), Some("/2EA"));
+        assert_eq!(to_text(b"ok"), ("ok".to_owned(), None));
+    }
+
+    #[test]
+    fn ids_are_sixteen_hex_digits_and_differ() {
+        let (a, b) = (random_id(), random_id());
+        assert!(
+            a.len() == 16 && a.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+        assert_ne!(a, b);
+    }
+}
