@@ -77,10 +77,7 @@ impl SandboxPool {
             };
             let verdict = match summary_user(c) {
                 None => Err("its user label is missing or invalid".to_owned()),
-                Some(user) => match self.prepare_workspace(&user).await {
-                    Ok(folder) => self.judge(c, &user, &name, &folder).map(|_| (user, folder)),
-                    Err(e) => Err(format!("its user folder cannot be prepared: {e}")),
-                },
+                Some(user) => self.judge(c, &user, &name).await.map(|f| (user, f)),
             };
             match verdict {
                 Ok((user, folder)) => to_adopt.push((user, name, folder, c.clone())),
@@ -137,14 +134,15 @@ impl SandboxPool {
         Ok(report)
     }
 
-    /// Why an existing container of ours cannot be adopted as it is, if it cannot.
-    fn judge(
+    /// Why an existing container of ours cannot be adopted as it is, if it cannot; else the
+    /// user's folder, ready. The folder is prepared (a migration may walk it) only for a running
+    /// container whose name is right: one about to be removed costs nothing on the host.
+    async fn judge(
         &self,
         c: &ContainerSummary,
         user: &UserId,
         name: &str,
-        folder: &crate::users_root::UserFolder,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<crate::users_root::UserFolder, String> {
         if name != self.container_name(user) {
             return Err(format!(
                 "its name does not match its user label (expected {})",
@@ -154,13 +152,17 @@ impl SandboxPool {
         if c.state != Some(SummaryState::RUNNING) {
             return Err(format!("it is not running ({})", state_name(c)));
         }
-        let (_, hash) = self.inner.template.build(&self.inner.config, user, folder);
+        let folder = self
+            .prepare_workspace(user)
+            .await
+            .map_err(|e| format!("its user folder cannot be prepared: {e}"))?;
+        let (_, hash) = self.inner.template.build(&self.inner.config, user, &folder);
         if label(c, LABEL_CONFIG_HASH).as_deref() != Some(hash.as_str()) {
             return Err(
                 "its config hash is stale (image, limits, mounts, uid or rules changed)".into(),
             );
         }
-        Ok(())
+        Ok(folder)
     }
 
     fn adopt(&self, user: &UserId, sandbox: Sandbox, c: &ContainerSummary) {
