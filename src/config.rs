@@ -180,13 +180,8 @@ pub struct UidRange {
 
 impl UidRange {
     /// How many uids the range holds.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         u64::from(self.last - self.first) + 1
-    }
-
-    /// Never true: a range holds at least one uid (config validation).
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// Whether `uid` lies in the range.

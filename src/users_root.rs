@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::files::Budget;
 use crate::quota;
-use crate::uids::{UidMap, UidRange};
+use crate::uids::UidMap;
 use crate::user::UserId;
 
 /// Name of the subvolume the startup probe creates and removes (user ids never start with '.').
@@ -145,19 +145,6 @@ impl UsersRoot {
     /// The folder of `user` (which may not exist yet).
     pub fn folder_path(&self, user: &UserId) -> PathBuf {
         self.path.join(user.as_str())
-    }
-
-    /// Whether quotas are enforced.
-    pub fn quota(&self) -> &QuotaMode {
-        &self.quota
-    }
-
-    /// The range tenants' uids come from, when each tenant has its own.
-    pub fn uid_range(&self) -> Option<UidRange> {
-        match &self.owners {
-            Owners::PerTenant(map) => Some(map.range()),
-            Owners::Shared { .. } => None,
-        }
     }
 
     /// Makes `user`'s folder ready: created (a quota-limited subvolume where quotas are

@@ -572,18 +572,19 @@ impl Executor {
                 });
             }
         }
-        let ws = match self {
+        // The workspace, made on the blocking pool below: the docker backend's folder is prepared
+        // (and its activity marked) here, the host backend's in the call.
+        type MakeWorkspace = Box<dyn FnOnce() -> Result<Workspace> + Send>;
+        let workspace: MakeWorkspace = match self {
             Executor::Docker(d) => {
                 let folder = d.pool().prepare_workspace(user).await?;
                 d.pool().mark_active(user);
-                Some(Workspace::new(folder.path, folder.uid, folder.gid))
+                Box::new(move || Ok(Workspace::new(folder.path, folder.uid, folder.gid)))
             }
-            // The host backend prepares its folder on the blocking pool, below.
-            Executor::Host(_) => None,
-        };
-        let host = match self {
-            Executor::Host(h) => Some(h.clone()),
-            Executor::Docker(_) => None,
+            Executor::Host(h) => {
+                let (h, who) = (h.clone(), user.clone());
+                Box::new(move || h.workspace(&who))
+            }
         };
         let cap = cfg.output_cap as u64;
         let path = match &call {
@@ -594,15 +595,10 @@ impl Executor {
                 unreachable!("process tools are run above")
             }
         };
-        let who = user.clone();
         let done = self
             .files()
             .run(user, &path, cancel, move |budget| {
-                let ws = match (ws, host) {
-                    (Some(ws), _) => ws,
-                    (None, Some(h)) => h.workspace(&who)?,
-                    (None, None) => unreachable!("one backend or the other"),
-                };
+                let ws = workspace()?;
                 Ok(match call {
                     ToolCall::ReadFile(a) => ToolData::Read(ws.read_file(
                         &a.path,

@@ -70,11 +70,6 @@ impl Budget {
         Ok(())
     }
 
-    /// Entries charged so far.
-    pub fn visited(&self) -> u64 {
-        self.visited
-    }
-
     /// Why the budget is spent, if it is (without charging an entry).
     pub fn spent(&self) -> Option<Stop> {
         if self.cancel.load(Ordering::Relaxed) {

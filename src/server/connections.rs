@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
@@ -286,7 +286,6 @@ pub(crate) async fn serve<L: Listener>(
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
             // Our clock does it, without cutting a kept-alive connection short.
             .header_read_timeout(None)
             .serve_connection(io, service);
