@@ -21,14 +21,7 @@ fn cli(t: &TestPool, args: &[&str]) -> (bool, String) {
         .envs(t.env())
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::combined(out)
 }
 
 #[tokio::test]

@@ -368,14 +368,7 @@ fn as_nobody(argv: &[&str]) -> (bool, String) {
         .args(argv)
         .output()
         .expect("setpriv (util-linux)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::combined(out)
 }
 
 #[tokio::test]

@@ -461,3 +461,15 @@ pub async fn http(
 ) -> (u16, String, String) {
     http_with(addr, method, path, body, &[]).await
 }
+
+/// Whether a finished command succeeded, with its stdout and stderr together.
+pub fn combined(out: std::process::Output) -> (bool, String) {
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
