@@ -303,7 +303,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             let checks = smoke::run(&pool, &user, |c| println!("{c}")).await;
-            let failed = checks.iter().filter(|c| !c.pass).count();
+            let failed = checks.iter().filter(|c| !c.passed()).count();
             println!("{} passed, {} failed", checks.len() - failed, failed);
             if failed > 0 {
                 return Ok(ExitCode::from(1));

@@ -4,6 +4,7 @@
 //! network, per-user containers, reaper, reconcile) -> executors -> the HTTP server and the CLI.
 //! Nothing below knows about what is above it.
 
+pub mod check;
 pub mod config;
 pub mod docker;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod files;
 pub mod firewall;
 pub mod pool;
 pub mod quota;
+pub mod selfcheck;
 pub mod server;
 pub mod smoke;
 pub mod text;

@@ -4,49 +4,30 @@
 //! on the host (on the sandbox network's gateway address and on the host's primary address),
 //! proves from the host that they answer, then proves the sandbox cannot reach them.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-use crate::exec::docker::{run_collect, ExecOutput as Captured};
+use crate::check::{Check, NamedCheck};
+use crate::exec::docker::ExecOutput as Captured;
 use crate::pool::SandboxPool;
+use crate::selfcheck::{describe, escape_checks, Runner, EXEC_TIMEOUT};
 use crate::user::UserId;
 
-const EXEC_TIMEOUT: Duration = Duration::from_secs(20);
-const CAP: usize = 64 * 1024;
+/// The host's primary address (re-exported: the attack tests listen on it).
+pub use crate::selfcheck::primary_address;
 
-/// The outcome of one check.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Check {
-    /// A short name.
-    pub name: &'static str,
-    /// Whether it passed.
-    pub pass: bool,
-    /// What was seen.
-    pub detail: String,
-}
-
-impl std::fmt::Display for Check {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let verdict = if self.pass { "PASS" } else { "FAIL" };
-        write!(f, "{verdict} {}: {}", self.name, self.detail)
-    }
-}
-
-fn check(name: &'static str, pass: bool, detail: impl Into<String>) -> Check {
-    Check {
-        name,
-        pass,
-        detail: detail.into(),
-    }
+fn check(name: &'static str, pass: bool, detail: impl Into<String>) -> NamedCheck {
+    NamedCheck::pass_if(name, pass, detail)
 }
 
 /// Runs every check against `user`'s sandbox (created for the purpose) and removes it at the end.
 /// `report` is called with each check as soon as it is known.
-pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Check)) -> Vec<Check> {
+pub async fn run(
+    pool: &SandboxPool,
+    user: &UserId,
+    mut report: impl FnMut(&NamedCheck),
+) -> Vec<NamedCheck> {
     let mut checks = Vec::new();
-    let mut push = |c: Check| {
+    let mut push = |c: NamedCheck| {
         report(&c);
         checks.push(c);
     };
@@ -76,26 +57,28 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         ),
     ));
 
-    for (name, detail) in pool.users_root().checks() {
-        // A users root that does not enforce something is a finding on a real host: the smoke
-        // passes only where every tenant boundary of the host side is in force.
-        let pass = detail.starts_with("ok") && !detail.contains("not enforced");
-        push(check(name, pass, detail));
-    }
-
-    push(match pool.host_firewall() {
-        crate::firewall::HostFirewall::Enforced { bridge } => {
-            match crate::firewall::check(bridge) {
-                Ok(()) => check(
-                    "host firewall",
-                    true,
-                    format!("the host drops what enters from {bridge} (IPv4 and IPv6)"),
-                ),
-                Err(e) => check("host firewall", false, format!("rules missing: {e}")),
+    // A users root that does not enforce something is a finding on a real host: the smoke
+    // passes only where every tenant boundary of the host side is in force (`Degraded` fails).
+    let users = pool.clone();
+    match tokio::task::spawn_blocking(move || users.users_root().checks()).await {
+        Ok(found) => {
+            for (name, c) in found {
+                push(NamedCheck::new(name, c));
             }
         }
-        other => check("host firewall", false, other.to_string()),
-    });
+        Err(e) => push(check("users_root", false, format!("the check failed: {e}"))),
+    }
+
+    pool.firewall().refresh().await;
+    push(NamedCheck::new(
+        "host firewall",
+        match (pool.firewall().status(), pool.host_firewall()) {
+            (Check::Ok(_), crate::firewall::HostFirewall::Enforced { bridge }) => Check::ok(
+                format!("the host drops what enters from {bridge} (IPv4 and IPv6)"),
+            ),
+            (other, _) => other,
+        },
+    ));
 
     let sandbox = match pool.ensure(user).await {
         Ok(sb) => {
@@ -245,7 +228,7 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
 
 /// A call over the exec channel (the default transport): it must run as a call does over
 /// per-call exec (its own session), and not by falling back.
-async fn channel_check(pool: &SandboxPool, user: &UserId) -> Check {
+async fn channel_check(pool: &SandboxPool, user: &UserId) -> NamedCheck {
     let ex = crate::exec::docker::DockerExecutor::new(pool.clone());
     let spec = crate::exec::ProcessSpec {
         argv: vec!["sh".into(), "-c".into(), "ps -o sid= -p $$; echo $$".into()],
@@ -286,193 +269,5 @@ async fn channel_check(pool: &SandboxPool, user: &UserId) -> Check {
             )
         }
         (Err(e), _) | (_, Err(e)) => check("exec channel", false, e.to_string()),
-    }
-}
-
-/// The network escapes, tried from inside a sandbox against listeners this process opens on the
-/// host: the network's gateway, the host's primary address, and the cloud metadata address.
-async fn escape_checks(pool: &SandboxPool, sb: &Runner<'_>) -> Vec<Check> {
-    let mut out = Vec::new();
-    for (name, target) in [
-        (
-            "host via gateway unreachable",
-            pool.network().gateway.clone(),
-        ),
-        (
-            "host via primary address unreachable",
-            primary_address().map(|a| a.to_string()),
-        ),
-    ] {
-        out.push(match target {
-            // No default route (an air-gapped host): no primary address to reach the host by; its
-            // addresses are in the blocklist all the same. A missing gateway is a real failure.
-            None if name.contains("primary") => check(
-                name,
-                true,
-                "this host has no default route, so no primary address to test",
-            ),
-            None => check(name, false, "could not determine the address to test"),
-            Some(ip) => unreachable_check(name, &ip, sb).await,
-        });
-    }
-    let meta = "import socket\ns=socket.socket()\ns.settimeout(3)\nprint(s.connect_ex(('169.254.169.254', 80)))";
-    out.push(match sb.user(&["python3", "-c", meta]).await {
-        Ok(c) if c.exit_code == Some(0) && c.out() != "0" => check(
-            "metadata address unreachable",
-            true,
-            format!("169.254.169.254:80 gives '{}'", c.out()),
-        ),
-        other => check("metadata address unreachable", false, describe(&other)),
-    });
-    out
-}
-
-/// The startup self-check (fail closed): a short-lived probe sandbox, under a user id no real
-/// user can have, tries the network escapes; it is removed afterwards whatever happened. The
-/// daemon refuses to start if any check fails.
-pub async fn self_check(pool: &SandboxPool) -> Vec<Check> {
-    let user = UserId::internal("_selfcheck");
-    let mut checks = Vec::new();
-    match pool.ensure(&user).await {
-        Err(e) => checks.push(check("probe sandbox", false, e.to_string())),
-        Ok(sandbox) => {
-            let sb = Runner {
-                pool,
-                container: &sandbox.name,
-                uid: format!("{}:{}", sandbox.uid, sandbox.gid),
-                pid: sandbox.netns.as_ref().map(|(pid, _)| *pid),
-            };
-            checks.extend(escape_checks(pool, &sb).await);
-        }
-    }
-    if let Err(e) = pool.remove(&user).await {
-        checks.push(check("probe removed", false, e.to_string()));
-    }
-    let _ = pool.users_root().remove_folder(&user);
-    checks
-}
-
-/// Runs commands in the smoke sandbox.
-struct Runner<'a> {
-    pool: &'a SandboxPool,
-    container: &'a str,
-    uid: String,
-    /// Host rules mode: the host pid of the container's PID 1.
-    pid: Option<i32>,
-}
-
-impl Runner<'_> {
-    /// As the sandbox user, like every tool call.
-    async fn user(&self, argv: &[&str]) -> crate::Result<Captured> {
-        let docker = self.pool.docker();
-        run_collect(docker, self.container, &self.uid, argv, EXEC_TIMEOUT, CAP).await
-    }
-
-    /// Reading the rules needs NET_ADMIN, which only root in the container holds. This exec runs
-    /// as root, only lists, and changes nothing; every tool call names the sandbox user.
-    async fn root_list_rules(&self) -> crate::Result<Captured> {
-        if let Some(pid) = self.pid {
-            // Host rules mode: nothing in the container may read them; the daemon can.
-            let listed =
-                tokio::task::spawn_blocking(move || crate::firewall::list_in_container(pid))
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
-            return Ok(match listed {
-                Ok(text) => Captured {
-                    exit_code: Some(0),
-                    stdout: text.into_bytes(),
-                    stderr: Vec::new(),
-                },
-                Err(e) => Captured {
-                    exit_code: Some(1),
-                    stdout: Vec::new(),
-                    stderr: e.into_bytes(),
-                },
-            });
-        }
-        let argv = [
-            "sh",
-            "-c",
-            "/usr/sbin/iptables -S OUTPUT && echo --- && /usr/sbin/ip6tables -S OUTPUT",
-        ];
-        let docker = self.pool.docker();
-        run_collect(docker, self.container, "0:0", &argv, EXEC_TIMEOUT, CAP).await
-    }
-}
-
-/// Opens a listener on `ip`, shows the host reaches it, then tries it from the sandbox.
-async fn unreachable_check(name: &'static str, ip: &str, sb: &Runner<'_>) -> Check {
-    let Ok(addr) = ip.parse::<IpAddr>() else {
-        return check(name, false, format!("{ip:?} is not an address"));
-    };
-    let listener = match tokio::net::TcpListener::bind(SocketAddr::new(addr, 0)).await {
-        Ok(l) => l,
-        Err(e) => return check(name, false, format!("cannot listen on {ip}: {e}")),
-    };
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    let server = tokio::spawn(async move {
-        while let Ok((_sock, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    let host_ok = tokio::net::TcpStream::connect((addr, port)).await.is_ok();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let baseline = accepted.load(Ordering::SeqCst);
-    let script = format!(
-        "import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in '{ip}' else socket.AF_INET)\ns.settimeout(3)\nr=s.connect_ex(('{ip}',{port}))\nprint('connect', r)\nsys.exit(0 if r==0 else 1)"
-    );
-    let attempt = sb.user(&["python3", "-c", &script]).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let reached = accepted.load(Ordering::SeqCst) > baseline;
-    server.abort();
-    match attempt {
-        _ if !host_ok => check(
-            name,
-            false,
-            format!("the test listener on {ip}:{port} did not answer the host itself"),
-        ),
-        Ok(c) if c.exit_code == Some(1) && !reached => check(
-            name,
-            true,
-            format!(
-                "{ip}:{port} answers the host, the sandbox gets '{}'",
-                c.out()
-            ),
-        ),
-        other => check(
-            name,
-            false,
-            format!("sandbox reached {ip}:{port}? {}", describe(&other)),
-        ),
-    }
-}
-
-/// The IPv4 address of the interface holding the default route (from /proc/net/route).
-pub fn primary_address() -> Option<IpAddr> {
-    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
-    let iface = routes
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[1] == "00000000")?
-        .first()?
-        .to_string();
-    nix::ifaddrs::getifaddrs()
-        .ok()?
-        .filter(|a| a.interface_name == iface)
-        .find_map(|a| a.address?.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())))
-}
-
-fn describe(r: &crate::Result<Captured>) -> String {
-    match r {
-        Ok(c) => format!(
-            "exit {:?}, stdout {:?}, stderr {:?}",
-            c.exit_code,
-            c.out(),
-            c.err()
-        ),
-        Err(e) => e.to_string(),
     }
 }

@@ -25,6 +25,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fstat, fstatat, mkdirat, Mode, SFlag};
 
+use crate::check::Check;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::files::Budget;
@@ -325,16 +326,16 @@ impl UsersRoot {
         }
     }
 
-    /// The users root's checks, for `/readyz`, `ps` and `smoke`: each `ok ...` when enforced,
-    /// `ok (not enforced: why)` when the daemon runs without it by choice, anything else when
-    /// something that was in force is not any more.
-    pub fn checks(&self) -> Vec<(&'static str, String)> {
+    /// The users root's checks, for `/readyz`, `ps` and `smoke`: [`Check::Ok`] when enforced,
+    /// [`Check::Degraded`] when the daemon runs without it by choice or for lack of privilege,
+    /// [`Check::Failed`] when something that was in force is not any more.
+    pub fn checks(&self) -> Vec<(&'static str, Check)> {
         let mut out = Vec::new();
         let shown = self.path.display();
         out.push((
             "users_root",
             match std::fs::metadata(&self.path) {
-                Err(e) => format!("cannot inspect {shown}: {e}"),
+                Err(e) => Check::failed(format!("cannot inspect {shown}: {e}")),
                 Ok(meta) => {
                     use std::os::unix::fs::PermissionsExt;
                     let mode = meta.permissions().mode() & 0o7777;
@@ -345,14 +346,18 @@ impl UsersRoot {
                     });
                     if mode & 0o077 != 0 {
                         if nix::unistd::geteuid().is_root() {
-                            format!("{shown} is mode {mode:o}: other host accounts can reach tenants' files (chmod 700 it; the daemon sets it at startup)")
+                            Check::failed(format!("{shown} is mode {mode:o}: other host accounts can reach tenants' files (chmod 700 it; the daemon sets it at startup)"))
                         } else {
-                            format!("ok (not enforced: {shown} is mode {mode:o} and the daemon is not root)")
+                            Check::degraded(format!(
+                                "{shown} is mode {mode:o} and the daemon is not root"
+                            ))
                         }
                     } else if !nosuid_nodev {
-                        format!("ok (0700, root only; not enforced: {shown} is not mounted nosuid,nodev, see RUN.md)")
+                        Check::degraded(format!(
+                            "{shown} is 0700, root only, but not mounted nosuid,nodev, see RUN.md"
+                        ))
                     } else {
-                        "ok (0700, root only, mounted nosuid,nodev)".to_owned()
+                        Check::ok("0700, root only, mounted nosuid,nodev")
                     }
                 }
             },
@@ -367,20 +372,22 @@ impl UsersRoot {
                     } else {
                         format!("; {n} older folders have none until converted, see RUN.md")
                     };
-                    format!(
-                        "ok ({} per user, btrfs qgroups{extra})",
+                    Check::ok(format!(
+                        "{} per user, btrfs qgroups{extra}",
                         crate::config::format_bytes(*bytes)
-                    )
+                    ))
                 }
-                QuotaMode::NotEnforced(reason) => format!("ok (not enforced: {reason})"),
+                QuotaMode::NotEnforced(reason) => Check::degraded(reason.clone()),
             },
         ));
         out.push((
             "tenant_uids",
             match &self.owners {
-                Owners::PerTenant(map) => format!("ok (a uid per tenant from {})", map.range()),
+                Owners::PerTenant(map) => {
+                    Check::ok(format!("a uid per tenant from {}", map.range()))
+                }
                 Owners::Shared { uid, reason, .. } => {
-                    format!("ok (not enforced: every tenant runs as uid {uid}; {reason})")
+                    Check::degraded(format!("every tenant runs as uid {uid}; {reason}"))
                 }
             },
         ));

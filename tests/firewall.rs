@@ -306,3 +306,66 @@ async fn the_entry_and_the_host_install_the_same_rules() {
         assert!(outputs[0].contains("-P OUTPUT DROP"));
     }
 }
+
+/// `/readyz` answers from the firewall watch's cache (no iptables per request), and the reaper's
+/// tick refreshes it: rules removed behind the daemon's back make it 503 with the reason within a
+/// period, and repaired rules make it ready again.
+#[tokio::test]
+async fn readiness_fails_once_the_reaper_tick_sees_the_host_rules_gone_and_recovers() {
+    use zcbot_sandbox::config::{Backend, Listen};
+    use zcbot_sandbox::server::{ServeOptions, Server};
+    let mut t = TestPool::new("fwready");
+    t.set("ZCBOT_SANDBOX_REAP_EVERY", "1s")
+        .set("ZCBOT_SELF_CHECK", "0");
+    let mut cfg = t.config();
+    cfg.backend = Backend::Docker;
+    cfg.listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
+    let server = Server::start(cfg, ServeOptions::default()).await.unwrap();
+    let addr = server.address();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let ready = || async {
+        let (status, _, body) = common::http_with(&addr, "GET", "/readyz", None, &[]).await;
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        )
+    };
+    let wait_for = |want: u16| async move {
+        let started = std::time::Instant::now();
+        loop {
+            let (status, body) = ready().await;
+            if status == want || started.elapsed() > Duration::from_secs(5) {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (status, body) = ready().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checks"]["host_firewall"], "ok", "{body}");
+    assert_eq!(body["states"]["host_firewall"], "ok", "{body}");
+    // Disabled by choice: reported, not failing.
+    assert_eq!(body["states"]["self_check"], "degraded", "{body}");
+
+    let bridge = bridge_name(&t.network);
+    firewall::remove(&bridge).unwrap();
+    let (status, body) = wait_for(503).await;
+    assert_eq!(status, 503, "rules gone and still ready: {body}");
+    assert_eq!(body["ready"], false, "{body}");
+    assert_eq!(body["states"]["host_firewall"], "failed", "{body}");
+    let text = body["checks"]["host_firewall"].as_str().unwrap();
+    assert!(
+        text.starts_with("rules missing: ") && text.contains("net up"),
+        "{body}"
+    );
+
+    let (ok, out) = cli(&t, &["net", "up"]);
+    assert!(ok, "{out}");
+    let (status, body) = wait_for(200).await;
+    assert_eq!(status, 200, "rules back and not ready: {body}");
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}

@@ -31,7 +31,7 @@ use serde::Serialize;
 use crate::config::{Config, RulesSetting};
 use crate::docker::Docker;
 use crate::error::{Error, Result};
-use crate::firewall::HostFirewall;
+use crate::firewall::{FirewallWatch, HostFirewall};
 use crate::user::UserId;
 use crate::users_root::{UserFolder, UsersRoot};
 use activity::ActivityLog;
@@ -138,7 +138,7 @@ struct Inner {
     config: Config,
     docker: Docker,
     network: SandboxNetwork,
-    host_firewall: HostFirewall,
+    firewall: FirewallWatch,
     template: SpecTemplate,
     activity: ActivityLog,
     users: Arc<UsersRoot>,
@@ -249,14 +249,19 @@ impl SandboxPool {
             Ok(()) => HostFirewall::Enforced {
                 bridge: network.bridge.clone(),
             },
-            Err(reason) if config.require_host_firewall => {
-                return Err(Error::HostFirewall { reason })
+            Err(e) if config.require_host_firewall => {
+                return Err(Error::HostFirewall {
+                    reason: e.to_string(),
+                })
             }
-            Err(reason) => {
-                tracing::warn!(%reason, "HOST FIREWALL NOT ENFORCED: only the rules inside each container keep sandboxes off the host; set ZCBOT_REQUIRE_HOST_FIREWALL=1 to refuse to start like this");
-                HostFirewall::NotEnforced { reason }
+            Err(e) => {
+                tracing::warn!(reason = %e, "HOST FIREWALL NOT ENFORCED: only the rules inside each container keep sandboxes off the host; set ZCBOT_REQUIRE_HOST_FIREWALL=1 to refuse to start like this");
+                HostFirewall::NotEnforced {
+                    reason: e.to_string(),
+                }
             }
         };
+        let firewall = FirewallWatch::start(host_firewall).await;
         let users = {
             let config = config.clone();
             blocking(move || UsersRoot::open(&config)).await?
@@ -281,7 +286,7 @@ impl SandboxPool {
                 config,
                 docker,
                 network,
-                host_firewall,
+                firewall,
                 activity,
                 users: Arc::new(users),
                 slots: DashMap::new(),
@@ -303,7 +308,12 @@ impl SandboxPool {
 
     /// Whether the host enforces isolation for the sandbox network (see [`crate::firewall`]).
     pub fn host_firewall(&self) -> &HostFirewall {
-        &self.inner.host_firewall
+        self.inner.firewall.mode()
+    }
+
+    /// The host rules' last known state (checked at startup and on every reaper tick).
+    pub fn firewall(&self) -> &FirewallWatch {
+        &self.inner.firewall
     }
 
     /// The Docker client the pool uses (the executors run their execs through it).
@@ -783,7 +793,7 @@ impl SandboxPool {
             crate::firewall::apply_in_container(pid, egress, &blocked)
         })
         .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        .unwrap_or_else(|e| Err(crate::firewall::FirewallError::Worker(e.to_string())));
         match (applied, netns) {
             (Ok(()), Some(ns)) if crate::firewall::netns_id(pid).as_ref() == Some(&ns) => {
                 Ok(Sandbox {

@@ -269,6 +269,7 @@ impl SandboxPool {
             tick.tick().await;
             loop {
                 tick.tick().await;
+                pool.firewall().refresh().await;
                 if let Err(e) = pool.reap_idle(idle).await {
                     tracing::warn!(error = %e, kind = e.kind(), "reaper pass failed; retrying next period");
                 }

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::check::Check;
 use crate::config::{Config, Listen};
 use crate::error::Error;
 use crate::exec::Executor;
@@ -61,7 +62,7 @@ pub(crate) struct AppState {
     metrics: Metrics,
     reaper: Mutex<Option<ReaperHandle>>,
     /// The startup self-check's outcome (None: not run).
-    self_check: Option<String>,
+    self_check: Option<Check>,
     /// Parent of every call's token: cancelling it cancels every call (end of shutdown grace).
     all_calls: CancellationToken,
     /// What the acceptor did (open, refused, timed-out connections).
@@ -101,24 +102,7 @@ impl Server {
                 "reconciled the sandboxes an earlier run left"
             );
             if pool.config().self_check {
-                let checks = crate::smoke::self_check(pool).await;
-                let failures: Vec<String> = checks
-                    .iter()
-                    .filter(|c| !c.pass)
-                    .map(ToString::to_string)
-                    .collect();
-                if !failures.is_empty() {
-                    return Err(Error::SelfCheck {
-                        failures: failures.join("; "),
-                    });
-                }
-                for c in &checks {
-                    tracing::info!(check = c.name, detail = %c.detail, "self-check passed");
-                }
-                self_check = Some(format!(
-                    "ok ({} escape attempts failed at startup)",
-                    checks.len()
-                ));
+                self_check = Some(crate::selfcheck::gate(pool).await?);
             } else {
                 tracing::warn!(
                     "ZCBOT_SELF_CHECK=0: starting without trying the network escapes first"

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{auth, ApiError, AppState, CallEntry};
+use crate::check::Check;
 use crate::exec::{new_call_id, ToolCall};
 use crate::user::UserId;
 
@@ -331,13 +332,17 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// Ready: Docker answers, the image is present, the network is there and internal, the reaper
-/// runs. Each check is reported; any failure is 503.
+/// Ready: Docker answers, the image is present, the network is there and internal, the host
+/// firewall (from its cache: no iptables here), the users root, the self-check, the reaper runs.
+/// Each check is reported; 503 exactly when one of them failed (a protection not enforced by
+/// choice is reported, not failing).
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let mut checks: BTreeMap<&str, String> = BTreeMap::new();
+    let mut checks: BTreeMap<&str, Check> = BTreeMap::new();
     if let Some(pool) = state.executor.pool() {
         let docker = pool.docker();
-        let ok = |r: crate::Result<()>| r.map_or_else(|e| e.to_string(), |_| "ok".to_owned());
+        let ok = |r: crate::Result<()>| {
+            r.map_or_else(|e| Check::failed(e.to_string()), |_| Check::ok(""))
+        };
         checks.insert(
             "docker",
             ok(docker
@@ -366,59 +371,53 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         checks.insert(
             "network",
             match network {
-                Ok(n) if n.internal == Some(true) => "ok".to_owned(),
-                Ok(_) => format!("network {net} is no longer internal"),
-                Err(e) => e.to_string(),
+                Ok(n) if n.internal == Some(true) => Check::ok(""),
+                Ok(_) => Check::failed(format!("network {net} is no longer internal")),
+                Err(e) => Check::failed(e.to_string()),
             },
         );
-        checks.insert(
-            "host_firewall",
-            match pool.host_firewall() {
-                crate::firewall::HostFirewall::Enforced { bridge } => {
-                    crate::firewall::check(bridge)
-                        .map_or_else(|e| format!("rules missing: {e}"), |_| "ok".to_owned())
-                }
-                // Not required: reported, not failing (the daemon said so loudly at startup).
-                crate::firewall::HostFirewall::NotEnforced { reason } => {
-                    format!("ok (not enforced: {reason})")
-                }
-            },
-        );
-        checks.insert("container_rules", format!("ok ({})", pool.rules_mode()));
+        // Not enforced is reported, not failing (the daemon said so loudly at startup).
+        checks.insert("host_firewall", pool.firewall().status());
+        checks.insert("container_rules", Check::ok(pool.rules_mode().to_string()));
         let users = pool.clone();
-        let users_checks = tokio::task::spawn_blocking(move || users.users_root().checks())
-            .await
-            .unwrap_or_default();
-        for (name, detail) in users_checks {
-            checks.insert(name, detail);
+        match tokio::task::spawn_blocking(move || users.users_root().checks()).await {
+            Ok(found) => checks.extend(found),
+            Err(e) => {
+                checks.insert(
+                    "users_root",
+                    Check::failed(format!("the check failed: {e}")),
+                );
+            }
         }
         checks.insert(
             "self_check",
             state
                 .self_check
                 .clone()
-                .unwrap_or_else(|| "ok (disabled by ZCBOT_SELF_CHECK=0)".into()),
+                .unwrap_or_else(|| Check::degraded("disabled by ZCBOT_SELF_CHECK=0")),
         );
         let alive = state.reaper.lock().as_ref().is_some_and(|r| r.is_alive());
         checks.insert(
             "reaper",
             if alive {
-                "ok".into()
+                Check::ok("")
             } else {
-                "the reaper task is not running".into()
+                Check::failed("the reaper task is not running")
             },
         );
     }
-    let ready = checks.values().all(|v| v.starts_with("ok"));
+    let ready = !checks.values().any(Check::is_failed);
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let backend = state.executor.backend();
+    let states: BTreeMap<&str, &str> = checks.iter().map(|(k, c)| (*k, c.state())).collect();
+    let checks: BTreeMap<&str, String> = checks.iter().map(|(k, c)| (*k, c.to_string())).collect();
     (
         status,
-        Json(json!({ "ready": ready, "backend": backend, "checks": checks })),
+        Json(json!({ "ready": ready, "backend": backend, "checks": checks, "states": states })),
     )
         .into_response()
 }
