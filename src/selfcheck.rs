@@ -70,7 +70,9 @@ pub async fn run(pool: &SandboxPool) -> Vec<NamedCheck> {
     if let Err(e) = pool.remove(&user).await {
         checks.push(check("probe removed", false, e.to_string()));
     }
-    let _ = pool.users_root().remove_folder(&user);
+    // The probe's folder goes too; a tree removal blocks, so not on an async worker.
+    let (users, probe) = (pool.clone(), user.clone());
+    let _ = tokio::task::spawn_blocking(move || users.users_root().remove_folder(&probe)).await;
     checks
 }
 
