@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub(crate) mod file;
+pub use file::{FileError, Problem, Refusal};
+
 /// The result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -129,14 +132,10 @@ pub enum Error {
         name: String,
     },
 
-    /// A file tool refused a path, or the operation on it failed.
-    #[error("{path}: {reason}")]
-    File {
-        /// The path as the caller gave it.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    /// A file tool refused a path, or the operation on it failed: typed by class (not found,
+    /// refused, disk full, I/O, ...), see [`FileError`].
+    #[error(transparent)]
+    File(#[from] FileError),
 
     /// A file call asked for more than a limit allows (a path too long or too deep, a tree too
     /// deep or too large to walk). What it did before the limit stands; the rest is untouched.
@@ -162,14 +161,6 @@ pub enum Error {
         after: Duration,
         /// What the call had done when it stopped.
         progress: String,
-    },
-
-    /// The user's folder has no room for a write: its disk quota (`ZCBOT_SANDBOX_DISK`) is used
-    /// up, or the disk is full. Nothing of the write is left.
-    #[error("{path}: the user's folder is full (its disk quota, ZCBOT_SANDBOX_DISK, is used up, or the disk is full); nothing was written: delete files to make room")]
-    DiskFull {
-        /// The path as the caller gave it (shortened).
-        path: String,
     },
 
     /// Per-user disk quotas are required (`ZCBOT_REQUIRE_DISK_QUOTA=1`) and cannot be enforced.
@@ -238,10 +229,9 @@ impl Error {
             Error::SelfCheck { .. } => "self_check",
             Error::BadCall { .. } => "bad_call",
             Error::UnknownTool { .. } => "unknown_tool",
-            Error::File { .. } => "file",
+            Error::File(e) => e.kind(),
             Error::FileLimit { .. } => "file_limit",
             Error::FileStopped { .. } => "file_stopped",
-            Error::DiskFull { .. } => "disk_full",
             Error::DiskQuota { .. } => "disk_quota",
             Error::Io { .. } => "io",
             Error::ChannelLost { .. } => "channel_lost",

@@ -27,7 +27,9 @@ use nix::sys::stat::{fstat, fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::error::file::shorten;
 use crate::error::{Error, Result};
+pub use crate::error::{FileError, Problem, Refusal};
 use crate::text::to_text;
 pub use walk::{Budget, Stop};
 
@@ -101,13 +103,6 @@ pub struct DirEntry {
     pub size: u64,
 }
 
-fn file_error(path: &str, reason: impl Into<String>) -> Error {
-    Error::File {
-        path: shorten(path),
-        reason: reason.into(),
-    }
-}
-
 fn limit_error(path: &str, limit: &'static str, detail: String) -> Error {
     Error::FileLimit {
         path: shorten(path),
@@ -116,36 +111,12 @@ fn limit_error(path: &str, limit: &'static str, detail: String) -> Error {
     }
 }
 
-/// A tenant's path as shown in errors: at most 256 bytes of it.
-fn shorten(path: &str) -> String {
-    if path.len() <= 256 {
-        return path.to_owned();
-    }
-    let mut cut = 256;
-    while !path.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}... ({} bytes)", &path[..cut], path.len())
+fn errno_error(path: &str, e: Errno) -> Error {
+    FileError::errno(path, e).into()
 }
 
-fn errno_error(path: &str, e: Errno) -> Error {
-    if matches!(e, Errno::EDQUOT | Errno::ENOSPC) {
-        return Error::DiskFull {
-            path: shorten(path),
-        };
-    }
-    let reason = match e {
-        Errno::ENOENT => "no such file or folder".to_owned(),
-        Errno::EXDEV | Errno::ELOOP => {
-            "it leads outside the workspace (through '..' or a symlink); refused".to_owned()
-        }
-        Errno::ENOTDIR => "a component of the path is not a folder".to_owned(),
-        Errno::EISDIR => "it is a folder".to_owned(),
-        Errno::EEXIST => "it already exists".to_owned(),
-        Errno::ENOTEMPTY => "the folder is not empty".to_owned(),
-        other => other.desc().to_owned(),
-    };
-    file_error(path, reason)
+fn refused(path: &str, why: Refusal) -> Error {
+    FileError::refused(path, why).into()
 }
 
 pub(crate) fn own(fd: RawFd) -> OwnedFd {
@@ -262,9 +233,14 @@ impl Workspace {
             } else {
                 OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
             };
-            cur = openat(Some(cur.as_raw_fd()), *part, f, Mode::empty())
-                .map(own)
-                .map_err(|e| errno_error(shown, e))?;
+            cur = match openat(Some(cur.as_raw_fd()), *part, f, Mode::empty()) {
+                Ok(fd) => own(fd),
+                // O_DIRECTORY|O_NOFOLLOW on a symlink answers ENOTDIR: a refusal, not a file.
+                Err(Errno::ENOTDIR) if is_symlink_at(&cur, part) => {
+                    return Err(refused(shown, Refusal::Escape))
+                }
+                Err(e) => return Err(errno_error(shown, e)),
+            };
         }
         Ok(cur)
     }
@@ -315,10 +291,7 @@ impl Workspace {
     pub fn write_file(&self, path: &str, content: &[u8], append: bool) -> Result<u64> {
         let parts = self.parts(path)?;
         let Some((name, parents)) = parts.split_last() else {
-            return Err(file_error(
-                path,
-                "that is the workspace folder itself, not a file",
-            ));
+            return Err(refused(path, Refusal::Workspace));
         };
         let root = self.open_root()?;
         let mut dir = self.open_beneath(&root, &[], OFlag::O_DIRECTORY, path)?;
@@ -347,11 +320,11 @@ impl Workspace {
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
             Ok(st) => {
-                if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-                    return Err(file_error(
-                        path,
-                        "it is not a regular file (a folder, a symlink or a device); refused",
-                    ));
+                match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+                    SFlag::S_IFREG => {}
+                    SFlag::S_IFDIR => return Err(FileError::new(path, Problem::IsAFolder).into()),
+                    SFlag::S_IFLNK => return Err(refused(path, Refusal::Symlink)),
+                    _ => return Err(refused(path, Refusal::Special)),
                 }
                 Some(st)
             }
@@ -486,23 +459,17 @@ impl Workspace {
     pub fn delete_path(&self, path: &str, budget: &mut Budget) -> Result<u64> {
         let parts = self.parts(path)?;
         let Some((name, parents)) = parts.split_last() else {
-            return Err(file_error(
-                path,
-                "refusing to delete the workspace folder itself",
-            ));
+            return Err(refused(path, Refusal::Workspace));
         };
         let root = self.open_root()?;
         let parent =
             self.open_beneath(&root, parents, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
         walk::remove_tree(&parent, name, self.limits.max_depth, budget).map_err(|e| match e {
-            walk::RemoveError::Errno(e, 0) => errno_error(path, e),
-            walk::RemoveError::Errno(e, n) => match errno_error(path, e) {
-                Error::File { path, reason } => Error::File {
-                    path,
-                    reason: format!("{reason} ({n} entries were deleted before that)"),
-                },
-                other => other,
-            },
+            walk::RemoveError::Errno(e, n) => FileError {
+                deleted_before: n,
+                ..FileError::errno(path, e)
+            }
+            .into(),
             walk::RemoveError::TooDeep(n) => limit_error(
                 path,
                 "folder depth",
@@ -573,10 +540,20 @@ pub fn prepare_user_folder(path: &Path, owner: Option<(u32, u32)>) -> Result<()>
 /// never block or surprise the daemon).
 fn regular_file_size(fd: &OwnedFd, path: &str) -> Result<u64> {
     let st = fstat(fd.as_raw_fd()).map_err(|e| errno_error(path, e))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(file_error(path, "it is not a regular file"));
+    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => Ok(st.st_size as u64),
+        SFlag::S_IFDIR => Err(FileError::new(path, Problem::IsAFolder).into()),
+        _ => Err(refused(path, Refusal::Special)),
     }
-    Ok(st.st_size as u64)
+}
+
+fn is_symlink_at(dir: &OwnedFd, name: &OsStr) -> bool {
+    fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK)
 }
 
 fn exists_at(dir: &OwnedFd, name: &OsStr) -> bool {
@@ -605,15 +582,15 @@ fn write_all(fd: &OwnedFd, content: &[u8]) -> nix::Result<()> {
 /// applied lexically and refused if it would climb above the workspace; NUL is refused.
 pub fn normalize(path: &str) -> Result<Vec<&OsStr>> {
     if path.contains('\0') {
-        return Err(file_error(path, "the path contains a NUL byte"));
+        return Err(FileError::new(path, Problem::Nul).into());
     }
     let rel = if let Some(rest) = path.strip_prefix("/workspace") {
         if !(rest.is_empty() || rest.starts_with('/')) {
-            return Err(file_error(path, "absolute paths must be under /workspace"));
+            return Err(refused(path, Refusal::Absolute));
         }
         rest.trim_start_matches('/')
     } else if path.starts_with('/') {
-        return Err(file_error(path, "absolute paths must be under /workspace"));
+        return Err(refused(path, Refusal::Absolute));
     } else {
         path
     };
@@ -624,11 +601,11 @@ pub fn normalize(path: &str) -> Result<Vec<&OsStr>> {
             Component::CurDir => {}
             Component::ParentDir => {
                 if parts.pop().is_none() {
-                    return Err(file_error(path, "'..' would leave the workspace; refused"));
+                    return Err(refused(path, Refusal::Escape));
                 }
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(file_error(path, "absolute paths must be under /workspace"))
+                return Err(refused(path, Refusal::Absolute))
             }
         }
     }
@@ -654,8 +631,13 @@ mod tests {
         assert_eq!(n("/workspace"), "");
         assert_eq!(n("a/../b"), "b");
         assert_eq!(n("."), "");
-        for bad in ["../x", "/etc/passwd", "/workspacex/a", "a/../../x", "a\0b"] {
-            assert_eq!(normalize(bad).unwrap_err().kind(), "file", "{bad:?}");
+        for bad in ["../x", "/etc/passwd", "/workspacex/a", "a/../../x"] {
+            assert_eq!(
+                normalize(bad).unwrap_err().kind(),
+                "path_refused",
+                "{bad:?}"
+            );
         }
+        assert_eq!(normalize("a\0b").unwrap_err().kind(), "file");
     }
 }

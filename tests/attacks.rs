@@ -501,7 +501,7 @@ async fn users_never_see_each_others_files_or_tmp() {
             .run(&b, "read_file", json!({ "path": path }))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), "file", "{path}: {err}");
+        assert_eq!(err.kind(), "path_refused", "{path}: {err}");
     }
     for crafted in [
         "../a",

@@ -356,7 +356,7 @@ async fn file_tools_never_follow_links_planted_from_inside_the_sandbox(transport
                 );
                 panic!("read {path} was allowed: {data}");
             }
-            Err(e) => assert_eq!(e.kind(), "file", "{path}: {e}"),
+            Err(e) => assert_eq!(e.kind(), "path_refused", "{path}: {e}"),
         }
     }
     for path in [
@@ -368,15 +368,15 @@ async fn file_tools_never_follow_links_planted_from_inside_the_sandbox(transport
         let err = run("write_file", json!({"path": path, "content": "pwned"}))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), "file", "{path}: {err}");
+        assert_eq!(err.kind(), "path_refused", "{path}: {err}");
     }
     for path in ["out", "root", "mid/up"] {
         let err = run("list_dir", json!({"path": path})).await.unwrap_err();
-        assert_eq!(err.kind(), "file", "{path}: {err}");
+        assert_eq!(err.kind(), "path_refused", "{path}: {err}");
     }
     for path in ["out/secret", "mid/up/tmp"] {
         let err = run("delete_path", json!({"path": path})).await.unwrap_err();
-        assert_eq!(err.kind(), "file", "{path}: {err}");
+        assert_eq!(err.kind(), "path_refused", "{path}: {err}");
     }
     // Deleting the link itself removes the link, not its target.
     run("delete_path", json!({"path": "out"})).await.unwrap();
@@ -674,7 +674,7 @@ async fn host_backend_keeps_the_guarantees_that_need_no_container() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "file");
+    assert_eq!(err.kind(), "path_refused");
 }
 
 async fn a_container_restarted_behind_the_pools_back_gets_its_rules_before_the_next_call(

@@ -47,10 +47,15 @@ impl Drop for Scene {
     }
 }
 
+/// Refused as leaving the workspace or naming what the tools never touch (403 `path_refused`).
 fn refused(r: zcbot_sandbox::Result<impl std::fmt::Debug>, what: &str) {
+    fails_as(r, "path_refused", what);
+}
+
+fn fails_as(r: zcbot_sandbox::Result<impl std::fmt::Debug>, kind: &str, what: &str) {
     match r {
         Ok(v) => panic!("{what}: allowed, got {v:?}"),
-        Err(e) => assert_eq!(e.kind(), "file", "{what}: {e}"),
+        Err(e) => assert_eq!(e.kind(), kind, "{what}: {e}"),
     }
 }
 
@@ -213,7 +218,51 @@ fn binary_files_come_back_losslessly_and_non_files_are_refused() {
         let r = ws.read_file("b", 0, 10).unwrap();
         assert_eq!(r.content_base64.as_deref(), Some("/wBh"));
         refused(ws.read_file("fifo", 0, 10), "read a fifo");
-        refused(ws.read_file(".", 0, 10), "read a folder");
-        refused(ws.read_file("a\0b", 0, 10), "NUL in a path");
+        fails_as(ws.read_file(".", 0, 10), "file", "read a folder");
+        fails_as(ws.read_file("a\0b", 0, 10), "file", "NUL in a path");
+    }
+}
+
+#[test]
+fn each_failure_has_its_class_and_changes_nothing() {
+    let s = Scene::new("classes");
+    std::fs::write(s.ws.join("f"), "keep").unwrap();
+    std::fs::create_dir(s.ws.join("d")).unwrap();
+    symlink("f", s.ws.join("link-to-f")).unwrap();
+    for ws in s.workspaces() {
+        // Missing: 404 not_found, whichever tool asks.
+        fails_as(
+            ws.read_file("nope", 0, 10),
+            "not_found",
+            "read a missing file",
+        );
+        fails_as(
+            ws.list_dir("nope", &mut b()),
+            "not_found",
+            "list a missing folder",
+        );
+        fails_as(
+            ws.delete_path("nope/x", &mut b()),
+            "not_found",
+            "delete under a missing folder",
+        );
+        // The wrong kind of thing: 400 file.
+        fails_as(
+            ws.read_file("f/x", 0, 10),
+            "file",
+            "a file used as a folder",
+        );
+        fails_as(
+            ws.write_file("d", b"x", false),
+            "file",
+            "write over a folder",
+        );
+        // A write never goes through a final symlink, even one that stays inside.
+        refused(
+            ws.write_file("link-to-f", b"x", false),
+            "write through a link",
+        );
+        assert_eq!(std::fs::read_to_string(s.ws.join("f")).unwrap(), "keep");
+        assert!(s.ws.join("d").is_dir());
     }
 }

@@ -35,6 +35,7 @@ use crate::check::Check;
 use crate::config::{Config, Listen};
 use crate::error::Error;
 use crate::exec::Executor;
+use crate::files::Problem;
 use crate::pool::reaper::ReaperHandle;
 use crate::user::UserId;
 use metrics::Metrics;
@@ -257,11 +258,10 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match &e {
-            Error::InvalidUser { .. }
-            | Error::BadCall { .. }
-            | Error::File { .. }
-            | Error::FileLimit { .. } => StatusCode::BAD_REQUEST,
-            Error::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            Error::InvalidUser { .. } | Error::BadCall { .. } | Error::FileLimit { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::File(f) => file_status(f.problem),
             // The executor turns these into results; a caller of the library may still see one.
             Error::FileStopped { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
@@ -281,6 +281,20 @@ impl From<Error> for ApiError {
             }
         };
         ApiError::new(status, e.kind(), e.to_string())
+    }
+}
+
+/// The status of a file tool's failure, by class.
+fn file_status(problem: Problem) -> StatusCode {
+    match problem {
+        Problem::NotFound => StatusCode::NOT_FOUND,
+        Problem::Refused(_) => StatusCode::FORBIDDEN,
+        Problem::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
+        Problem::Exists | Problem::NotEmpty => StatusCode::CONFLICT,
+        Problem::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Problem::NotAFolder | Problem::IsAFolder | Problem::Nul | Problem::NameTooLong => {
+            StatusCode::BAD_REQUEST
+        }
     }
 }
 
