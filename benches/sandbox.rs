@@ -322,8 +322,8 @@ async fn main() {
         }
         settle().await;
         let t = Instant::now();
-        zcbot_sandbox::exec::docker::run_collect(
-            pool.docker(),
+        zcbot_sandbox::exec::transport::run_collect(
+            pool.engine().as_ref(),
             &c0,
             "1000:1000",
             &["true"],

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::file_calls::FileRunner;
 use super::output::Capture;
+use super::stop::drive;
 use super::{ProcessOutcome, ProcessSpec, BASE_ENV};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -138,18 +139,18 @@ impl HostExecutor {
         let out = tokio::spawn(capture(child.stdout.take(), cap));
         let err = tokio::spawn(capture(child.stderr.take(), cap));
 
-        let (mut timed_out, mut cancelled) = (false, false);
-        let status = tokio::select! {
-            s = child.wait() => s.ok(),
-            _ = tokio::time::sleep(spec.timeout) => { timed_out = true; None }
-            _ = cancel.cancelled() => { cancelled = true; None }
-        };
+        let grace = self.config.kill_grace;
+        let ended = drive(child.wait(), spec.timeout, cancel, grace, || {
+            stop_group(pgid, grace)
+        })
+        .await;
         // The call's processes end with the call: background leftovers too.
-        stop_group(pgid, self.config.kill_grace).await;
-        let status = match status {
-            Some(s) => Some(s),
+        stop_group(pgid, grace).await;
+        let status = match ended.value {
+            Some(s) => s.ok(),
             None => child.wait().await.ok(),
         };
+        let (timed_out, cancelled) = (ended.timed_out, ended.cancelled);
         // An escaped (setsid) descendant may still hold a pipe: bound the wait for the output.
         let grace = self.config.kill_grace + Duration::from_millis(500);
         let stdout = tokio::time::timeout(grace, out)

@@ -11,6 +11,9 @@ pub mod docker;
 pub mod file_calls;
 pub mod host;
 pub mod output;
+mod per_call;
+mod stop;
+pub mod transport;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

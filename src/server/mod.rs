@@ -282,8 +282,6 @@ impl From<Error> for ApiError {
             Error::FileStopped { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
             Error::PoolFull { .. }
-            | Error::DockerUnreachable { .. }
-            | Error::DockerTimeout { .. }
             | Error::ImageMissing { .. }
             | Error::NetworkMismatch { .. }
             | Error::SandboxStart { .. }
@@ -291,8 +289,9 @@ impl From<Error> for ApiError {
             | Error::SelfCheck { .. }
             | Error::DiskQuota { .. }
             | Error::CallStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Engine(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Error::ChannelLost { .. } => StatusCode::BAD_GATEWAY,
-            Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {
+            Error::Config { .. } | Error::Engine(_) | Error::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
