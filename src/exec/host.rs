@@ -11,6 +11,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::file_calls::FileRunner;
 use super::output::Capture;
@@ -26,6 +27,7 @@ use crate::user::UserId;
 pub struct HostExecutor {
     config: std::sync::Arc<Config>,
     files: std::sync::Arc<FileRunner>,
+    tasks: TaskTracker,
 }
 
 impl HostExecutor {
@@ -38,7 +40,13 @@ impl HostExecutor {
                 config.file_max_entries,
             )),
             config: std::sync::Arc::new(config),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Its background tasks (a program being fed to a call, a call's output being read).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// Its configuration.
@@ -131,13 +139,13 @@ impl HostExecutor {
         let pgid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
         let _group = GroupGuard(pgid);
         if let (Some(program), Some(mut stdin)) = (spec.program.clone(), child.stdin.take()) {
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _ = stdin.write_all(&program).await;
             });
         }
         let cap = self.config.output_cap;
-        let out = tokio::spawn(capture(child.stdout.take(), cap));
-        let err = tokio::spawn(capture(child.stderr.take(), cap));
+        let out = self.tasks.spawn(capture(child.stdout.take(), cap));
+        let err = self.tasks.spawn(capture(child.stderr.take(), cap));
 
         let grace = self.config.kill_grace;
         let ended = drive(child.wait(), spec.timeout, cancel, grace, || {

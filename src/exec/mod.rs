@@ -375,6 +375,15 @@ impl Executor {
         }
     }
 
+    /// Every background task of the executor (clean-up after dropped calls, dead channels, the
+    /// reaper): shutdown closes the tracker and waits for them, bounded.
+    pub fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        match self {
+            Executor::Host(h) => h.tasks(),
+            Executor::Docker(d) => d.pool().tasks(),
+        }
+    }
+
     /// Closes the docker backend's exec channels (their helpers stop their calls and exit).
     pub fn close_channels(&self) {
         if let Executor::Docker(d) = self {
