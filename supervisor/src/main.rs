@@ -453,8 +453,8 @@ fn kill_everything() {
         signal_all(&descendants(), &[libc::SIGSTOP]);
         signal_all(&descendants(), &[libc::SIGKILL]);
         loop {
-            // SAFETY: reaping children; ws is a valid pointer.
             let mut ws = 0;
+            // SAFETY: waitpid only writes the status through a pointer to a live local int.
             if unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG) } <= 0 {
                 break;
             }
