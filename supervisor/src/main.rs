@@ -172,7 +172,7 @@ fn main() {
         let mut value = |name: &str| {
             raw.next()
                 .and_then(|v| v.into_string().ok())
-                .unwrap_or_else(|| die(125, &format!("{name} needs a value")))
+                .unwrap_or_else(|| die(EXIT_SETUP, &format!("{name} needs a value")))
         };
         match a.to_str() {
             Some("--call-id") => args.call_id = value("--call-id"),
@@ -193,22 +193,26 @@ fn main() {
                 args.argv = raw.by_ref().collect();
                 break;
             }
-            _ => die(125, &format!("unknown argument {a:?}")),
+            _ => die(EXIT_SETUP, &format!("unknown argument {a:?}")),
         }
     }
     if args.argv.is_empty() {
-        die(125, "no command given after --");
+        die(EXIT_SETUP, "no command given after --");
     }
     std::process::exit(supervise(args))
 }
 
 fn millis(v: &str) -> u64 {
-    v.parse()
-        .unwrap_or_else(|_| die(125, &format!("{v:?} is not a number of milliseconds")))
+    v.parse().unwrap_or_else(|_| {
+        die(
+            EXIT_SETUP,
+            &format!("{v:?} is not a number of milliseconds"),
+        )
+    })
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> CString {
-    CString::new(s.as_ref()).unwrap_or_else(|_| die(125, "an argument contains a NUL byte"))
+    CString::new(s.as_ref()).unwrap_or_else(|_| die(EXIT_SETUP, "an argument contains a NUL byte"))
 }
 
 /// A pipe whose ends close on exec (the caller owns both).
@@ -242,9 +246,9 @@ pub(crate) fn supervise(args: Args) -> i32 {
         let n = std::io::stdin()
             .take(MAX_PROGRAM as u64 + 1)
             .read_to_end(&mut code)
-            .unwrap_or_else(|e| die(125, &format!("reading the program from stdin: {e}")));
+            .unwrap_or_else(|e| die(EXIT_SETUP, &format!("reading the program from stdin: {e}")));
         if n > MAX_PROGRAM {
-            die(125, "the program is larger than 16 MiB");
+            die(EXIT_SETUP, "the program is larger than 16 MiB");
         }
         // SAFETY: a valid NUL-terminated name; flags 0 (no CLOEXEC: the child must inherit it).
         program_fd = unsafe { libc::memfd_create(c"zcbot-program".as_ptr(), 0) };
@@ -435,7 +439,7 @@ pub(crate) fn supervise(args: Args) -> i32 {
     exit_override
         .filter(|_| kill_phase.is_some_and(|(_, why)| why))
         .or(status)
-        .unwrap_or(125)
+        .unwrap_or(EXIT_SETUP)
 }
 
 /// Writes everything (blocking); false when the reader is gone (the caller drops the output and

@@ -122,20 +122,23 @@ fn errno() -> i32 {
 ///
 /// Whatever the guarantees rest on is checked before the greeting: without it the helper exits
 /// 125 saying what failed, and the daemon, getting no greeting, serves this container by per-call
-/// exec (whose supervisor checks the same and refuses the call with the same message).
+/// exec (whose supervisor checks what it rests on in turn).
 pub fn serve() -> i32 {
     // Non-dumpable: no ptrace, no /proc/PID/fd for the sandbox user; executed supervisors become
     // dumpable again, as any process.
     crate::prctl_or_die(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE 0");
     // The helper carries the filter too (see filter.rs): whatever it forks inherits it.
     if let Err(e) = crate::filter::install() {
-        crate::die(125, &format!("installing the seccomp filter: {e}"));
+        crate::die(
+            crate::EXIT_SETUP,
+            &format!("installing the seccomp filter: {e}"),
+        );
     }
     // Every call's supervisor is forked with only fds 0-2 left open (close_range, Linux 5.9):
     // closing the range [MAX, MAX] touches nothing and tells whether the kernel has it.
     if let Err(e) = close_range_from(libc::c_uint::MAX) {
         crate::die(
-            125,
+            crate::EXIT_SETUP,
             &format!(
                 "close_range is unavailable ({e}): this kernel cannot serve calls over the channel"
             ),
@@ -148,7 +151,7 @@ pub fn serve() -> i32 {
     let sig = signal_pipe();
     if let Err(e) = set_nonblocking(0) {
         crate::die(
-            125,
+            crate::EXIT_SETUP,
             &format!("making the channel's input non-blocking: {e}"),
         );
     }
