@@ -57,7 +57,9 @@ fn record(h: &mut Histogram<u64>, since: Instant) {
 
 /// (user + system) CPU seconds of this process, and of its reaped children.
 fn cpu_seconds() -> (f64, f64) {
+    // SAFETY: rusage is plain integers (timevals and longs): all-zero is a valid value.
     let mut self_usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut child_usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the structs we own.
     unsafe {

@@ -313,21 +313,20 @@ impl Channel {
                     Some(Err(e)) => return Err(format!("stream error: {e}")),
                     None => return Err("the helper exited before greeting".to_owned()),
                 }
-                match decoder.next_frame() {
+                let frame = match decoder.next_frame() {
                     Ok(None) => continue,
-                    Ok(Some(f)) if f.kind == proto::HELLO && f.payload.len() == 8 => {
-                        let version = u32::from_be_bytes(f.payload[..4].try_into().expect("4"));
-                        if version != proto::VERSION {
-                            return Err(format!(
-                                "the helper speaks protocol {version}, this daemon {}: rebuild the image",
-                                proto::VERSION
-                            ));
-                        }
-                        return Ok(());
-                    }
-                    Ok(Some(f)) => return Err(format!("it sent frame kind {} first", f.kind)),
+                    Ok(Some(f)) => f,
                     Err(e) => return Err(format!("malformed greeting: {e}")),
-                }
+                };
+                return match proto::FromHelper::decode(frame) {
+                    Ok((_, proto::FromHelper::Hello { .. })) => Ok(()),
+                    Ok((_, other)) => {
+                        Err(format!("it sent {} first", proto::kind_name(other.kind())))
+                    }
+                    // Names both versions and says to rebuild the image.
+                    Err(e @ proto::ProtoError::Version { .. }) => Err(e.to_string()),
+                    Err(e) => Err(format!("malformed greeting: {e}")),
+                };
             }
         })
         .await;
@@ -401,64 +400,50 @@ impl Channel {
 
     /// Handles every complete frame; an error is a reason to kill the channel.
     fn dispatch(&self, decoder: &mut Decoder) -> Result<(), String> {
+        use proto::{FromHelper, Stream};
         while let Some(f) = decoder
             .next_frame()
             .map_err(|e| format!("malformed frame from the helper: {e}"))?
         {
-            let mut r = proto::Reader::new(&f.payload);
-            let bad = |e: proto::ProtoError| format!("malformed frame kind {}: {e}", f.kind);
+            let (id, msg) = FromHelper::decode(f)
+                .map_err(|e| format!("malformed frame from the helper: {e}"))?;
             let mut calls = self.calls.lock();
-            match f.kind {
-                proto::STARTED => {
-                    r.u32().map_err(bad)?;
-                    r.end().map_err(bad)?;
-                    if let Some(p) = calls.get_mut(&f.id) {
+            match msg {
+                FromHelper::Hello { .. } => {
+                    return Err("the helper greeted a second time".to_owned());
+                }
+                FromHelper::Started { .. } => {
+                    if let Some(p) = calls.get_mut(&id) {
                         p.started = true;
                     }
                 }
-                proto::OUTPUT => {
-                    let stream = r.u8().map_err(bad)?;
-                    let bytes = r.rest();
-                    if let Some(p) = calls.get_mut(&f.id) {
+                FromHelper::Output { stream, bytes } => {
+                    if let Some(p) = calls.get_mut(&id) {
                         p.started = true;
                         match stream {
-                            1 => p.stdout.push(bytes),
-                            2 => p.stderr.push(bytes),
-                            other => return Err(format!("output for stream {other}")),
+                            Stream::Stdout => p.stdout.push(&bytes),
+                            Stream::Stderr => p.stderr.push(&bytes),
                         }
                     }
                 }
-                proto::SKIPPED => {
-                    let stream = r.u8().map_err(bad)?;
-                    let n = r.u64().map_err(bad)?;
-                    r.end().map_err(bad)?;
-                    if let Some(p) = calls.get_mut(&f.id) {
+                FromHelper::Skipped { stream, n } => {
+                    if let Some(p) = calls.get_mut(&id) {
                         match stream {
-                            1 => p.stdout.skip(n),
-                            2 => p.stderr.skip(n),
-                            other => return Err(format!("skip count for stream {other}")),
+                            Stream::Stdout => p.stdout.skip(n),
+                            Stream::Stderr => p.stderr.skip(n),
                         }
                     }
                 }
-                proto::EXIT => {
-                    let status = r.i32().map_err(bad)?;
-                    let signaled = r.u8().map_err(bad)? != 0;
-                    r.end().map_err(bad)?;
-                    if let Some(p) = calls.remove(&f.id) {
-                        let kind = EndKind::Exit { status, signaled };
-                        p.finish(kind);
+                FromHelper::Exit { status, signaled } => {
+                    if let Some(p) = calls.remove(&id) {
+                        p.finish(EndKind::Exit { status, signaled });
                     }
                 }
-                proto::FAILED => {
-                    let reason: String = String::from_utf8_lossy(r.rest())
-                        .chars()
-                        .take(512)
-                        .collect();
-                    if let Some(p) = calls.remove(&f.id) {
+                FromHelper::Failed { reason } => {
+                    if let Some(p) = calls.remove(&id) {
                         p.finish(EndKind::Failed(reason));
                     }
                 }
-                other => return Err(format!("unexpected frame kind {other} from the helper")),
             }
         }
         Ok(())
