@@ -616,7 +616,7 @@ impl Channel {
             program: spec.program.clone(),
         };
         let mut frame = Vec::new();
-        proto::encode(&mut frame, proto::START, id, &start.encode());
+        proto::ToHelper::Start(start).encode(id, &mut frame);
         // From here the call may run: whatever ends this future stops it.
         let grace = cfg.kill_grace + STOP_MARGIN;
         let call = ChannelCall {
@@ -691,7 +691,7 @@ impl Channel {
 
     async fn cancel_call(self: &Arc<Self>, id: u64) {
         let mut frame = Vec::new();
-        proto::encode(&mut frame, proto::CANCEL, id, &[]);
+        proto::ToHelper::Cancel.encode(id, &mut frame);
         self.send(frame).await;
     }
 }

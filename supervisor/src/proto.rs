@@ -180,9 +180,8 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
-/// Appends one frame to `out`: the framing under the typed `encode`s. Prefer those; this stays
-/// public for callers that build a payload themselves ([`Start::encode`]).
-pub fn encode(out: &mut Vec<u8>, kind: u8, id: u64, payload: &[u8]) {
+/// Appends one frame to `out`: the framing under the typed `encode`s.
+fn encode(out: &mut Vec<u8>, kind: u8, id: u64, payload: &[u8]) {
     let len = (1 + 8 + payload.len()) as u32;
     out.extend_from_slice(&len.to_be_bytes());
     out.push(kind);
@@ -602,7 +601,7 @@ impl<'a> Reader<'a> {
 
 impl Start {
     /// The START payload (without the frame around it: see [`ToHelper::encode`]).
-    pub fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             64 + self.program.as_ref().map_or(0, Vec::len)
                 + self
