@@ -65,6 +65,12 @@ pub enum FirewallError {
     /// Changing or reading the host's netfilter needs root.
     #[error("the daemon is not root, so it cannot change the host's firewall")]
     NotRoot,
+    /// The caller chose not to install the rules (a pool on a test engine).
+    #[error("not installed: {why}")]
+    NotInstalled {
+        /// Why not.
+        why: &'static str,
+    },
     /// The iptables tool of a family is missing or does not work here.
     #[error("{tool} is not usable: {reason} (install iptables, or check that this kernel has netfilter)")]
     ToolUnusable {

@@ -6,7 +6,7 @@
 
 pub mod check;
 pub mod config;
-pub mod docker;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::check::{Check, NamedCheck};
 use crate::error::{Error, Result};
-use crate::exec::docker::{run_collect, ExecOutput as Captured};
+use crate::exec::transport::{run_collect, ExecOutput as Captured};
 use crate::pool::SandboxPool;
 use crate::user::UserId;
 
@@ -126,8 +126,10 @@ pub(crate) struct Runner<'a> {
 impl Runner<'_> {
     /// As the sandbox user, like every tool call.
     pub(crate) async fn user(&self, argv: &[&str]) -> crate::Result<Captured> {
-        let docker = self.pool.docker();
-        run_collect(docker, self.container, &self.uid, argv, EXEC_TIMEOUT, CAP).await
+        let engine = self.pool.engine().as_ref();
+        run_collect(engine, self.container, &self.uid, argv, EXEC_TIMEOUT, CAP)
+            .await?
+            .ran(self.container)
     }
 
     /// Reading the rules needs NET_ADMIN, which only root in the container holds. This exec runs
@@ -157,8 +159,10 @@ impl Runner<'_> {
             "-c",
             "/usr/sbin/iptables -S OUTPUT && echo --- && /usr/sbin/ip6tables -S OUTPUT",
         ];
-        let docker = self.pool.docker();
-        run_collect(docker, self.container, "0:0", &argv, EXEC_TIMEOUT, CAP).await
+        let engine = self.pool.engine().as_ref();
+        run_collect(engine, self.container, "0:0", &argv, EXEC_TIMEOUT, CAP)
+            .await?
+            .ran(self.container)
     }
 }
 

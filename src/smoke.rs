@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::check::{Check, NamedCheck};
-use crate::exec::docker::ExecOutput as Captured;
+use crate::exec::transport::ExecOutput as Captured;
 use crate::pool::SandboxPool;
 use crate::selfcheck::{describe, escape_checks, Runner, EXEC_TIMEOUT};
 use crate::user::UserId;
@@ -37,8 +37,8 @@ pub async fn run(
         true,
         format!(
             "engine at {} answers, API {}",
-            pool.docker().host(),
-            pool.docker().api_version()
+            pool.engine().host(),
+            pool.engine().api_version()
         ),
     ));
     push(check(

@@ -339,40 +339,37 @@ async fn healthz() -> Response {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let mut checks: BTreeMap<&str, Check> = BTreeMap::new();
     if let Some(pool) = state.executor.pool() {
-        let docker = pool.docker();
+        let engine = pool.engine();
         let ok = |r: crate::Result<()>| {
             r.map_or_else(|e| Check::failed(e.to_string()), |_| Check::ok(""))
         };
-        checks.insert(
-            "docker",
-            ok(docker
-                .call(|| "ping".into(), docker.raw().ping())
-                .await
-                .map(|_| ())),
-        );
+        checks.insert("docker", ok(engine.ping().await.map_err(Into::into)));
         let image = &pool.config().image;
         checks.insert(
             "image",
-            ok(docker
-                .call(
-                    || format!("inspect image {image}"),
-                    docker.raw().inspect_image(image),
-                )
-                .await
-                .map(|_| ())),
+            match engine.image_id(image).await {
+                Ok(Some(_)) => Check::ok(""),
+                Ok(None) => Check::failed(
+                    crate::Error::ImageMissing {
+                        image: image.clone(),
+                    }
+                    .to_string(),
+                ),
+                Err(e) => Check::failed(e.to_string()),
+            },
         );
         let net = &pool.network().name;
-        let network = docker
-            .call(
-                || format!("inspect network {net}"),
-                docker.raw().inspect_network(net, None),
-            )
-            .await;
+        // The public egress policy runs on a network with a way out; the others on an internal one.
+        let internal = pool.config().egress == crate::config::Egress::None;
         checks.insert(
             "network",
-            match network {
-                Ok(n) if n.internal == Some(true) => Check::ok(""),
-                Ok(_) => Check::failed(format!("network {net} is no longer internal")),
+            match engine.networks_named(net).await {
+                Ok(n) if n.first().is_some_and(|n| n.internal == internal) => Check::ok(""),
+                Ok(n) if n.is_empty() => Check::failed(format!("network {net} is gone")),
+                Ok(_) if internal => Check::failed(format!("network {net} is no longer internal")),
+                Ok(_) => Check::failed(format!(
+                    "network {net} is internal: the public egress policy has no way out"
+                )),
                 Err(e) => Check::failed(e.to_string()),
             },
         );
