@@ -3,9 +3,9 @@
 #[test]
 fn run_md_documents_every_variable() {
     let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/RUN.md")).unwrap();
-    let missing: Vec<&str> = zcbot_sandbox::config::VARIABLES
+    let missing: Vec<&str> = zcbot_sandbox::config::variables()
         .iter()
-        .copied()
+        .map(|v| v.name)
         .filter(|v| !guide.contains(&format!("`{v}`")))
         .collect();
     assert!(missing.is_empty(), "RUN.md does not document {missing:?}");
