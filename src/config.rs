@@ -249,7 +249,8 @@ pub enum Transport {
 // are the flags of `serve`; `env` is the variable; `default_value` is the documented default.
 // ---------------------------------------------------------------------------------------------
 
-/// Every setting, as parsed, before the checks that span several of them.
+// Every setting, as parsed, before the checks that span several of them. These groups carry
+// plain comments, not doc comments: clap would make a group's doc the help of `serve`.
 #[derive(Args, Debug, Clone)]
 struct Settings {
     #[command(flatten)]
@@ -266,7 +267,7 @@ struct Settings {
     exec: ExecArgs,
 }
 
-/// The Docker engine and the image.
+// The Docker engine and the image.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Engine")]
 struct EngineArgs {
@@ -287,7 +288,7 @@ struct EngineArgs {
     pool_id: String,
 }
 
-/// Each sandbox's limits, its tenant's uid, and how long it lives.
+// Each sandbox's limits, its tenant's uid, and how long it lives.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Sandbox limits")]
 struct SandboxArgs {
@@ -298,7 +299,7 @@ struct SandboxArgs {
     #[arg(long, env = "ZCBOT_SANDBOX_REAP_EVERY", default_value = "60s", value_parser = parse_duration)]
     reap_every: Duration,
     /// Memory limit (swap is set equal, so no swap).
-    #[arg(long = "memory", env = "ZCBOT_SANDBOX_MEMORY", default_value = "512MiB", value_parser = bytes::<i64>(6 << 20))]
+    #[arg(long = "memory", value_name = "SIZE", env = "ZCBOT_SANDBOX_MEMORY", default_value = "512MiB", value_parser = bytes::<i64>(6 << 20))]
     memory_bytes: i64,
     /// CPU limit in cores (0.01 to this host's core count).
     #[arg(long, env = "ZCBOT_SANDBOX_CPUS", default_value = "1.0", value_parser = parse_cpus)]
@@ -307,7 +308,7 @@ struct SandboxArgs {
     #[arg(long, env = "ZCBOT_SANDBOX_PIDS", default_value = "256", value_parser = int::<i64>(8, 1 << 22))]
     pids: i64,
     /// Size of the sandbox's /tmp tmpfs.
-    #[arg(long = "tmpfs-size", env = "ZCBOT_SANDBOX_TMPFS_SIZE", default_value = "64MiB", value_parser = bytes::<i64>(1 << 20))]
+    #[arg(long = "tmpfs-size", value_name = "SIZE", env = "ZCBOT_SANDBOX_TMPFS_SIZE", default_value = "64MiB", value_parser = bytes::<i64>(1 << 20))]
     tmpfs_bytes: i64,
     /// Most sandboxes at once.
     #[arg(long, env = "ZCBOT_SANDBOX_MAX", default_value = "100", value_parser = int::<usize>(1, 100_000))]
@@ -319,14 +320,14 @@ struct SandboxArgs {
     #[arg(long, env = "ZCBOT_SANDBOX_UID_RANGE", default_value = "200000-299999", value_parser = parse_uid_range)]
     uid_range: UidRange,
     /// Bytes one user's folder may hold.
-    #[arg(long = "disk", env = "ZCBOT_SANDBOX_DISK", default_value = "1GiB", value_parser = bytes::<u64>(16 << 20))]
+    #[arg(long = "disk", value_name = "SIZE", env = "ZCBOT_SANDBOX_DISK", default_value = "1GiB", value_parser = bytes::<u64>(16 << 20))]
     disk_bytes: u64,
     /// 1: refuse to start when the users root cannot enforce the disk quota.
     #[arg(long, env = "ZCBOT_REQUIRE_DISK_QUOTA", default_value = "0", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "1")]
     require_disk_quota: bool,
 }
 
-/// The sandbox network, its egress and the host's enforcement.
+// The sandbox network, its egress and the host's enforcement.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Network and egress")]
 struct NetworkArgs {
@@ -353,7 +354,7 @@ struct NetworkArgs {
     self_check: bool,
 }
 
-/// The users' folders, the durable state, and the file tools.
+// The users' folders, the durable state, and the file tools.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Files")]
 struct FilesArgs {
@@ -374,7 +375,7 @@ struct FilesArgs {
     file_workers: usize,
 }
 
-/// The HTTP server: where it listens, who may call it, and how long a client may take.
+// The HTTP server: where it listens, who may call it, and how long a client may take.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "HTTP server")]
 struct HttpArgs {
@@ -408,7 +409,7 @@ struct HttpArgs {
     http_max_connections: usize,
 }
 
-/// Where and how tool calls run.
+// Where and how tool calls run.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Executor")]
 struct ExecArgs {
