@@ -335,7 +335,7 @@ struct NetworkArgs {
     #[arg(long, env = "ZCBOT_SANDBOX_NETWORK", default_value = "zcbot-sandbox-net", value_parser = parse_network)]
     network: String,
     /// none (no way out) or public (public addresses only, on a separate network).
-    #[arg(long, env = "ZCBOT_SANDBOX_EGRESS", default_value = "none", value_parser = parse_egress)]
+    #[arg(long, env = "ZCBOT_SANDBOX_EGRESS", default_value = "none", value_parser = one_of(&[("none", Egress::None), ("public", Egress::Public)]))]
     egress: Egress,
     /// Database addresses a sandbox must never reach (comma or space separated).
     #[arg(long, env = "ZCBOT_PG_IPS", value_parser = parse_cidr_list)]
@@ -344,7 +344,7 @@ struct NetworkArgs {
     #[arg(long, env = "ZCBOT_SANDBOX_BLOCK_CIDRS", value_parser = parse_cidr_list)]
     block_cidrs: Option<CidrList>,
     /// Who installs each sandbox's own rules: auto, host or entry.
-    #[arg(long, env = "ZCBOT_CONTAINER_RULES", default_value = "auto", value_parser = parse_rules)]
+    #[arg(long, env = "ZCBOT_CONTAINER_RULES", default_value = "auto", value_parser = one_of(&[("auto", RulesSetting::Auto), ("host", RulesSetting::Host), ("entry", RulesSetting::Entry)]))]
     container_rules: RulesSetting,
     /// 1: refuse to start when the host firewall cannot be installed.
     #[arg(long, env = "ZCBOT_REQUIRE_HOST_FIREWALL", default_value = "0", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "1")]
@@ -414,10 +414,10 @@ struct HttpArgs {
 #[command(next_help_heading = "Executor")]
 struct ExecArgs {
     /// Where shell and run_python run: host (development only) or docker.
-    #[arg(long, env = "ZCBOT_SANDBOX_BACKEND", default_value = "host", value_parser = parse_backend)]
+    #[arg(long, env = "ZCBOT_SANDBOX_BACKEND", default_value = "host", value_parser = one_of(&[("host", Backend::Host), ("docker", Backend::Docker)]))]
     backend: Backend,
     /// How process calls reach the sandbox: channel or exec.
-    #[arg(long, env = "ZCBOT_EXEC_TRANSPORT", default_value = "channel", value_parser = parse_transport)]
+    #[arg(long, env = "ZCBOT_EXEC_TRANSPORT", default_value = "channel", value_parser = one_of(&[("exec", Transport::Exec), ("channel", Transport::Channel)]))]
     transport: Transport,
     /// A call's timeout when the caller gives none.
     #[arg(long, env = "ZCBOT_EXEC_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
@@ -738,36 +738,21 @@ fn parse_network(v: &str) -> std::result::Result<String, String> {
     docker_name(v.trim(), 56).map(str::to_owned)
 }
 
-fn parse_backend(v: &str) -> std::result::Result<Backend, String> {
-    match v.trim() {
-        "host" => Ok(Backend::Host),
-        "docker" => Ok(Backend::Docker),
-        _ => Err("must be host or docker".into()),
-    }
-}
-
-fn parse_transport(v: &str) -> std::result::Result<Transport, String> {
-    match v.trim() {
-        "exec" => Ok(Transport::Exec),
-        "channel" => Ok(Transport::Channel),
-        _ => Err("must be exec or channel".into()),
-    }
-}
-
-fn parse_rules(v: &str) -> std::result::Result<RulesSetting, String> {
-    match v.trim() {
-        "auto" => Ok(RulesSetting::Auto),
-        "host" => Ok(RulesSetting::Host),
-        "entry" => Ok(RulesSetting::Entry),
-        _ => Err("must be auto, host or entry".into()),
-    }
-}
-
-fn parse_egress(v: &str) -> std::result::Result<Egress, String> {
-    match v.trim() {
-        "none" => Ok(Egress::None),
-        "public" => Ok(Egress::Public),
-        _ => Err("must be none or public".into()),
+/// One of a few words, for the settings that choose: "must be auto, host or entry" otherwise.
+fn one_of<T>(
+    choices: &'static [(&'static str, T)],
+) -> impl Fn(&str) -> std::result::Result<T, String> + Clone
+where
+    T: Copy + Send + Sync + 'static,
+{
+    move |v: &str| {
+        let v = v.trim();
+        if let Some((_, value)) = choices.iter().find(|(word, _)| *word == v) {
+            return Ok(*value);
+        }
+        let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+        let (last, rest) = words.split_last().expect("a choice has words");
+        Err(format!("must be {} or {last}", rest.join(", ")))
     }
 }
 
@@ -1243,7 +1228,12 @@ mod tests {
             ("ZCBOT_SANDBOX_MEMORY", "lots", "such as 512MiB"),
             ("ZCBOT_SANDBOX_MEMORY", "1k", "at least 6291456 bytes"),
             ("ZCBOT_SANDBOX_PIDS", "7", "from 8 to 4194304"),
-            ("ZCBOT_SANDBOX_BACKEND", "podman", "host or docker"),
+            ("ZCBOT_SANDBOX_BACKEND", "podman", "must be host or docker"),
+            (
+                "ZCBOT_CONTAINER_RULES",
+                "root",
+                "must be auto, host or entry",
+            ),
             ("ZCBOT_USERS_ROOT", "x", "absolute path"),
         ];
         for (var, value, hint) in cases {
