@@ -95,7 +95,7 @@ impl Server {
         let token_hash = config
             .api_token
             .as_ref()
-            .map(|t| Sha256::digest(t.as_bytes()).into());
+            .map(|t| Sha256::digest(secrecy::ExposeSecret::expose_secret(t).as_bytes()).into());
         let executor = Executor::from_config(config).await?;
         let mut reaper = None;
         let mut self_check = None;
