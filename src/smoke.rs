@@ -262,10 +262,7 @@ async fn channel_check(pool: &SandboxPool, user: &UserId) -> Check {
     let took = started.elapsed();
     ex.close_channels();
     let stats = ex.stats();
-    let (opens, fallbacks) = (
-        stats.opens.load(Ordering::Relaxed),
-        stats.fallbacks.load(Ordering::Relaxed),
-    );
+    let (opens, fallbacks) = (stats.opens.get(), stats.fallbacks.get());
     match (first, second) {
         (Ok(_), Ok(out)) => {
             let text = String::from_utf8_lossy(&out.stdout.bytes).into_owned();

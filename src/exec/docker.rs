@@ -16,7 +16,6 @@
 //! processes descend from a live supervisor. If even that fails, the container is recycled.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +25,9 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::channel::{ChannelAttempt, Channels, TransportStats, Unusable};
+use super::channel::{ChannelAttempt, Channels, Unusable};
 use super::file_calls::FileRunner;
+use super::metrics::TransportStats;
 use super::output::Capture;
 use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec};
 use crate::config::Transport;
@@ -132,13 +132,13 @@ impl DockerExecutor {
                     },
                     Err(Unusable::Gone(id)) => Err(Attempt::Gone(id)),
                     Err(Unusable::Fallback) => {
-                        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        self.stats.fallbacks.inc();
                         self.run_once(lease, &spec, cancel).await
                     }
                 }
             } else {
                 if self.transport == Transport::Channel {
-                    self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    self.stats.fallbacks.inc();
                 }
                 self.run_once(lease, &spec, cancel).await
             };

@@ -2,7 +2,6 @@
 //! earlier run left, the idle reaper, and the status listing both the CLI and the API show.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -118,10 +117,7 @@ impl SandboxPool {
             for (name, reason, res) in removed {
                 res?;
                 tracing::info!(container = %name, %reason, "removed a sandbox left by an earlier run");
-                self.inner
-                    .counters
-                    .orphans_removed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.orphans_removed.inc();
                 report.removed.push((name, reason));
             }
         }
@@ -240,7 +236,7 @@ impl SandboxPool {
                 };
                 self.remove_container(&sandbox.name).await?;
                 self.inner.activity.forget(&user);
-                self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.reaped.inc();
                 tracing::info!(user = %user, container = %sandbox.name, "reaped idle sandbox");
                 Ok(Some(user.to_string()))
             }))
