@@ -57,7 +57,9 @@ fn record(h: &mut Histogram<u64>, since: Instant) {
 
 /// (user + system) CPU seconds of this process, and of its reaped children.
 fn cpu_seconds() -> (f64, f64) {
+    // SAFETY: rusage is plain integers (timevals and longs): all-zero is a valid value.
     let mut self_usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut child_usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the structs we own.
     unsafe {
@@ -322,8 +324,8 @@ async fn main() {
         }
         settle().await;
         let t = Instant::now();
-        zcbot_sandbox::exec::docker::run_collect(
-            pool.docker(),
+        zcbot_sandbox::exec::transport::run_collect(
+            pool.engine().as_ref(),
             &c0,
             "1000:1000",
             &["true"],

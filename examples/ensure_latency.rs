@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = SandboxPool::connect(config).await?;
     println!(
         "engine API {}, image {}",
-        pool.docker().api_version(),
+        pool.engine().api_version(),
         image
     );
 

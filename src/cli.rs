@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
 use zcbot_sandbox::server::{ServeOptions, Server};
@@ -13,18 +13,36 @@ use zcbot_sandbox::{smoke, Config, SandboxPool, UserId};
 
 /// One long-lived, hardened Docker container per chat-agent user.
 ///
-/// Every setting comes from ZCBOT_* environment variables (see RUN.md).
+/// Every setting comes from ZCBOT_* environment variables (see RUN.md); `serve` also takes each
+/// one as a flag (`serve --help`).
 #[derive(Parser, Debug)]
 #[command(name = "zcbot-sandbox", version, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The whole parse, for the settings `serve` was given as flags.
+    #[arg(skip)]
+    matches: ArgMatches,
+}
+
+impl Cli {
+    /// Parses the command line, with every setting added to `serve` as a flag (exits with clap's
+    /// usage message on a bad command line, as `Parser::parse` does).
+    pub fn parse_with_settings() -> Self {
+        let matches = Cli::command()
+            .mut_subcommand("serve", Config::flags)
+            .get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.matches = matches;
+        cli
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the daemon: the HTTP API on ZCBOT_LISTEN (default 127.0.0.1:8787) or a unix socket.
     /// SIGTERM/SIGINT: stop accepting, let calls finish for ZCBOT_SHUTDOWN_GRACE, cancel the rest.
+    /// Every setting is also a flag here, which wins over its variable.
     Serve {
         /// Remove every sandbox of the pool on exit (default: keep them warm for the next start).
         #[arg(long)]
@@ -133,7 +151,10 @@ async fn pool() -> Result<SandboxPool> {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { remove_on_exit } => {
-            let config = Config::from_env()?;
+            let config = match cli.matches.subcommand_matches("serve") {
+                Some(flags) => Config::from_env_and_flags(flags)?,
+                None => Config::from_env()?,
+            };
             let backend = config.backend;
             let server = Server::start(config, ServeOptions { remove_on_exit }).await?;
             let address = server.address();

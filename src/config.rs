@@ -1,19 +1,27 @@
-//! `Config`: every environment variable the pool reads, its default, and its validation.
+//! `Config`: every setting the pool reads, its default, and its validation.
 //!
-//! Read once at startup with [`Config::from_env`]; a bad value is an error naming the variable and
-//! the value, so an operator never runs with a setting they did not mean. An empty variable counts
-//! as unset.
+//! The settings are declared once, as clap arguments grouped by concern ([`Settings`] and its
+//! flattened groups): each names its environment variable, its default and its value parser.
+//! That one declaration gives the variables ([`variables`], which a test holds RUN.md to), the
+//! flags of `serve`, and the parse. Read once at startup with [`Config::from_env`]; a bad value is
+//! an error naming the variable and the value, so an operator never runs with a setting they did
+//! not mean. An empty variable counts as unset.
 
+use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches};
 use ipnet::IpNet;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::{Error, Result};
 
 /// Validated settings of one pool. Build it with [`Config::from_env`] or [`Config::from_lookup`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// `ZCBOT_SANDBOX_IMAGE`: the sandbox image (default `zcbot-sandbox:latest`).
     pub image: String,
@@ -103,8 +111,9 @@ pub struct Config {
     /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT`, or a unix socket as an absolute path or
     /// `unix:PATH` (default `127.0.0.1:8787`).
     pub listen: Listen,
-    /// `ZCBOT_API_TOKEN`: when set, every request needs `Authorization: Bearer <token>`.
-    pub api_token: Option<String>,
+    /// `ZCBOT_API_TOKEN`: when set, every request needs `Authorization: Bearer <token>`. A secret:
+    /// its `Debug` prints `[REDACTED]`, so logging the config never leaks it.
+    pub api_token: Option<SecretString>,
     /// `ZCBOT_MAX_BODY`: the largest request body (default 4MiB).
     pub max_body: usize,
     /// `ZCBOT_USER_MAX_CALLS`: calls one user may have in flight (default 4); more get 429.
@@ -235,52 +244,261 @@ pub enum Transport {
     Channel,
 }
 
-/// Every variable [`Config`] reads (a test holds RUN.md to documenting each one).
-pub const VARIABLES: &[&str] = &[
-    "ZCBOT_SANDBOX_IMAGE",
-    "ZCBOT_USERS_ROOT",
-    "ZCBOT_STATE_DIR",
-    "ZCBOT_SANDBOX_NETWORK",
-    "ZCBOT_POOL_ID",
-    "ZCBOT_SANDBOX_IDLE",
-    "ZCBOT_SANDBOX_REAP_EVERY",
-    "ZCBOT_SANDBOX_MEMORY",
-    "ZCBOT_SANDBOX_CPUS",
-    "ZCBOT_SANDBOX_PIDS",
-    "ZCBOT_SANDBOX_TMPFS_SIZE",
-    "ZCBOT_SANDBOX_UID",
-    "ZCBOT_SANDBOX_UID_RANGE",
-    "ZCBOT_SANDBOX_DISK",
-    "ZCBOT_REQUIRE_DISK_QUOTA",
-    "ZCBOT_FILE_TIMEOUT",
-    "ZCBOT_FILE_MAX_ENTRIES",
-    "ZCBOT_FILE_WORKERS",
-    "ZCBOT_HTTP_HEADER_TIMEOUT",
-    "ZCBOT_HTTP_IDLE_TIMEOUT",
-    "ZCBOT_HTTP_BODY_TIMEOUT",
-    "ZCBOT_HTTP_MAX_CONNECTIONS",
-    "ZCBOT_SANDBOX_MAX",
-    "ZCBOT_PG_IPS",
-    "ZCBOT_SANDBOX_BLOCK_CIDRS",
-    "DOCKER_HOST",
-    "ZCBOT_DOCKER_TIMEOUT",
-    "ZCBOT_SANDBOX_START_TIMEOUT",
-    "ZCBOT_SANDBOX_BACKEND",
-    "ZCBOT_EXEC_TRANSPORT",
-    "ZCBOT_EXEC_TIMEOUT",
-    "ZCBOT_EXEC_TIMEOUT_MAX",
-    "ZCBOT_OUTPUT_CAP",
-    "ZCBOT_KILL_GRACE",
-    "ZCBOT_LISTEN",
-    "ZCBOT_API_TOKEN",
-    "ZCBOT_MAX_BODY",
-    "ZCBOT_USER_MAX_CALLS",
-    "ZCBOT_SHUTDOWN_GRACE",
-    "ZCBOT_REQUIRE_HOST_FIREWALL",
-    "ZCBOT_SELF_CHECK",
-    "ZCBOT_SANDBOX_EGRESS",
-    "ZCBOT_CONTAINER_RULES",
-];
+// ---------------------------------------------------------------------------------------------
+// The declaration: one clap `Args` group per concern, flattened into `Settings`. The field names
+// are the flags of `serve`; `env` is the variable; `default_value` is the documented default.
+// ---------------------------------------------------------------------------------------------
+
+// Every setting, as parsed, before the checks that span several of them. These groups carry
+// plain comments, not doc comments: clap would make a group's doc the help of `serve`.
+#[derive(Args, Debug, Clone)]
+struct Settings {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    #[command(flatten)]
+    network: NetworkArgs,
+    #[command(flatten)]
+    files: FilesArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+// The Docker engine and the image.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Engine")]
+struct EngineArgs {
+    /// The sandbox image; containers run it by id.
+    #[arg(long, env = "ZCBOT_SANDBOX_IMAGE", default_value = "zcbot-sandbox:latest", value_parser = parse_image)]
+    image: String,
+    /// The engine's address (default: the local unix socket).
+    #[arg(long, env = "DOCKER_HOST", value_parser = parse_docker_host)]
+    docker_host: Option<String>,
+    /// Deadline of every single Docker call.
+    #[arg(long, env = "ZCBOT_DOCKER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    docker_timeout: Duration,
+    /// How long a new sandbox may take to report its rules in place.
+    #[arg(long, env = "ZCBOT_SANDBOX_START_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    start_timeout: Duration,
+    /// Separates pools on one host; a pool touches only containers labelled with its id.
+    #[arg(long, env = "ZCBOT_POOL_ID", default_value = "default", value_parser = parse_pool_id)]
+    pool_id: String,
+}
+
+// Each sandbox's limits, its tenant's uid, and how long it lives.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Sandbox limits")]
+struct SandboxArgs {
+    /// A sandbox idle this long is reaped.
+    #[arg(long, env = "ZCBOT_SANDBOX_IDLE", default_value = "5m", value_parser = parse_duration)]
+    idle: Duration,
+    /// How often the reaper looks.
+    #[arg(long, env = "ZCBOT_SANDBOX_REAP_EVERY", default_value = "60s", value_parser = parse_duration)]
+    reap_every: Duration,
+    /// Memory limit (swap is set equal, so no swap).
+    #[arg(long = "memory", value_name = "SIZE", env = "ZCBOT_SANDBOX_MEMORY", default_value = "512MiB", value_parser = bytes::<i64>(6 << 20))]
+    memory_bytes: i64,
+    /// CPU limit in cores (0.01 to this host's core count).
+    #[arg(long, env = "ZCBOT_SANDBOX_CPUS", default_value = "1.0", value_parser = parse_cpus)]
+    cpus: f64,
+    /// Most processes in one sandbox.
+    #[arg(long, env = "ZCBOT_SANDBOX_PIDS", default_value = "256", value_parser = int::<i64>(8, 1 << 22))]
+    pids: i64,
+    /// Size of the sandbox's /tmp tmpfs.
+    #[arg(long = "tmpfs-size", value_name = "SIZE", env = "ZCBOT_SANDBOX_TMPFS_SIZE", default_value = "64MiB", value_parser = bytes::<i64>(1 << 20))]
+    tmpfs_bytes: i64,
+    /// Most sandboxes at once.
+    #[arg(long, env = "ZCBOT_SANDBOX_MAX", default_value = "100", value_parser = int::<usize>(1, 100_000))]
+    max_containers: usize,
+    /// UID:GID every tenant runs as when the daemon is not root (root is refused).
+    #[arg(long, env = "ZCBOT_SANDBOX_UID", default_value = "1000:1000", value_parser = parse_uid_gid)]
+    uid: UidGid,
+    /// FIRST-LAST: the host uids (and gids) tenants get, one each.
+    #[arg(long, env = "ZCBOT_SANDBOX_UID_RANGE", default_value = "200000-299999", value_parser = parse_uid_range)]
+    uid_range: UidRange,
+    /// Bytes one user's folder may hold.
+    #[arg(long = "disk", value_name = "SIZE", env = "ZCBOT_SANDBOX_DISK", default_value = "1GiB", value_parser = bytes::<u64>(16 << 20))]
+    disk_bytes: u64,
+    /// 1: refuse to start when the users root cannot enforce the disk quota.
+    #[arg(long, env = "ZCBOT_REQUIRE_DISK_QUOTA", default_value = "0", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "1")]
+    require_disk_quota: bool,
+}
+
+// The sandbox network, its egress and the host's enforcement.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Network and egress")]
+struct NetworkArgs {
+    /// The internal bridge network.
+    #[arg(long, env = "ZCBOT_SANDBOX_NETWORK", default_value = "zcbot-sandbox-net", value_parser = parse_network)]
+    network: String,
+    /// none (no way out) or public (public addresses only, on a separate network).
+    #[arg(long, env = "ZCBOT_SANDBOX_EGRESS", default_value = "none", value_parser = one_of(&[("none", Egress::None), ("public", Egress::Public)]))]
+    egress: Egress,
+    /// Database addresses a sandbox must never reach (comma or space separated).
+    #[arg(long, env = "ZCBOT_PG_IPS", value_parser = parse_cidr_list)]
+    pg_ips: Option<CidrList>,
+    /// More ranges a sandbox must never reach.
+    #[arg(long, env = "ZCBOT_SANDBOX_BLOCK_CIDRS", value_parser = parse_cidr_list)]
+    block_cidrs: Option<CidrList>,
+    /// Who installs each sandbox's own rules: auto, host or entry.
+    #[arg(long, env = "ZCBOT_CONTAINER_RULES", default_value = "auto", value_parser = one_of(&[("auto", RulesSetting::Auto), ("host", RulesSetting::Host), ("entry", RulesSetting::Entry)]))]
+    container_rules: RulesSetting,
+    /// 1: refuse to start when the host firewall cannot be installed.
+    #[arg(long, env = "ZCBOT_REQUIRE_HOST_FIREWALL", default_value = "0", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "1")]
+    require_host_firewall: bool,
+    /// 1: a probe sandbox tries the network escapes at startup; any success stops the daemon.
+    #[arg(long, env = "ZCBOT_SELF_CHECK", default_value = "1", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "1")]
+    self_check: bool,
+}
+
+// The users' folders, the durable state, and the file tools.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Files")]
+struct FilesArgs {
+    /// Host folder with one folder per user, mounted at /workspace (absolute).
+    #[arg(long, env = "ZCBOT_USERS_ROOT", default_value = "/var/lib/zcbot-sandbox/users", value_parser = parse_abs_path)]
+    users_root: PathBuf,
+    /// The durable last-activity record and the tenants' uids (absolute).
+    #[arg(long, env = "ZCBOT_STATE_DIR", default_value = "/var/lib/zcbot-sandbox/state", value_parser = parse_abs_path)]
+    state_dir: PathBuf,
+    /// The deadline of one file tool call.
+    #[arg(long, env = "ZCBOT_FILE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    file_timeout: Duration,
+    /// Folder entries one file call may visit.
+    #[arg(long, env = "ZCBOT_FILE_MAX_ENTRIES", default_value = "1000000", value_parser = int::<u64>(100, 1 << 40))]
+    file_max_entries: u64,
+    /// File calls running at once on the host, all users together.
+    #[arg(long, env = "ZCBOT_FILE_WORKERS", default_value = "8", value_parser = int::<usize>(1, 1024))]
+    file_workers: usize,
+}
+
+// The HTTP server: where it listens, who may call it, and how long a client may take.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "HTTP server")]
+struct HttpArgs {
+    /// HOST:PORT, or a unix socket path (/path or unix:/path).
+    #[arg(long, env = "ZCBOT_LISTEN", default_value = "127.0.0.1:8787", value_parser = parse_listen)]
+    listen: Listen,
+    /// Every request needs `Authorization: Bearer <token>`. A variable only: `hide` marks it so
+    /// ([`Variable::env_only`]), and `serve` refuses the flag.
+    #[arg(long, env = "ZCBOT_API_TOKEN", hide = true, value_parser = parse_token)]
+    api_token: Option<SecretString>,
+    /// The largest request body.
+    #[arg(long, env = "ZCBOT_MAX_BODY", default_value = "4MiB", value_parser = bytes::<usize>(1024))]
+    max_body: usize,
+    /// Calls one user may have in flight (429 beyond).
+    #[arg(long, env = "ZCBOT_USER_MAX_CALLS", default_value = "4", value_parser = int::<usize>(1, 10_000))]
+    user_max_calls: usize,
+    /// How long calls in flight may finish after SIGTERM.
+    #[arg(long, env = "ZCBOT_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers.
+    #[arg(long, env = "ZCBOT_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    http_header_timeout: Duration,
+    /// How long a client may take to send a request's body, once its headers are in.
+    #[arg(long, env = "ZCBOT_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    http_body_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests.
+    #[arg(long, env = "ZCBOT_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    http_idle_timeout: Duration,
+    /// Open connections at most; more are refused at once with 503.
+    #[arg(long, env = "ZCBOT_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = int::<usize>(1, 1_000_000))]
+    http_max_connections: usize,
+}
+
+// Where and how tool calls run.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Executor")]
+struct ExecArgs {
+    /// Where shell and run_python run: host (development only) or docker.
+    #[arg(long, env = "ZCBOT_SANDBOX_BACKEND", default_value = "host", value_parser = one_of(&[("host", Backend::Host), ("docker", Backend::Docker)]))]
+    backend: Backend,
+    /// How process calls reach the sandbox: channel or exec.
+    #[arg(long, env = "ZCBOT_EXEC_TRANSPORT", default_value = "channel", value_parser = one_of(&[("exec", Transport::Exec), ("channel", Transport::Channel)]))]
+    transport: Transport,
+    /// A call's timeout when the caller gives none.
+    #[arg(long, env = "ZCBOT_EXEC_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    exec_timeout: Duration,
+    /// The longest timeout a caller may ask for.
+    #[arg(long, env = "ZCBOT_EXEC_TIMEOUT_MAX", default_value = "600s", value_parser = parse_duration)]
+    exec_timeout_max: Duration,
+    /// Bytes kept per output stream, head and tail.
+    #[arg(long, env = "ZCBOT_OUTPUT_CAP", default_value = "1MiB", value_parser = bytes::<usize>(1024))]
+    output_cap: usize,
+    /// Time between SIGTERM and SIGKILL when a call is stopped.
+    #[arg(long, env = "ZCBOT_KILL_GRACE", default_value = "500ms", value_parser = parse_duration)]
+    kill_grace: Duration,
+}
+
+/// The `uid:gid` pair of `ZCBOT_SANDBOX_UID`.
+#[derive(Debug, Clone, Copy)]
+struct UidGid(u32, u32);
+
+/// A parsed `ZCBOT_PG_IPS` or `ZCBOT_SANDBOX_BLOCK_CIDRS` (a newtype: clap reads a bare `Vec` as
+/// a repeated flag).
+#[derive(Debug, Clone)]
+struct CidrList(Vec<IpNet>);
+
+/// One setting as declared: what RUN.md documents and what `serve` takes as a flag.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    /// The environment variable, e.g. `ZCBOT_SANDBOX_IDLE`.
+    pub name: &'static str,
+    /// The flag of `serve`, without its dashes, e.g. `idle`.
+    pub flag: &'static str,
+    /// The default as an operator writes it; `None` when unset means "none" or the engine's own.
+    pub default: Option<&'static str>,
+    /// A secret: `serve` refuses it as a flag, which any host account could read in `ps`.
+    pub env_only: bool,
+    /// The clap id, to ask the matches where a value came from.
+    id: &'static str,
+}
+
+/// The declaration as a clap command, built once: the source of [`variables`].
+static DECLARED: LazyLock<Vec<Variable>> = LazyLock::new(|| {
+    let cmd = Settings::augment_args(clap::Command::new("zcbot-sandbox"));
+    // Built once per process from string literals: leaking them gives the `'static` names that
+    // `Error::Config` carries.
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_owned().into_boxed_str()) };
+    cmd.get_arguments()
+        .filter_map(|a| {
+            let name = a.get_env()?.to_str()?;
+            Some(Variable {
+                name: leak(name),
+                flag: leak(a.get_long()?),
+                default: a
+                    .get_default_values()
+                    .first()
+                    .and_then(|d| d.to_str())
+                    .map(leak),
+                env_only: a.is_hide_set(),
+                id: leak(a.get_id().as_str()),
+            })
+        })
+        .collect()
+});
+
+/// Every setting the configuration reads, in declaration order, from the clap declaration itself
+/// (a test holds RUN.md's table to it both ways).
+pub fn variables() -> &'static [Variable] {
+    &DECLARED
+}
+
+/// The declaration as a command that reads no environment: clap's `env` reads the process
+/// environment when the argument is built, which [`Config::from_lookup`] must never do. The
+/// variable goes into the help instead.
+fn without_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        let Some(var) = a.get_env().and_then(|e| e.to_str()).map(str::to_owned) else {
+            return a;
+        };
+        let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+        a.env(None).help(format!("{help} [env: {var}]"))
+    })
+}
 
 impl Config {
     /// Reads and validates every variable from the process environment.
@@ -288,162 +506,72 @@ impl Config {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Reads and validates every variable through `get` (tests pass a map here).
+    /// Reads and validates every variable through `get` (tests pass a map here); the process
+    /// environment is never read, so a stray variable cannot change a test's config.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let (uid, gid) = parse_var(&get, "ZCBOT_SANDBOX_UID", "1000:1000", parse_uid_gid)?;
-        let exec_timeout = parse_var(&get, "ZCBOT_EXEC_TIMEOUT", "120s", parse_duration)?;
-        let exec_timeout_max = parse_var(&get, "ZCBOT_EXEC_TIMEOUT_MAX", "600s", parse_duration)?;
-        if exec_timeout > exec_timeout_max {
+        Self::parse(|_| None, get)
+    }
+
+    /// Adds every setting to `cmd` as a flag (`serve` uses it): `--idle 90s` for
+    /// `ZCBOT_SANDBOX_IDLE`, and so on; the help shows each one's variable and default.
+    pub fn flags(cmd: clap::Command) -> clap::Command {
+        without_env(Settings::augment_args(cmd))
+    }
+
+    /// Reads the process environment, with the flags given in `matches` (of a command made with
+    /// [`Config::flags`]) taking precedence over their variables.
+    pub fn from_env_and_flags(matches: &ArgMatches) -> Result<Self> {
+        let given = |v: &Variable| -> Option<OsString> {
+            if matches.value_source(v.id) != Some(ValueSource::CommandLine) {
+                return None;
+            }
+            matches.get_raw(v.id)?.next().map(ToOwned::to_owned)
+        };
+        if let Some(secret) = variables()
+            .iter()
+            .find(|v| v.env_only && given(v).is_some())
+        {
             return Err(Error::Config {
-                var: "ZCBOT_EXEC_TIMEOUT",
-                value: humantime::format_duration(exec_timeout).to_string(),
-                reason: "must not be longer than ZCBOT_EXEC_TIMEOUT_MAX".into(),
+                var: secret.name,
+                value: "(hidden)".into(),
+                reason: format!(
+                    "a flag shows the secret to every host account in ps: set the variable {} \
+                     instead of --{}",
+                    secret.name, secret.flag
+                ),
             });
         }
-        let uid_range = parse_var(
-            &get,
-            "ZCBOT_SANDBOX_UID_RANGE",
-            "200000-299999",
-            parse_uid_range,
-        )?;
-        if uid_range.contains(uid) {
-            // The old single owner's folders would look like some tenant's own.
-            return Err(Error::Config {
-                var: "ZCBOT_SANDBOX_UID_RANGE",
-                value: uid_range.to_string(),
-                reason: format!("must not hold ZCBOT_SANDBOX_UID ({uid})"),
+        Self::parse(given, |k| std::env::var(k).ok())
+    }
+
+    /// One parse for every source: each setting takes its flag if `flag` has one, else its
+    /// variable (trimmed; empty counts as unset), else its default; then the checks that span
+    /// several settings.
+    fn parse(
+        flag: impl Fn(&Variable) -> Option<OsString>,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let mut argv = Vec::new();
+        for v in variables() {
+            let value = flag(v).or_else(|| {
+                get(v.name)
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .map(OsString::from)
             });
-        }
-        let listen = parse_var(&get, "ZCBOT_LISTEN", "127.0.0.1:8787", parse_listen)?;
-        let api_token = get("ZCBOT_API_TOKEN");
-        if let Listen::Tcp(addr) = &listen {
-            if !addr.ip().is_loopback() && api_token.is_none() {
-                return Err(Error::Config {
-                    var: "ZCBOT_LISTEN",
-                    value: addr.to_string(),
-                    reason:
-                        "anyone who reaches the API can run code as any user: listening beyond \
-                             loopback needs ZCBOT_API_TOKEN"
-                            .into(),
-                });
+            if let Some(value) = value {
+                // `--flag=value`, so a value starting with '-' is a value, not a flag.
+                let mut arg = OsString::from(format!("--{}=", v.flag));
+                arg.push(value);
+                argv.push(arg);
             }
         }
-        if api_token.as_ref().is_some_and(|t| t.len() < 16) {
-            return Err(Error::Config {
-                var: "ZCBOT_API_TOKEN",
-                value: "(hidden)".into(),
-                reason: "must be at least 16 characters".into(),
-            });
-        }
-        Ok(Config {
-            image: parse_var(&get, "ZCBOT_SANDBOX_IMAGE", "zcbot-sandbox:latest", |v| {
-                if v.chars().any(char::is_whitespace) {
-                    Err("an image reference has no spaces".into())
-                } else {
-                    Ok(v.to_owned())
-                }
-            })?,
-            users_root: parse_var(
-                &get,
-                "ZCBOT_USERS_ROOT",
-                "/var/lib/zcbot-sandbox/users",
-                parse_abs_path,
-            )?,
-            state_dir: parse_var(
-                &get,
-                "ZCBOT_STATE_DIR",
-                "/var/lib/zcbot-sandbox/state",
-                parse_abs_path,
-            )?,
-            network: parse_var(&get, "ZCBOT_SANDBOX_NETWORK", "zcbot-sandbox-net", |v| {
-                docker_name(v, 56).map(str::to_owned)
-            })?,
-            pool_id: parse_var(&get, "ZCBOT_POOL_ID", "default", parse_pool_id)?,
-            idle: parse_var(&get, "ZCBOT_SANDBOX_IDLE", "5m", parse_duration)?,
-            reap_every: parse_var(&get, "ZCBOT_SANDBOX_REAP_EVERY", "60s", parse_duration)?,
-            memory_bytes: parse_var(&get, "ZCBOT_SANDBOX_MEMORY", "512MiB", |v| {
-                parse_bytes(v, 6 << 20)
-            })?,
-            cpus: parse_var(&get, "ZCBOT_SANDBOX_CPUS", "1.0", parse_cpus)?,
-            pids: parse_var(&get, "ZCBOT_SANDBOX_PIDS", "256", |v| {
-                parse_int(v, 8, 1 << 22)
-            })?,
-            tmpfs_bytes: parse_var(&get, "ZCBOT_SANDBOX_TMPFS_SIZE", "64MiB", |v| {
-                parse_bytes(v, 1 << 20)
-            })?,
-            uid,
-            gid,
-            uid_range,
-            disk_bytes: parse_var(&get, "ZCBOT_SANDBOX_DISK", "1GiB", |v| {
-                parse_bytes(v, 16 << 20).map(|n| n as u64)
-            })?,
-            require_disk_quota: parse_var(&get, "ZCBOT_REQUIRE_DISK_QUOTA", "0", parse_bool)?,
-            file_timeout: parse_var(&get, "ZCBOT_FILE_TIMEOUT", "30s", parse_duration)?,
-            file_max_entries: parse_var(&get, "ZCBOT_FILE_MAX_ENTRIES", "1000000", |v| {
-                parse_int(v, 100, 1 << 40).map(|n| n as u64)
-            })?,
-            file_workers: parse_var(&get, "ZCBOT_FILE_WORKERS", "8", |v| {
-                parse_int(v, 1, 1024).map(|n| n as usize)
-            })?,
-            http_header_timeout: parse_var(
-                &get,
-                "ZCBOT_HTTP_HEADER_TIMEOUT",
-                "10s",
-                parse_duration,
-            )?,
-            http_body_timeout: parse_var(&get, "ZCBOT_HTTP_BODY_TIMEOUT", "30s", parse_duration)?,
-            http_idle_timeout: parse_var(&get, "ZCBOT_HTTP_IDLE_TIMEOUT", "60s", parse_duration)?,
-            http_max_connections: parse_var(&get, "ZCBOT_HTTP_MAX_CONNECTIONS", "1024", |v| {
-                parse_int(v, 1, 1_000_000).map(|n| n as usize)
-            })?,
-            max_containers: parse_var(&get, "ZCBOT_SANDBOX_MAX", "100", |v| {
-                parse_int(v, 1, 100_000).map(|n| n as usize)
-            })?,
-            pg_ips: parse_var(&get, "ZCBOT_PG_IPS", "", parse_cidr_list)?,
-            block_cidrs: parse_var(&get, "ZCBOT_SANDBOX_BLOCK_CIDRS", "", parse_cidr_list)?,
-            docker_host: get("DOCKER_HOST"),
-            docker_timeout: parse_var(&get, "ZCBOT_DOCKER_TIMEOUT", "30s", parse_duration)?,
-            start_timeout: parse_var(&get, "ZCBOT_SANDBOX_START_TIMEOUT", "30s", parse_duration)?,
-            backend: parse_var(&get, "ZCBOT_SANDBOX_BACKEND", "host", |v| match v {
-                "host" => Ok(Backend::Host),
-                "docker" => Ok(Backend::Docker),
-                _ => Err("must be host or docker".into()),
-            })?,
-            transport: parse_var(&get, "ZCBOT_EXEC_TRANSPORT", "channel", |v| match v {
-                "exec" => Ok(Transport::Exec),
-                "channel" => Ok(Transport::Channel),
-                _ => Err("must be exec or channel".into()),
-            })?,
-            exec_timeout,
-            exec_timeout_max,
-            output_cap: parse_var(&get, "ZCBOT_OUTPUT_CAP", "1MiB", |v| {
-                parse_bytes(v, 1024).map(|n| n as usize)
-            })?,
-            kill_grace: parse_var(&get, "ZCBOT_KILL_GRACE", "500ms", parse_duration)?,
-            listen,
-            api_token,
-            max_body: parse_var(&get, "ZCBOT_MAX_BODY", "4MiB", |v| {
-                parse_bytes(v, 1024).map(|n| n as usize)
-            })?,
-            user_max_calls: parse_var(&get, "ZCBOT_USER_MAX_CALLS", "4", |v| {
-                parse_int(v, 1, 10_000).map(|n| n as usize)
-            })?,
-            shutdown_grace: parse_var(&get, "ZCBOT_SHUTDOWN_GRACE", "30s", parse_duration)?,
-            require_host_firewall: parse_var(&get, "ZCBOT_REQUIRE_HOST_FIREWALL", "0", parse_bool)?,
-            self_check: parse_var(&get, "ZCBOT_SELF_CHECK", "1", parse_bool)?,
-            container_rules: parse_var(&get, "ZCBOT_CONTAINER_RULES", "auto", |v| match v {
-                "auto" => Ok(RulesSetting::Auto),
-                "host" => Ok(RulesSetting::Host),
-                "entry" => Ok(RulesSetting::Entry),
-                _ => Err("must be auto, host or entry".into()),
-            })?,
-            egress: parse_var(&get, "ZCBOT_SANDBOX_EGRESS", "none", |v| match v {
-                "none" => Ok(Egress::None),
-                "public" => Ok(Egress::Public),
-                _ => Err("must be none or public".into()),
-            })?,
-        })
+        let cmd = without_env(Settings::augment_args(
+            clap::Command::new("zcbot-sandbox").no_binary_name(true),
+        ));
+        let matches = cmd.try_get_matches_from(argv).map_err(config_error)?;
+        let settings = Settings::from_arg_matches(&matches).map_err(config_error)?;
+        settings.check()
     }
 
     /// The engine address used for connecting and quoted in errors.
@@ -454,18 +582,182 @@ impl Config {
     }
 }
 
-fn parse_var<T>(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: &str,
-    parse: impl Fn(&str) -> std::result::Result<T, String>,
-) -> Result<T> {
-    let value = get(var).unwrap_or_else(|| default.to_owned());
-    parse(value.trim()).map_err(|reason| Error::Config { var, value, reason })
+impl Settings {
+    /// The checks that span several settings, then the public shape.
+    fn check(self) -> Result<Config> {
+        let Settings {
+            engine,
+            sandbox,
+            network,
+            files,
+            http,
+            exec,
+        } = self;
+        let UidGid(uid, gid) = sandbox.uid;
+        if exec.exec_timeout > exec.exec_timeout_max {
+            return Err(Error::Config {
+                var: "ZCBOT_EXEC_TIMEOUT",
+                value: humantime::format_duration(exec.exec_timeout).to_string(),
+                reason: "must not be longer than ZCBOT_EXEC_TIMEOUT_MAX".into(),
+            });
+        }
+        if sandbox.uid_range.contains(uid) {
+            // The old single owner's folders would look like some tenant's own.
+            return Err(Error::Config {
+                var: "ZCBOT_SANDBOX_UID_RANGE",
+                value: sandbox.uid_range.to_string(),
+                reason: format!("must not hold ZCBOT_SANDBOX_UID ({uid})"),
+            });
+        }
+        if let Listen::Tcp(addr) = &http.listen {
+            if !addr.ip().is_loopback() && http.api_token.is_none() {
+                return Err(Error::Config {
+                    var: "ZCBOT_LISTEN",
+                    value: addr.to_string(),
+                    reason: "anyone who reaches the API can run code as any user: listening \
+                             beyond loopback needs ZCBOT_API_TOKEN"
+                        .into(),
+                });
+            }
+        }
+        if http
+            .api_token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().len() < 16)
+        {
+            return Err(Error::Config {
+                var: "ZCBOT_API_TOKEN",
+                value: "(hidden)".into(),
+                reason: "must be at least 16 characters".into(),
+            });
+        }
+        Ok(Config {
+            image: engine.image,
+            users_root: files.users_root,
+            state_dir: files.state_dir,
+            network: network.network,
+            pool_id: engine.pool_id,
+            idle: sandbox.idle,
+            reap_every: sandbox.reap_every,
+            memory_bytes: sandbox.memory_bytes,
+            cpus: sandbox.cpus,
+            pids: sandbox.pids,
+            tmpfs_bytes: sandbox.tmpfs_bytes,
+            uid,
+            gid,
+            uid_range: sandbox.uid_range,
+            disk_bytes: sandbox.disk_bytes,
+            require_disk_quota: sandbox.require_disk_quota,
+            file_timeout: files.file_timeout,
+            file_max_entries: files.file_max_entries,
+            file_workers: files.file_workers,
+            http_header_timeout: http.http_header_timeout,
+            http_body_timeout: http.http_body_timeout,
+            http_idle_timeout: http.http_idle_timeout,
+            http_max_connections: http.http_max_connections,
+            max_containers: sandbox.max_containers,
+            pg_ips: network.pg_ips.map(|l| l.0).unwrap_or_default(),
+            block_cidrs: network.block_cidrs.map(|l| l.0).unwrap_or_default(),
+            docker_host: engine.docker_host,
+            docker_timeout: engine.docker_timeout,
+            start_timeout: engine.start_timeout,
+            backend: exec.backend,
+            transport: exec.transport,
+            exec_timeout: exec.exec_timeout,
+            exec_timeout_max: exec.exec_timeout_max,
+            output_cap: exec.output_cap,
+            kill_grace: exec.kill_grace,
+            listen: http.listen,
+            api_token: http.api_token,
+            max_body: http.max_body,
+            user_max_calls: http.user_max_calls,
+            shutdown_grace: http.shutdown_grace,
+            require_host_firewall: network.require_host_firewall,
+            self_check: network.self_check,
+            egress: network.egress,
+            container_rules: network.container_rules,
+        })
+    }
+}
+
+/// A clap error as the library's: the variable of the argument that failed, its value, and what
+/// a good value looks like (the value parser's message).
+fn config_error(err: clap::Error) -> Error {
+    use clap::error::{ContextKind, ContextValue};
+    let context = |kind| match err.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // The argument reads `--flag <NAME>`.
+    let var = context(ContextKind::InvalidArg)
+        .and_then(|arg| {
+            let flag = arg
+                .split_whitespace()
+                .next()?
+                .strip_prefix("--")?
+                .to_owned();
+            variables().iter().find(|v| v.flag == flag).map(|v| v.name)
+        })
+        .unwrap_or("configuration");
+    let secret = variables().iter().any(|v| v.name == var && v.env_only);
+    let value = if secret {
+        "(hidden)".to_owned()
+    } else {
+        context(ContextKind::InvalidValue).unwrap_or_default()
+    };
+    let reason = match std::error::Error::source(&err) {
+        Some(source) => source.to_string(),
+        None => err.kind().to_string(),
+    };
+    Error::Config { var, value, reason }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value parsers: each takes the text (trimmed) and says what a good value looks like.
+// ---------------------------------------------------------------------------------------------
+
+fn parse_image(v: &str) -> std::result::Result<String, String> {
+    let v = v.trim();
+    if v.chars().any(char::is_whitespace) {
+        Err("an image reference has no spaces".into())
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
+fn parse_docker_host(v: &str) -> std::result::Result<String, String> {
+    Ok(v.trim().to_owned())
+}
+
+fn parse_token(v: &str) -> std::result::Result<SecretString, std::convert::Infallible> {
+    // The length is checked with the other settings, where the error can hide the value.
+    Ok(SecretString::from(v.trim()))
+}
+
+fn parse_network(v: &str) -> std::result::Result<String, String> {
+    docker_name(v.trim(), 56).map(str::to_owned)
+}
+
+/// One of a few words, for the settings that choose: "must be auto, host or entry" otherwise.
+fn one_of<T>(
+    choices: &'static [(&'static str, T)],
+) -> impl Fn(&str) -> std::result::Result<T, String> + Clone
+where
+    T: Copy + Send + Sync + 'static,
+{
+    move |v: &str| {
+        let v = v.trim();
+        if let Some((_, value)) = choices.iter().find(|(word, _)| *word == v) {
+            return Ok(*value);
+        }
+        let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+        let (last, rest) = words.split_last().expect("a choice has words");
+        Err(format!("must be {} or {last}", rest.join(", ")))
+    }
 }
 
 fn parse_bool(v: &str) -> std::result::Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
+    match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" => Ok(true),
         "0" | "false" | "no" => Ok(false),
         _ => Err("must be 1 or 0".into()),
@@ -473,6 +765,7 @@ fn parse_bool(v: &str) -> std::result::Result<bool, String> {
 }
 
 fn parse_listen(v: &str) -> std::result::Result<Listen, String> {
+    let v = v.trim();
     if let Some(path) = v.strip_prefix("unix:") {
         return parse_abs_path(path).map(Listen::Unix);
     }
@@ -484,8 +777,9 @@ fn parse_listen(v: &str) -> std::result::Result<Listen, String> {
         .map_err(|_| "write HOST:PORT (e.g. 127.0.0.1:8787) or a unix socket path".into())
 }
 
+/// Every duration: humantime's spellings (`500ms`, `90s`, `5m`, `1h 30m`), never zero.
 fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
-    let d = humantime::parse_duration(v)
+    let d = humantime::parse_duration(v.trim())
         .map_err(|e| format!("{e}; write a duration such as 90s, 5m or 1h"))?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
@@ -494,7 +788,7 @@ fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
 }
 
 fn parse_abs_path(v: &str) -> std::result::Result<PathBuf, String> {
-    let p = PathBuf::from(v);
+    let p = PathBuf::from(v.trim());
     if !p.is_absolute() {
         return Err("must be an absolute path".into());
     }
@@ -506,31 +800,51 @@ fn parse_abs_path(v: &str) -> std::result::Result<PathBuf, String> {
     Ok(p)
 }
 
-fn parse_int(v: &str, min: i64, max: i64) -> std::result::Result<i64, String> {
-    let n: i64 = v
-        .parse()
-        .map_err(|_| format!("must be a whole number from {min} to {max}"))?;
-    if !(min..=max).contains(&n) {
-        return Err(format!("must be a whole number from {min} to {max}"));
+/// A whole number from `min` to `max`, as the field's type.
+fn int<T>(min: i64, max: i64) -> impl Fn(&str) -> std::result::Result<T, String> + Clone
+where
+    T: TryFrom<i64> + Clone + Send + Sync + 'static,
+{
+    move |v: &str| {
+        let hint = || format!("must be a whole number from {min} to {max}");
+        let n: i64 = v.trim().parse().map_err(|_| hint())?;
+        if !(min..=max).contains(&n) {
+            return Err(hint());
+        }
+        T::try_from(n).map_err(|_| hint())
     }
-    Ok(n)
+}
+
+/// The one size parser, for every size setting, as the field's type, at least `min` bytes.
+fn bytes<T>(min: u64) -> impl Fn(&str) -> std::result::Result<T, String> + Clone
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    move |v: &str| {
+        let n = parse_bytes(v, min)?;
+        T::try_from(n).map_err(|_| "too large".to_owned())
+    }
 }
 
 /// Sizes follow Docker's convention: a bare number is bytes, and every unit is binary
-/// (k = KiB = KB = 1024 bytes; likewise m, g).
-pub(crate) fn parse_bytes(v: &str, min: i64) -> std::result::Result<i64, String> {
+/// (k = KiB = KB = 1024 bytes; likewise m, g). At most `i64::MAX`, what the engine takes.
+fn parse_bytes(v: &str, min: u64) -> std::result::Result<u64, String> {
     let hint = "write a size such as 512MiB, 512m, 1g or 1073741824";
+    let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
-    let n: i64 = num.parse().map_err(|_| hint.to_owned())?;
-    let mult: i64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let n: u64 = num.parse().map_err(|_| hint.to_owned())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(hint.to_owned()),
     };
-    let bytes = n.checked_mul(mult).ok_or_else(|| "too large".to_owned())?;
+    let bytes = n
+        .checked_mul(mult)
+        .filter(|&b| i64::try_from(b).is_ok())
+        .ok_or_else(|| "too large".to_owned())?;
     if bytes < min {
         return Err(format!("must be at least {min} bytes"));
     }
@@ -539,6 +853,7 @@ pub(crate) fn parse_bytes(v: &str, min: i64) -> std::result::Result<i64, String>
 
 fn parse_cpus(v: &str) -> std::result::Result<f64, String> {
     let cpus: f64 = v
+        .trim()
         .parse()
         .map_err(|_| "must be a number of cores such as 0.5 or 2".to_owned())?;
     let host = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -550,20 +865,21 @@ fn parse_cpus(v: &str) -> std::result::Result<f64, String> {
     Ok(cpus)
 }
 
-fn parse_uid_gid(v: &str) -> std::result::Result<(u32, u32), String> {
+fn parse_uid_gid(v: &str) -> std::result::Result<UidGid, String> {
     let hint = "write UID:GID such as 1000:1000 (root, uid 0, is refused)";
+    let v = v.trim();
     let (u, g) = v.split_once(':').unwrap_or((v, v));
     let uid: u32 = u.parse().map_err(|_| hint.to_owned())?;
     let gid: u32 = g.parse().map_err(|_| hint.to_owned())?;
     if uid == 0 || gid == 0 {
         return Err(hint.to_owned());
     }
-    Ok((uid, gid))
+    Ok(UidGid(uid, gid))
 }
 
 fn parse_uid_range(v: &str) -> std::result::Result<UidRange, String> {
     let hint = "write FIRST-LAST such as 200000-299999 (ids no host account uses, above 65535)";
-    let (a, b) = v.split_once('-').ok_or_else(|| hint.to_owned())?;
+    let (a, b) = v.trim().split_once('-').ok_or_else(|| hint.to_owned())?;
     let first: u32 = a.trim().parse().map_err(|_| hint.to_owned())?;
     let last: u32 = b.trim().parse().map_err(|_| hint.to_owned())?;
     // Below 65536 live the distribution's and the site's accounts (and nobody, 65534);
@@ -585,6 +901,7 @@ pub fn format_bytes(n: u64) -> String {
 }
 
 fn parse_pool_id(v: &str) -> std::result::Result<String, String> {
+    let v = v.trim();
     let ok = !v.is_empty()
         && v.len() <= 32
         && v.as_bytes()[0].is_ascii_alphanumeric()
@@ -613,7 +930,7 @@ fn docker_name(v: &str, max: usize) -> std::result::Result<&str, String> {
 }
 
 /// A list of addresses or CIDR ranges, comma or space separated; a bare address is one host.
-fn parse_cidr_list(v: &str) -> std::result::Result<Vec<IpNet>, String> {
+fn parse_cidr_list(v: &str) -> std::result::Result<CidrList, String> {
     v.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .map(|s| {
@@ -622,7 +939,8 @@ fn parse_cidr_list(v: &str) -> std::result::Result<Vec<IpNet>, String> {
                 .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
                 .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR range"))
         })
-        .collect()
+        .collect::<std::result::Result<_, _>>()
+        .map(CidrList)
 }
 
 #[cfg(test)]
@@ -638,24 +956,25 @@ mod tests {
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
     #[test]
-    fn defaults_are_documented_values() {
+    fn every_default_is_the_documented_value() {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.image, "zcbot-sandbox:latest");
+        assert_eq!(c.users_root, PathBuf::from("/var/lib/zcbot-sandbox/users"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/zcbot-sandbox/state"));
         assert_eq!(c.network, "zcbot-sandbox-net");
-        assert_eq!(c.idle, Duration::from_secs(300));
-        assert_eq!(c.reap_every, Duration::from_secs(60));
+        assert_eq!(c.pool_id, "default");
+        assert_eq!(c.idle, secs(300));
+        assert_eq!(c.reap_every, secs(60));
         assert_eq!(c.memory_bytes, 512 << 20);
         assert_eq!(c.cpus, 1.0);
         assert_eq!(c.pids, 256);
+        assert_eq!(c.tmpfs_bytes, 64 << 20);
         assert_eq!((c.uid, c.gid), (1000, 1000));
-        assert_eq!(c.pool_id, "default");
-        assert!(c.pg_ips.is_empty() && c.block_cidrs.is_empty());
-        assert_eq!(c.backend, Backend::Host);
-        assert_eq!(c.exec_timeout, Duration::from_secs(120));
-        assert_eq!(c.output_cap, 1 << 20);
-        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8787".parse().unwrap()));
-        assert!(c.api_token.is_none());
         assert_eq!(
             c.uid_range,
             UidRange {
@@ -665,17 +984,71 @@ mod tests {
         );
         assert_eq!(c.disk_bytes, 1 << 30);
         assert!(!c.require_disk_quota);
-        assert_eq!(c.file_timeout, Duration::from_secs(30));
+        assert_eq!(c.file_timeout, secs(30));
+        assert_eq!(c.file_max_entries, 1_000_000);
+        assert_eq!(c.file_workers, 8);
+        assert_eq!(c.http_header_timeout, secs(10));
+        assert_eq!(c.http_body_timeout, secs(30));
+        assert_eq!(c.http_idle_timeout, secs(60));
         assert_eq!(c.http_max_connections, 1024);
+        assert_eq!(c.max_containers, 100);
+        assert!(c.pg_ips.is_empty() && c.block_cidrs.is_empty());
+        assert_eq!(c.docker_host, None);
+        assert_eq!(c.docker_host_display(), "unix:///var/run/docker.sock");
+        assert_eq!(c.docker_timeout, secs(30));
+        assert_eq!(c.start_timeout, secs(30));
+        assert_eq!(c.backend, Backend::Host);
+        assert_eq!(c.transport, Transport::Channel);
+        assert_eq!(c.exec_timeout, secs(120));
+        assert_eq!(c.exec_timeout_max, secs(600));
+        assert_eq!(c.output_cap, 1 << 20);
+        assert_eq!(c.kill_grace, Duration::from_millis(500));
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8787".parse().unwrap()));
+        assert!(c.api_token.is_none());
+        assert_eq!(c.max_body, 4 << 20);
+        assert_eq!(c.user_max_calls, 4);
+        assert_eq!(c.shutdown_grace, secs(30));
+        assert!(!c.require_host_firewall);
+        assert!(c.self_check);
+        assert_eq!(c.egress, Egress::None);
+        assert_eq!(c.container_rules, RulesSetting::Auto);
         assert_eq!(format_bytes(c.disk_bytes), "1 GiB");
     }
 
     #[test]
-    fn listening_beyond_loopback_needs_a_token() {
-        let token = "0123456789abcdef0123";
+    fn the_declaration_lists_every_variable_once_with_a_flag() {
+        let vars = variables();
+        assert_eq!(vars.len(), 43, "{vars:?}");
+        let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), vars.len(), "a variable is declared twice");
+        let idle = vars
+            .iter()
+            .find(|v| v.name == "ZCBOT_SANDBOX_IDLE")
+            .unwrap();
+        assert_eq!((idle.flag, idle.default), ("idle", Some("5m")));
+        let host = vars.iter().find(|v| v.name == "DOCKER_HOST").unwrap();
+        assert_eq!(host.default, None);
+    }
+
+    #[test]
+    fn the_token_never_prints() {
+        let token = "0123456789abcdef-TOKENVALUE";
         let c = cfg(&[("ZCBOT_LISTEN", "0.0.0.0:9000"), ("ZCBOT_API_TOKEN", token)]).unwrap();
-        assert_eq!(c.api_token.as_deref(), Some(token));
+        assert_eq!(c.api_token.as_ref().map(|t| t.expose_secret()), Some(token));
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains(token), "{shown}");
+        assert!(shown.contains("REDACTED"), "{shown}");
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_token() {
+        let err = cfg(&[("ZCBOT_LISTEN", "0.0.0.0:8787")]).unwrap_err();
+        assert!(err.to_string().contains("ZCBOT_API_TOKEN"), "{err}");
         let c = cfg(&[("ZCBOT_LISTEN", "unix:/run/zcbot.sock")]).unwrap();
+        assert_eq!(c.listen, Listen::Unix("/run/zcbot.sock".into()));
+        let c = cfg(&[("ZCBOT_LISTEN", "/run/zcbot.sock")]).unwrap();
         assert_eq!(c.listen, Listen::Unix("/run/zcbot.sock".into()));
         let err = cfg(&[("ZCBOT_API_TOKEN", "short")])
             .unwrap_err()
@@ -687,22 +1060,91 @@ mod tests {
     }
 
     #[test]
-    fn parses_units_and_lists() {
+    fn uid_inside_the_tenant_range_is_refused() {
+        let err = cfg(&[
+            ("ZCBOT_SANDBOX_UID", "250000"),
+            ("ZCBOT_SANDBOX_UID_RANGE", "200000-299999"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ZCBOT_SANDBOX_UID_RANGE") && err.contains("250000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_in_their_spellings() {
+        for (text, want) in [
+            ("90s", secs(90)),
+            ("5m", secs(300)),
+            ("1h", secs(3600)),
+            ("1h 30m", secs(5400)),
+            ("250ms", Duration::from_millis(250)),
+            (" 2m ", secs(120)),
+        ] {
+            let c = cfg(&[("ZCBOT_SANDBOX_IDLE", text)]).unwrap();
+            assert_eq!(c.idle, want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_in_their_spellings_are_binary() {
+        for (text, want) in [
+            ("1073741824", 1u64 << 30),
+            ("1g", 1 << 30),
+            ("1G", 1 << 30),
+            ("1GiB", 1 << 30),
+            ("1gb", 1 << 30),
+            ("512m", 512 << 20),
+            ("512 MiB", 512 << 20),
+            ("65536k", 64 << 20),
+            ("67108864b", 64 << 20),
+        ] {
+            let c = cfg(&[("ZCBOT_SANDBOX_DISK", text)]).unwrap();
+            assert_eq!(c.disk_bytes, want, "{text:?}");
+        }
+        // The same parser serves every size setting.
         let c = cfg(&[
-            ("ZCBOT_SANDBOX_IDLE", "90s"),
             ("ZCBOT_SANDBOX_MEMORY", "1g"),
             ("ZCBOT_SANDBOX_TMPFS_SIZE", "16m"),
+            ("ZCBOT_OUTPUT_CAP", "64KiB"),
+            ("ZCBOT_MAX_BODY", "2048"),
+        ])
+        .unwrap();
+        assert_eq!(c.memory_bytes, 1 << 30);
+        assert_eq!(c.tmpfs_bytes, 16 << 20);
+        assert_eq!(c.output_cap, 64 << 10);
+        assert_eq!(c.max_body, 2048);
+    }
+
+    #[test]
+    fn parses_the_other_kinds() {
+        let c = cfg(&[
             ("ZCBOT_SANDBOX_UID", "1234"),
+            ("ZCBOT_SANDBOX_UID_RANGE", "300000-300099"),
             ("ZCBOT_PG_IPS", "10.1.2.3, fd00::5"),
             ("ZCBOT_SANDBOX_BLOCK_CIDRS", "203.0.113.7/24 2001:db8::/32"),
             ("ZCBOT_SANDBOX_MAX", ""),
+            ("ZCBOT_SANDBOX_PIDS", "   "),
+            ("ZCBOT_SANDBOX_CPUS", "0.5"),
+            ("ZCBOT_REQUIRE_DISK_QUOTA", "yes"),
+            ("ZCBOT_SELF_CHECK", "0"),
+            ("ZCBOT_REQUIRE_HOST_FIREWALL", "TRUE"),
+            ("ZCBOT_SANDBOX_BACKEND", "docker"),
+            ("ZCBOT_EXEC_TRANSPORT", "exec"),
+            ("ZCBOT_SANDBOX_EGRESS", "public"),
+            ("ZCBOT_CONTAINER_RULES", "entry"),
+            ("DOCKER_HOST", "tcp://10.0.0.9:2375"),
+            ("ZCBOT_POOL_ID", "blue-2"),
+            ("ZCBOT_SANDBOX_NETWORK", "my_net.1"),
+            ("ZCBOT_FILE_MAX_ENTRIES", "500"),
         ])
         .unwrap();
-        assert_eq!(c.idle, Duration::from_secs(90));
-        assert_eq!(c.memory_bytes, 1 << 30);
-        assert_eq!(c.tmpfs_bytes, 16 << 20);
         assert_eq!((c.uid, c.gid), (1234, 1234));
+        assert_eq!(c.uid_range.to_string(), "300000-300099");
         assert_eq!(c.max_containers, 100, "empty means unset");
+        assert_eq!(c.pids, 256, "blank means unset");
         assert_eq!(
             c.pg_ips,
             vec![
@@ -711,6 +1153,16 @@ mod tests {
             ]
         );
         assert_eq!(c.block_cidrs[0], "203.0.113.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(c.cpus, 0.5);
+        assert!(c.require_disk_quota && c.require_host_firewall && !c.self_check);
+        assert_eq!(c.backend, Backend::Docker);
+        assert_eq!(c.transport, Transport::Exec);
+        assert_eq!(c.egress, Egress::Public);
+        assert_eq!(c.network_name(), "my_net.1-public");
+        assert_eq!(c.container_rules, RulesSetting::Entry);
+        assert_eq!(c.docker_host.as_deref(), Some("tcp://10.0.0.9:2375"));
+        assert_eq!(c.pool_id, "blue-2");
+        assert_eq!(c.file_max_entries, 500);
     }
 
     #[test]
@@ -720,19 +1172,27 @@ mod tests {
             ("ZCBOT_SANDBOX_IDLE", "0s"),
             ("ZCBOT_SANDBOX_MEMORY", "lots"),
             ("ZCBOT_SANDBOX_MEMORY", "1k"),
+            ("ZCBOT_SANDBOX_MEMORY", "99999999999g"),
+            ("ZCBOT_SANDBOX_MEMORY", "-1"),
             ("ZCBOT_SANDBOX_CPUS", "0"),
             ("ZCBOT_SANDBOX_CPUS", "9999"),
             ("ZCBOT_SANDBOX_PIDS", "-1"),
             ("ZCBOT_SANDBOX_UID", "0:0"),
             ("ZCBOT_SANDBOX_UID", "bob"),
             ("ZCBOT_SANDBOX_MAX", "0"),
+            ("ZCBOT_SANDBOX_IMAGE", "two words"),
             ("ZCBOT_USERS_ROOT", "relative/dir"),
             ("ZCBOT_USERS_ROOT", "/srv/../etc"),
+            ("ZCBOT_STATE_DIR", "state"),
             ("ZCBOT_SANDBOX_NETWORK", "bad name"),
             ("ZCBOT_POOL_ID", "Has.Dot"),
             ("ZCBOT_PG_IPS", "10.0.0.1,db.example"),
+            ("ZCBOT_SANDBOX_BLOCK_CIDRS", "10.0.0.0/99"),
             ("ZCBOT_SANDBOX_BACKEND", "podman"),
+            ("ZCBOT_EXEC_TRANSPORT", "pigeon"),
+            ("ZCBOT_CONTAINER_RULES", "nobody"),
             ("ZCBOT_OUTPUT_CAP", "10"),
+            ("ZCBOT_MAX_BODY", "1 TB"),
             ("ZCBOT_EXEC_TIMEOUT", "1h"),
             ("ZCBOT_LISTEN", "0.0.0.0:8787"),
             ("ZCBOT_LISTEN", "localhost"),
@@ -743,9 +1203,13 @@ mod tests {
             ("ZCBOT_SANDBOX_UID_RANGE", "lots"),
             ("ZCBOT_SANDBOX_UID_RANGE", "999-299999"),
             ("ZCBOT_SANDBOX_DISK", "1k"),
+            ("ZCBOT_REQUIRE_DISK_QUOTA", "maybe"),
+            ("ZCBOT_SELF_CHECK", "2"),
             ("ZCBOT_FILE_WORKERS", "0"),
+            ("ZCBOT_FILE_MAX_ENTRIES", "ten"),
             ("ZCBOT_HTTP_MAX_CONNECTIONS", "0"),
             ("ZCBOT_HTTP_HEADER_TIMEOUT", "never"),
+            ("ZCBOT_KILL_GRACE", "-5s"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             let msg = err.to_string();
@@ -755,5 +1219,89 @@ mod tests {
             );
             assert_eq!(err.kind(), "config");
         }
+    }
+
+    #[test]
+    fn a_bad_value_says_what_a_good_one_looks_like() {
+        let cases = [
+            ("ZCBOT_SANDBOX_IDLE", "soon", "such as 90s, 5m or 1h"),
+            ("ZCBOT_SANDBOX_MEMORY", "lots", "such as 512MiB"),
+            ("ZCBOT_SANDBOX_MEMORY", "1k", "at least 6291456 bytes"),
+            ("ZCBOT_SANDBOX_PIDS", "7", "from 8 to 4194304"),
+            ("ZCBOT_SANDBOX_BACKEND", "podman", "must be host or docker"),
+            (
+                "ZCBOT_CONTAINER_RULES",
+                "root",
+                "must be auto, host or entry",
+            ),
+            ("ZCBOT_USERS_ROOT", "x", "absolute path"),
+        ];
+        for (var, value, hint) in cases {
+            let msg = cfg(&[(var, value)]).unwrap_err().to_string();
+            assert!(
+                msg.starts_with(&format!("invalid {var}={value:?}: ")),
+                "{msg}"
+            );
+            assert!(msg.contains(hint), "{var}={value}: {msg}");
+        }
+    }
+
+    /// Run with a hostile environment by `from_lookup_never_reads_the_process_environment`, and
+    /// on its own with the runner's.
+    #[test]
+    fn lookup_sees_only_its_map() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.image, "zcbot-sandbox:latest");
+        assert_eq!(c.idle, secs(300));
+        if std::env::var_os("ZCBOT_CONFIG_TEST_CHILD").is_some() {
+            // ... while from_env does read the environment.
+            let err = Config::from_env().unwrap_err().to_string();
+            assert!(err.contains("ZCBOT_SANDBOX_IDLE"), "{err}");
+        }
+    }
+
+    #[test]
+    fn from_lookup_never_reads_the_process_environment() {
+        // A child process, so the variables never touch this process's environment (setting
+        // them here would race every other test thread's reads).
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "config::tests::lookup_sees_only_its_map"])
+            .env("ZCBOT_CONFIG_TEST_CHILD", "1")
+            .env("ZCBOT_SANDBOX_IMAGE", "from-the-environment:1")
+            .env("ZCBOT_SANDBOX_IDLE", "not-a-duration")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn flags_win_over_variables_and_the_token_is_no_flag() {
+        let cmd = Config::flags(clap::Command::new("serve").no_binary_name(true));
+        let m = cmd
+            .clone()
+            .try_get_matches_from(["--idle", "7s", "--memory=1g", "--self-check"])
+            .unwrap();
+        let given = |v: &Variable| -> Option<OsString> {
+            (m.value_source(v.id) == Some(ValueSource::CommandLine))
+                .then(|| m.get_raw(v.id).unwrap().next().unwrap().to_owned())
+        };
+        let env = |k: &str| (k == "ZCBOT_SANDBOX_IDLE").then(|| "9s".to_owned());
+        let c = Config::parse(given, env).unwrap();
+        assert_eq!(c.idle, secs(7));
+        assert_eq!(c.memory_bytes, 1 << 30);
+        assert!(c.self_check);
+        let m = cmd
+            .try_get_matches_from(["--api-token", "0123456789abcdef-TOKENVALUE"])
+            .unwrap();
+        let err = Config::from_env_and_flags(&m).unwrap_err().to_string();
+        assert!(
+            err.contains("ZCBOT_API_TOKEN") && !err.contains("TOKENVALUE"),
+            "{err}"
+        );
     }
 }

@@ -31,34 +31,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// The Docker daemon could not be reached at all.
-    #[error("Docker daemon not reachable at {host}: is dockerd running, and may this user open its socket? ({source})")]
-    DockerUnreachable {
-        /// The address tried (DOCKER_HOST or the default socket).
-        host: String,
-        /// What the client saw.
-        #[source]
-        source: bollard::errors::Error,
-    },
-
-    /// A Docker call did not answer within its deadline: the daemon is hung or overloaded.
-    #[error("Docker did not answer {op} within {}: the daemon may be hung or overloaded (raise ZCBOT_DOCKER_TIMEOUT if it is only slow)", humantime::format_duration(*after))]
-    DockerTimeout {
-        /// What was being done.
-        op: String,
-        /// The deadline that passed.
-        after: Duration,
-    },
-
-    /// Docker answered a call with an error.
-    #[error("Docker failed to {op}: {source}")]
-    Docker {
-        /// What was being done, with its target.
-        op: String,
-        /// The daemon's answer.
-        #[source]
-        source: bollard::errors::Error,
-    },
+    /// The container engine failed, timed out or could not be reached.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 
     /// The sandbox image is not present on this engine.
     #[error("sandbox image {image} not found: build it with scripts/build-image.sh (or set ZCBOT_SANDBOX_IMAGE)")]
@@ -227,9 +202,7 @@ impl Error {
         match self {
             Error::InvalidUser { .. } => "invalid_user",
             Error::Config { .. } => "config",
-            Error::DockerUnreachable { .. } => "docker_unreachable",
-            Error::DockerTimeout { .. } => "docker_timeout",
-            Error::Docker { .. } => "docker",
+            Error::Engine(e) => e.kind(),
             Error::ImageMissing { .. } => "image_missing",
             Error::NetworkMismatch { .. } => "network_mismatch",
             Error::SandboxStart { .. } => "sandbox_start",
@@ -249,39 +222,126 @@ impl Error {
         }
     }
 
-    /// True when Docker answered 404 (the object is gone): callers treat that as "already removed".
-    pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            Error::Docker {
-                source: bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404,
-                    ..
-                },
-                ..
-            }
-        )
-    }
-
-    /// True when Docker answered 409 (a conflict, e.g. a name already taken).
-    pub fn is_conflict(&self) -> bool {
-        matches!(
-            self,
-            Error::Docker {
-                source: bollard::errors::Error::DockerResponseServerError {
-                    status_code: 409,
-                    ..
-                },
-                ..
-            }
-        )
-    }
-
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
             source,
         }
+    }
+}
+
+/// What was being asked of the container engine when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// The version handshake.
+    Handshake,
+    /// A ping.
+    Ping,
+    /// Inspect an image.
+    InspectImage,
+    /// List networks.
+    ListNetworks,
+    /// Create a network.
+    CreateNetwork,
+    /// Remove a network.
+    RemoveNetwork,
+    /// Inspect a container.
+    Inspect,
+    /// Create a container.
+    Create,
+    /// Start a container.
+    Start,
+    /// Remove a container.
+    Remove,
+    /// List containers.
+    List,
+    /// Read a container's log.
+    ReadLog,
+    /// Create an exec.
+    CreateExec,
+    /// Start (and attach to) an exec.
+    StartExec,
+    /// Read an exec's output.
+    ReadExec,
+    /// Inspect an exec.
+    InspectExec,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Handshake => "the version handshake with",
+            Op::Ping => "ping",
+            Op::InspectImage => "inspect image",
+            Op::ListNetworks => "list networks named",
+            Op::CreateNetwork => "create network",
+            Op::RemoveNetwork => "remove network",
+            Op::Inspect => "inspect container",
+            Op::Create => "create container",
+            Op::Start => "start container",
+            Op::Remove => "remove container",
+            Op::List => "list containers",
+            Op::ReadLog => "read the log of",
+            Op::CreateExec => "create an exec in",
+            Op::StartExec => "start an exec in",
+            Op::ReadExec => "read an exec in",
+            Op::InspectExec => "inspect exec",
+        })
+    }
+}
+
+/// A failure of the container engine: the operation (typed) and its target, and what happened.
+/// Answers a caller branches on (not found, name taken, removal in progress) are not errors: the
+/// engine facade returns them as typed results.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine could not be reached at all.
+    #[error("Docker daemon not reachable at {host}: is dockerd running, and may this user open its socket? ({detail})")]
+    Unreachable {
+        /// The address tried (DOCKER_HOST or the default socket).
+        host: String,
+        /// What the client saw.
+        detail: String,
+    },
+
+    /// A call did not answer within its deadline: the engine is hung or overloaded.
+    #[error("Docker did not answer {op} {target} within {}: the daemon may be hung or overloaded (raise ZCBOT_DOCKER_TIMEOUT if it is only slow)", humantime::format_duration(*after))]
+    Timeout {
+        /// What was being done.
+        op: Op,
+        /// To what.
+        target: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+
+    /// The engine answered with an error.
+    #[error("Docker failed to {op} {target}: {message}")]
+    Failed {
+        /// What was being done.
+        op: Op,
+        /// To what.
+        target: String,
+        /// The engine's HTTP status, when it answered with one.
+        status: Option<u16>,
+        /// What the engine said.
+        message: String,
+    },
+}
+
+impl EngineError {
+    /// The API's error kind: `docker_unreachable`, `docker_timeout` or `docker`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Unreachable { .. } => "docker_unreachable",
+            EngineError::Timeout { .. } => "docker_timeout",
+            EngineError::Failed { .. } => "docker",
+        }
+    }
+
+    /// Whether the engine is unavailable (unreachable or hung), as opposed to refusing a request.
+    pub fn is_unavailable(&self) -> bool {
+        !matches!(self, EngineError::Failed { .. })
     }
 }

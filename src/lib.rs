@@ -5,7 +5,7 @@
 //! Nothing below knows about what is above it.
 
 pub mod config;
-pub mod docker;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod cli;
 
 /// A walk of a tenant's tree holds one descriptor per level (file calls on several workers at
@@ -19,7 +17,7 @@ fn raise_open_file_limit() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_with_settings();
     cli::init_logging();
     raise_open_file_limit();
     match cli::run(args).await {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::exec::docker::{run_collect, ExecOutput as Captured};
+use crate::exec::transport::{run_collect, ExecOutput as Captured};
 use crate::pool::SandboxPool;
 use crate::user::UserId;
 
@@ -56,8 +56,8 @@ pub async fn run(pool: &SandboxPool, user: &UserId, mut report: impl FnMut(&Chec
         true,
         format!(
             "engine at {} answers, API {}",
-            pool.docker().host(),
-            pool.docker().api_version()
+            pool.engine().host(),
+            pool.engine().api_version()
         ),
     ));
     push(check(
@@ -361,8 +361,10 @@ struct Runner<'a> {
 impl Runner<'_> {
     /// As the sandbox user, like every tool call.
     async fn user(&self, argv: &[&str]) -> crate::Result<Captured> {
-        let docker = self.pool.docker();
-        run_collect(docker, self.container, &self.uid, argv, EXEC_TIMEOUT, CAP).await
+        let engine = self.pool.engine().as_ref();
+        run_collect(engine, self.container, &self.uid, argv, EXEC_TIMEOUT, CAP)
+            .await?
+            .ran(self.container)
     }
 
     /// Reading the rules needs NET_ADMIN, which only root in the container holds. This exec runs
@@ -392,8 +394,10 @@ impl Runner<'_> {
             "-c",
             "/usr/sbin/iptables -S OUTPUT && echo --- && /usr/sbin/ip6tables -S OUTPUT",
         ];
-        let docker = self.pool.docker();
-        run_collect(docker, self.container, "0:0", &argv, EXEC_TIMEOUT, CAP).await
+        let engine = self.pool.engine().as_ref();
+        run_collect(engine, self.container, "0:0", &argv, EXEC_TIMEOUT, CAP)
+            .await?
+            .ran(self.container)
     }
 }
 

@@ -33,6 +33,19 @@ pub fn random_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The last `max` bytes of `s` (fewer, to start on a character boundary): the end of a log,
+/// where an entry says why it failed.
+pub fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut cut = s.len() - max;
+    while !s.is_char_boundary(cut) {
+        cut += 1;
+    }
+    s[cut..].to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +66,12 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn tail_keeps_the_end_on_a_char_boundary() {
+        assert_eq!(tail("abcdef", 3), "def");
+        assert_eq!(tail("ééé", 3), "é");
+        assert_eq!(tail("ab", 3), "ab");
     }
 }

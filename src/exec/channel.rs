@@ -20,22 +20,23 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bollard::container::LogOutput;
 use dashmap::DashMap;
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use zcbot_supervise::proto::{self, Decoder, Start};
 
-use super::docker::{
-    run_collect, signal_verified, start_attached, Attached, Input, Output, BACKSTOP, STOP_MARGIN,
-    SUPERVISOR,
-};
 use super::metrics::TransportStats;
 use super::output::Capture;
+use super::stop::{drive, signal_verified, CallStop, StopGuard};
+use super::transport::{
+    exec_spec, run_collect, workdir_path, Attempt, Helper, Transport, BACKSTOP, STOP_MARGIN,
+    SUPERVISOR,
+};
 use super::{ProcessOutcome, ProcessSpec};
-use crate::docker::Docker;
+use crate::engine::{Attached, Chunk, ExecStart, Input, Output, SharedEngine};
 use crate::error::Error;
 use crate::pool::{Lease, SandboxPool};
 use crate::user::UserId;
@@ -47,8 +48,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the helper's own stderr is kept for messages.
 const HELPER_STDERR: usize = 2048;
 
-/// Each user's channel, opened on first use.
+/// Each user's channel, opened on first use: the channel transport.
 pub(crate) struct Channels {
+    pool: SandboxPool,
     slots: DashMap<UserId, Arc<tokio::sync::Mutex<Slot>>>,
     stats: Arc<TransportStats>,
 }
@@ -60,28 +62,33 @@ struct Slot {
     failed: Option<(String, Instant)>,
 }
 
-/// Why a channel could not be used for a call.
-pub(crate) enum Unusable {
-    /// The container is gone or stopped: recreate it and retry.
-    Gone(String),
-    /// The channel cannot be opened (or is backing off): use per-call exec.
-    Fallback,
+impl Transport for Channels {
+    fn run<'a>(
+        &'a self,
+        lease: Lease,
+        spec: &'a ProcessSpec,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<ProcessOutcome, Attempt>> {
+        async move {
+            let channel = self.get(&lease).await?;
+            channel.run(lease, spec, cancel).await
+        }
+        .boxed()
+    }
 }
 
 impl Channels {
-    pub(crate) fn new(stats: Arc<TransportStats>) -> Self {
+    pub(crate) fn new(pool: SandboxPool, stats: Arc<TransportStats>) -> Self {
         Channels {
+            pool,
             slots: DashMap::new(),
             stats,
         }
     }
 
-    /// The live channel into the lease's container, opening one if needed.
-    pub(crate) async fn get(
-        &self,
-        pool: &SandboxPool,
-        lease: &Lease,
-    ) -> Result<Arc<Channel>, Unusable> {
+    /// The live channel into the lease's container, opening one if needed. [`Attempt::Gone`]
+    /// when the container is not running, [`Attempt::Fallback`] when no channel can be had.
+    async fn get(&self, lease: &Lease) -> Result<Arc<Channel>, Attempt> {
         let user = lease.user();
         let container_id = &lease.sandbox().container_id;
         let slot = self.slots.entry(user.clone()).or_default().clone();
@@ -93,7 +100,7 @@ impl Channels {
         }
         if let Some((failed_id, at)) = &st.failed {
             if failed_id == container_id && at.elapsed() < FAILED_BACKOFF {
-                return Err(Unusable::Fallback);
+                return Err(Attempt::Fallback);
             }
         }
         if let Some(old) = st.channel.take() {
@@ -103,20 +110,18 @@ impl Channels {
             );
         }
         self.prune();
-        match Channel::open(pool, lease, self.stats.clone()).await {
-            Ok(ch) => {
+        match Channel::open(&self.pool, lease, self.stats.clone()).await {
+            Ok(Some(ch)) => {
                 self.stats.opens.inc();
                 st.failed = None;
                 st.channel = Some(ch.clone());
                 Ok(ch)
             }
-            Err(e) if e.is_not_found() || e.is_conflict() => {
-                Err(Unusable::Gone(container_id.clone()))
-            }
+            Ok(None) => Err(Attempt::Gone(container_id.clone())),
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "could not open the exec channel: this sandbox's calls use per-call exec for {}", humantime::format_duration(FAILED_BACKOFF));
                 st.failed = Some((container_id.clone(), Instant::now()));
-                Err(Unusable::Fallback)
+                Err(Attempt::Fallback)
             }
         }
     }
@@ -175,14 +180,6 @@ struct Pending {
     done: oneshot::Sender<End>,
 }
 
-/// Why one call over the channel produced no outcome.
-pub(crate) enum ChannelAttempt {
-    /// The channel died before the call started: safe to run it again.
-    NotStarted,
-    /// Anything else.
-    Failed(Error),
-}
-
 /// One open channel into one container.
 pub(crate) struct Channel {
     user: UserId,
@@ -192,7 +189,7 @@ pub(crate) struct Channel {
     uid: String,
     exec_id: String,
     channel_id: String,
-    docker: Docker,
+    engine: SharedEngine,
     pool: SandboxPool,
     stats: Arc<TransportStats>,
     writer: tokio::sync::Mutex<Option<Input>>,
@@ -215,59 +212,55 @@ impl Channel {
             .unwrap_or_else(|| "closed".to_owned())
     }
 
-    /// Starts the helper in the lease's container and waits for its greeting.
+    /// Starts the helper in the lease's container and waits for its greeting. None: the
+    /// container is not running.
     async fn open(
         pool: &SandboxPool,
         lease: &Lease,
         stats: Arc<TransportStats>,
-    ) -> Result<Arc<Channel>, Error> {
-        let docker = pool.docker().clone();
+    ) -> Result<Option<Arc<Channel>>, Error> {
+        let engine = pool.engine().clone();
         let container = lease.sandbox().name.clone();
         let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
         let channel_id = super::new_call_id();
+        let cmd = vec![
+            SUPERVISOR.to_owned(),
+            "--serve".to_owned(),
+            channel_id.clone(),
+        ];
+        let spec = exec_spec(cmd, &uid, super::base_env(&Default::default()), true);
         let Attached {
             id: exec_id,
             mut output,
             input,
-        } = start_attached(
-            &docker,
-            &container,
-            "the channel exec",
-            vec![
-                SUPERVISOR.to_owned(),
-                "--serve".to_owned(),
-                channel_id.clone(),
-            ],
-            &uid,
-            super::base_env(&Default::default()),
-            true,
-        )
-        .await?;
+        } = match engine.exec(&container, spec).await? {
+            ExecStart::Attached(a) => a,
+            ExecStart::ContainerGone => return Ok(None),
+        };
         let mut decoder = Decoder::new(proto::MAX_FROM_HELPER);
         let mut stderr = Vec::new();
         let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
             loop {
                 match output.next().await {
-                    Some(Ok(LogOutput::StdErr { message })) => keep_some(&mut stderr, &message),
-                    Some(Ok(other)) => decoder.push(&other.into_bytes()),
+                    Some(Ok(Chunk::Stderr(b))) => keep_some(&mut stderr, &b),
+                    Some(Ok(Chunk::Stdout(b))) => decoder.push(&b),
                     Some(Err(e)) => return Err(format!("stream error: {e}")),
                     None => return Err("the helper exited before greeting".to_owned()),
                 }
-                match decoder.next_frame() {
+                let frame = match decoder.next_frame() {
                     Ok(None) => continue,
-                    Ok(Some(f)) if f.kind == proto::HELLO && f.payload.len() == 8 => {
-                        let version = u32::from_be_bytes(f.payload[..4].try_into().expect("4"));
-                        if version != proto::VERSION {
-                            return Err(format!(
-                                "the helper speaks protocol {version}, this daemon {}: rebuild the image",
-                                proto::VERSION
-                            ));
-                        }
-                        return Ok(());
-                    }
-                    Ok(Some(f)) => return Err(format!("it sent frame kind {} first", f.kind)),
+                    Ok(Some(f)) => f,
                     Err(e) => return Err(format!("malformed greeting: {e}")),
-                }
+                };
+                return match proto::FromHelper::decode(frame) {
+                    Ok((_, proto::FromHelper::Hello { .. })) => Ok(()),
+                    Ok((_, other)) => {
+                        Err(format!("it sent {} first", proto::kind_name(other.kind())))
+                    }
+                    // Names both versions and says to rebuild the image.
+                    Err(e @ proto::ProtoError::Version { .. }) => Err(e.to_string()),
+                    Err(e) => Err(format!("malformed greeting: {e}")),
+                };
             }
         })
         .await;
@@ -295,7 +288,7 @@ impl Channel {
             uid,
             exec_id,
             channel_id,
-            docker,
+            engine,
             pool: pool.clone(),
             stats,
             writer: tokio::sync::Mutex::new(Some(input)),
@@ -305,8 +298,9 @@ impl Channel {
             cleaned: CancellationToken::new(),
         });
         tracing::debug!(user = %channel.user, container = %container, "exec channel open");
-        tokio::spawn(channel.clone().read_loop(output, decoder));
-        Ok(channel)
+        pool.tasks()
+            .spawn(channel.clone().read_loop(output, decoder));
+        Ok(Some(channel))
     }
 
     /// Routes the helper's frames to the calls until the stream ends or breaks the protocol.
@@ -319,8 +313,8 @@ impl Channel {
             }
             tokio::select! {
                 item = output.next() => match item {
-                    Some(Ok(LogOutput::StdErr { message })) => keep_some(&mut stderr, &message),
-                    Some(Ok(other)) => decoder.push(&other.into_bytes()),
+                    Some(Ok(Chunk::Stderr(b))) => keep_some(&mut stderr, &b),
+                    Some(Ok(Chunk::Stdout(b))) => decoder.push(&b),
                     Some(Err(e)) => break (format!("stream error: {e}"), false),
                     None => {
                         let said = String::from_utf8_lossy(&stderr).trim().to_owned();
@@ -340,64 +334,50 @@ impl Channel {
 
     /// Handles every complete frame; an error is a reason to kill the channel.
     fn dispatch(&self, decoder: &mut Decoder) -> Result<(), String> {
+        use proto::{FromHelper, Stream};
         while let Some(f) = decoder
             .next_frame()
             .map_err(|e| format!("malformed frame from the helper: {e}"))?
         {
-            let mut r = proto::Reader::new(&f.payload);
-            let bad = |e: proto::ProtoError| format!("malformed frame kind {}: {e}", f.kind);
+            let (id, msg) = FromHelper::decode(f)
+                .map_err(|e| format!("malformed frame from the helper: {e}"))?;
             let mut calls = self.calls.lock();
-            match f.kind {
-                proto::STARTED => {
-                    r.u32().map_err(bad)?;
-                    r.end().map_err(bad)?;
-                    if let Some(p) = calls.get_mut(&f.id) {
+            match msg {
+                FromHelper::Hello { .. } => {
+                    return Err("the helper greeted a second time".to_owned());
+                }
+                FromHelper::Started { .. } => {
+                    if let Some(p) = calls.get_mut(&id) {
                         p.started = true;
                     }
                 }
-                proto::OUTPUT => {
-                    let stream = r.u8().map_err(bad)?;
-                    let bytes = r.rest();
-                    if let Some(p) = calls.get_mut(&f.id) {
+                FromHelper::Output { stream, bytes } => {
+                    if let Some(p) = calls.get_mut(&id) {
                         p.started = true;
                         match stream {
-                            1 => p.stdout.push(bytes),
-                            2 => p.stderr.push(bytes),
-                            other => return Err(format!("output for stream {other}")),
+                            Stream::Stdout => p.stdout.push(&bytes),
+                            Stream::Stderr => p.stderr.push(&bytes),
                         }
                     }
                 }
-                proto::SKIPPED => {
-                    let stream = r.u8().map_err(bad)?;
-                    let n = r.u64().map_err(bad)?;
-                    r.end().map_err(bad)?;
-                    if let Some(p) = calls.get_mut(&f.id) {
+                FromHelper::Skipped { stream, n } => {
+                    if let Some(p) = calls.get_mut(&id) {
                         match stream {
-                            1 => p.stdout.skip(n),
-                            2 => p.stderr.skip(n),
-                            other => return Err(format!("skip count for stream {other}")),
+                            Stream::Stdout => p.stdout.skip(n),
+                            Stream::Stderr => p.stderr.skip(n),
                         }
                     }
                 }
-                proto::EXIT => {
-                    let status = r.i32().map_err(bad)?;
-                    let signaled = r.u8().map_err(bad)? != 0;
-                    r.end().map_err(bad)?;
-                    if let Some(p) = calls.remove(&f.id) {
-                        let kind = EndKind::Exit { status, signaled };
-                        p.finish(kind);
+                FromHelper::Exit { status, signaled } => {
+                    if let Some(p) = calls.remove(&id) {
+                        p.finish(EndKind::Exit { status, signaled });
                     }
                 }
-                proto::FAILED => {
-                    let reason: String = String::from_utf8_lossy(r.rest())
-                        .chars()
-                        .take(512)
-                        .collect();
-                    if let Some(p) = calls.remove(&f.id) {
+                FromHelper::Failed { reason } => {
+                    if let Some(p) = calls.remove(&id) {
                         p.finish(EndKind::Failed(reason));
                     }
                 }
-                other => return Err(format!("unexpected frame kind {other} from the helper")),
             }
         }
         Ok(())
@@ -429,7 +409,9 @@ impl Channel {
             p.finish(EndKind::Lost { started });
         }
         let ch = self.clone();
-        tokio::spawn(async move { ch.clean_up(in_flight).await });
+        self.pool
+            .tasks()
+            .spawn(async move { ch.clean_up(in_flight).await });
     }
 
     /// After death: the helper must be gone and no call's process left. Closing its input makes a
@@ -441,19 +423,12 @@ impl Channel {
         let uid = self.uid.clone();
         let deadline = Instant::now() + cfg.kill_grace + STOP_MARGIN;
         let running = loop {
-            match self
-                .docker
-                .call(
-                    || "inspect the channel exec".to_owned(),
-                    self.docker.raw().inspect_exec(&self.exec_id),
-                )
-                .await
-            {
-                Ok(info) if info.running == Some(true) && Instant::now() < deadline => {
+            match self.engine.exec_state(&self.exec_id).await {
+                Ok(Some(state)) if state.running && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
-                Ok(info) => break info.running == Some(true),
-                Err(e) if e.is_not_found() => {
+                Ok(Some(state)) => break state.running,
+                Ok(None) => {
                     // The container (and the exec with it) is gone.
                     self.cleaned.cancel();
                     return;
@@ -465,15 +440,8 @@ impl Channel {
         };
         let mut killed = !running;
         if running && nix::unistd::geteuid().is_root() {
-            if let Ok(info) = self
-                .docker
-                .call(
-                    || "inspect the channel exec".to_owned(),
-                    self.docker.raw().inspect_exec(&self.exec_id),
-                )
-                .await
-            {
-                if let Some(pid) = info.pid.filter(|p| *p > 0) {
+            if let Ok(Some(state)) = self.engine.exec_state(&self.exec_id).await {
+                if let Some(pid) = state.pid.filter(|p| *p > 0) {
                     killed =
                         signal_verified(pid as i32, "--serve", &self.channel_id, &[libc::SIGKILL]);
                 }
@@ -483,17 +451,18 @@ impl Channel {
         if calls_in_flight || running {
             let argv = [SUPERVISOR, "--sweep"];
             let out = run_collect(
-                &self.docker,
+                self.engine.as_ref(),
                 &self.container,
                 &uid,
                 &argv,
-                self.docker.timeout(),
+                self.engine.timeout(),
                 4096,
             )
             .await;
             swept = match out {
-                Ok(o) => o.exit_code == Some(0),
-                Err(e) => e.is_not_found() || e.is_conflict(),
+                Ok(Helper::Ran(o)) => o.exit_code == Some(0),
+                Ok(Helper::ContainerGone) => true,
+                Err(_) => false,
             };
         }
         if !killed || !swept {
@@ -507,7 +476,7 @@ impl Channel {
 
     /// Writes one frame; a write that fails or stalls kills the channel.
     async fn send(self: &Arc<Self>, frame: Vec<u8>) -> bool {
-        let timeout = self.docker.timeout();
+        let timeout = self.engine.timeout();
         let mut writer = self.writer.lock().await;
         let Some(w) = writer.as_mut() else {
             return false;
@@ -538,18 +507,18 @@ impl Channel {
     }
 
     /// Runs one call over the channel.
-    pub(crate) async fn run(
+    async fn run(
         self: &Arc<Self>,
         lease: Lease,
         spec: &ProcessSpec,
         cancel: &CancellationToken,
-    ) -> Result<ProcessOutcome, ChannelAttempt> {
+    ) -> Result<ProcessOutcome, Attempt> {
         let cfg = self.pool.config();
         let (tx, mut rx) = oneshot::channel();
         let id = {
             let mut calls = self.calls.lock();
             if !self.alive() {
-                return Err(ChannelAttempt::NotStarted);
+                return Err(Attempt::NotStarted);
             }
             let mut id = random_id();
             while id == 0 || calls.contains_key(&id) {
@@ -570,7 +539,7 @@ impl Channel {
             timeout_ms: (spec.timeout + cfg.kill_grace + BACKSTOP).as_millis() as u64,
             grace_ms: cfg.kill_grace.as_millis() as u64,
             cap: cfg.output_cap as u64,
-            workdir: super::docker::workdir_path(spec)
+            workdir: workdir_path(spec)
                 .map(String::into_bytes)
                 .unwrap_or_default(),
             argv: spec.argv.iter().map(|a| a.clone().into_bytes()).collect(),
@@ -581,42 +550,32 @@ impl Channel {
             program: spec.program.clone(),
         };
         let mut frame = Vec::new();
-        proto::encode(&mut frame, proto::START, id, &start.encode());
+        proto::ToHelper::Start(start).encode(id, &mut frame);
         // From here the call may run: whatever ends this future stops it.
-        let mut guard = CallGuard {
-            channel: Some(self.clone()),
+        let grace = cfg.kill_grace + STOP_MARGIN;
+        let call = ChannelCall {
+            channel: self.clone(),
             id,
-            _lease: lease,
         };
+        let guard = StopGuard::new(call, lease, grace, self.pool.tasks().clone());
         self.send(frame).await;
 
-        let deadline = tokio::time::Instant::now() + spec.timeout;
-        let (mut timed_out, mut cancelled) = (false, false);
-        let mut stop_at: Option<tokio::time::Instant> = None;
-        let end = loop {
-            let stopping = timed_out || cancelled;
-            tokio::select! {
-                end = &mut rx => break end.ok(),
-                _ = tokio::time::sleep_until(deadline), if !stopping => {
-                    timed_out = true;
-                    self.cancel_call(id).await;
-                    stop_at = Some(tokio::time::Instant::now() + cfg.kill_grace + STOP_MARGIN);
-                }
-                _ = cancel.cancelled(), if !stopping => {
-                    cancelled = true;
-                    self.cancel_call(id).await;
-                    stop_at = Some(tokio::time::Instant::now() + cfg.kill_grace + STOP_MARGIN);
-                }
-                _ = super::docker::sleep_until_opt(stop_at) => {
-                    self.die("the helper did not stop a call in time".into(), false);
-                    stop_at = None;
-                }
+        let ended = drive(&mut rx, spec.timeout, cancel, grace, || guard.call().stop()).await;
+        let end = match ended.value {
+            Some(end) => end.ok(),
+            None => {
+                // The helper did not stop the call: the channel dies, which ends every call on it
+                // (this one as lost) and kills the helper and their processes.
+                self.die("the helper did not stop a call in time".into(), false);
+                (&mut rx).await.ok()
             }
         };
-        guard.channel = None;
+        let (_, lease) = guard.disarm();
+        let (timed_out, cancelled) = (ended.timed_out, ended.cancelled);
         let Some(end) = end else {
             // The sender is only dropped with the channel's state: treat as lost.
-            return Err(ChannelAttempt::Failed(self.lost()));
+            self.await_cleanup().await;
+            return Err(Attempt::Failed(self.lost()));
         };
         let outcome = |exit_code: Option<i32>, end: End| ProcessOutcome {
             exit_code,
@@ -625,14 +584,14 @@ impl Channel {
             timed_out,
             cancelled,
         };
-        match end.kind {
+        let result = match end.kind {
             EndKind::Exit { status, signaled } => {
                 if signaled {
                     tracing::info!(user = %self.user, container = %self.container, status, "a call's supervisor was killed inside the sandbox; the helper swept its orphans");
                 }
                 Ok(outcome(Some(status), end))
             }
-            EndKind::Failed(reason) => Err(ChannelAttempt::Failed(Error::CallStart {
+            EndKind::Failed(reason) => Err(Attempt::Failed(Error::CallStart {
                 container: self.container.clone(),
                 reason,
             })),
@@ -640,12 +599,15 @@ impl Channel {
                 self.await_cleanup().await;
                 Ok(outcome(None, end))
             }
-            EndKind::Lost { started: false } => Err(ChannelAttempt::NotStarted),
+            EndKind::Lost { started: false } => Err(Attempt::NotStarted),
             EndKind::Lost { started: true } => {
                 self.await_cleanup().await;
-                Err(ChannelAttempt::Failed(self.lost()))
+                Err(Attempt::Failed(self.lost()))
             }
-        }
+        };
+        // The call's processes are known gone (ended, or the dead channel cleaned up).
+        drop(lease);
+        result
     }
 
     fn lost(&self) -> Error {
@@ -657,13 +619,13 @@ impl Channel {
     }
 
     async fn await_cleanup(&self) {
-        let bound = self.docker.timeout() * 2 + STOP_MARGIN + self.pool.config().kill_grace;
+        let bound = self.engine.timeout() * 2 + STOP_MARGIN + self.pool.config().kill_grace;
         let _ = tokio::time::timeout(bound, self.cleaned.cancelled()).await;
     }
 
     async fn cancel_call(self: &Arc<Self>, id: u64) {
         let mut frame = Vec::new();
-        proto::encode(&mut frame, proto::CANCEL, id, &[]);
+        proto::ToHelper::Cancel.encode(id, &mut frame);
         self.send(frame).await;
     }
 }
@@ -678,24 +640,48 @@ impl Pending {
     }
 }
 
-/// Stops the call if the future running it is dropped (caller gone): its processes must not
-/// outlive it. Holds the lease until then, so the sandbox is not reaped under the call.
-struct CallGuard {
-    channel: Option<Arc<Channel>>,
+/// One call on a channel, to stop it.
+struct ChannelCall {
+    channel: Arc<Channel>,
     id: u64,
-    _lease: Lease,
 }
 
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        let Some(ch) = self.channel.take() else {
-            return;
-        };
-        ch.calls.lock().remove(&self.id);
-        let id = self.id;
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { ch.cancel_call(id).await });
+impl CallStop for ChannelCall {
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        self.channel.cancel_call(self.id).boxed()
+    }
+
+    /// Gone: its end arrived (its entry left the table), or the channel died and was cleaned up.
+    fn wait_gone(&self, until: tokio::time::Instant) -> BoxFuture<'_, bool> {
+        async move {
+            loop {
+                if !self.channel.alive() {
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    return tokio::time::timeout(left, self.channel.cleaned.cancelled())
+                        .await
+                        .is_ok();
+                }
+                if !self.channel.calls.lock().contains_key(&self.id) {
+                    return true;
+                }
+                if tokio::time::Instant::now() >= until {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
+        .boxed()
+    }
+
+    fn force(&self) -> BoxFuture<'_, ()> {
+        async move {
+            self.channel.die(
+                "the helper did not stop a dropped call in time".into(),
+                false,
+            );
+            self.channel.await_cleanup().await;
+        }
+        .boxed()
     }
 }
 

@@ -11,9 +11,11 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::file_calls::FileRunner;
 use super::output::Capture;
+use super::stop::drive;
 use super::{ProcessOutcome, ProcessSpec, BASE_ENV};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -25,6 +27,7 @@ use crate::user::UserId;
 pub struct HostExecutor {
     config: std::sync::Arc<Config>,
     files: std::sync::Arc<FileRunner>,
+    tasks: TaskTracker,
 }
 
 impl HostExecutor {
@@ -37,7 +40,13 @@ impl HostExecutor {
                 config.file_max_entries,
             )),
             config: std::sync::Arc::new(config),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Its background tasks (a program being fed to a call, a call's output being read).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// Its configuration.
@@ -130,26 +139,26 @@ impl HostExecutor {
         let pgid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
         let _group = GroupGuard(pgid);
         if let (Some(program), Some(mut stdin)) = (spec.program.clone(), child.stdin.take()) {
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _ = stdin.write_all(&program).await;
             });
         }
         let cap = self.config.output_cap;
-        let out = tokio::spawn(capture(child.stdout.take(), cap));
-        let err = tokio::spawn(capture(child.stderr.take(), cap));
+        let out = self.tasks.spawn(capture(child.stdout.take(), cap));
+        let err = self.tasks.spawn(capture(child.stderr.take(), cap));
 
-        let (mut timed_out, mut cancelled) = (false, false);
-        let status = tokio::select! {
-            s = child.wait() => s.ok(),
-            _ = tokio::time::sleep(spec.timeout) => { timed_out = true; None }
-            _ = cancel.cancelled() => { cancelled = true; None }
-        };
+        let grace = self.config.kill_grace;
+        let ended = drive(child.wait(), spec.timeout, cancel, grace, || {
+            stop_group(pgid, grace)
+        })
+        .await;
         // The call's processes end with the call: background leftovers too.
-        stop_group(pgid, self.config.kill_grace).await;
-        let status = match status {
-            Some(s) => Some(s),
+        stop_group(pgid, grace).await;
+        let status = match ended.value {
+            Some(s) => s.ok(),
             None => child.wait().await.ok(),
         };
+        let (timed_out, cancelled) = (ended.timed_out, ended.cancelled);
         // An escaped (setsid) descendant may still hold a pipe: bound the wait for the output.
         let grace = self.config.kill_grace + Duration::from_millis(500);
         let stdout = tokio::time::timeout(grace, out)

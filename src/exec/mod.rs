@@ -12,6 +12,9 @@ pub mod file_calls;
 pub mod host;
 pub mod metrics;
 pub mod output;
+mod per_call;
+mod stop;
+pub mod transport;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -370,6 +373,15 @@ impl Executor {
         match self {
             Executor::Host(_) => None,
             Executor::Docker(d) => Some(d.stats()),
+        }
+    }
+
+    /// Every background task of the executor (clean-up after dropped calls, dead channels, the
+    /// reaper): shutdown closes the tracker and waits for them, bounded.
+    pub fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        match self {
+            Executor::Host(h) => h.tasks(),
+            Executor::Docker(d) => d.pool().tasks(),
         }
     }
 

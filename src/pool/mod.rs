@@ -20,18 +20,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bollard::models::ContainerStateStatusEnum as State;
-use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use serde::Serialize;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RulesSetting};
-use crate::docker::Docker;
+use crate::engine::{Created, DockerEngine, Filter, Listed, SharedEngine, State};
 use crate::error::{Error, Result};
 use crate::firewall::HostFirewall;
+use crate::text::tail;
 use crate::user::UserId;
 use crate::users_root::{UserFolder, UsersRoot};
 use activity::ActivityLog;
@@ -65,15 +63,6 @@ pub struct Sandbox {
     /// installed in.
     #[serde(skip)]
     pub netns: Option<(i32, String)>,
-}
-
-/// One run of a container, as `inspect` reports it.
-struct Run {
-    id: String,
-    started_at: SystemTime,
-    /// When the previous run ended; None if the container never stopped.
-    previous_end: Option<SystemTime>,
-    pid: i32,
 }
 
 /// Per-user state. See the module docs for the locking rules.
@@ -113,7 +102,7 @@ pub struct SandboxPool {
 
 struct Inner {
     config: Config,
-    docker: Docker,
+    engine: SharedEngine,
     network: SandboxNetwork,
     host_firewall: HostFirewall,
     template: SpecTemplate,
@@ -122,6 +111,7 @@ struct Inner {
     slots: DashMap<UserId, Arc<Slot>>,
     admission: parking_lot::Mutex<()>,
     counters: PoolMetrics,
+    tasks: TaskTracker,
 }
 
 /// A call's hold on a user's running sandbox. While it lives, the container is never reaped or
@@ -182,28 +172,27 @@ impl Drop for StartingGuard<'_> {
 }
 
 impl SandboxPool {
-    /// Connects to Docker (negotiating the API version), checks the image, ensures the network,
-    /// and prepares the users and state folders. Does not touch existing containers: call
-    /// [`SandboxPool::reconcile`] for that.
+    /// Connects to Docker (negotiating the API version), then opens the pool on it with the
+    /// host firewall installed (see [`SandboxPool::open`]).
     pub async fn connect(config: Config) -> Result<Self> {
-        let docker = Docker::connect(&config).await?;
-        let image_id = match docker
-            .call(
-                || format!("inspect image {}", config.image),
-                docker.raw().inspect_image(&config.image),
-            )
-            .await
-        {
-            Ok(img) => img.id.unwrap_or_default(),
-            Err(e) if e.is_not_found() => {
-                return Err(Error::ImageMissing {
+        let engine = DockerEngine::connect(&config).await?;
+        Self::open(config, Arc::new(engine), true).await
+    }
+
+    /// Opens the pool on `engine`: checks the image, ensures the network, installs the host
+    /// firewall when `host_firewall` (tests on a fake engine do not), and prepares the users and
+    /// state folders. Does not touch existing containers: call [`SandboxPool::reconcile`] for
+    /// that.
+    pub async fn open(config: Config, engine: SharedEngine, host_firewall: bool) -> Result<Self> {
+        let image_id =
+            engine
+                .image_id(&config.image)
+                .await?
+                .ok_or_else(|| Error::ImageMissing {
                     image: config.image.clone(),
-                })
-            }
-            Err(e) => return Err(e),
-        };
+                })?;
         let network = network::ensure_network(
-            &docker,
+            engine.as_ref(),
             &config.network_name(),
             config.egress == crate::config::Egress::None,
         )
@@ -221,8 +210,12 @@ impl SandboxPool {
                 })
             }
         };
-        let host_firewall = match crate::firewall::install(&network.bridge, config.egress, &blocked)
-        {
+        let installed = if host_firewall {
+            crate::firewall::install(&network.bridge, config.egress, &blocked)
+        } else {
+            Err("not installed: the pool runs on a test engine".to_owned())
+        };
+        let host_firewall = match installed {
             Ok(()) => HostFirewall::Enforced {
                 bridge: network.bridge.clone(),
             },
@@ -240,8 +233,8 @@ impl SandboxPool {
         };
         let activity = ActivityLog::open(&config.state_dir, &config.pool_id)?;
         tracing::info!(
-            docker = %docker.host(),
-            api = %docker.api_version(),
+            engine = %engine.host(),
+            api = %engine.api_version(),
             image = %config.image,
             image_id = %image_id,
             network = %network.name,
@@ -256,7 +249,7 @@ impl SandboxPool {
                     rules,
                 },
                 config,
-                docker,
+                engine,
                 network,
                 host_firewall,
                 activity,
@@ -264,6 +257,7 @@ impl SandboxPool {
                 slots: DashMap::new(),
                 admission: parking_lot::Mutex::new(()),
                 counters: PoolMetrics::default(),
+                tasks: TaskTracker::new(),
             }),
         })
     }
@@ -283,9 +277,15 @@ impl SandboxPool {
         &self.inner.host_firewall
     }
 
-    /// The Docker client the pool uses (the executors run their execs through it).
-    pub fn docker(&self) -> &Docker {
-        &self.inner.docker
+    /// The engine the pool uses (the executors run their execs through it).
+    pub fn engine(&self) -> &SharedEngine {
+        &self.inner.engine
+    }
+
+    /// Every background task of the pool and of the executors on it (the reaper, the clean-up
+    /// after a dropped call, a dead channel's clean-up): shutdown closes it and waits for them.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
     }
 
     /// The image id every new container runs.
@@ -331,12 +331,23 @@ impl SandboxPool {
         if let Some(lease) = self.try_warm(&slot, user) {
             return Ok(lease);
         }
+        let leased = self.lease_cold(user, &slot).await;
+        if leased.is_err() {
+            // Nothing of a refused or failed bring-up stays in memory (any request may name any
+            // user).
+            drop(slot);
+            self.prune_slot(user);
+        }
+        leased
+    }
+
+    async fn lease_cold(&self, user: &UserId, slot: &Arc<Slot>) -> Result<Lease> {
         let _gate = slot.gate.lock().await;
-        if let Some(lease) = self.try_warm(&slot, user) {
+        if let Some(lease) = self.try_warm(slot, user) {
             return Ok(lease);
         }
-        let victim = self.admit(user, &slot)?;
-        let _starting = StartingGuard(&slot);
+        let victim = self.admit(user, slot)?;
+        let _starting = StartingGuard(slot);
         if let Some((victim_user, _victim_gate, name)) = victim {
             tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
             self.remove_container(&name).await?;
@@ -383,9 +394,14 @@ impl SandboxPool {
         let slot = self.slot(user);
         let _gate = slot.gate.lock().await;
         slot.state.lock().live = None;
-        let removed = self.remove_container(&self.container_name(user)).await?;
-        self.inner.activity.forget(user);
-        Ok(removed)
+        let removed = self.remove_container(&self.container_name(user)).await;
+        if removed.is_ok() {
+            self.inner.activity.forget(user);
+        }
+        drop(_gate);
+        drop(slot);
+        self.prune_slot(user);
+        removed
     }
 
     /// Removes the container `container_id` of `user` if it is still there, forgetting it if it is
@@ -406,7 +422,7 @@ impl SandboxPool {
         for slot in self.inner.slots.iter() {
             slot.state.lock().live = None;
         }
-        let names: Vec<String> = listed.iter().filter_map(summary_name).collect();
+        let names: Vec<String> = listed.iter().map(|c| c.name.clone()).collect();
         let results: Vec<Result<bool>> = futures_util::stream::iter(names)
             .map(|name| async move { self.remove_container(&name).await })
             .buffer_unordered(16)
@@ -422,6 +438,24 @@ impl SandboxPool {
             }
         }
         Ok(removed)
+    }
+
+    /// Forgets `user`'s slot when nothing holds it and it has no sandbox, so the map holds only
+    /// users with a sandbox or a call (any request may name any user).
+    fn prune_slot(&self, user: &UserId) {
+        self.inner
+            .slots
+            .remove_if(user, |_, slot| slot_unused(slot));
+    }
+
+    /// Forgets every unused slot (the reaper's tick).
+    pub(crate) fn prune_slots(&self) {
+        self.inner.slots.retain(|_, slot| !slot_unused(slot));
+    }
+
+    /// How many users the pool keeps state for.
+    pub fn slot_count(&self) -> usize {
+        self.inner.slots.len()
     }
 
     fn slot(&self, user: &UserId) -> Arc<Slot> {
@@ -514,51 +548,23 @@ impl SandboxPool {
         let folder = self.prepare_workspace(user).await?;
         let (mut body, hash) = self.inner.template.build(&self.inner.config, user, &folder);
         let name = self.container_name(user);
-        let docker = &self.inner.docker;
+        let engine = &self.inner.engine;
         for _attempt in 0..4 {
-            let found = match docker
-                .call(
-                    || format!("inspect container {name}"),
-                    docker.raw().inspect_container(&name, None),
-                )
-                .await
-            {
-                Ok(c) => Some(c),
-                Err(e) if e.is_not_found() => None,
-                Err(e) => return Err(e),
-            };
-            let Some(found) = found else {
+            let Some(found) = engine.inspect(&name).await? else {
                 let labels = body.labels.get_or_insert_with(HashMap::new);
                 labels.insert(LABEL_CONFIG_HASH.to_owned(), hash.clone());
                 labels.insert(
                     LABEL_CREATED_AT.to_owned(),
                     humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 );
-                let created = docker
-                    .call(
-                        || format!("create container {name}"),
-                        docker.raw().create_container(
-                            Some(CreateContainerOptions {
-                                name: Some(name.clone()),
-                                ..Default::default()
-                            }),
-                            body.clone(),
-                        ),
-                    )
-                    .await;
-                match created {
-                    Ok(_) => {}
+                match engine.create(&name, &body).await? {
+                    Created::Created(_) => {}
                     // Created by someone else between our inspect and create: look again.
-                    Err(e) if e.is_conflict() => continue,
-                    Err(e) => return Err(e),
+                    Created::NameTaken => continue,
                 }
                 return self.start_and_wait(user, &name, &hash, &folder).await;
             };
-            let labels = found
-                .config
-                .as_ref()
-                .and_then(|c| c.labels.clone())
-                .unwrap_or_default();
+            let labels = &found.labels;
             let ours = labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(spec::MANAGED_BY)
                 && labels.get(LABEL_POOL) == Some(&self.inner.config.pool_id);
             if !ours {
@@ -571,15 +577,15 @@ impl SandboxPool {
                     log: String::new(),
                 });
             }
-            let status = found.state.as_ref().and_then(|s| s.status);
+            let status = found.state;
             if labels.get(LABEL_CONFIG_HASH) != Some(&hash) {
                 tracing::info!(user = %user, container = %name, "config changed: recreating sandbox");
                 self.remove_container(&name).await?;
                 continue;
             }
             match status {
-                Some(State::RUNNING) => return self.wait_ready(user, &name, &hash, &folder).await,
-                Some(State::CREATED) | Some(State::EXITED) => {
+                State::Running => return self.wait_ready(user, &name, &hash, &folder).await,
+                State::Created | State::Exited => {
                     return self.start_and_wait(user, &name, &hash, &folder).await
                 }
                 _ => {
@@ -605,13 +611,8 @@ impl SandboxPool {
         hash: &str,
         folder: &UserFolder,
     ) -> Result<Sandbox> {
-        let docker = &self.inner.docker;
-        docker
-            .call(
-                || format!("start container {name}"),
-                docker.raw().start_container(name, None),
-            )
-            .await?;
+        // Gone meanwhile: wait_ready finds it not running and says so.
+        self.inner.engine.start(name).await?;
         self.wait_ready(user, name, hash, folder).await
     }
 
@@ -627,14 +628,14 @@ impl SandboxPool {
         hash: &str,
         folder: &UserFolder,
     ) -> Result<Sandbox> {
-        let docker = &self.inner.docker;
+        let engine = &self.inner.engine;
         let timeout = self.inner.config.start_timeout;
         let mut log = String::new();
         let started = self.inspect_run(name).await?;
         if self.inner.template.rules == RulesMode::Host {
             if let Some(run) = started {
                 return self
-                    .install_rules_from_host(user, name, hash, folder, run.id, run.pid)
+                    .install_rules_from_host(user, name, hash, folder, run.0, run.1.pid)
                     .await;
             }
         }
@@ -643,28 +644,14 @@ impl SandboxPool {
                 log = self.log_tail(name).await;
                 Ok(Ok(false))
             }
-            Some(run) => {
-                let since =
-                    run.started_at
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs().saturating_sub(1)) as i32;
-                let mut stream = docker.raw().logs(
-                    name,
-                    Some(LogsOptions {
-                        follow: true,
-                        stdout: true,
-                        stderr: true,
-                        timestamps: true,
-                        since,
-                        ..Default::default()
-                    }),
-                );
+            Some((_, run)) => {
+                // A second early: the engine's `since` has whole seconds.
+                let since = run.started_at - Duration::from_secs(1);
+                let mut stream = engine.follow_log(name, since);
                 tokio::time::timeout(timeout, async {
                     let mut pending = String::new();
                     while let Some(item) = stream.next().await {
-                        let chunk = item
-                            .map_err(|e| docker.classify(format!("read the log of {name}"), e))?;
-                        pending.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                        pending.push_str(&String::from_utf8_lossy(&item?));
                         while let Some(end) = pending.find('\n') {
                             let line: String = pending.drain(..=end).collect();
                             let (stamp, text) = line.split_once(' ').unwrap_or(("", &line));
@@ -681,6 +668,10 @@ impl SandboxPool {
                                 log = tail(&log, LOG_TAIL_BYTES);
                             }
                         }
+                        // A line longer than the tail is cut: the entry's lines are short.
+                        if pending.len() > 2 * LOG_TAIL_BYTES {
+                            pending = tail(&pending, LOG_TAIL_BYTES);
+                        }
                     }
                     Ok::<bool, Error>(false)
                 })
@@ -689,10 +680,10 @@ impl SandboxPool {
         };
         let reason = match outcome {
             Ok(Ok(true)) => match self.inspect_run(name).await? {
-                Some(run) => {
+                Some((id, _)) => {
                     return Ok(Sandbox {
                         user: user.to_string(),
-                        container_id: run.id,
+                        container_id: id,
                         name: name.to_owned(),
                         config_hash: hash.to_owned(),
                         uid: folder.uid,
@@ -786,75 +777,30 @@ impl SandboxPool {
 
     /// The last lines of a container's log (empty if they cannot be read).
     async fn log_tail(&self, name: &str) -> String {
-        let mut stream = self.inner.docker.raw().logs(
-            name,
-            Some(LogsOptions {
-                stdout: true,
-                stderr: true,
-                tail: "40".to_owned(),
-                ..Default::default()
-            }),
-        );
-        let mut out = String::new();
-        let _ = tokio::time::timeout(self.inner.docker.timeout(), async {
-            while let Some(Ok(chunk)) = stream.next().await {
-                out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-            }
-        })
-        .await;
-        tail(&out, LOG_TAIL_BYTES)
+        self.inner
+            .engine
+            .log_tail(name, 40, LOG_TAIL_BYTES)
+            .await
+            .unwrap_or_default()
     }
 
-    /// The container's current run; None if it is not running.
-    async fn inspect_run(&self, name: &str) -> Result<Option<Run>> {
-        let docker = &self.inner.docker;
-        let found = docker
-            .call(
-                || format!("inspect container {name}"),
-                docker.raw().inspect_container(name, None),
-            )
-            .await;
-        let found = match found {
-            Ok(c) => c,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let state = found.state.unwrap_or_default();
-        if state.status != Some(State::RUNNING) {
-            return Ok(None);
-        }
-        let time = |s: Option<&str>| {
-            s.and_then(|s| humantime::parse_rfc3339_weak(s).ok())
-                .filter(|t| *t > SystemTime::UNIX_EPOCH)
-        };
-        Ok(Some(Run {
-            id: found.id.unwrap_or_default(),
-            started_at: time(state.started_at.as_deref()).unwrap_or(SystemTime::UNIX_EPOCH),
-            // Docker reports 0001-01-01 for a container that never stopped: None.
-            previous_end: time(state.finished_at.as_deref()),
-            pid: state.pid.unwrap_or(0) as i32,
-        }))
+    /// The container's id and current run; None if it is not running.
+    async fn inspect_run(&self, name: &str) -> Result<Option<(String, crate::engine::Run)>> {
+        Ok(self
+            .inner
+            .engine
+            .inspect(name)
+            .await?
+            .and_then(|c| Some((c.id, c.run?))))
     }
 
     /// Why a container that should be running is not, in words for the error.
     async fn exit_reason(&self, name: &str) -> String {
-        let docker = &self.inner.docker;
-        let state = docker
-            .call(
-                || format!("inspect container {name}"),
-                docker.raw().inspect_container(name, None),
-            )
-            .await
-            .ok()
-            .and_then(|c| c.state);
-        match state {
-            Some(s) => format!(
+        match self.inner.engine.inspect(name).await.ok().flatten() {
+            Some(c) => format!(
                 "its entry exited with status {} before the egress rules were in place{}",
-                s.exit_code.unwrap_or(-1),
-                s.error
-                    .filter(|e| !e.is_empty())
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
+                c.exit_code.unwrap_or(-1),
+                c.error.map(|e| format!(" ({e})")).unwrap_or_default()
             ),
             None => "it vanished while starting".to_owned(),
         }
@@ -880,49 +826,16 @@ impl SandboxPool {
 
     /// Force-removes a container by name or id; Ok(false) when it was already gone.
     async fn remove_container(&self, name: &str) -> Result<bool> {
-        let docker = &self.inner.docker;
-        match docker
-            .call(
-                || format!("remove container {name}"),
-                docker.raw().remove_container(
-                    name,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        v: true,
-                        ..Default::default()
-                    }),
-                ),
-            )
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) if e.is_not_found() => Ok(false),
-            // "removal already in progress": someone else is removing it.
-            Err(e) if e.is_conflict() => Ok(true),
-            Err(e) => Err(e),
-        }
+        Ok(self.inner.engine.remove(name).await?.existed())
     }
 
     /// Every container labelled with this pool's id, in any state.
-    async fn list_ours(&self) -> Result<Vec<bollard::models::ContainerSummary>> {
-        let docker = &self.inner.docker;
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![
-                format!("{LABEL_MANAGED_BY}={}", spec::MANAGED_BY),
-                format!("{LABEL_POOL}={}", self.inner.config.pool_id),
-            ],
-        )]);
-        docker
-            .call(
-                || "list the pool's containers".to_owned(),
-                docker.raw().list_containers(Some(ListContainersOptions {
-                    all: true,
-                    filters: Some(filters),
-                    ..Default::default()
-                })),
-            )
-            .await
+    async fn list_ours(&self) -> Result<Vec<Listed>> {
+        let filter = Filter::Labels(vec![
+            (LABEL_MANAGED_BY.to_owned(), spec::MANAGED_BY.to_owned()),
+            (LABEL_POOL.to_owned(), self.inner.config.pool_id.clone()),
+        ]);
+        Ok(self.inner.engine.list(&filter).await?)
     }
 }
 
@@ -939,43 +852,19 @@ pub(crate) async fn blocking<T: Send + 'static>(
     })
 }
 
-fn summary_name(c: &bollard::models::ContainerSummary) -> Option<String> {
-    c.names
-        .as_ref()?
-        .first()
-        .map(|n| n.trim_start_matches('/').to_owned())
+fn summary_user(c: &Listed) -> Option<UserId> {
+    UserId::parse(c.labels.get(spec::LABEL_USER)?).ok()
 }
 
-fn summary_user(c: &bollard::models::ContainerSummary) -> Option<UserId> {
-    UserId::parse(c.labels.as_ref()?.get(spec::LABEL_USER)?).ok()
-}
-
-fn tail(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut cut = s.len() - max;
-    while !s.is_char_boundary(cut) {
-        cut += 1;
-    }
-    s[cut..].to_owned()
+/// A slot nobody holds, with no sandbox, bring-up or call.
+fn slot_unused(slot: &Arc<Slot>) -> bool {
+    Arc::strong_count(slot) == 1
+        && slot.gate.try_lock().is_ok()
+        && slot
+            .state
+            .try_lock()
+            .is_some_and(|st| st.live.is_none() && !st.starting && st.in_flight == 0)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn docker_timestamps_parse_to_the_nanosecond() {
-        let a = humantime::parse_rfc3339_weak("2026-11-23T19:37:35.123456789Z").unwrap();
-        let b = humantime::parse_rfc3339_weak("2026-11-23T19:37:35.123456790Z").unwrap();
-        assert!(b > a);
-    }
-
-    #[test]
-    fn tail_keeps_the_end_on_a_char_boundary() {
-        assert_eq!(tail("abcdef", 3), "def");
-        assert_eq!(tail("ééé", 3), "é");
-        assert_eq!(tail("ab", 3), "ab");
-    }
-}
+pub(crate) mod tests;

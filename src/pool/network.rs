@@ -10,13 +10,10 @@
 //! tool made one with another bridge name meanwhile), the oldest wins and the loser removes its own.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
 
-use bollard::models::NetworkCreateRequest;
-use bollard::query_parameters::ListNetworksOptions;
 use sha2::{Digest, Sha256};
 
-use crate::docker::Docker;
+use crate::engine::{Created, Engine, Network, NetworkSpec};
 use crate::error::{Error, Result};
 use crate::pool::spec::{LABEL_MANAGED_BY, MANAGED_BY};
 
@@ -49,130 +46,80 @@ pub fn bridge_name(network: &str) -> String {
 /// Makes sure the network `name` exists as a bridge with ICC off and our bridge name, internal
 /// unless `internal` is false (the `public` egress policy). An existing network with other
 /// settings is refused with [`Error::NetworkMismatch`].
-pub async fn ensure_network(docker: &Docker, name: &str, internal: bool) -> Result<SandboxNetwork> {
-    if let Some(found) = inspect(docker, name).await? {
+pub async fn ensure_network(
+    engine: &dyn Engine,
+    name: &str,
+    internal: bool,
+) -> Result<SandboxNetwork> {
+    if let Some(found) = engine.networks_named(name).await?.into_iter().next() {
         return verify(found, name, internal);
     }
-    let bridge = bridge_name(name);
-    let request = NetworkCreateRequest {
+    let spec = NetworkSpec {
         name: name.to_owned(),
-        driver: Some("bridge".to_owned()),
-        internal: Some(internal),
-        attachable: Some(false),
-        enable_ipv6: Some(false),
-        options: Some(HashMap::from([
+        internal,
+        options: HashMap::from([
             (OPT_ICC.to_owned(), "false".to_owned()),
-            (OPT_BRIDGE.to_owned(), bridge),
-        ])),
-        labels: Some(HashMap::from([(
-            LABEL_MANAGED_BY.to_owned(),
-            MANAGED_BY.to_owned(),
-        )])),
-        ..Default::default()
+            (OPT_BRIDGE.to_owned(), bridge_name(name)),
+        ]),
+        labels: HashMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned())]),
     };
-    let created = docker
-        .call(
-            || format!("create network {name}"),
-            docker.raw().create_network(request),
-        )
-        .await;
-    let mine = match created {
-        Ok(resp) => Some(resp.id),
-        // A newer engine refuses a duplicate name: someone else won the race.
-        Err(e) if e.is_conflict() => None,
-        // A concurrent creator already holds our bridge name: it won the race.
-        Err(Error::Docker {
-            source:
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 403,
-                    message,
-                },
-            ..
-        }) if message.contains("same bridge name") => None,
-        Err(e) => return Err(e),
+    // NameTaken: a concurrent creator won the race (the name, or our bridge name).
+    let mine = match engine.create_network(&spec).await? {
+        Created::Created(id) => Some(id),
+        Created::NameTaken => None,
     };
-    let winner = resolve_duplicates(docker, name, mine.as_deref()).await?;
+    let winner = resolve_duplicates(engine, name, mine.as_deref()).await?;
     verify(winner, name, internal)
-}
-
-async fn inspect(docker: &Docker, name: &str) -> Result<Option<bollard::models::Network>> {
-    let list = docker
-        .call(
-            || format!("list networks named {name}"),
-            docker.raw().list_networks(Some(ListNetworksOptions {
-                filters: Some(HashMap::from([("name".to_owned(), vec![name.to_owned()])])),
-            })),
-        )
-        .await?;
-    // The name filter matches substrings: keep exact matches, oldest first.
-    let mut exact: Vec<_> = list
-        .into_iter()
-        .filter(|n| n.name.as_deref() == Some(name))
-        .collect();
-    exact.sort_by_key(created_key);
-    Ok(exact.into_iter().next())
 }
 
 /// With several networks of one name, keeps the oldest and removes `mine` if it lost.
 async fn resolve_duplicates(
-    docker: &Docker,
+    engine: &dyn Engine,
     name: &str,
     mine: Option<&str>,
-) -> Result<bollard::models::Network> {
-    let winner = inspect(docker, name)
+) -> Result<Network> {
+    let winner = engine
+        .networks_named(name)
         .await?
+        .into_iter()
+        .next()
         .ok_or_else(|| Error::NetworkMismatch {
             name: name.to_owned(),
             reason: "vanished right after it was created (another process removed it)".to_owned(),
         })?;
     if let Some(mine) = mine {
-        if winner.id.as_deref() != Some(mine) {
+        if winner.id != mine {
             tracing::info!(
                 network = name,
                 "another process created the network first; using theirs"
             );
-            let _ = docker
-                .call(
-                    || format!("remove duplicate network {mine}"),
-                    docker.raw().remove_network(mine),
-                )
-                .await;
+            if let Err(e) = engine.remove_network(mine).await {
+                tracing::warn!(network = name, error = %e, "could not remove our duplicate network");
+            }
         }
     }
     Ok(winner)
 }
 
-fn created_key(n: &bollard::models::Network) -> (SystemTime, String) {
-    let created = n
-        .created
-        .as_deref()
-        .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    (created, n.id.clone().unwrap_or_default())
-}
-
-fn verify(n: bollard::models::Network, name: &str, internal: bool) -> Result<SandboxNetwork> {
+fn verify(n: Network, name: &str, internal: bool) -> Result<SandboxNetwork> {
     let mismatch = |reason: String| Error::NetworkMismatch {
         name: name.to_owned(),
         reason,
     };
-    if n.driver.as_deref() != Some("bridge") {
-        return Err(mismatch(format!(
-            "uses driver {:?}, not bridge",
-            n.driver.unwrap_or_default()
-        )));
+    if n.driver != "bridge" {
+        return Err(mismatch(format!("uses driver {:?}, not bridge", n.driver)));
     }
-    if internal && n.internal != Some(true) {
+    if internal && !n.internal {
         return Err(mismatch(
             "is not internal (sandboxes would reach outside)".to_owned(),
         ));
     }
-    if !internal && n.internal == Some(true) {
+    if !internal && n.internal {
         return Err(mismatch(
             "is internal, but the public egress policy needs a network with a way out".to_owned(),
         ));
     }
-    let options = n.options.unwrap_or_default();
+    let options = n.options;
     if options.get(OPT_ICC).map(String::as_str) != Some("false") {
         return Err(mismatch(
             "lets containers talk to each other (enable_icc is not false)".to_owned(),
@@ -185,16 +132,13 @@ fn verify(n: bollard::models::Network, name: &str, internal: bool) -> Result<San
             "has bridge interface {bridge:?}, not {expected:?}"
         )));
     }
-    let ipam = n.ipam.and_then(|i| i.config).unwrap_or_default();
-    let v4 = ipam
-        .iter()
-        .find(|c| c.subnet.as_deref().is_some_and(|s| !s.contains(':')));
+    let v4 = n.subnets.iter().find(|(subnet, _)| !subnet.contains(':'));
     Ok(SandboxNetwork {
-        id: n.id.unwrap_or_default(),
+        id: n.id,
         name: name.to_owned(),
         bridge,
-        subnet: v4.and_then(|c| c.subnet.clone()),
-        gateway: v4.and_then(|c| c.gateway.clone()),
+        subnet: v4.map(|(s, _)| s.clone()),
+        gateway: v4.and_then(|(_, g)| g.clone()),
     })
 }
 

@@ -1,18 +1,16 @@
 //! What happens to containers over time: the startup reconcile that adopts or removes what an
 //! earlier run left, the idle reaper, and the status listing both the CLI and the API show.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bollard::models::ContainerSummary;
-use bollard::models::ContainerSummaryStateEnum as SummaryState;
-use bollard::query_parameters::ListContainersOptions;
 use futures_util::StreamExt;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::spec::{self, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY};
-use super::{summary_name, summary_user, Sandbox, SandboxPool, Slot};
+use super::{summary_user, Sandbox, SandboxPool, Slot};
+use crate::engine::{Filter, Listed, State};
 use crate::error::Result;
 use crate::user::UserId;
 
@@ -71,9 +69,7 @@ impl SandboxPool {
         let mut to_adopt = Vec::new();
         let mut to_remove = Vec::new();
         for c in &ours {
-            let Some(name) = summary_name(c) else {
-                continue;
-            };
+            let name = c.name.clone();
             let verdict = match summary_user(c) {
                 None => Err("its user label is missing or invalid".to_owned()),
                 Some(user) => self.judge(c, &user, &name).await.map(|f| (user, f)),
@@ -135,7 +131,7 @@ impl SandboxPool {
     /// container whose name is right: one about to be removed costs nothing on the host.
     async fn judge(
         &self,
-        c: &ContainerSummary,
+        c: &Listed,
         user: &UserId,
         name: &str,
     ) -> std::result::Result<crate::users_root::UserFolder, String> {
@@ -145,8 +141,8 @@ impl SandboxPool {
                 self.container_name(user)
             ));
         }
-        if c.state != Some(SummaryState::RUNNING) {
-            return Err(format!("it is not running ({})", state_name(c)));
+        if c.state != State::Running {
+            return Err(format!("it is not running ({})", c.state.as_str()));
         }
         let folder = self
             .prepare_workspace(user)
@@ -161,7 +157,7 @@ impl SandboxPool {
         Ok(folder)
     }
 
-    fn adopt(&self, user: &UserId, sandbox: Sandbox, c: &ContainerSummary) {
+    fn adopt(&self, user: &UserId, sandbox: Sandbox, c: &Listed) {
         let last = self
             .inner
             .activity
@@ -178,24 +174,12 @@ impl SandboxPool {
     }
 
     async fn foreign_containers(&self) -> Result<Vec<String>> {
-        let docker = &self.inner.docker;
-        let all = docker
-            .call(
-                || "list containers with the sandbox name prefix".to_owned(),
-                docker.raw().list_containers(Some(ListContainersOptions {
-                    all: true,
-                    filters: Some(HashMap::from([(
-                        "name".to_owned(),
-                        vec![spec::NAME_PREFIX.to_owned()],
-                    )])),
-                    ..Default::default()
-                })),
-            )
-            .await?;
+        let filter = Filter::NameContains(spec::NAME_PREFIX.to_owned());
+        let all = self.inner.engine.list(&filter).await?;
         Ok(all
             .iter()
             .filter(|c| label(c, LABEL_MANAGED_BY).is_none())
-            .filter_map(summary_name)
+            .map(|c| c.name.clone())
             .filter(|n| n.starts_with(spec::NAME_PREFIX))
             .collect())
     }
@@ -253,24 +237,33 @@ impl SandboxPool {
         Ok(reaped)
     }
 
-    /// Starts the background reaper: every `ZCBOT_SANDBOX_REAP_EVERY` it removes sandboxes idle
-    /// longer than `ZCBOT_SANDBOX_IDLE`. It stops when the returned handle is dropped.
+    /// Starts the background reaper (on the pool's task tracker): every
+    /// `ZCBOT_SANDBOX_REAP_EVERY` it removes sandboxes idle longer than `ZCBOT_SANDBOX_IDLE` and
+    /// forgets users with nothing left. It stops when the returned handle is dropped, between
+    /// passes: a pass under way finishes, so no sandbox is left taken out of service but not
+    /// removed.
     pub fn spawn_reaper(&self) -> ReaperHandle {
         let pool = self.clone();
         let every = self.inner.config.reap_every;
         let idle = self.inner.config.idle;
-        let task = tokio::spawn(async move {
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = self.inner.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.cancelled() => return,
+                }
                 if let Err(e) = pool.reap_idle(idle).await {
                     tracing::warn!(error = %e, kind = e.kind(), "reaper pass failed; retrying next period");
                 }
+                pool.prune_slots();
             }
         });
-        ReaperHandle { task }
+        ReaperHandle { task, stop }
     }
 
     /// Every container of this pool as Docker reports it, with what this process knows of it.
@@ -282,7 +275,7 @@ impl SandboxPool {
             .iter()
             .filter_map(|c| {
                 let user = summary_user(c)?;
-                let name = summary_name(c)?;
+                let name = c.name.clone();
                 let (in_flight, last) = self
                     .inner
                     .slots
@@ -318,8 +311,8 @@ impl SandboxPool {
                 Some(SandboxStatus {
                     user: user.to_string(),
                     name,
-                    container_id: c.id.clone().unwrap_or_default(),
-                    state: state_name(c),
+                    container_id: c.id.clone(),
+                    state: c.state.as_str().to_owned(),
                     idle_secs: idle_for(last, now).as_secs(),
                     in_flight,
                     config_current: label(c, LABEL_CONFIG_HASH).as_deref() == Some(hash.as_str()),
@@ -334,6 +327,7 @@ impl SandboxPool {
 /// Stops the background reaper when dropped.
 pub struct ReaperHandle {
     task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
 }
 
 impl ReaperHandle {
@@ -345,7 +339,7 @@ impl ReaperHandle {
 
 impl Drop for ReaperHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop.cancel();
     }
 }
 
@@ -353,12 +347,6 @@ fn idle_for(last: SystemTime, now: SystemTime) -> Duration {
     now.duration_since(last).unwrap_or_default()
 }
 
-fn label(c: &ContainerSummary, key: &str) -> Option<String> {
-    c.labels.as_ref()?.get(key).cloned()
-}
-
-fn state_name(c: &ContainerSummary) -> String {
-    c.state
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| "unknown".to_owned())
+fn label(c: &Listed, key: &str) -> Option<String> {
+    c.labels.get(key).cloned()
 }

@@ -34,6 +34,8 @@ pub(crate) struct Limits {
     pub(crate) body_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_connections: usize,
+    /// How long, once accepting stops, the open connections may take to finish.
+    pub(crate) drain: Duration,
 }
 
 /// What the acceptor did, for `/metrics`. Cheap handles: clones count into the same figures.
@@ -266,6 +268,7 @@ pub(crate) async fn serve<L: Listener>(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
     let refusal = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL_BODY}",
         REFUSAL_BODY.len()
@@ -316,7 +319,7 @@ pub(crate) async fn serve<L: Listener>(
         let conn = graceful.watch(conn);
         let stats = stats.clone();
         stats.open.inc();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             let watchdog = async {
                 let tick = limits
@@ -345,5 +348,17 @@ pub(crate) async fn serve<L: Listener>(
             stats.open.dec();
         });
     }
-    graceful.shutdown().await;
+    // Idle connections close now; busy ones when their request is answered, within the bound.
+    connections.close();
+    let drained = tokio::time::timeout(limits.drain, async {
+        graceful.shutdown().await;
+        connections.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after the shutdown bound: they end with the process"
+        );
+    }
 }

@@ -13,6 +13,8 @@
 mod connections;
 pub mod metrics;
 mod routes;
+#[cfg(test)]
+mod tests;
 
 pub use connections::ConnectionStats;
 
@@ -37,6 +39,9 @@ use crate::exec::Executor;
 use crate::pool::reaper::ReaperHandle;
 use crate::user::UserId;
 use metrics::Metrics;
+
+/// How long, past the kill grace, shutdown waits for calls and their clean-up to finish.
+const SETTLE_MARGIN: Duration = Duration::from_secs(10);
 
 /// How the daemon ends.
 #[derive(Debug, Clone, Copy, Default)]
@@ -88,7 +93,7 @@ impl Server {
         let token_hash = config
             .api_token
             .as_ref()
-            .map(|t| Sha256::digest(t.as_bytes()).into());
+            .map(|t| Sha256::digest(secrecy::ExposeSecret::expose_secret(t).as_bytes()).into());
         let executor = Executor::from_config(config).await?;
         let mut reaper = None;
         let mut self_check = None;
@@ -177,7 +182,7 @@ impl Server {
         let stop = CancellationToken::new();
         let stopping = stop.clone();
         let all_calls = state.all_calls.clone();
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             shutdown.await;
             tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new connections; calls in flight may finish");
             stopping.cancel();
@@ -186,11 +191,15 @@ impl Server {
             all_calls.cancel();
         });
         let cfg = state.executor_config();
+        // Everything after the signal is bounded: the grace, the kill grace of the calls then
+        // cancelled, and a margin for their clean-up.
+        let settle = cfg.kill_grace + SETTLE_MARGIN;
         let limits = connections::Limits {
             header_timeout: cfg.http_header_timeout,
             body_timeout: cfg.http_body_timeout,
             idle_timeout: cfg.http_idle_timeout,
             max_connections: cfg.http_max_connections,
+            drain: grace + settle,
         };
         let stats = state.connections.clone();
         match self.listener {
@@ -200,12 +209,31 @@ impl Server {
                 let _ = std::fs::remove_file(path);
             }
         }
+        timer.abort();
         // Calls cancelled at the end of the grace stop within the kill grace; make sure they did.
-        while !state.calls.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let drained = tokio::time::timeout(settle, async {
+            while !state.calls.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                calls = state.calls.len(),
+                "calls still running after the kill grace: their supervisors' own deadlines end them"
+            );
         }
         state.reaper.lock().take();
         state.executor.close_channels();
+        // The clean-up of stopped calls and closed channels, and the reaper's last pass.
+        let tasks = state.executor.tasks();
+        tasks.close();
+        if tokio::time::timeout(settle, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                tasks = tasks.len(),
+                "background clean-up still running at exit: the next start's reconcile finishes it"
+            );
+        }
         if let Some(pool) = state.executor.pool() {
             if self.options.remove_on_exit {
                 let n = pool.shutdown_all().await?;
@@ -284,8 +312,6 @@ impl From<Error> for ApiError {
             Error::FileStopped { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
             Error::PoolFull { .. }
-            | Error::DockerUnreachable { .. }
-            | Error::DockerTimeout { .. }
             | Error::ImageMissing { .. }
             | Error::NetworkMismatch { .. }
             | Error::SandboxStart { .. }
@@ -293,8 +319,9 @@ impl From<Error> for ApiError {
             | Error::SelfCheck { .. }
             | Error::DiskQuota { .. }
             | Error::CallStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Engine(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Error::ChannelLost { .. } => StatusCode::BAD_GATEWAY,
-            Error::Config { .. } | Error::Docker { .. } | Error::Io { .. } => {
+            Error::Config { .. } | Error::Engine(_) | Error::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };

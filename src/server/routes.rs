@@ -336,38 +336,33 @@ async fn healthz() -> Response {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let mut checks: BTreeMap<&str, String> = BTreeMap::new();
     if let Some(pool) = state.executor.pool() {
-        let docker = pool.docker();
+        let engine = pool.engine();
         let ok = |r: crate::Result<()>| r.map_or_else(|e| e.to_string(), |_| "ok".to_owned());
-        checks.insert(
-            "docker",
-            ok(docker
-                .call(|| "ping".into(), docker.raw().ping())
-                .await
-                .map(|_| ())),
-        );
+        checks.insert("docker", ok(engine.ping().await.map_err(Into::into)));
         let image = &pool.config().image;
         checks.insert(
             "image",
-            ok(docker
-                .call(
-                    || format!("inspect image {image}"),
-                    docker.raw().inspect_image(image),
-                )
-                .await
-                .map(|_| ())),
+            match engine.image_id(image).await {
+                Ok(Some(_)) => "ok".to_owned(),
+                Ok(None) => crate::Error::ImageMissing {
+                    image: image.clone(),
+                }
+                .to_string(),
+                Err(e) => e.to_string(),
+            },
         );
         let net = &pool.network().name;
-        let network = docker
-            .call(
-                || format!("inspect network {net}"),
-                docker.raw().inspect_network(net, None),
-            )
-            .await;
+        // The public egress policy runs on a network with a way out; the others on an internal one.
+        let internal = pool.config().egress == crate::config::Egress::None;
         checks.insert(
             "network",
-            match network {
-                Ok(n) if n.internal == Some(true) => "ok".to_owned(),
-                Ok(_) => format!("network {net} is no longer internal"),
+            match engine.networks_named(net).await {
+                Ok(n) if n.first().is_some_and(|n| n.internal == internal) => "ok".to_owned(),
+                Ok(n) if n.is_empty() => format!("network {net} is gone"),
+                Ok(_) if internal => format!("network {net} is no longer internal"),
+                Ok(_) => {
+                    format!("network {net} is internal: the public egress policy has no way out")
+                }
                 Err(e) => e.to_string(),
             },
         );

@@ -110,12 +110,16 @@ pub fn program() -> Vec<libc::sock_filter> {
 /// no_new_privs first, as the kernel requires of an unprivileged process (the engine has set it
 /// already: `no-new-privileges`). Returns the OS error if the kernel refused.
 pub fn install() -> std::io::Result<()> {
-    let prog = program();
+    load(&program())
+}
+
+/// Installs `prog`: no allocation, so a forked child of a threaded process (the test) may call it.
+fn load(prog: &[libc::sock_filter]) -> std::io::Result<()> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: prctl with integer arguments.
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only; prctl touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -144,8 +148,9 @@ mod tests {
     fn refused_ioctls_answer_eperm_and_others_pass() {
         let fd = std::fs::File::open("/dev/null").unwrap();
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        // No allocation in here: the forked child below calls it, and the test runs threaded.
         let errno_of = |req: u32| {
-            let mut buf = vec![0u8; 4096];
+            let mut buf = [0u8; 4096];
             // SAFETY: an ioctl on our own descriptor with a 4096-byte buffer that outlives it.
             let rc = unsafe { libc::ioctl(raw, req as _, buf.as_mut_ptr()) };
             if rc == 0 {
@@ -156,11 +161,13 @@ mod tests {
         };
         // The positive control: without the filter /dev/null says "not a tty"-like ENOTTY.
         assert_eq!(errno_of(REFUSED_IOCTLS[1]), libc::ENOTTY);
-        // SAFETY: fork; the child only makes syscalls and exits with _exit.
+        let prog = program();
+        // SAFETY: fork; the child only makes system calls on memory prepared before the fork (no
+        // allocation, no lock another test thread could hold) and exits with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let ok = install().is_ok()
+            let ok = load(&prog).is_ok()
                 && REFUSED_IOCTLS.iter().all(|r| errno_of(*r) == libc::EPERM)
                 && errno_of(0x5000_940f) == libc::ENOTTY // SNAP_DESTROY: not refused
                 && errno_of(libc::FIONREAD as u32) != libc::EPERM;

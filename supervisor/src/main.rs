@@ -35,6 +35,11 @@ mod serve;
 /// The most program text `--stdin-program` accepts.
 const MAX_PROGRAM: usize = 16 << 20;
 
+/// Exit status when the supervisor could not set the call up (a system call it depends on
+/// failed): the command never ran. Distinct from 126 (the working directory cannot be entered)
+/// and 127 (the command cannot be executed), as with `docker run`.
+pub(crate) const EXIT_SETUP: i32 = 125;
+
 static SIG_PIPE_W: AtomicI32 = AtomicI32::new(-1);
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
@@ -51,30 +56,96 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// Routes SIGTERM/SIGINT/SIGHUP (noted in LAST_SIGNAL) and SIGCHLD to a non-blocking pipe that
 /// a poll loop watches, and ignores SIGPIPE (a vanished reader gives EPIPE). Returns the pipe.
+/// Exits (status 125) if any of it fails: a supervisor deaf to SIGTERM could not stop its call.
 pub(crate) fn signal_pipe() -> [libc::c_int; 2] {
-    let sig = pipe_cloexec();
+    let sig = pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("signal pipe: {e}")));
     for fd in sig {
-        // SAFETY: fcntl on our own descriptor.
-        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        // SAFETY: fcntl with integer arguments on a descriptor we just created.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            die_errno("making the signal pipe non-blocking");
+        }
     }
     SIG_PIPE_W.store(sig[1], Ordering::SeqCst);
     for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
-        // SAFETY: installing a handler that only does async-signal-safe work.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(s, &sa, std::ptr::null_mut());
+        // SAFETY: sigaction is plain data, valid when zeroed (empty mask, no flags); the handler
+        // does only async-signal-safe work (atomics and write(2)).
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: sa is a valid, initialised sigaction living across the call; no old action
+        // is asked for.
+        if unsafe { libc::sigaction(s, &sa, std::ptr::null_mut()) } != 0 {
+            die_errno("installing a signal handler");
         }
     }
-    // SAFETY: ignoring SIGPIPE.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // SAFETY: setting SIGPIPE's disposition to SIG_IGN involves no handler code at all.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+        die_errno("ignoring SIGPIPE");
+    }
     sig
 }
 
 fn die(code: i32, msg: &str) -> ! {
     let _ = writeln!(std::io::stderr(), "zcbot-supervise: {msg}");
     std::process::exit(code)
+}
+
+/// Exits 125 naming what failed and the OS error (errno) it failed with.
+fn die_errno(what: &str) -> ! {
+    die(
+        EXIT_SETUP,
+        &format!("{what}: {}", std::io::Error::last_os_error()),
+    )
+}
+
+/// prctl(option, value) or exit 125: the guarantees this process gives depend on it (see
+/// DESIGN.md: a supervisor that cannot make itself non-dumpable or a subreaper refuses to run
+/// rather than run a call it could not contain).
+pub(crate) fn prctl_or_die(option: libc::c_int, value: libc::c_ulong, what: &str) {
+    // SAFETY: the options passed here (DUMPABLE, CHILD_SUBREAPER) take an integer and no
+    // pointer; prctl touches no memory of ours.
+    if unsafe { libc::prctl(option, value, 0, 0, 0) } != 0 {
+        die_errno(&format!("prctl {what} (refusing to run without it)"));
+    }
+}
+
+/// In a forked child before exec: unless `ok`, writes "zcbot-supervise: WHAT failed (errno N)"
+/// to stderr and leaves with [`EXIT_SETUP`]. Only async-signal-safe calls (write, _exit) and no
+/// allocation: the child of a fork may not take a lock another thread held.
+pub(crate) fn child_check(ok: bool, what: &[u8]) {
+    if ok {
+        return;
+    }
+    // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's life.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut msg = [0u8; 160];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        let n = bytes.len().min(msg.len() - len);
+        msg[len..len + n].copy_from_slice(&bytes[..n]);
+        len += n;
+    };
+    put(b"zcbot-supervise: ");
+    put(what);
+    put(b" failed (errno ");
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut n = errno.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    put(&digits[at..]);
+    put(b")\n");
+    // SAFETY: write(2) from a live stack buffer and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), len);
+        libc::_exit(EXIT_SETUP);
+    }
 }
 
 /// One call to supervise (from the command line, or from a channel START).
@@ -101,7 +172,7 @@ fn main() {
         let mut value = |name: &str| {
             raw.next()
                 .and_then(|v| v.into_string().ok())
-                .unwrap_or_else(|| die(125, &format!("{name} needs a value")))
+                .unwrap_or_else(|| die(EXIT_SETUP, &format!("{name} needs a value")))
         };
         match a.to_str() {
             Some("--call-id") => args.call_id = value("--call-id"),
@@ -122,43 +193,50 @@ fn main() {
                 args.argv = raw.by_ref().collect();
                 break;
             }
-            _ => die(125, &format!("unknown argument {a:?}")),
+            _ => die(EXIT_SETUP, &format!("unknown argument {a:?}")),
         }
     }
     if args.argv.is_empty() {
-        die(125, "no command given after --");
+        die(EXIT_SETUP, "no command given after --");
     }
     std::process::exit(supervise(args))
 }
 
 fn millis(v: &str) -> u64 {
-    v.parse()
-        .unwrap_or_else(|_| die(125, &format!("{v:?} is not a number of milliseconds")))
+    v.parse().unwrap_or_else(|_| {
+        die(
+            EXIT_SETUP,
+            &format!("{v:?} is not a number of milliseconds"),
+        )
+    })
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> CString {
-    CString::new(s.as_ref()).unwrap_or_else(|_| die(125, "an argument contains a NUL byte"))
+    CString::new(s.as_ref()).unwrap_or_else(|_| die(EXIT_SETUP, "an argument contains a NUL byte"))
 }
 
-pub(crate) fn pipe_cloexec() -> [libc::c_int; 2] {
+/// A pipe whose ends close on exec (the caller owns both).
+pub(crate) fn pipe_cloexec() -> std::io::Result<[libc::c_int; 2]> {
     let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
+    // SAFETY: pipe2 writes two ints into fds, a live array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        die(125, &format!("pipe: {}", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
-    fds
+    Ok(fds)
 }
 
+/// Runs one call to its end and returns its exit status. Refuses (exit 125, saying what failed)
+/// when anything its guarantees rest on cannot be set up.
 pub(crate) fn supervise(args: Args) -> i32 {
-    // SAFETY: plain prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    // SAFETY: as above. Non-dumpable: the call's own code (same uid) can neither ptrace this
-    // supervisor nor open its /proc/PID/mem to rewrite the code that stops it; the command it
-    // executes becomes dumpable again, as any program.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Descendants that escape with setsid or a double fork re-parent here, not to init.
+    prctl_or_die(libc::PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER 1");
+    // Non-dumpable: the call's own code (same uid) can neither ptrace this supervisor nor open
+    // its /proc/PID/mem to rewrite the code that stops it; the command it executes becomes
+    // dumpable again, as any program.
+    prctl_or_die(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE 0");
     // Everything the call runs inherits it: no nested btrfs subvolume escapes the disk quota.
     if let Err(e) = filter::install() {
-        die(125, &format!("installing the seccomp filter: {e}"));
+        die(EXIT_SETUP, &format!("installing the seccomp filter: {e}"));
     }
 
     let mut argv: Vec<CString> = args.argv.iter().map(|a| cstr(a.as_bytes())).collect();
@@ -168,38 +246,40 @@ pub(crate) fn supervise(args: Args) -> i32 {
         let n = std::io::stdin()
             .take(MAX_PROGRAM as u64 + 1)
             .read_to_end(&mut code)
-            .unwrap_or_else(|e| die(125, &format!("reading the program from stdin: {e}")));
+            .unwrap_or_else(|e| die(EXIT_SETUP, &format!("reading the program from stdin: {e}")));
         if n > MAX_PROGRAM {
-            die(125, "the program is larger than 16 MiB");
+            die(EXIT_SETUP, "the program is larger than 16 MiB");
         }
         // SAFETY: a valid NUL-terminated name; flags 0 (no CLOEXEC: the child must inherit it).
         program_fd = unsafe { libc::memfd_create(c"zcbot-program".as_ptr(), 0) };
         if program_fd < 0 {
-            die(
-                125,
-                &format!("memfd_create: {}", std::io::Error::last_os_error()),
-            );
+            die_errno("memfd_create for the program");
         }
-        write_all(program_fd, &code);
+        // A program cut short would run as a different program: refuse instead.
+        if !write_all(program_fd, &code) {
+            die_errno("writing the program into its memfd");
+        }
         argv.push(cstr(format!("/proc/self/fd/{program_fd}")));
     }
 
     let sig = signal_pipe();
 
-    let out = pipe_cloexec();
-    let err = pipe_cloexec();
+    let out = pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("stdout pipe: {e}")));
+    let err = pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("stderr pipe: {e}")));
     let workdir = args.workdir.as_deref().map(cstr);
     let devnull = c"/dev/null";
     let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
 
-    // SAFETY: after fork the child only calls async-signal-safe functions before execvp.
+    // SAFETY: the supervisor is single-threaded, and after fork the child only calls
+    // async-signal-safe functions (on memory prepared above) before execvp or _exit.
     let child = unsafe { libc::fork() };
     if child < 0 {
-        die(125, &format!("fork: {}", std::io::Error::last_os_error()));
+        die_errno("fork");
     }
     if child == 0 {
-        // SAFETY: child side of fork; every call here is async-signal-safe.
+        // SAFETY: child side of fork: signal, setsid, open, dup2, chdir, write, execvp and _exit
+        // are async-signal-safe; every pointer is to a C string or array built before the fork.
         unsafe {
             for s in [
                 libc::SIGTERM,
@@ -208,13 +288,18 @@ pub(crate) fn supervise(args: Args) -> i32 {
                 libc::SIGCHLD,
                 libc::SIGPIPE,
             ] {
-                libc::signal(s, libc::SIG_DFL);
+                child_check(
+                    libc::signal(s, libc::SIG_DFL) != libc::SIG_ERR,
+                    b"resetting a signal handler",
+                );
             }
-            libc::setsid();
-            let null = libc::open(devnull.as_ptr(), libc::O_RDONLY);
-            libc::dup2(null, 0);
-            libc::dup2(out[1], 1);
-            libc::dup2(err[1], 2);
+            child_check(libc::setsid() >= 0, b"setsid");
+            let null = libc::open(devnull.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            child_check(null >= 0, b"opening /dev/null");
+            // The output pipes first: a failure after them is reported on the call's stderr.
+            child_check(libc::dup2(err[1], 2) == 2, b"dup2 of the command's stderr");
+            child_check(libc::dup2(out[1], 1) == 1, b"dup2 of the command's stdout");
+            child_check(libc::dup2(null, 0) == 0, b"dup2 of the command's stdin");
             if let Some(dir) = &workdir {
                 if libc::chdir(dir.as_ptr()) != 0 {
                     let msg = b"zcbot-supervise: cannot enter the working directory\n";
@@ -354,7 +439,7 @@ pub(crate) fn supervise(args: Args) -> i32 {
     exit_override
         .filter(|_| kill_phase.is_some_and(|(_, why)| why))
         .or(status)
-        .unwrap_or(125)
+        .unwrap_or(EXIT_SETUP)
 }
 
 /// Writes everything (blocking); false when the reader is gone (the caller drops the output and
@@ -453,8 +538,8 @@ fn kill_everything() {
         signal_all(&descendants(), &[libc::SIGSTOP]);
         signal_all(&descendants(), &[libc::SIGKILL]);
         loop {
-            // SAFETY: reaping children; ws is a valid pointer.
             let mut ws = 0;
+            // SAFETY: waitpid only writes the status through a pointer to a live local int.
             if unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG) } <= 0 {
                 break;
             }
@@ -491,7 +576,7 @@ fn signal_call(call_id: &str) -> i32 {
 
 /// `--sweep`: kills orphans of killed supervisors (processes of this uid whose parent is PID 1).
 pub(crate) fn sweep() -> i32 {
-    // SAFETY: getuid never fails.
+    // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     for _ in 0..1000 {
         let procs = processes();
@@ -509,4 +594,53 @@ pub(crate) fn sweep() -> i32 {
         std::thread::sleep(Duration::from_millis(5));
     }
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a forked child says and exits with when a call before exec fails: the step and the
+    /// errno on its stderr, status 125; a step that worked changes nothing.
+    #[test]
+    fn a_failed_step_before_exec_is_reported_and_exits_125() {
+        let [r, w] = pipe_cloexec().unwrap();
+        // SAFETY: fork; the child only makes async-signal-safe calls and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: dup2 and close with integers; close(-1) fails with EBADF, setting errno.
+            unsafe {
+                libc::dup2(w, 2);
+                libc::close(-1);
+            }
+            child_check(true, b"a step that worked");
+            child_check(false, b"dup2 of the test's stdout");
+            // SAFETY: not reached when child_check works; leaves without destructors.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: closing our copy of the write end, so the read below ends with the child.
+        unsafe { libc::close(w) };
+        let mut said = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: reading into a live buffer of the length given.
+            let n = unsafe { libc::read(r, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            said.extend_from_slice(&buf[..n as usize]);
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a pointer to a live int.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(
+            String::from_utf8_lossy(&said),
+            format!(
+                "zcbot-supervise: dup2 of the test's stdout failed (errno {})\n",
+                libc::EBADF
+            )
+        );
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_SETUP);
+    }
 }

@@ -18,13 +18,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use zcbot_supervise::proto::{self, Decoder, Start};
+use zcbot_supervise::proto::{self, Decoder, FromHelper, Start, ToHelper};
 
-use crate::{pipe_cloexec, signal_pipe, sweep, write_all, Args, LAST_SIGNAL, SIG_PIPE_W};
+use crate::{
+    child_check, pipe_cloexec, signal_pipe, sweep, write_all, Args, LAST_SIGNAL, SIG_PIPE_W,
+};
 
 /// One output stream of one call.
 struct Stream {
@@ -49,7 +52,7 @@ impl Stream {
     }
 
     /// Forwards what still fits the head; keeps the rest in the tail ring, counting what falls out.
-    fn take(&mut self, data: &[u8], id: u64, no: u8, out: &mut Vec<u8>) {
+    fn take(&mut self, data: &[u8], id: u64, no: proto::Stream, out: &mut Vec<u8>) {
         let h = data.len().min(self.head_left);
         if h > 0 {
             output_frame(out, id, no, &data[..h]);
@@ -69,11 +72,13 @@ impl Stream {
     }
 
     /// Sends the count of dropped bytes and the kept tail.
-    fn finish(&mut self, id: u64, no: u8, out: &mut Vec<u8>) {
+    fn finish(&mut self, id: u64, no: proto::Stream, out: &mut Vec<u8>) {
         if self.skipped > 0 {
-            let mut p = vec![no];
-            p.extend_from_slice(&self.skipped.to_be_bytes());
-            proto::encode(out, proto::SKIPPED, id, &p);
+            FromHelper::Skipped {
+                stream: no,
+                n: self.skipped,
+            }
+            .encode(id, out);
         }
         let tail: Vec<u8> = self.tail.drain(..).collect();
         for chunk in tail.chunks(proto::CHUNK) {
@@ -82,11 +87,12 @@ impl Stream {
     }
 }
 
-fn output_frame(out: &mut Vec<u8>, id: u64, no: u8, bytes: &[u8]) {
-    let mut p = Vec::with_capacity(bytes.len() + 1);
-    p.push(no);
-    p.extend_from_slice(bytes);
-    proto::encode(out, proto::OUTPUT, id, &p);
+fn output_frame(out: &mut Vec<u8>, id: u64, stream: proto::Stream, bytes: &[u8]) {
+    FromHelper::Output {
+        stream,
+        bytes: bytes.to_vec(),
+    }
+    .encode(id, out);
 }
 
 /// One running call: its supervisor and its two output pipes.
@@ -97,12 +103,15 @@ struct Call {
     status: Option<(i32, bool)>,
 }
 
-fn set_nonblocking(fd: libc::c_int) {
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+/// Makes `fd` non-blocking: the poll loop must never sit in one read while other calls wait.
+fn set_nonblocking(fd: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: fcntl with integer arguments only; at worst it fails with EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 fn errno() -> i32 {
@@ -110,25 +119,49 @@ fn errno() -> i32 {
 }
 
 /// Runs the server until the daemon closes the channel; returns the exit status.
+///
+/// Whatever the guarantees rest on is checked before the greeting: without it the helper exits
+/// 125 saying what failed, and the daemon, getting no greeting, serves this container by per-call
+/// exec (whose supervisor checks what it rests on in turn).
 pub fn serve() -> i32 {
-    // SAFETY: prctl with integer arguments. Non-dumpable: no ptrace, no /proc/PID/fd for the
-    // sandbox user; executed supervisors become dumpable again, as any process.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Non-dumpable: no ptrace, no /proc/PID/fd for the sandbox user; executed supervisors become
+    // dumpable again, as any process.
+    crate::prctl_or_die(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE 0");
     // The helper carries the filter too (see filter.rs): whatever it forks inherits it.
     if let Err(e) = crate::filter::install() {
-        crate::die(125, &format!("installing the seccomp filter: {e}"));
+        crate::die(
+            crate::EXIT_SETUP,
+            &format!("installing the seccomp filter: {e}"),
+        );
     }
-    // SAFETY: getpid never fails.
+    // Every call's supervisor is forked with only fds 0-2 left open (close_range, Linux 5.9):
+    // closing the range [MAX, MAX] touches nothing and tells whether the kernel has it.
+    if let Err(e) = close_range_from(libc::c_uint::MAX) {
+        crate::die(
+            crate::EXIT_SETUP,
+            &format!(
+                "close_range is unavailable ({e}): this kernel cannot serve calls over the channel"
+            ),
+        );
+    }
+    // SAFETY: getpid has no preconditions and cannot fail.
     let me = unsafe { libc::getpid() };
 
     // A vanished daemon gives EPIPE instead of killing the server.
     let sig = signal_pipe();
-    set_nonblocking(0);
+    if let Err(e) = set_nonblocking(0) {
+        crate::die(
+            crate::EXIT_SETUP,
+            &format!("making the channel's input non-blocking: {e}"),
+        );
+    }
 
     let mut out = Vec::new();
-    let mut hello = proto::VERSION.to_be_bytes().to_vec();
-    hello.extend_from_slice(&(me as u32).to_be_bytes());
-    proto::encode(&mut out, proto::HELLO, 0, &hello);
+    FromHelper::Hello {
+        version: proto::VERSION,
+        pid: me as u32,
+    }
+    .encode(0, &mut out);
 
     let mut decoder = Decoder::new(proto::MAX_TO_HELPER);
     let mut calls: HashMap<u64, Call> = HashMap::new();
@@ -206,35 +239,40 @@ pub fn serve() -> i32 {
                 break;
             }
             loop {
-                match decoder.next_frame() {
+                let f = match decoder.next_frame() {
                     Ok(None) => break,
-                    Ok(Some(f)) if f.kind == proto::START => {
-                        match Start::decode(&f.payload)
-                            .map_err(|e| e.to_string())
-                            .and_then(|s| start_call(f.id, &s, me, &calls))
-                        {
-                            Ok(call) => {
-                                by_pid.insert(call.pid, f.id);
-                                proto::encode(
-                                    &mut out,
-                                    proto::STARTED,
-                                    f.id,
-                                    &(call.pid as u32).to_be_bytes(),
-                                );
-                                calls.insert(f.id, call);
-                            }
-                            Err(reason) => {
-                                proto::encode(&mut out, proto::FAILED, f.id, reason.as_bytes())
-                            }
-                        }
+                    Ok(Some(f)) => f,
+                    Err(_) => {
+                        // Not our daemon speaking: stop serving.
+                        input_open = false;
+                        break;
                     }
-                    Ok(Some(f)) if f.kind == proto::CANCEL => {
-                        if let Some(call) = calls.get(&f.id) {
+                };
+                let (kind, id) = (f.kind, f.id);
+                match ToHelper::decode(f) {
+                    Ok((id, ToHelper::Start(s))) => match start_call(id, &s, me, &calls) {
+                        Ok(call) => {
+                            by_pid.insert(call.pid, id);
+                            FromHelper::Started {
+                                pid: call.pid as u32,
+                            }
+                            .encode(id, &mut out);
+                            calls.insert(id, call);
+                        }
+                        Err(reason) => FromHelper::Failed { reason }.encode(id, &mut out),
+                    },
+                    Ok((id, ToHelper::Cancel)) => {
+                        if let Some(call) = calls.get(&id) {
                             stop(call.pid);
                         }
                     }
-                    Ok(Some(_)) | Err(_) => {
-                        // Not our daemon speaking: stop serving.
+                    // A start whose payload cannot be read fails that call only, as it always
+                    // did: the daemon learns why.
+                    Err(e) if kind == proto::START && id != 0 => FromHelper::Failed {
+                        reason: format!("the start request is malformed: {e}"),
+                    }
+                    .encode(id, &mut out),
+                    Err(_) => {
                         input_open = false;
                         break;
                     }
@@ -256,7 +294,7 @@ pub fn serve() -> i32 {
             // SAFETY: reading into a buffer we own.
             let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
             if n > 0 {
-                stream.take(&chunk[..n as usize], *id, *s as u8 + 1, &mut out);
+                stream.take(&chunk[..n as usize], *id, proto::Stream::BOTH[*s], &mut out);
             } else if n == 0 || !matches!(errno(), libc::EAGAIN | libc::EINTR) {
                 stream.open = false;
                 // SAFETY: closing our own read end.
@@ -293,14 +331,46 @@ pub fn serve() -> i32 {
                 // orphans of PID 1, which every live call's processes are not. Kill exactly those.
                 sweep();
             }
-            for (k, s) in call.streams.iter_mut().enumerate() {
-                s.finish(id, k as u8 + 1, &mut out);
+            for (s, no) in call.streams.iter_mut().zip(proto::Stream::BOTH) {
+                s.finish(id, no, &mut out);
             }
-            let mut p = status.to_be_bytes().to_vec();
-            p.push(u8::from(signaled));
-            proto::encode(&mut out, proto::EXIT, id, &p);
+            FromHelper::Exit { status, signaled }.encode(id, &mut out);
         }
     }
+}
+
+/// Takes ownership of what a call returning a descriptor or -1 returned.
+fn owned(fd: libc::c_int) -> std::io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by a successful call that created it; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A close-on-exec pipe, each end owned: an error path closes what it opened.
+fn owned_pipe() -> Result<[OwnedFd; 2], String> {
+    let [r, w] = pipe_cloexec().map_err(|e| format!("cannot start the call: pipe: {e}"))?;
+    // SAFETY: both were just created by pipe2 and are owned by nothing else.
+    Ok(unsafe { [OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)] })
+}
+
+/// Closes every descriptor from `first` up (close_range(2), Linux 5.9). Async-signal-safe: a
+/// single system call.
+fn close_range_from(first: libc::c_uint) -> std::io::Result<()> {
+    // SAFETY: close_range takes three unsigned ints (passed as such) and touches no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// SIGTERM to a call's supervisor (SIGCONT first, in case it was stopped): it kills its subtree.
@@ -368,48 +438,70 @@ fn start_call(
     // The call's stdin: the program in a memfd (read by the supervisor, never a file), or nothing.
     let stdin_fd = match &start.program {
         Some(program) => {
-            // SAFETY: a valid NUL-terminated name.
+            // SAFETY: a valid NUL-terminated name and plain flags; returns a new fd or -1.
             let fd = unsafe { libc::memfd_create(c"zcbot-program".as_ptr(), libc::MFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-            }
-            if !write_all(fd, program) {
-                // SAFETY: closing our own descriptor.
-                unsafe { libc::close(fd) };
+            let fd = owned(fd).map_err(|e| format!("memfd_create: {e}"))?;
+            if !write_all(fd.as_raw_fd(), program) {
                 return Err("could not hold the program in memory".into());
             }
-            // SAFETY: rewinding our own descriptor.
-            unsafe { libc::lseek(fd, 0, libc::SEEK_SET) };
+            // SAFETY: lseek on a descriptor we own, with integer arguments.
+            if unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_SET) } != 0 {
+                return Err(format!(
+                    "rewinding the program: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
             fd
         }
-        // SAFETY: opening /dev/null.
-        None => unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+        None => {
+            // SAFETY: a valid NUL-terminated path and plain flags; returns a new fd or -1.
+            let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            owned(fd).map_err(|e| format!("opening /dev/null: {e}"))?
+        }
     };
-    let outp = pipe_cloexec();
-    let errp = pipe_cloexec();
+    let [out_r, out_w] = owned_pipe()?;
+    let [err_r, err_w] = owned_pipe()?;
+    // Before the fork, so nothing can fail after it that would leave a call nobody reads.
+    for fd in [&out_r, &err_r] {
+        set_nonblocking(fd.as_raw_fd()).map_err(|e| format!("preparing the output pipes: {e}"))?;
+    }
+    let (stdin_raw, out_raw, err_raw) =
+        (stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd());
 
     // Fork without exec: the child is the call's supervisor (an exec of this binary would cost
-    // another pass through the container's file system). Safe because the server is
-    // single-threaded: no lock can be held by a thread that does not exist in the child.
-    // SAFETY: see above.
+    // another pass through the container's file system).
+    // SAFETY: the server is single-threaded, so no lock or allocator state can be held by a
+    // thread that does not exist in the child; until its descriptors are in place the child makes
+    // only async-signal-safe calls, and it never returns into the server's loop (_exit below).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: child side of fork, single-threaded.
+        // SAFETY: child side of the fork: signal, dup2, syscall(close_range), prctl, getppid are
+        // async-signal-safe and take integers or pointers to static C strings; child_check
+        // writes and _exits.
         unsafe {
             for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
-                libc::signal(s, libc::SIG_DFL);
+                child_check(
+                    libc::signal(s, libc::SIG_DFL) != libc::SIG_ERR,
+                    b"resetting a signal handler",
+                );
             }
-            // If the server dies, every call is stopped (SIGTERM: the supervisor kills its tree).
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
-            if libc::getppid() != me {
-                libc::_exit(125);
-            }
-            libc::prctl(libc::PR_SET_NAME, c"zcbot-call".as_ptr(), 0, 0, 0);
-            libc::dup2(stdin_fd, 0);
-            libc::dup2(outp[1], 1);
-            libc::dup2(errp[1], 2);
+            // Descriptors first, so a failure below is reported on the call's own stderr.
+            child_check(libc::dup2(stdin_raw, 0) == 0, b"dup2 of the call's stdin");
+            child_check(libc::dup2(out_raw, 1) == 1, b"dup2 of the call's stdout");
+            child_check(libc::dup2(err_raw, 2) == 2, b"dup2 of the call's stderr");
             // Nothing of the server's (the channel, other calls' pipes) stays open in the call.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            child_check(close_range_from(3).is_ok(), b"close_range");
+            // If the server dies, every call is stopped (SIGTERM: the supervisor kills its tree).
+            child_check(
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) == 0,
+                b"prctl PR_SET_PDEATHSIG",
+            );
+            // The server died before the line above: nobody would stop or read this call.
+            if libc::getppid() != me {
+                libc::_exit(crate::EXIT_SETUP);
+            }
+            // Only the name in `ps`: a failure changes nothing that matters.
+            libc::prctl(libc::PR_SET_NAME, c"zcbot-call".as_ptr(), 0, 0, 0);
         }
         SIG_PIPE_W.store(-1, Ordering::SeqCst);
         LAST_SIGNAL.store(0, Ordering::SeqCst);
@@ -420,22 +512,14 @@ fn start_call(
             std::env::set_var(k, v);
         }
         let status = crate::supervise(args);
-        // SAFETY: leave without running anything inherited from the server.
+        // SAFETY: _exit leaves without running anything inherited from the server (its buffers,
+        // atexit handlers); it cannot fail.
         unsafe { libc::_exit(status) };
     }
     let fork_error = std::io::Error::last_os_error();
-    // SAFETY: closing our copies of the child's ends.
-    unsafe {
-        libc::close(stdin_fd);
-        libc::close(outp[1]);
-        libc::close(errp[1]);
-    }
+    // Our copies of the child's ends: the pipes must end when the call's last writer is gone.
+    drop((stdin_fd, out_w, err_w));
     if pid < 0 {
-        // SAFETY: closing the read ends nobody will use.
-        unsafe {
-            libc::close(outp[0]);
-            libc::close(errp[0]);
-        }
         let hint = if fork_error.raw_os_error() == Some(libc::EAGAIN) {
             " (the sandbox's process limit, ZCBOT_SANDBOX_PIDS, is probably reached)"
         } else {
@@ -443,12 +527,13 @@ fn start_call(
         };
         return Err(format!("cannot start the call: fork: {fork_error}{hint}"));
     }
-    set_nonblocking(outp[0]);
-    set_nonblocking(errp[0]);
     let cap = start.cap.min(1 << 30) as usize;
     Ok(Call {
         pid,
-        streams: [Stream::new(outp[0], cap), Stream::new(errp[0], cap)],
+        streams: [
+            Stream::new(out_r.into_raw_fd(), cap),
+            Stream::new(err_r.into_raw_fd(), cap),
+        ],
         status: None,
     })
 }

@@ -1,0 +1,281 @@
+//! Per-call exec: one engine exec per call, running the in-container supervisor as the tenant's
+//! uid (`ZCBOT_EXEC_TRANSPORT=exec`, and the channel's fallback).
+//!
+//! The engine has no API to kill an exec, and dropping the attached stream does not stop it. So a
+//! call is stopped by signalling its supervisor, which kills the call's whole subtree (setsid and
+//! double-fork escapes re-parent to it: it is a child subreaper):
+//! - as root on the host: by the supervisor's host PID from the exec's state, through a pidfd,
+//!   after checking that the process's command line names this call (so a PID from another
+//!   namespace or a recycled PID is never signalled);
+//! - otherwise: by a second exec, `zcbot-supervise --signal CALL_ID`, as the tenant's uid.
+//!
+//! If the supervisor itself dies (the sandbox user can kill it: same uid), its orphans re-parent
+//! to the container's init, and `zcbot-supervise --sweep` kills exactly those: every live call's
+//! processes descend from a live supervisor. If even that fails, the container is recycled (by
+//! id: a replacement and its calls are left alone).
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::output::Capture;
+use super::stop::{drive, signal_verified, CallStop, StopGuard};
+use super::transport::{
+    exec_spec, run_collect, workdir_path, Attempt, Helper, Transport, BACKSTOP, STOP_MARGIN,
+    SUPERVISOR,
+};
+use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec};
+use crate::engine::{Attached, Chunk, ExecStart, SharedEngine};
+use crate::pool::{Lease, SandboxPool};
+use crate::user::UserId;
+
+/// Runs each call by its own engine exec.
+pub(crate) struct PerCallExec {
+    pool: SandboxPool,
+}
+
+impl PerCallExec {
+    pub(crate) fn new(pool: SandboxPool) -> Self {
+        PerCallExec { pool }
+    }
+}
+
+impl Transport for PerCallExec {
+    fn run<'a>(
+        &'a self,
+        lease: Lease,
+        spec: &'a ProcessSpec,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<ProcessOutcome, Attempt>> {
+        self.run_once(lease, spec, cancel).boxed()
+    }
+}
+
+impl PerCallExec {
+    async fn run_once(
+        &self,
+        lease: Lease,
+        spec: &ProcessSpec,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, Attempt> {
+        let engine = self.pool.engine().clone();
+        let cfg = self.pool.config();
+        let container = lease.sandbox().name.clone();
+        let container_id = lease.sandbox().container_id.clone();
+        let call_id = new_call_id();
+        let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
+        let backstop = spec.timeout + cfg.kill_grace + BACKSTOP;
+        let mut cmd = vec![
+            SUPERVISOR.to_owned(),
+            "--call-id".into(),
+            call_id.clone(),
+            "--timeout-ms".into(),
+            backstop.as_millis().to_string(),
+            "--grace-ms".into(),
+            cfg.kill_grace.as_millis().to_string(),
+        ];
+        if let Some(dir) = workdir_path(spec) {
+            cmd.push("--workdir".into());
+            cmd.push(dir);
+        }
+        if spec.program.is_some() {
+            cmd.push("--stdin-program".into());
+        }
+        cmd.push("--".into());
+        cmd.extend(spec.argv.iter().cloned());
+        let exec = exec_spec(cmd, &uid, base_env(&spec.env), spec.program.is_some());
+        let Attached {
+            id: exec_id,
+            mut output,
+            mut input,
+        } = match engine
+            .exec(&container, exec)
+            .await
+            .map_err(|e| Attempt::Failed(e.into()))?
+        {
+            ExecStart::Attached(a) => a,
+            // Gone or stopped before the process started: recreate and retry.
+            ExecStart::ContainerGone => return Err(Attempt::Gone(container_id)),
+        };
+        // From here on the call's processes may be running: whatever ends this future kills them.
+        let grace = cfg.kill_grace + STOP_MARGIN;
+        let call = ExecCall {
+            engine: engine.clone(),
+            pool: self.pool.clone(),
+            exec_id,
+            call_id,
+            container: container.clone(),
+            container_id,
+            user: lease.user().clone(),
+            uid,
+        };
+        let guard = StopGuard::new(call, lease, grace, self.pool.tasks().clone());
+        if let Some(program) = &spec.program {
+            let fed = tokio::time::timeout(engine.timeout(), async {
+                input.write_all(program).await?;
+                input.shutdown().await
+            })
+            .await;
+            if !matches!(fed, Ok(Ok(()))) {
+                tracing::warn!(container = %container, "could not hand the program to the sandbox");
+            }
+        }
+        drop(input);
+
+        let mut stdout = Capture::new(cfg.output_cap);
+        let mut stderr = Capture::new(cfg.output_cap);
+        let read = async {
+            while let Some(item) = output.next().await {
+                match item {
+                    Ok(Chunk::Stderr(b)) => stderr.push(&b),
+                    Ok(Chunk::Stdout(b)) => stdout.push(&b),
+                    Err(e) => {
+                        tracing::warn!(container = %container, error = %e, "exec stream broke");
+                        break;
+                    }
+                }
+            }
+        };
+        let ended = drive(read, spec.timeout, cancel, grace, || guard.call().stop()).await;
+        let forced = ended.value.is_none();
+        if forced {
+            tracing::warn!(container = %container, "supervisor did not stop in time: forcing");
+        }
+        drop(output);
+        let (call, lease) = guard.disarm();
+        // The stream can end a moment before the engine records the exit: wait for it briefly.
+        let mut state = None;
+        for _ in 0..200 {
+            state = engine.exec_state(&call.exec_id).await.ok().flatten();
+            if forced || !state.is_some_and(|s| s.running) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let running = state.is_some_and(|s| s.running);
+        let exit_code = state.and_then(|s| s.exit_code).map(|c| c as i32);
+        // 137: SIGKILL, which the supervisor never sends itself. It may have been killed (kill -9
+        // from the sandbox, the OOM killer), leaving orphans: sweep them.
+        if forced || running || exit_code.is_none_or(|c| c == 137) {
+            call.force_cleanup(running || forced).await;
+        }
+        drop(lease);
+        Ok(ProcessOutcome {
+            exit_code,
+            stdout: stdout.finish(),
+            stderr: stderr.finish(),
+            timed_out: ended.timed_out,
+            cancelled: ended.cancelled,
+        })
+    }
+}
+
+/// Everything needed to stop one call made by its own exec.
+struct ExecCall {
+    engine: SharedEngine,
+    pool: SandboxPool,
+    exec_id: String,
+    call_id: String,
+    container: String,
+    container_id: String,
+    user: UserId,
+    uid: String,
+}
+
+impl ExecCall {
+    /// Asks the supervisor to stop the call (SIGTERM; it kills its subtree).
+    async fn request_stop(&self) {
+        if self
+            .signal_by_host_pid(&[libc::SIGCONT, libc::SIGTERM])
+            .await
+        {
+            return;
+        }
+        let argv = [SUPERVISOR, "--signal", &self.call_id];
+        let signalled = run_collect(
+            self.engine.as_ref(),
+            &self.container,
+            &self.uid,
+            &argv,
+            self.engine.timeout(),
+            4096,
+        )
+        .await;
+        if let Err(e) = signalled {
+            tracing::warn!(container = %self.container, error = %e, "could not signal the call's supervisor");
+        }
+    }
+
+    /// Signals the supervisor by its host PID, if this process may and the PID really is this
+    /// call's supervisor. Returns whether the signals were delivered.
+    async fn signal_by_host_pid(&self, signals: &[libc::c_int]) -> bool {
+        if !nix::unistd::geteuid().is_root() {
+            return false;
+        }
+        let Ok(Some(state)) = self.engine.exec_state(&self.exec_id).await else {
+            return false;
+        };
+        let Some(pid) = state.pid.filter(|p| *p > 0) else {
+            return false;
+        };
+        signal_verified(pid as i32, "--call-id", &self.call_id, signals)
+    }
+
+    /// The supervisor died or would not stop: kill it, then its orphans; recycle the container if
+    /// that does not work.
+    async fn force_cleanup(&self, supervisor_alive: bool) {
+        if supervisor_alive {
+            self.signal_by_host_pid(&[libc::SIGKILL]).await;
+        }
+        let argv = [SUPERVISOR, "--sweep"];
+        let swept = run_collect(
+            self.engine.as_ref(),
+            &self.container,
+            &self.uid,
+            &argv,
+            self.engine.timeout(),
+            4096,
+        )
+        .await;
+        match swept {
+            Ok(Helper::Ran(out)) if out.exit_code == Some(0) => {}
+            // The container is gone, and its processes with it.
+            Ok(Helper::ContainerGone) => {}
+            _ => {
+                tracing::warn!(container = %self.container, "could not sweep a call's leftovers: recycling the sandbox");
+                if let Err(e) = self.pool.recycle(&self.user, &self.container_id).await {
+                    tracing::warn!(container = %self.container, error = %e, "could not recycle the sandbox");
+                }
+            }
+        }
+    }
+}
+
+impl CallStop for ExecCall {
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        self.request_stop().boxed()
+    }
+
+    fn wait_gone(&self, until: Instant) -> BoxFuture<'_, bool> {
+        async move {
+            loop {
+                match self.engine.exec_state(&self.exec_id).await {
+                    Ok(Some(s)) if !s.running => return true,
+                    // The exec, and its container, are gone.
+                    Ok(None) => return true,
+                    _ if Instant::now() >= until => return false,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn force(&self) -> BoxFuture<'_, ()> {
+        self.force_cleanup(true).boxed()
+    }
+}

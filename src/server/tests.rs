@@ -1,0 +1,244 @@
+//! The routes on the fake engine, through axum's `oneshot`: auth, validation before any engine
+//! work, a call's round trip, readiness, and state that does not grow with names.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::{connections, metrics::Metrics, routes, AppState};
+use crate::engine::{FakeEngine, Op};
+use crate::exec::docker::DockerExecutor;
+use crate::exec::Executor;
+use crate::pool::tests::{config, engine, pool_on, TempDir};
+use crate::pool::SandboxPool;
+
+const TOKEN: &str = "s3cret-token";
+
+struct Api {
+    state: Arc<AppState>,
+    pool: SandboxPool,
+    fake: FakeEngine,
+    _dir: TempDir,
+}
+
+/// A daemon's state on the fake engine, per-call exec (the fake answers execs by a handler), the
+/// reaper running, with a token.
+async fn api() -> Api {
+    let dir = TempDir::new();
+    let fake = engine();
+    // A supervised call: everything after `--` is the call's argv; answer with it.
+    fake.on_exec(Arc::new(|spec| {
+        let argv: Vec<&str> = spec
+            .cmd
+            .iter()
+            .skip_while(|a| *a != "--")
+            .skip(1)
+            .map(String::as_str)
+            .collect();
+        (0, format!("ran {argv:?}").into_bytes(), Vec::new())
+    }));
+    let pool = pool_on(&fake, config(&dir, &[("ZCBOT_EXEC_TRANSPORT", "exec")])).await;
+    let reaper = pool.spawn_reaper();
+    let executor = Executor::Docker(DockerExecutor::new(pool.clone()));
+    let connections = Arc::new(connections::ConnectionStats::default());
+    let metrics = Metrics::new(executor.pool(), executor.transport_stats(), &connections);
+    let state = Arc::new(AppState {
+        executor,
+        token_hash: Some(Sha256::digest(TOKEN.as_bytes()).into()),
+        calls: DashMap::new(),
+        per_user: DashMap::new(),
+        metrics,
+        reaper: Mutex::new(Some(reaper)),
+        self_check: None,
+        all_calls: CancellationToken::new(),
+        connections,
+    });
+    Api {
+        state,
+        pool,
+        fake,
+        _dir: dir,
+    }
+}
+
+impl Api {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: bool,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if token {
+            req = req.header("authorization", format!("Bearer {TOKEN}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let resp = routes::router(self.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+#[tokio::test]
+async fn every_route_needs_the_token() {
+    let api = api().await;
+    let (status, body) = api
+        .send(
+            "POST",
+            "/v1/users/alice/tools/shell",
+            Some(serde_json::json!({"command": "id"})),
+            false,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["kind"], "unauthorized");
+    assert!(
+        api.fake.containers().is_empty(),
+        "an unauthenticated call made a sandbox"
+    );
+    let (status, _) = api.send("GET", "/readyz", None, false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_call_runs_in_the_users_sandbox_and_answers_its_result() {
+    let api = api().await;
+    let (status, body) = api
+        .send(
+            "POST",
+            "/v1/users/alice/tools/shell",
+            Some(serde_json::json!({"command": "echo hi"})),
+            true,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["exit_code"], 0);
+    assert_eq!(body["stdout"], r#"ran ["sh", "-c", "echo hi"]"#);
+    assert_eq!(
+        api.fake.containers(),
+        vec![(api.pool.container_name(&"alice".parse().unwrap()), true)]
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_any_engine_work() {
+    let api = api().await;
+    let before = api.fake.calls();
+    for (path, body) in [
+        (
+            "/v1/users/..%2Fetc/tools/shell",
+            serde_json::json!({"command": "id"}),
+        ),
+        (
+            "/v1/users/Alice/tools/shell",
+            serde_json::json!({"command": "id"}),
+        ),
+        (
+            "/v1/users/alice/tools/shell",
+            serde_json::json!({"cmd": "id"}),
+        ),
+        ("/v1/users/alice/tools/rm_rf", serde_json::json!({})),
+        (
+            "/v1/users/alice/tools/shell",
+            serde_json::json!({"command": "id", "timeout": -1}),
+        ),
+    ] {
+        let (status, reply) = api.send("POST", path, Some(body.clone()), true).await;
+        assert!(status.is_client_error(), "{path} {body}: {status} {reply}");
+        assert!(reply["error"]["kind"].is_string(), "{reply}");
+    }
+    assert_eq!(api.fake.calls(), before, "bad input reached the engine");
+}
+
+#[tokio::test]
+async fn a_vanished_sandbox_is_recreated_and_the_call_runs_once_more() {
+    let api = api().await;
+    let call = || {
+        api.send(
+            "POST",
+            "/v1/users/alice/tools/shell",
+            Some(serde_json::json!({"command": "true"})),
+            true,
+        )
+    };
+    assert_eq!(call().await.0, StatusCode::OK);
+    api.fake
+        .vanish(&api.pool.container_name(&"alice".parse().unwrap()));
+    let (status, body) = call().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(api.fake.churn().0, 2);
+}
+
+#[tokio::test]
+async fn removing_sandboxes_of_many_names_keeps_no_state() {
+    let api = api().await;
+    for i in 0..40 {
+        let (status, body) = api
+            .send("DELETE", &format!("/v1/users/ghost{i}/sandbox"), None, true)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"]["kind"], "no_sandbox");
+    }
+    assert_eq!(api.pool.slot_count(), 0);
+}
+
+#[tokio::test]
+async fn readiness_fails_when_the_engine_does_not_answer() {
+    let api = api().await;
+    let (status, body) = api.send("GET", "/readyz", None, true).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["docker"], "ok");
+    api.fake.fail(Op::Ping);
+    let (status, body) = api.send("GET", "/readyz", None, true).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["checks"]["docker"].as_str().unwrap().contains("ping"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_engine_failure_is_a_typed_api_error() {
+    let api = api().await;
+    api.fake.fail(Op::Create);
+    let (status, body) = api
+        .send(
+            "POST",
+            "/v1/users/alice/tools/shell",
+            Some(serde_json::json!({"command": "true"})),
+            true,
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["kind"], "docker");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("create container"),
+        "{body}"
+    );
+}
