@@ -23,6 +23,19 @@ if ! command -v mkfs.btrfs >/dev/null 2>&1 || ! command -v btrfs >/dev/null 2>&1
     fi
 fi
 
+# tests/server.rs checks the /metrics exposition with promtool (Debian's prometheus package).
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "test.sh: installing prometheus for promtool (the metrics exposition is checked with it)" >&2
+        apt-get update -qq >/dev/null
+        # Only promtool is wanted: leave out the recommended exporters.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+        echo "test.sh: promtool is missing: install it (apt-get install prometheus) or run as root" >&2
+        exit 1
+    fi
+fi
+
 scripts/build-image.sh
 
 echo "test.sh: cargo fmt --check" >&2

@@ -4,8 +4,6 @@
 //! on the host (on the sandbox network's gateway address and on the host's primary address),
 //! proves from the host that they answer, then proves the sandbox cannot reach them.
 
-use std::sync::atomic::Ordering;
-
 use crate::check::{Check, NamedCheck};
 use crate::exec::transport::ExecOutput as Captured;
 use crate::pool::SandboxPool;
@@ -245,10 +243,7 @@ async fn channel_check(pool: &SandboxPool, user: &UserId) -> NamedCheck {
     let took = started.elapsed();
     ex.close_channels();
     let stats = ex.stats();
-    let (opens, fallbacks) = (
-        stats.opens.load(Ordering::Relaxed),
-        stats.fallbacks.load(Ordering::Relaxed),
-    );
+    let (opens, fallbacks) = (stats.opens.get(), stats.fallbacks.get());
     match (first, second) {
         (Ok(_), Ok(out)) => {
             let text = String::from_utf8_lossy(&out.stdout.bytes).into_owned();

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{exec_as, TestPool};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use zcbot_sandbox::exec::channel::TransportStats;
+use zcbot_sandbox::exec::metrics::TransportStats;
 use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
 use zcbot_sandbox::{Error, UserId};
 
@@ -39,10 +38,10 @@ async fn sh(ex: &Executor, user: &UserId, command: &str) -> ToolResult {
 fn stats(ex: &Executor) -> (u64, u64, u64, u64) {
     let s: &TransportStats = ex.transport_stats().unwrap();
     (
-        s.opens.load(Ordering::Relaxed),
-        s.deaths.load(Ordering::Relaxed),
-        s.fallbacks.load(Ordering::Relaxed),
-        s.channel.count.load(Ordering::Relaxed),
+        s.opens.get(),
+        s.deaths.get(),
+        s.fallbacks.get(),
+        s.channel.count(),
     )
 }
 

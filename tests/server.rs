@@ -58,6 +58,40 @@ impl Daemon {
     }
 }
 
+/// `promtool check metrics` over `exposition`: it must find nothing to complain about. promtool
+/// comes with Debian's `prometheus` package (scripts/test.sh installs it when run as root).
+fn promtool_check_metrics(exposition: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => panic!(
+            "cannot run promtool ({e}): install it (apt-get install prometheus), or run \
+             scripts/test.sh as root, which does"
+        ),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}): {}{}\nexposition:\n{exposition}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn sleepers(container: &str, needle: &str) -> Vec<String> {
     // No container yet: no sleepers.
     if !common::docker_try(&["inspect", container]).0 {
@@ -167,6 +201,81 @@ async fn every_endpoint_answers_as_documented() {
         "{metrics}"
     );
     assert!(metrics.contains("zcbot_calls_in_flight 0"), "{metrics}");
+
+    // One refused request, so the errors family has a sample too; then the exposition a plain
+    // client gets must pass promtool, with a sample in every family.
+    let (s, _) = d
+        .req(
+            "POST",
+            "/v1/users/Bad.User/tools/shell",
+            Some(json!({"command": "id"})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (_, head, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    promtool_check_metrics(&metrics);
+    for family in [
+        "zcbot_http_connections_open",
+        "zcbot_http_connections_refused_total",
+        "zcbot_http_connections_timed_out_total",
+        "zcbot_containers",
+        "zcbot_ensures_total",
+        "zcbot_reaped_total",
+        "zcbot_orphans_removed_total",
+        "zcbot_sandboxes_recycled_total",
+        "zcbot_timeouts_total",
+        "zcbot_cancels_total",
+        "zcbot_calls_in_flight",
+        "zcbot_errors_total",
+        "zcbot_exec_duration_seconds",
+        "zcbot_channel_opens_total",
+        "zcbot_channel_deaths_total",
+        "zcbot_channel_fallbacks_total",
+        "zcbot_transport_duration_seconds",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(family)),
+            "no sample of {family} in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("zcbot_errors_total{kind=\"invalid_user\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("zcbot_channel_opens_total 1"), "{metrics}");
+    // Prometheus asks for OpenMetrics first, and gets prometheus-client's own encoding.
+    let (_, head, openmetrics) = raw(
+        &d.addr,
+        "GET",
+        "/metrics",
+        None,
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )],
+    )
+    .await;
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{head}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(
+        openmetrics.contains("# TYPE zcbot_ensures counter\n"),
+        "{openmetrics}"
+    );
+    assert!(
+        openmetrics.contains("zcbot_ensures_total{kind=\"cold\"} 1"),
+        "{openmetrics}"
+    );
 
     let (s, r) = d
         .req("DELETE", &format!("/v1/users/{u}/sandbox"), None)

@@ -17,7 +17,6 @@
 //! its calls by per-call exec for [`FAILED_BACKOFF`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use zcbot_supervise::proto::{self, Decoder, Start};
 
+use super::metrics::TransportStats;
 use super::output::Capture;
 use super::stop::{drive, signal_verified, CallStop, StopGuard};
 use super::transport::{
@@ -47,72 +47,6 @@ pub const FAILED_BACKOFF: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the helper's own stderr is kept for messages.
 const HELPER_STDERR: usize = 2048;
-
-/// Upper bounds (seconds) of the per-transport latency histogram's buckets.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
-];
-
-/// A latency histogram updated without locks.
-#[derive(Debug)]
-pub struct Latency {
-    /// Cumulative counts per bucket of [`LATENCY_BUCKETS`].
-    pub buckets: Vec<AtomicU64>,
-    /// Calls observed.
-    pub count: AtomicU64,
-    /// Sum of their durations, in microseconds.
-    pub sum_us: AtomicU64,
-}
-
-impl Default for Latency {
-    fn default() -> Self {
-        Latency {
-            buckets: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Latency {
-    fn observe(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        for (bound, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            if secs <= *bound {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-    }
-}
-
-/// What the docker backend's transports did, for the daemon's metrics.
-#[derive(Debug, Default)]
-pub struct TransportStats {
-    /// Channels opened.
-    pub opens: AtomicU64,
-    /// Channels that died (helper gone, container gone, malformed or stalled stream).
-    pub deaths: AtomicU64,
-    /// Calls served by per-call exec although the channel transport is configured.
-    pub fallbacks: AtomicU64,
-    /// Wall time of process calls served over the channel.
-    pub channel: Latency,
-    /// Wall time of process calls served by per-call exec.
-    pub exec: Latency,
-}
-
-impl TransportStats {
-    /// Records one finished call on the transport that served it.
-    pub(crate) fn observe(&self, over_channel: bool, took: Duration) {
-        if over_channel {
-            self.channel.observe(took)
-        } else {
-            self.exec.observe(took)
-        }
-    }
-}
 
 /// Each user's channel, opened on first use: the channel transport.
 pub(crate) struct Channels {
@@ -178,7 +112,7 @@ impl Channels {
         self.prune();
         match Channel::open(&self.pool, lease, self.stats.clone()).await {
             Ok(Some(ch)) => {
-                self.stats.opens.fetch_add(1, Ordering::Relaxed);
+                self.stats.opens.inc();
                 st.failed = None;
                 st.channel = Some(ch.clone());
                 Ok(ch)
@@ -466,7 +400,7 @@ impl Channel {
         if expected && pending.is_empty() {
             tracing::debug!(user = %self.user, container = %self.container, reason = %reason, "exec channel closed");
         } else {
-            self.stats.deaths.fetch_add(1, Ordering::Relaxed);
+            self.stats.deaths.inc();
             tracing::warn!(user = %self.user, container = %self.container, calls = pending.len(), reason = %reason, "exec channel died");
         }
         let in_flight = pending.iter().any(|p| p.started);

@@ -8,13 +8,13 @@
 //! the channel lost before it started runs again on a new channel, then by per-call exec). How a
 //! call runs and is stopped is the transports' business ([`super::transport`], [`super::stop`]).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::channel::{Channels, TransportStats};
+use super::channel::Channels;
 use super::file_calls::FileRunner;
+use super::metrics::TransportStats;
 use super::per_call::PerCallExec;
 use super::transport::{Attempt, Transport};
 use super::{ProcessOutcome, ProcessSpec};
@@ -124,12 +124,12 @@ impl DockerExecutor {
                         let lease = self.pool.lease(user).await?;
                         self.channels.back_off(&lease).await;
                         per_call = true;
-                        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        self.stats.fallbacks.inc();
                     }
                 }
                 Err(Attempt::Fallback) => {
                     per_call = true;
-                    self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    self.stats.fallbacks.inc();
                 }
                 Err(Attempt::Failed(e)) => return Err(e),
             }

@@ -10,6 +10,7 @@ pub mod channel;
 pub mod docker;
 pub mod file_calls;
 pub mod host;
+pub mod metrics;
 pub mod output;
 mod per_call;
 mod stop;
@@ -368,7 +369,7 @@ impl Executor {
     }
 
     /// What the docker backend's transports did; None for the host backend.
-    pub fn transport_stats(&self) -> Option<&channel::TransportStats> {
+    pub fn transport_stats(&self) -> Option<&metrics::TransportStats> {
         match self {
             Executor::Host(_) => None,
             Executor::Docker(d) => Some(d.stats()),

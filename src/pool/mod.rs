@@ -10,13 +10,13 @@
 //! gate with no lease out. A warm lease costs no Docker round trip at all.
 
 pub mod activity;
+pub mod metrics;
 pub mod network;
 pub mod reaper;
 pub mod spec;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +33,8 @@ use crate::text::tail;
 use crate::user::UserId;
 use crate::users_root::{UserFolder, UsersRoot};
 use activity::ActivityLog;
+use metrics::PoolMetrics;
+pub use metrics::PoolStats;
 use network::SandboxNetwork;
 pub use spec::RulesMode;
 use spec::{SpecTemplate, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY, LABEL_POOL};
@@ -61,31 +63,6 @@ pub struct Sandbox {
     /// installed in.
     #[serde(skip)]
     pub netns: Option<(i32, String)>,
-}
-
-/// Counters of what the pool did since it started (the daemon exports them as metrics).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct PoolStats {
-    /// Ensures that had to create or start a container.
-    pub ensures_cold: u64,
-    /// Ensures answered from memory with no Docker call.
-    pub ensures_warm: u64,
-    /// Containers removed by the idle reaper or by capacity eviction.
-    pub reaped: u64,
-    /// Containers removed at startup reconcile (stopped, stale, foreign image).
-    pub orphans_removed: u64,
-    /// Containers removed because a call's processes could not be shown stopped in place (a
-    /// supervisor or channel helper that would not die, a sweep that failed).
-    pub recycled: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    ensures_cold: AtomicU64,
-    ensures_warm: AtomicU64,
-    reaped: AtomicU64,
-    orphans_removed: AtomicU64,
-    recycled: AtomicU64,
 }
 
 /// Per-user state. See the module docs for the locking rules.
@@ -133,7 +110,7 @@ struct Inner {
     users: Arc<UsersRoot>,
     slots: DashMap<UserId, Arc<Slot>>,
     admission: parking_lot::Mutex<()>,
-    counters: Counters,
+    counters: PoolMetrics,
     tasks: TaskTracker,
 }
 
@@ -286,7 +263,7 @@ impl SandboxPool {
                 users: Arc::new(users),
                 slots: DashMap::new(),
                 admission: parking_lot::Mutex::new(()),
-                counters: Counters::default(),
+                counters: PoolMetrics::default(),
                 tasks: TaskTracker::new(),
             }),
         })
@@ -330,14 +307,7 @@ impl SandboxPool {
 
     /// What the pool has done since it started.
     pub fn stats(&self) -> PoolStats {
-        let c = &self.inner.counters;
-        PoolStats {
-            ensures_cold: c.ensures_cold.load(Ordering::Relaxed),
-            ensures_warm: c.ensures_warm.load(Ordering::Relaxed),
-            reaped: c.reaped.load(Ordering::Relaxed),
-            orphans_removed: c.orphans_removed.load(Ordering::Relaxed),
-            recycled: c.recycled.load(Ordering::Relaxed),
-        }
+        self.inner.counters.snapshot()
     }
 
     /// The host folder of `user`, bind-mounted at `/workspace`.
@@ -394,14 +364,11 @@ impl SandboxPool {
             tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
             self.remove_container(&name).await?;
             self.inner.activity.forget(&victim_user);
-            self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+            self.inner.counters.reaped.inc();
         }
         let sandbox = self.bring_up(user).await?;
         if !user.is_internal() {
-            self.inner
-                .counters
-                .ensures_cold
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.counters.ensures_cold.inc();
         }
         let persist = {
             let mut st = slot.state.lock();
@@ -456,7 +423,7 @@ impl SandboxPool {
         self.invalidate(user, container_id);
         let removed = self.remove_container(container_id).await?;
         if removed {
-            self.inner.counters.recycled.fetch_add(1, Ordering::Relaxed);
+            self.inner.counters.recycled.inc();
         }
         Ok(removed)
     }
@@ -522,10 +489,7 @@ impl SandboxPool {
             (sandbox, touch(&mut st))
         };
         self.persist(user, persist);
-        self.inner
-            .counters
-            .ensures_warm
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.ensures_warm.inc();
         Some(Lease {
             pool: self.clone(),
             slot: slot.clone(),

@@ -1,7 +1,6 @@
 //! What happens to containers over time: the startup reconcile that adopts or removes what an
 //! earlier run left, the idle reaper, and the status listing both the CLI and the API show.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -114,10 +113,7 @@ impl SandboxPool {
             for (name, reason, res) in removed {
                 res?;
                 tracing::info!(container = %name, %reason, "removed a sandbox left by an earlier run");
-                self.inner
-                    .counters
-                    .orphans_removed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.orphans_removed.inc();
                 report.removed.push((name, reason));
             }
         }
@@ -224,7 +220,7 @@ impl SandboxPool {
                 };
                 self.remove_container(&sandbox.name).await?;
                 self.inner.activity.forget(&user);
-                self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.reaped.inc();
                 tracing::info!(user = %user, container = %sandbox.name, "reaped idle sandbox");
                 Ok(Some(user.to_string()))
             }))

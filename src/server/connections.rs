@@ -11,7 +11,6 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -20,6 +19,9 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -36,15 +38,37 @@ pub(crate) struct Limits {
     pub(crate) drain: Duration,
 }
 
-/// What the acceptor did, for `/metrics`.
-#[derive(Debug, Default)]
+/// What the acceptor did, for `/metrics`. Cheap handles: clones count into the same figures.
+#[derive(Debug, Clone, Default)]
 pub struct ConnectionStats {
     /// Connections open now.
-    pub open: AtomicU64,
+    pub open: Gauge,
     /// Connections refused because `ZCBOT_HTTP_MAX_CONNECTIONS` were open.
-    pub refused: AtomicU64,
+    pub refused: Counter,
     /// Connections closed for sending headers too slowly or sitting idle too long.
-    pub timed_out: AtomicU64,
+    pub timed_out: Counter,
+}
+
+impl ConnectionStats {
+    /// Adds the acceptor's families to the daemon's registry (counters without `_total`: the
+    /// encoder appends it).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "zcbot_http_connections_open",
+            "HTTP connections open now",
+            self.open.clone(),
+        );
+        registry.register(
+            "zcbot_http_connections_refused",
+            "Connections refused at ZCBOT_HTTP_MAX_CONNECTIONS",
+            self.refused.clone(),
+        );
+        registry.register(
+            "zcbot_http_connections_timed_out",
+            "Connections closed for slow headers or idleness",
+            self.timed_out.clone(),
+        );
+    }
 }
 
 /// A listener the acceptor can serve: TCP or a unix socket.
@@ -265,7 +289,7 @@ pub(crate) async fn serve<L: Listener>(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             L::try_write(&io, refusal.as_bytes());
-            stats.refused.fetch_add(1, Ordering::Relaxed);
+            stats.refused.inc();
             continue;
         };
         let clock = Arc::new(Clock {
@@ -294,7 +318,7 @@ pub(crate) async fn serve<L: Listener>(
             .serve_connection(io, service);
         let conn = graceful.watch(conn);
         let stats = stats.clone();
-        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.open.inc();
         connections.spawn(async move {
             let _permit = permit;
             let watchdog = async {
@@ -317,11 +341,11 @@ pub(crate) async fn serve<L: Listener>(
                     }
                 }
                 why = watchdog => {
-                    stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    stats.timed_out.inc();
                     tracing::debug!(reason = why, "closing a connection");
                 }
             }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
+            stats.open.dec();
         });
     }
     // Idle connections close now; busy ones when their request is answered, within the bound.

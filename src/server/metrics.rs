@@ -1,41 +1,103 @@
-//! The daemon's metrics, rendered in the Prometheus text format. A handful of counters and one
-//! histogram do not need a metrics library: atomics and a short-held lock.
+//! The daemon's metrics: one `prometheus-client` registry, made here, into which each component
+//! registers the families it owns and observes (the pool its counters and containers by state,
+//! the executor its transports, the acceptor its connections, and this module the per-call
+//! figures). Nothing below the server knows the registry exists beyond `register`.
+//!
+//! `prometheus-client` encodes OpenMetrics text, which Prometheus asks for. Plain clients (curl,
+//! `promtool check metrics`, older scrapers) read the Prometheus text format 0.0.4, where a
+//! counter's family carries its `_total` name and there is no `# EOF`: [`Exposition`] serves
+//! whichever the `Accept` header prefers, converting the one encoding.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use super::ConnectionStats;
-use crate::exec::channel::{TransportStats, LATENCY_BUCKETS};
-use crate::pool::PoolStats;
+use crate::exec::metrics::{latency_histogram, TransportStats};
+use crate::pool::SandboxPool;
 
-/// Upper bounds (seconds) of the exec latency histogram's buckets.
-const BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 600.0,
-];
+/// The content type of OpenMetrics text, as `prometheus-client` encodes it.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-#[derive(Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
+type CallLabels = [(&'static str, String); 2];
+type KindLabel = [(&'static str, String); 1];
 
-/// What the daemon counts.
-#[derive(Default)]
+/// What the daemon counts per call, and the registry of every component's families.
+#[derive(Debug)]
 pub struct Metrics {
-    exec: Mutex<BTreeMap<(String, String), Histogram>>,
-    errors: Mutex<BTreeMap<String, u64>>,
-    timeouts: AtomicU64,
-    cancels: AtomicU64,
-    in_flight: AtomicI64,
+    registry: Registry,
+    exec: Family<CallLabels, Histogram, fn() -> Histogram>,
+    errors: Family<KindLabel, Counter>,
+    timeouts: Counter,
+    cancels: Counter,
+    in_flight: Gauge,
 }
 
 impl Metrics {
+    /// The daemon's registry: its own families, the acceptor's, and those of the pool and the
+    /// transports when the backend has them (the host backend has neither).
+    pub fn new(
+        pool: Option<&SandboxPool>,
+        transports: Option<&TransportStats>,
+        connections: &ConnectionStats,
+    ) -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            exec: Family::new_with_constructor(latency_histogram),
+            errors: Family::default(),
+            timeouts: Counter::default(),
+            cancels: Counter::default(),
+            in_flight: Gauge::default(),
+        };
+        let mut registry = Registry::default();
+        connections.register(&mut registry);
+        if let Some(pool) = pool {
+            pool.register_metrics(&mut registry);
+        }
+        m.register(&mut registry);
+        if let Some(t) = transports {
+            t.register(&mut registry);
+        }
+        m.registry = registry;
+        m
+    }
+
+    /// The server's own families (counters without `_total`: the encoder appends it).
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "zcbot_timeouts",
+            "Calls that hit their timeout",
+            self.timeouts.clone(),
+        );
+        registry.register(
+            "zcbot_cancels",
+            "Calls cancelled (API, client gone, shutdown)",
+            self.cancels.clone(),
+        );
+        registry.register(
+            "zcbot_calls_in_flight",
+            "Calls running now",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "zcbot_errors",
+            "Requests that failed, by error kind",
+            self.errors.clone(),
+        );
+        registry.register(
+            "zcbot_exec_duration_seconds",
+            "Wall time of tool calls",
+            self.exec.clone(),
+        );
+    }
+
     /// A call finished (any outcome that produced a result).
     pub fn observe_call(
         &self,
@@ -46,267 +108,191 @@ impl Metrics {
         cancelled: bool,
     ) {
         if timed_out {
-            self.timeouts.fetch_add(1, Ordering::Relaxed);
+            self.timeouts.inc();
         }
         if cancelled {
-            self.cancels.fetch_add(1, Ordering::Relaxed);
+            self.cancels.inc();
         }
-        let secs = took.as_secs_f64();
-        let mut exec = self.exec.lock();
-        let h = exec
-            .entry((tool.to_owned(), backend.to_owned()))
-            .or_default();
-        if h.counts.is_empty() {
-            h.counts = vec![0; BUCKETS.len()];
-        }
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum += secs;
-        h.count += 1;
+        self.exec
+            .get_or_create(&[("tool", tool.to_owned()), ("backend", backend.to_owned())])
+            .observe(took.as_secs_f64());
     }
 
-    /// A request failed with an error of `kind`.
+    /// A request failed with an error of `kind` (one of the API's fixed kinds).
     pub fn error(&self, kind: &str) {
-        *self.errors.lock().entry(kind.to_owned()).or_default() += 1;
+        self.errors
+            .get_or_create(&[("kind", kind.to_owned())])
+            .inc();
     }
 
     /// A call started (+1) or ended (-1).
     pub fn in_flight(&self, delta: i64) {
-        self.in_flight.fetch_add(delta, Ordering::Relaxed);
+        self.in_flight.inc_by(delta);
     }
 
-    /// The text exposition, with the pool's figures (None for the host backend).
-    pub fn render(
-        &self,
-        pool: Option<(PoolStats, BTreeMap<String, u64>)>,
-        transports: Option<&TransportStats>,
-        connections: &ConnectionStats,
-    ) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP zcbot_http_connections_open HTTP connections open now."
-        );
-        let _ = writeln!(out, "# TYPE zcbot_http_connections_open gauge");
-        let _ = writeln!(
-            out,
-            "zcbot_http_connections_open {}",
-            connections.open.load(Ordering::Relaxed)
-        );
-        counter(
-            &mut out,
-            "zcbot_http_connections_refused_total",
-            "Connections refused at ZCBOT_HTTP_MAX_CONNECTIONS.",
-            connections.refused.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "zcbot_http_connections_timed_out_total",
-            "Connections closed for slow headers or idleness.",
-            connections.timed_out.load(Ordering::Relaxed),
-        );
-        let (stats, states) = pool.unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "# HELP zcbot_containers Sandbox containers of this pool by state."
-        );
-        let _ = writeln!(out, "# TYPE zcbot_containers gauge");
-        for state in [
-            "running",
-            "created",
-            "exited",
-            "paused",
-            "restarting",
-            "dead",
-        ] {
-            let n = states.get(state).copied().unwrap_or(0);
-            let _ = writeln!(out, "zcbot_containers{{state=\"{state}\"}} {n}");
+    /// The exposition in the format `accept` (an HTTP `Accept` header) prefers: its content type
+    /// and body.
+    pub fn exposition(&self, accept: &str) -> Result<(&'static str, String), std::fmt::Error> {
+        let mut text = String::new();
+        encode(&mut text, &self.registry)?;
+        Ok(if wants_openmetrics(accept) {
+            (OPENMETRICS, text)
+        } else {
+            (PROMETHEUS_TEXT, to_prometheus_text(&text))
+        })
+    }
+}
+
+/// Whether an `Accept` header lists OpenMetrics text as acceptable (Prometheus does, first).
+fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        let refused = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+    })
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter family named `x` with samples
+/// `x_total` becomes the family `x_total` (0.0.4 names a family by its samples), and the `# EOF`
+/// and `# UNIT` lines, which 0.0.4 does not have, are dropped. Gauges and histograms without
+/// exemplars (all this daemon registers) are the same in both.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
         }
-        let _ = writeln!(out, "# HELP zcbot_ensures_total Sandbox ensures: cold created or started a container, warm reused one.");
-        let _ = writeln!(out, "# TYPE zcbot_ensures_total counter");
-        let _ = writeln!(
-            out,
-            "zcbot_ensures_total{{kind=\"cold\"}} {}",
-            stats.ensures_cold
-        );
-        let _ = writeln!(
-            out,
-            "zcbot_ensures_total{{kind=\"warm\"}} {}",
-            stats.ensures_warm
-        );
-        counter(
-            &mut out,
-            "zcbot_reaped_total",
-            "Sandboxes removed for idleness or capacity.",
-            stats.reaped,
-        );
-        counter(
-            &mut out,
-            "zcbot_orphans_removed_total",
-            "Containers removed at startup reconcile.",
-            stats.orphans_removed,
-        );
-        counter(
-            &mut out,
-            "zcbot_sandboxes_recycled_total",
-            "Sandboxes removed because a call's processes could not be shown stopped in place.",
-            stats.recycled,
-        );
-        counter(
-            &mut out,
-            "zcbot_timeouts_total",
-            "Calls that hit their timeout.",
-            self.timeouts.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "zcbot_cancels_total",
-            "Calls cancelled (API, client gone, shutdown).",
-            self.cancels.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(out, "# HELP zcbot_calls_in_flight Calls running now.");
-        let _ = writeln!(out, "# TYPE zcbot_calls_in_flight gauge");
-        let _ = writeln!(
-            out,
-            "zcbot_calls_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP zcbot_errors_total Requests that failed, by error kind."
-        );
-        let _ = writeln!(out, "# TYPE zcbot_errors_total counter");
-        for (kind, n) in self.errors.lock().iter() {
-            let _ = writeln!(out, "zcbot_errors_total{{kind=\"{kind}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP zcbot_exec_duration_seconds Wall time of tool calls."
-        );
-        let _ = writeln!(out, "# TYPE zcbot_exec_duration_seconds histogram");
-        for ((tool, backend), h) in self.exec.lock().iter() {
-            let labels = format!("tool=\"{tool}\",backend=\"{backend}\"");
-            for (bound, n) in BUCKETS.iter().zip(&h.counts) {
-                let _ = writeln!(
-                    out,
-                    "zcbot_exec_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
-                );
+        let descriptor = ["# HELP ", "# TYPE "].into_iter().find_map(|p| {
+            let (name, rest) = line.strip_prefix(p)?.split_once(' ')?;
+            counters.contains(name).then_some((p, name, rest))
+        });
+        match descriptor {
+            Some((p, name, rest)) => {
+                out.push_str(p);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(rest);
             }
-            let _ = writeln!(
-                out,
-                "zcbot_exec_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "zcbot_exec_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(
-                out,
-                "zcbot_exec_duration_seconds_count{{{labels}}} {}",
-                h.count
-            );
+            None => out.push_str(line),
         }
-        if let Some(t) = transports {
-            render_transports(&mut out, t);
-        }
-        out
+        out.push('\n');
     }
-}
-
-/// The docker backend's transports: channel life cycle and latency per transport.
-fn render_transports(out: &mut String, t: &TransportStats) {
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    counter(
-        out,
-        "zcbot_channel_opens_total",
-        "Exec channels opened (one long-lived exec per container).",
-        get(&t.opens),
-    );
-    counter(
-        out,
-        "zcbot_channel_deaths_total",
-        "Exec channels that died (helper killed, container gone, malformed or stalled stream).",
-        get(&t.deaths),
-    );
-    counter(
-        out,
-        "zcbot_channel_fallbacks_total",
-        "Process calls served by per-call exec because the channel could not be used.",
-        get(&t.fallbacks),
-    );
-    let name = "zcbot_transport_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Wall time of process calls by the transport that served them."
-    );
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (transport, h) in [("channel", &t.channel), ("exec", &t.exec)] {
-        for (bound, n) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{transport=\"{transport}\",le=\"{bound}\"}} {}",
-                get(n)
-            );
-        }
-        let count = get(&h.count);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{transport=\"{transport}\",le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "{name}_sum{{transport=\"{transport}\"}} {}",
-            get(&h.sum_us) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{transport=\"{transport}\"}} {count}");
-    }
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} counter");
-    let _ = writeln!(out, "{name} {value}");
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let m = Metrics::default();
-        m.observe_call("shell", "docker", Duration::from_millis(70), false, false);
-        m.observe_call("shell", "docker", Duration::from_secs(2), true, false);
-        let text = m.render(None, None, &ConnectionStats::default());
-        assert!(text.contains("zcbot_exec_duration_seconds_bucket{tool=\"shell\",backend=\"docker\",le=\"0.1\"} 1"), "{text}");
-        assert!(text.contains(
-            "zcbot_exec_duration_seconds_bucket{tool=\"shell\",backend=\"docker\",le=\"2.5\"} 2"
-        ));
-        assert!(
-            text.contains("zcbot_exec_duration_seconds_count{tool=\"shell\",backend=\"docker\"} 2")
-        );
-        assert!(text.contains("zcbot_timeouts_total 1"));
+    fn text(m: &Metrics) -> String {
+        let (content_type, body) = m.exposition("").unwrap();
+        assert_eq!(content_type, PROMETHEUS_TEXT);
+        body
     }
 
     #[test]
-    fn transport_figures_are_rendered_per_transport() {
-        let t = TransportStats::default();
-        t.opens.fetch_add(2, Ordering::Relaxed);
-        t.fallbacks.fetch_add(1, Ordering::Relaxed);
-        t.observe(true, Duration::from_micros(1500));
-        t.observe(false, Duration::from_millis(60));
-        let text = Metrics::default().render(None, Some(&t), &ConnectionStats::default());
+    fn calls_are_counted_by_tool_and_backend_in_cumulative_buckets() {
+        let m = Metrics::new(None, None, &ConnectionStats::default());
+        m.observe_call("shell", "docker", Duration::from_millis(70), false, false);
+        m.observe_call("shell", "docker", Duration::from_secs(2), true, false);
+        m.observe_call("read_file", "docker", Duration::from_millis(1), false, true);
+        let text = text(&m);
         for line in [
-            "zcbot_channel_opens_total 2",
-            "zcbot_channel_deaths_total 0",
-            "zcbot_channel_fallbacks_total 1",
-            "zcbot_transport_duration_seconds_bucket{transport=\"channel\",le=\"0.002\"} 1",
-            "zcbot_transport_duration_seconds_bucket{transport=\"exec\",le=\"0.05\"} 0",
-            "zcbot_transport_duration_seconds_bucket{transport=\"exec\",le=\"0.1\"} 1",
-            "zcbot_transport_duration_seconds_count{transport=\"channel\"} 1",
+            "zcbot_exec_duration_seconds_bucket{le=\"0.05\",tool=\"shell\",backend=\"docker\"} 0",
+            "zcbot_exec_duration_seconds_bucket{le=\"0.1\",tool=\"shell\",backend=\"docker\"} 1",
+            "zcbot_exec_duration_seconds_bucket{le=\"2.5\",tool=\"shell\",backend=\"docker\"} 2",
+            "zcbot_exec_duration_seconds_bucket{le=\"+Inf\",tool=\"shell\",backend=\"docker\"} 2",
+            "zcbot_exec_duration_seconds_count{tool=\"shell\",backend=\"docker\"} 2",
+            "zcbot_exec_duration_seconds_count{tool=\"read_file\",backend=\"docker\"} 1",
+            "zcbot_timeouts_total 1",
+            "zcbot_cancels_total 1",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn errors_in_flight_and_connections_are_exposed() {
+        let connections = ConnectionStats::default();
+        let m = Metrics::new(None, None, &connections);
+        m.error("invalid_user");
+        m.error("invalid_user");
+        m.error("not_found");
+        m.in_flight(1);
+        m.in_flight(1);
+        m.in_flight(-1);
+        connections.refused.inc();
+        connections.open.inc();
+        let text = text(&m);
+        for line in [
+            "zcbot_errors_total{kind=\"invalid_user\"} 2",
+            "zcbot_errors_total{kind=\"not_found\"} 1",
+            "zcbot_calls_in_flight 1",
+            "zcbot_http_connections_open 1",
+            "zcbot_http_connections_refused_total 1",
+            "zcbot_http_connections_timed_out_total 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_transports_register_into_the_daemons_registry() {
+        let t = TransportStats::default();
+        t.opens.inc();
+        let text = text(&Metrics::new(None, Some(&t), &ConnectionStats::default()));
+        assert!(text.contains("zcbot_channel_opens_total 1"), "{text}");
+        assert!(
+            text.contains("zcbot_transport_duration_seconds_count{transport=\"exec\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn counter_families_carry_their_sample_name_in_the_text_format() {
+        let m = Metrics::new(None, None, &ConnectionStats::default());
+        m.cancels.inc();
+        let text = text(&m);
+        assert!(
+            text.contains(
+                "# HELP zcbot_cancels_total Calls cancelled (API, client gone, shutdown).\n\
+                 # TYPE zcbot_cancels_total counter\n\
+                 zcbot_cancels_total 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE zcbot_calls_in_flight gauge\nzcbot_calls_in_flight 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# TYPE zcbot_cancels counter"), "{text}");
+    }
+
+    #[test]
+    fn openmetrics_is_served_to_whoever_asks_for_it() {
+        let m = Metrics::new(None, None, &ConnectionStats::default());
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let (content_type, body) = m.exposition(prometheus).unwrap();
+        assert_eq!(content_type, OPENMETRICS);
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert!(body.contains("# TYPE zcbot_cancels counter\nzcbot_cancels_total 0\n"));
+        for accept in [
+            "",
+            "*/*",
+            "text/plain",
+            "text/plain;version=0.0.4, application/openmetrics-text;q=0",
+        ] {
+            assert_eq!(m.exposition(accept).unwrap().0, PROMETHEUS_TEXT, "{accept}");
         }
     }
 }

@@ -126,17 +126,19 @@ impl Server {
             ),
             Listen::Unix(path) => Listener::Unix(bind_unix(path)?, path.clone()),
         };
+        let connections = Arc::new(connections::ConnectionStats::default());
+        let metrics = Metrics::new(executor.pool(), executor.transport_stats(), &connections);
         Ok(Server {
             state: Arc::new(AppState {
                 executor,
                 token_hash,
                 calls: DashMap::new(),
                 per_user: DashMap::new(),
-                metrics: Metrics::default(),
+                metrics,
                 reaper: Mutex::new(reaper),
                 self_check,
                 all_calls: CancellationToken::new(),
-                connections: Arc::new(connections::ConnectionStats::default()),
+                connections,
             }),
             listener,
             options,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -419,21 +419,25 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let pool = match state.executor.pool() {
-        None => None,
-        Some(pool) => {
-            let mut states: BTreeMap<String, u64> = BTreeMap::new();
-            if let Ok(list) = pool.list().await {
-                for s in list {
-                    *states.entry(s.state).or_default() += 1;
-                }
-            }
-            Some((pool.stats(), states))
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(pool) = state.executor.pool() {
+        pool.observe_containers().await;
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match state.metrics.exposition(accept) {
+        Ok((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        // Encoding into a String fails only if a label cannot be written: a bug, not a state.
+        Err(e) => {
+            tracing::error!(error = %e, "could not encode the metrics");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics",
+                "the metrics could not be encoded (a bug in the daemon: please report it)",
+            )
+            .into_response()
         }
-    };
-    let body = state
-        .metrics
-        .render(pool, state.executor.transport_stats(), &state.connections);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    }
 }

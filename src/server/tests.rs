@@ -1,5 +1,6 @@
 //! The routes on the fake engine, through axum's `oneshot`: auth, validation before any engine
-//! work, a call's round trip, readiness, and state that does not grow with names.
+//! work, a call's round trip, readiness, the metrics exposition, and state that does not grow
+//! with names.
 
 use std::sync::Arc;
 
@@ -46,16 +47,19 @@ async fn api() -> Api {
     }));
     let pool = pool_on(&fake, config(&dir, &[("ZCBOT_EXEC_TRANSPORT", "exec")])).await;
     let reaper = pool.spawn_reaper();
+    let executor = Executor::Docker(DockerExecutor::new(pool.clone()));
+    let connections = Arc::new(connections::ConnectionStats::default());
+    let metrics = Metrics::new(executor.pool(), executor.transport_stats(), &connections);
     let state = Arc::new(AppState {
-        executor: Executor::Docker(DockerExecutor::new(pool.clone())),
+        executor,
         token_hash: Some(Sha256::digest(TOKEN.as_bytes()).into()),
         calls: DashMap::new(),
         per_user: DashMap::new(),
-        metrics: Metrics::default(),
+        metrics,
         reaper: Mutex::new(Some(reaper)),
         self_check: None,
         all_calls: CancellationToken::new(),
-        connections: Arc::new(connections::ConnectionStats::default()),
+        connections,
     });
     Api {
         state,
@@ -238,4 +242,57 @@ async fn an_engine_failure_is_a_typed_api_error() {
             .contains("create container"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn metrics_show_what_the_pool_transports_and_routes_did() {
+    let api = api().await;
+    let (status, _) = api
+        .send(
+            "POST",
+            "/v1/users/alice/tools/shell",
+            Some(serde_json::json!({"command": "true"})),
+            true,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = api
+        .send("GET", "/v1/users/Bad.User/sandbox", None, true)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let scrape = |accept: &'static str| {
+        let state = api.state.clone();
+        async move {
+            let req = Request::builder()
+                .uri("/metrics")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("accept", accept)
+                .body(Body::empty())
+                .unwrap();
+            let resp = routes::router(state).oneshot(req).await.unwrap();
+            let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (content_type, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    let (content_type, text) = scrape("*/*").await;
+    assert_eq!(content_type, super::metrics::PROMETHEUS_TEXT);
+    for line in [
+        "zcbot_containers{state=\"running\"} 1",
+        "zcbot_ensures_total{kind=\"cold\"} 1",
+        "zcbot_exec_duration_seconds_count{tool=\"shell\",backend=\"docker\"} 1",
+        "zcbot_transport_duration_seconds_count{transport=\"exec\"} 1",
+        "zcbot_transport_duration_seconds_count{transport=\"channel\"} 0",
+        "zcbot_errors_total{kind=\"invalid_user\"} 1",
+        "zcbot_calls_in_flight 0",
+        "# TYPE zcbot_reaped_total counter",
+    ] {
+        assert!(text.contains(line), "{line} missing in:\n{text}");
+    }
+    let (content_type, text) = scrape("application/openmetrics-text;version=1.0.0").await;
+    assert_eq!(content_type, super::metrics::OPENMETRICS);
+    assert!(text.contains("# TYPE zcbot_reaped counter\n"), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
 }
