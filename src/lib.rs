@@ -1,8 +1,10 @@
 //! zcbot-sandbox: one long-lived, hardened Docker container per chat-agent user.
 //!
-//! Data flows one way: [`Config`] (from the environment) -> [`SandboxPool`] (Docker client,
-//! network, per-user containers, reaper, reconcile) -> executors -> the HTTP server and the CLI.
-//! Nothing below knows about what is above it.
+//! Layers, each importing only from its own or lower ones (`tests/layers.rs` checks it):
+//! config, error, user, text, check < [`engine`] (the container engine behind one trait) <
+//! firewall, files, quota, uids, users_root (the host side) < [`SandboxPool`] (per-user
+//! containers on any engine, reaper, reconcile) < [`exec`] (the executors and their transports),
+//! selfcheck < the HTTP server, the CLI and the smoke checks.
 
 pub mod check;
 pub mod config;

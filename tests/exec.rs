@@ -50,6 +50,7 @@ over_both_transports!(
     a_timeout_kills_every_process_of_the_call_even_escaped_ones,
     cancel_kills_the_calls_processes_and_says_so,
     a_dropped_call_still_kills_its_processes,
+    a_dropped_call_whose_supervisor_was_killed_leaves_no_orphans,
     another_call_of_the_same_user_survives_a_timeout,
     output_is_capped_head_and_tail_under_a_fast_flood,
     binary_output_is_returned_losslessly,
@@ -255,6 +256,43 @@ async fn a_dropped_call_still_kills_its_processes(transport: &str) {
     assert!(dropped.is_err());
     let left = gone(&container, "sleep 300", Duration::from_secs(5)).await;
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The call kills its own supervisor when asked to stop, leaving an escaped child, and the caller
+/// goes away: the clean-up of the dropped call must sweep that orphan before letting the sandbox
+/// go. (Found by review: the drop path took "the exec ended" for "its processes are gone".)
+async fn a_dropped_call_whose_supervisor_was_killed_leaves_no_orphans(transport: &str) {
+    let mut t = TestPool::new("xdropkill");
+    t.set("ZCBOT_EXEC_TRANSPORT", transport);
+    let ex = docker_executor(&t).await;
+    let user = t.user("u");
+    let container = ex.pool().unwrap().ensure(&user).await.unwrap().name;
+    let call = ToolCall::parse(
+        "shell",
+        json!({"command": "(setsid sh -c 'trap \"\" TERM; exec sleep 6001' >/dev/null 2>&1 &); \
+                trap 'kill -9 $PPID' TERM; while :; do sleep 0.1; done", "timeout": 60}),
+    )
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let probe = {
+        let container = container.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            tokio::task::spawn_blocking(move || user_processes(&container))
+                .await
+                .unwrap()
+        }
+    };
+    let run = tokio::time::timeout(Duration::from_millis(1500), ex.run(&user, call, &cancel));
+    let (dropped, seen) = tokio::join!(run, probe);
+    assert!(dropped.is_err());
+    // Positive control: the escaped child ran, so "nothing left" below means it was killed.
+    assert!(
+        seen.iter().any(|p| p.contains("sleep 6001")),
+        "the escaped child never started: {seen:?}"
+    );
+    let left = gone(&container, "sleep 600", Duration::from_secs(10)).await;
+    assert!(left.is_empty(), "orphans outlived a dropped call: {left:?}");
 }
 
 async fn another_call_of_the_same_user_survives_a_timeout(transport: &str) {

@@ -165,6 +165,23 @@ impl DockerEngine {
     }
 }
 
+/// A failed create: a conflict means the name is taken.
+fn created(failed: (EngineError, Answer)) -> EngineResult<Created> {
+    match failed {
+        (_, Answer::Conflict) => Ok(Created::NameTaken),
+        (e, _) => Err(e),
+    }
+}
+
+/// A failed removal: not found means gone; a conflict, "removal already in progress".
+fn removed(failed: (EngineError, Answer)) -> EngineResult<Removed> {
+    match failed {
+        (_, Answer::NotFound) => Ok(Removed::Gone),
+        (_, Answer::Conflict) => Ok(Removed::InProgress),
+        (e, _) => Err(e),
+    }
+}
+
 fn time(s: Option<&str>) -> Option<SystemTime> {
     s.and_then(|s| humantime::parse_rfc3339_weak(s).ok())
         .filter(|t| *t > SystemTime::UNIX_EPOCH)
@@ -296,8 +313,7 @@ impl Engine for DockerEngine {
                 .await
             {
                 Ok(resp) => Ok(Created::Created(resp.id)),
-                Err((_, Answer::Conflict)) => Ok(Created::NameTaken),
-                Err((e, _)) => Err(e),
+                Err(failed) => created(failed),
             }
         }
         .boxed()
@@ -310,9 +326,7 @@ impl Engine for DockerEngine {
                 .await
             {
                 Ok(()) => Ok(Removed::Removed),
-                Err((_, Answer::NotFound)) => Ok(Removed::Gone),
-                Err((_, Answer::Conflict)) => Ok(Removed::InProgress),
-                Err((e, _)) => Err(e),
+                Err(failed) => removed(failed),
             }
         }
         .boxed()
@@ -378,8 +392,7 @@ impl Engine for DockerEngine {
                 .await
             {
                 Ok(c) => Ok(Created::Created(c.id)),
-                Err((_, Answer::Conflict)) => Ok(Created::NameTaken),
-                Err((e, _)) => Err(e),
+                Err(failed) => created(failed),
             }
         }
         .boxed()
@@ -421,10 +434,7 @@ impl Engine for DockerEngine {
                 .await
             {
                 Ok(()) => Ok(Removed::Removed),
-                Err((_, Answer::NotFound)) => Ok(Removed::Gone),
-                // "removal already in progress": someone else is removing it.
-                Err((_, Answer::Conflict)) => Ok(Removed::InProgress),
-                Err((e, _)) => Err(e),
+                Err(failed) => removed(failed),
             }
         }
         .boxed()

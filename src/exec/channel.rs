@@ -32,8 +32,7 @@ use super::metrics::TransportStats;
 use super::output::Capture;
 use super::stop::{drive, signal_verified, CallStop, StopGuard};
 use super::transport::{
-    exec_spec, run_collect, workdir_path, Attempt, Helper, Transport, BACKSTOP, STOP_MARGIN,
-    SUPERVISOR,
+    exec_spec, sweep, workdir_path, Attempt, Transport, BACKSTOP, STOP_MARGIN, SUPERVISOR,
 };
 use super::{ProcessOutcome, ProcessSpec};
 use crate::engine::{Attached, Chunk, ExecStart, Input, Output, SharedEngine};
@@ -132,8 +131,10 @@ impl Channels {
         let slot = self.slots.entry(lease.user().clone()).or_default().clone();
         let mut st = slot.lock().await;
         st.failed = Some((lease.sandbox().container_id.clone(), Instant::now()));
-        if let Some(ch) = st.channel.take() {
-            ch.die("backing off to per-call exec".into(), true);
+        // A live channel here was opened meanwhile by another call and works: it stays (and
+        // serves that user while it lives); only a dead one is let go.
+        if st.channel.as_ref().is_some_and(|ch| !ch.alive()) {
+            st.channel = None;
         }
     }
 
@@ -403,7 +404,9 @@ impl Channel {
             self.stats.deaths.inc();
             tracing::warn!(user = %self.user, container = %self.container, calls = pending.len(), reason = %reason, "exec channel died");
         }
-        let in_flight = pending.iter().any(|p| p.started);
+        // A call not yet reported started may still have been forked (the helper queues its
+        // STARTED frame after the fork): every pending call counts for the sweep.
+        let in_flight = !pending.is_empty();
         for p in pending {
             let started = p.started;
             p.finish(EndKind::Lost { started });
@@ -447,24 +450,8 @@ impl Channel {
                 }
             }
         }
-        let mut swept = true;
-        if calls_in_flight || running {
-            let argv = [SUPERVISOR, "--sweep"];
-            let out = run_collect(
-                self.engine.as_ref(),
-                &self.container,
-                &uid,
-                &argv,
-                self.engine.timeout(),
-                4096,
-            )
-            .await;
-            swept = match out {
-                Ok(Helper::Ran(o)) => o.exit_code == Some(0),
-                Ok(Helper::ContainerGone) => true,
-                Err(_) => false,
-            };
-        }
+        let swept = !(calls_in_flight || running)
+            || sweep(self.engine.as_ref(), &self.container, &uid).await;
         if !killed || !swept {
             tracing::warn!(user = %self.user, container = %self.container, "a dead channel's helper or calls could not be stopped: recycling the sandbox");
             if let Err(e) = self.pool.recycle(&self.user, &self.container_id).await {
@@ -599,7 +586,12 @@ impl Channel {
                 self.await_cleanup().await;
                 Ok(outcome(None, end))
             }
-            EndKind::Lost { started: false } => Err(Attempt::NotStarted),
+            EndKind::Lost { started: false } => {
+                // Its START may have reached the helper, which may have forked the call before
+                // dying: run it again only once the dead channel's leftovers are swept.
+                self.await_cleanup().await;
+                Err(Attempt::NotStarted)
+            }
             EndKind::Lost { started: true } => {
                 self.await_cleanup().await;
                 Err(Attempt::Failed(self.lost()))

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::output::Capture;
 use super::stop::{drive, signal_verified, CallStop, StopGuard};
 use super::transport::{
-    exec_spec, run_collect, workdir_path, Attempt, Helper, Transport, BACKSTOP, STOP_MARGIN,
+    exec_spec, run_collect, sweep, workdir_path, Attempt, Transport, BACKSTOP, STOP_MARGIN,
     SUPERVISOR,
 };
 use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec};
@@ -146,7 +146,8 @@ impl PerCallExec {
             tracing::warn!(container = %container, "supervisor did not stop in time: forcing");
         }
         drop(output);
-        let (call, lease) = guard.disarm();
+        // Still armed: a caller that goes away during this clean-up leaves it to the guard.
+        let call = guard.call();
         // The stream can end a moment before the engine records the exit: wait for it briefly.
         let mut state = None;
         for _ in 0..200 {
@@ -163,7 +164,8 @@ impl PerCallExec {
         if forced || running || exit_code.is_none_or(|c| c == 137) {
             call.force_cleanup(running || forced).await;
         }
-        drop(lease);
+        // The call's processes are known gone: the lease may go.
+        drop(guard.disarm());
         Ok(ProcessOutcome {
             exit_code,
             stdout: stdout.finish(),
@@ -196,12 +198,13 @@ impl ExecCall {
             return;
         }
         let argv = [SUPERVISOR, "--signal", &self.call_id];
+        let engine = self.engine.as_ref();
         let signalled = run_collect(
-            self.engine.as_ref(),
+            engine,
             &self.container,
             &self.uid,
             &argv,
-            self.engine.timeout(),
+            engine.timeout(),
             4096,
         )
         .await;
@@ -231,25 +234,10 @@ impl ExecCall {
         if supervisor_alive {
             self.signal_by_host_pid(&[libc::SIGKILL]).await;
         }
-        let argv = [SUPERVISOR, "--sweep"];
-        let swept = run_collect(
-            self.engine.as_ref(),
-            &self.container,
-            &self.uid,
-            &argv,
-            self.engine.timeout(),
-            4096,
-        )
-        .await;
-        match swept {
-            Ok(Helper::Ran(out)) if out.exit_code == Some(0) => {}
-            // The container is gone, and its processes with it.
-            Ok(Helper::ContainerGone) => {}
-            _ => {
-                tracing::warn!(container = %self.container, "could not sweep a call's leftovers: recycling the sandbox");
-                if let Err(e) = self.pool.recycle(&self.user, &self.container_id).await {
-                    tracing::warn!(container = %self.container, error = %e, "could not recycle the sandbox");
-                }
+        if !sweep(self.engine.as_ref(), &self.container, &self.uid).await {
+            tracing::warn!(container = %self.container, "could not sweep a call's leftovers: recycling the sandbox");
+            if let Err(e) = self.pool.recycle(&self.user, &self.container_id).await {
+                tracing::warn!(container = %self.container, error = %e, "could not recycle the sandbox");
             }
         }
     }
@@ -264,7 +252,11 @@ impl CallStop for ExecCall {
         async move {
             loop {
                 match self.engine.exec_state(&self.exec_id).await {
-                    Ok(Some(s)) if !s.running => return true,
+                    // Ended by itself. Killed (137, which the supervisor never sends) or with no
+                    // status, its orphans may live on: not gone until swept (`force`).
+                    Ok(Some(s)) if !s.running => {
+                        return s.exit_code.is_some_and(|c| c != 137);
+                    }
                     // The exec, and its container, are gone.
                     Ok(None) => return true,
                     _ if Instant::now() >= until => return false,

@@ -119,6 +119,17 @@ impl Helper {
     }
 }
 
+/// Runs `zcbot-supervise --sweep` in `container` as `uid` (`uid:gid`): kills the orphans of
+/// supervisors that died. True when it did, or when the container (and its processes) is gone.
+pub(crate) async fn sweep(engine: &dyn Engine, container: &str, uid: &str) -> bool {
+    let argv = [SUPERVISOR, "--sweep"];
+    match run_collect(engine, container, uid, &argv, engine.timeout(), 4096).await {
+        Ok(Helper::Ran(out)) => out.exit_code == Some(0),
+        Ok(Helper::ContainerGone) => true,
+        Err(_) => false,
+    }
+}
+
 /// Runs a short, trusted helper command in `container` as `user` (`uid:gid`), collecting at most
 /// `cap` bytes per stream, waiting at most `timeout`. Used for the supervisor's helper modes and
 /// the smoke checks; it does not kill on timeout, so never use it for tool calls.

@@ -70,6 +70,13 @@ async fn api() -> Api {
 }
 
 impl Api {
+    /// `shell` as alice, with or without the token.
+    async fn shell(&self, command: &str, token: bool) -> (StatusCode, Value) {
+        let body = serde_json::json!({ "command": command });
+        self.send("POST", "/v1/users/alice/tools/shell", Some(body), token)
+            .await
+    }
+
     async fn send(
         &self,
         method: &str,
@@ -106,14 +113,7 @@ impl Api {
 #[tokio::test]
 async fn every_route_needs_the_token() {
     let api = api().await;
-    let (status, body) = api
-        .send(
-            "POST",
-            "/v1/users/alice/tools/shell",
-            Some(serde_json::json!({"command": "id"})),
-            false,
-        )
-        .await;
+    let (status, body) = api.shell("id", false).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"]["kind"], "unauthorized");
     assert!(
@@ -127,14 +127,7 @@ async fn every_route_needs_the_token() {
 #[tokio::test]
 async fn a_call_runs_in_the_users_sandbox_and_answers_its_result() {
     let api = api().await;
-    let (status, body) = api
-        .send(
-            "POST",
-            "/v1/users/alice/tools/shell",
-            Some(serde_json::json!({"command": "echo hi"})),
-            true,
-        )
-        .await;
+    let (status, body) = api.shell("echo hi", true).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["exit_code"], 0);
     assert_eq!(body["stdout"], r#"ran ["sh", "-c", "echo hi"]"#);
@@ -177,14 +170,7 @@ async fn bad_input_is_refused_before_any_engine_work() {
 #[tokio::test]
 async fn a_vanished_sandbox_is_recreated_and_the_call_runs_once_more() {
     let api = api().await;
-    let call = || {
-        api.send(
-            "POST",
-            "/v1/users/alice/tools/shell",
-            Some(serde_json::json!({"command": "true"})),
-            true,
-        )
-    };
+    let call = || api.shell("true", true);
     assert_eq!(call().await.0, StatusCode::OK);
     api.fake
         .vanish(&api.pool.container_name(&"alice".parse().unwrap()));
@@ -225,14 +211,7 @@ async fn readiness_fails_when_the_engine_does_not_answer() {
 async fn an_engine_failure_is_a_typed_api_error() {
     let api = api().await;
     api.fake.fail(Op::Create);
-    let (status, body) = api
-        .send(
-            "POST",
-            "/v1/users/alice/tools/shell",
-            Some(serde_json::json!({"command": "true"})),
-            true,
-        )
-        .await;
+    let (status, body) = api.shell("true", true).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert_eq!(body["error"]["kind"], "docker");
     assert!(
@@ -247,14 +226,7 @@ async fn an_engine_failure_is_a_typed_api_error() {
 #[tokio::test]
 async fn metrics_show_what_the_pool_transports_and_routes_did() {
     let api = api().await;
-    let (status, _) = api
-        .send(
-            "POST",
-            "/v1/users/alice/tools/shell",
-            Some(serde_json::json!({"command": "true"})),
-            true,
-        )
-        .await;
+    let (status, _) = api.shell("true", true).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = api
         .send("GET", "/v1/users/Bad.User/sandbox", None, true)
