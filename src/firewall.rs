@@ -321,6 +321,9 @@ struct Observed {
     outcome: Result<(), FirewallError>,
 }
 
+/// The longest one check of the host rules may take before it counts as failed.
+const REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl FirewallWatch {
     /// Watches the host rules of `mode`; enforced rules are checked once now, on the blocking
     /// pool.
@@ -347,9 +350,19 @@ impl FirewallWatch {
             return;
         };
         let bridge = bridge.clone();
-        let outcome = tokio::task::spawn_blocking(move || check(&bridge))
-            .await
-            .unwrap_or_else(|e| Err(FirewallError::Worker(e.to_string())));
+        // Bounded: a hung iptables must not stall the reaper whose tick this runs on.
+        let outcome = match tokio::time::timeout(
+            REFRESH_TIMEOUT,
+            tokio::task::spawn_blocking(move || check(&bridge)),
+        )
+        .await
+        {
+            Ok(done) => done.unwrap_or_else(|e| Err(FirewallError::Worker(e.to_string()))),
+            Err(_) => Err(FirewallError::Worker(format!(
+                "iptables did not answer within {}",
+                humantime::format_duration(REFRESH_TIMEOUT)
+            ))),
+        };
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "HOST FIREWALL RULES MISSING: sandboxes may reach the host");
         }
