@@ -119,6 +119,16 @@ enum Command {
         /// The program file, or - to read it from stdin.
         file: String,
     },
+    /// Print the seccomp profile sandboxes get (Docker's JSON): to review it, or to try a
+    /// program under it with `docker run --security-opt seccomp=FILE`.
+    Seccomp {
+        /// The profile for ZCBOT_CONTAINER_RULES=entry (the entry may open netfilter sockets).
+        #[arg(long)]
+        entry_rules: bool,
+        /// The profile for this runtime: runc or runsc (default ZCBOT_SANDBOX_RUNTIME).
+        #[arg(long, value_parser = ["runc", "runsc"])]
+        runtime: Option<String>,
+    },
     /// Check a live sandbox: image, non-root, read-only root, egress rules, blocked addresses,
     /// removal. One PASS/FAIL line per check; exits non-zero on any FAIL.
     Smoke {
@@ -177,6 +187,26 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let _ = out.flush();
             server.run(shutdown_signal()).await?;
+        }
+        Command::Seccomp {
+            entry_rules,
+            runtime,
+        } => {
+            let runtime = match runtime.as_deref() {
+                Some("runsc") => zcbot_sandbox::config::Runtime::Runsc,
+                Some(_) => zcbot_sandbox::config::Runtime::Runc,
+                None => Config::from_env()?.runtime,
+            };
+            let netfilter = if entry_rules {
+                zcbot_sandbox::seccomp::Netfilter::ForEntry
+            } else {
+                zcbot_sandbox::seccomp::Netfilter::Refused
+            };
+            let profile = zcbot_sandbox::seccomp::profile(netfilter, runtime);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&profile).expect("a JSON value always prints")
+            );
         }
         Command::Net { action } => {
             let config = Config::from_env()?;

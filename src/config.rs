@@ -133,6 +133,43 @@ pub struct Config {
     /// through the container's network namespace; needs root), `entry` (the container, which then
     /// keeps NET_ADMIN), or `auto` (default: host when the daemon is root).
     pub container_rules: RulesSetting,
+    /// `ZCBOT_SANDBOX_RUNTIME`: the OCI runtime sandboxes run under: `runc` (default) or `runsc`
+    /// (gVisor: its own kernel between the tenant's code and the host's). Part of the config
+    /// hash; startup checks the engine has it registered.
+    pub runtime: Runtime,
+    /// `ZCBOT_SECCOMP`: the sandboxes' seccomp profile: `zcbot` (default, [`crate::seccomp`]) or
+    /// `default` (the engine's). Nothing turns seccomp off.
+    pub seccomp: Seccomp,
+}
+
+/// The `ZCBOT_SANDBOX_RUNTIME` setting: the engine runtime sandboxes are created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// The engine's usual runtime: the tenant's calls reach the host kernel (through seccomp).
+    Runc,
+    /// gVisor: a user-space kernel serves the tenant's calls.
+    Runsc,
+}
+
+impl Runtime {
+    /// The name the engine knows the runtime by (daemon.json `runtimes`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Runc => "runc",
+            Runtime::Runsc => "runsc",
+        }
+    }
+}
+
+/// The `ZCBOT_SECCOMP` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Seccomp {
+    /// This project's allowlist ([`crate::seccomp`]).
+    Zcbot,
+    /// The engine's default profile, for an operator whose workload it cannot run.
+    Default,
 }
 
 /// The `ZCBOT_CONTAINER_RULES` setting.
@@ -325,6 +362,12 @@ struct SandboxArgs {
     /// 1: refuse to start when the users root cannot enforce the disk quota.
     #[arg(long, env = "ZCBOT_REQUIRE_DISK_QUOTA", default_value = "0", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "1")]
     require_disk_quota: bool,
+    /// The engine runtime: runc, or runsc (gVisor; register it first, see RUN.md).
+    #[arg(long, env = "ZCBOT_SANDBOX_RUNTIME", default_value = "runc", value_parser = one_of(&[("runc", Runtime::Runc), ("runsc", Runtime::Runsc)]))]
+    runtime: Runtime,
+    /// The seccomp profile: zcbot (this project's allowlist) or default (the engine's).
+    #[arg(long, env = "ZCBOT_SECCOMP", default_value = "zcbot", value_parser = parse_seccomp)]
+    seccomp: Seccomp,
 }
 
 // The sandbox network, its egress and the host's enforcement.
@@ -601,6 +644,17 @@ impl Settings {
                 reason: "must not be longer than ZCBOT_EXEC_TIMEOUT_MAX".into(),
             });
         }
+        if sandbox.runtime == Runtime::Runsc && sandbox.seccomp == Seccomp::Default {
+            // gVisor applies every SCMP_ACT_ERRNO rule as EPERM: the engine's profile answers
+            // clone3 with EPERM instead of its ENOSYS, and glibc then cannot start a thread.
+            return Err(Error::Config {
+                var: "ZCBOT_SECCOMP",
+                value: "default".into(),
+                reason: "under ZCBOT_SANDBOX_RUNTIME=runsc the engine's profile breaks every \
+                         thread (gVisor turns its clone3 rule into EPERM): use zcbot"
+                    .into(),
+            });
+        }
         if sandbox.uid_range.contains(uid) {
             // The old single owner's folders would look like some tenant's own.
             return Err(Error::Config {
@@ -676,6 +730,8 @@ impl Settings {
             self_check: network.self_check,
             egress: network.egress,
             container_rules: network.container_rules,
+            runtime: sandbox.runtime,
+            seccomp: sandbox.seccomp,
         })
     }
 }
@@ -732,6 +788,18 @@ fn parse_docker_host(v: &str) -> std::result::Result<String, String> {
 fn parse_token(v: &str) -> std::result::Result<SecretString, std::convert::Infallible> {
     // The length is checked with the other settings, where the error can hide the value.
     Ok(SecretString::from(v.trim()))
+}
+
+fn parse_seccomp(v: &str) -> std::result::Result<Seccomp, String> {
+    match v.trim() {
+        "zcbot" => Ok(Seccomp::Zcbot),
+        "default" => Ok(Seccomp::Default),
+        _ => Err(
+            "must be zcbot (this project's profile) or default (the engine's): \
+                  nothing turns seccomp off"
+                .into(),
+        ),
+    }
 }
 
 fn parse_network(v: &str) -> std::result::Result<String, String> {
@@ -1012,13 +1080,15 @@ mod tests {
         assert!(c.self_check);
         assert_eq!(c.egress, Egress::None);
         assert_eq!(c.container_rules, RulesSetting::Auto);
+        assert_eq!(c.runtime, Runtime::Runc);
+        assert_eq!(c.seccomp, Seccomp::Zcbot);
         assert_eq!(format_bytes(c.disk_bytes), "1 GiB");
     }
 
     #[test]
     fn the_declaration_lists_every_variable_once_with_a_flag() {
         let vars = variables();
-        assert_eq!(vars.len(), 43, "{vars:?}");
+        assert_eq!(vars.len(), 45, "{vars:?}");
         let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
         names.sort_unstable();
         names.dedup();
@@ -1166,6 +1236,25 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_cannot_be_turned_off_and_gvisor_takes_only_our_profile() {
+        let err = cfg(&[("ZCBOT_SECCOMP", "unconfined")]).unwrap_err();
+        assert!(
+            err.to_string().contains("nothing turns seccomp off"),
+            "{err}"
+        );
+        let err = cfg(&[
+            ("ZCBOT_SANDBOX_RUNTIME", "runsc"),
+            ("ZCBOT_SECCOMP", "default"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("ZCBOT_SECCOMP"), "{err}");
+        let c = cfg(&[("ZCBOT_SANDBOX_RUNTIME", "runsc")]).unwrap();
+        assert_eq!((c.runtime, c.seccomp), (Runtime::Runsc, Seccomp::Zcbot));
+        let c = cfg(&[("ZCBOT_SECCOMP", "default")]).unwrap();
+        assert_eq!((c.runtime, c.seccomp), (Runtime::Runc, Seccomp::Default));
+    }
+
+    #[test]
     fn bad_values_name_the_variable_and_value() {
         for (var, value) in [
             ("ZCBOT_SANDBOX_IDLE", "soon"),
@@ -1210,6 +1299,8 @@ mod tests {
             ("ZCBOT_HTTP_MAX_CONNECTIONS", "0"),
             ("ZCBOT_HTTP_HEADER_TIMEOUT", "never"),
             ("ZCBOT_KILL_GRACE", "-5s"),
+            ("ZCBOT_SANDBOX_RUNTIME", "kata"),
+            ("ZCBOT_SECCOMP", "unconfined"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             let msg = err.to_string();

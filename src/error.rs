@@ -45,6 +45,15 @@ pub enum Error {
         image: String,
     },
 
+    /// The engine has no runtime of the name `ZCBOT_SANDBOX_RUNTIME` asks for.
+    #[error("the container engine has no runtime named {runtime} (it has: {}): install it (Debian: apt-get install runsc) and register it in /etc/docker/daemon.json under \"runtimes\", then reload dockerd with SIGHUP; scripts/register-runsc.sh does all three, RUN.md shows the lines. Or set ZCBOT_SANDBOX_RUNTIME=runc", registered.join(", "))]
+    RuntimeMissing {
+        /// The runtime asked for.
+        runtime: &'static str,
+        /// The runtimes the engine has.
+        registered: Vec<String>,
+    },
+
     /// A network of the configured name exists with settings the pool will not run sandboxes on.
     #[error("network {name} exists but {reason}: remove it (docker network rm {name}) or set ZCBOT_SANDBOX_NETWORK to another name")]
     NetworkMismatch {
@@ -195,6 +204,7 @@ impl Error {
             Error::Config { .. } => "config",
             Error::Engine(e) => e.kind(),
             Error::ImageMissing { .. } => "image_missing",
+            Error::RuntimeMissing { .. } => "runtime_missing",
             Error::NetworkMismatch { .. } => "network_mismatch",
             Error::SandboxStart { .. } => "sandbox_start",
             Error::PoolFull { .. } => "pool_full",
@@ -228,6 +238,8 @@ pub enum Op {
     Handshake,
     /// A ping.
     Ping,
+    /// Read the engine's system information (its runtimes).
+    Info,
     /// Inspect an image.
     InspectImage,
     /// List networks.
@@ -256,6 +268,8 @@ pub enum Op {
     ReadExec,
     /// Inspect an exec.
     InspectExec,
+    /// Follow the engine's events.
+    Events,
 }
 
 impl std::fmt::Display for Op {
@@ -263,6 +277,7 @@ impl std::fmt::Display for Op {
         f.write_str(match self {
             Op::Handshake => "the version handshake with",
             Op::Ping => "ping",
+            Op::Info => "read the system information of",
             Op::InspectImage => "inspect image",
             Op::ListNetworks => "list networks named",
             Op::CreateNetwork => "create network",
@@ -277,6 +292,7 @@ impl std::fmt::Display for Op {
             Op::StartExec => "start an exec in",
             Op::ReadExec => "read an exec in",
             Op::InspectExec => "inspect exec",
+            Op::Events => "follow the events of containers labelled",
         })
     }
 }

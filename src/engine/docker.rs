@@ -14,16 +14,16 @@ use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerStateStatusEnum, ContainerSummaryStateEnum, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, ListNetworksOptions, LogsOptions,
+    CreateContainerOptions, EventsOptions, ListContainersOptions, ListNetworksOptions, LogsOptions,
     RemoveContainerOptions,
 };
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 
 use super::{
-    Attached, Chunk, Container, ContainerSpec, Created, Engine, EngineError, EngineResult,
-    ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec, Op, Removed,
-    Run, State,
+    Attached, Chunk, Container, ContainerSpec, Created, DeathStream, Engine, EngineError,
+    EngineResult, ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec,
+    Op, Removed, Run, State,
 };
 use crate::config::Config;
 
@@ -255,6 +255,16 @@ impl Engine for DockerEngine {
         .boxed()
     }
 
+    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Vec<String>>> {
+        async move {
+            let info = self.plain(Op::Info, &self.host, self.inner.info()).await?;
+            let mut names: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
+            names.sort();
+            Ok(names)
+        }
+        .boxed()
+    }
+
     fn image_id<'a>(&'a self, image: &'a str) -> BoxFuture<'a, EngineResult<Option<String>>> {
         async move {
             match self
@@ -366,6 +376,7 @@ impl Engine for DockerEngine {
                 run,
                 exit_code: st.exit_code,
                 error: st.error.filter(|e| !e.is_empty()),
+                oom_killed: st.oom_killed.unwrap_or(false),
             }))
         }
         .boxed()
@@ -548,6 +559,29 @@ impl Engine for DockerEngine {
             .map(move |item| {
                 item.map(|c| c.into_bytes().to_vec())
                     .map_err(|e| this.stream_error(Op::ReadLog, &target, e))
+            })
+            .boxed()
+    }
+
+    fn deaths(&self, label: &str, value: &str) -> DeathStream {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("event".to_owned(), vec!["die".to_owned()]),
+            ("label".to_owned(), vec![format!("{label}={value}")]),
+        ]);
+        let this = self.clone();
+        let target = format!("{label}={value}");
+        self.inner
+            .events(Some(EventsOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .filter_map(move |item| {
+                let out = match item {
+                    Ok(event) => event.actor.and_then(|a| a.id).map(Ok),
+                    Err(e) => Some(Err(this.stream_error(Op::Events, &target, e))),
+                };
+                futures_util::future::ready(out)
             })
             .boxed()
     }

@@ -16,9 +16,9 @@ use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 
 use super::{
-    Attached, Chunk, Container, ContainerSpec, Created, Engine, EngineError, EngineResult,
-    ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec, Op, Removed,
-    Run, State,
+    Attached, Chunk, Container, ContainerSpec, Created, DeathStream, Engine, EngineError,
+    EngineResult, ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec,
+    Op, Removed, Run, State,
 };
 
 /// What a fake exec does: given its spec, its exit status and output.
@@ -46,6 +46,8 @@ struct Record {
 #[derive(Default)]
 struct World {
     images: HashMap<String, String>,
+    /// Runtimes registered besides `runc`.
+    runtimes: Vec<String>,
     networks: Vec<Network>,
     containers: Vec<Record>,
     execs: HashMap<String, ExecState>,
@@ -102,6 +104,11 @@ impl FakeEngine {
         let mut w = self.state.lock();
         let id = format!("sha256:{}", w.id());
         w.images.insert(image.to_owned(), id);
+    }
+
+    /// Registers the runtime `name` (the engine always has `runc`).
+    pub fn add_runtime(&self, name: &str) {
+        self.state.lock().runtimes.push(name.to_owned());
     }
 
     /// Makes every call of `op` fail (until [`FakeEngine::heal`]).
@@ -196,6 +203,22 @@ impl Engine for FakeEngine {
         ready(|| r)
     }
 
+    fn deaths(&self, _label: &str, _value: &str) -> DeathStream {
+        // The fake's containers die only when a test says so, and its tests do not follow them.
+        futures_util::stream::pending().boxed()
+    }
+
+    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Vec<String>>> {
+        let w = self.enter();
+        let r = w.fail(Op::Info, "fake").map(|()| {
+            let mut names = w.runtimes.clone();
+            names.push("runc".to_owned());
+            names.sort();
+            names
+        });
+        futures_util::future::ready(r).boxed()
+    }
+
     fn image_id<'a>(&'a self, image: &'a str) -> BoxFuture<'a, EngineResult<Option<String>>> {
         let w = self.enter();
         let r = w
@@ -264,6 +287,7 @@ impl Engine for FakeEngine {
                     run: c.run.clone(),
                     exit_code: (c.state == State::Exited).then_some(0),
                     error: None,
+                    oom_killed: false,
                 }
             })
         });

@@ -128,6 +128,8 @@ pub struct Container {
     pub exit_code: Option<i64>,
     /// The engine's error for it (a failed start), when there is one.
     pub error: Option<String>,
+    /// The kernel's OOM killer struck in it (under gVisor: the whole sandbox was killed).
+    pub oom_killed: bool,
 }
 
 /// A container as `list` sees it.
@@ -215,6 +217,9 @@ pub type Input = Pin<Box<dyn AsyncWrite + Send>>;
 /// A followed log, in pieces as the engine sends them (lines may be split across pieces).
 pub type LogStream = Pin<Box<dyn Stream<Item = EngineResult<Vec<u8>>> + Send>>;
 
+/// Ids of containers as they die (see [`Engine::deaths`]).
+pub type DeathStream = Pin<Box<dyn Stream<Item = EngineResult<String>> + Send>>;
+
 /// A started exec with its streams attached.
 pub struct Attached {
     /// The exec's id (for `exec_state`).
@@ -257,6 +262,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether the engine answers.
     fn ping(&self) -> BoxFuture<'_, EngineResult<()>>;
+    /// The names of the OCI runtimes the engine has registered (`runc`, and `runsc` once
+    /// daemon.json names it).
+    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Vec<String>>>;
     /// The id of `image`, or None when the engine does not have it.
     fn image_id<'a>(&'a self, image: &'a str) -> BoxFuture<'a, EngineResult<Option<String>>>;
 
@@ -291,6 +299,11 @@ pub trait Engine: Send + Sync + 'static {
     /// The container's log from `since` on, followed, each line prefixed with its RFC 3339
     /// timestamp and a space (as the engine stamps them).
     fn follow_log(&self, container: &str, since: SystemTime) -> LogStream;
+
+    /// The ids of containers labelled `label=value` as they die (the engine's `die` events), from
+    /// now on, with no deadline. It ends, or yields an error, when the connection does: the
+    /// caller connects again.
+    fn deaths(&self, label: &str, value: &str) -> DeathStream;
 
     /// Creates and starts an exec, attached.
     fn exec<'a>(

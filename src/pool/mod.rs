@@ -10,6 +10,7 @@
 //! gate with no lease out. A warm lease costs no Docker round trip at all.
 
 pub mod activity;
+mod deaths;
 pub mod metrics;
 pub mod network;
 pub mod reaper;
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RulesSetting};
@@ -112,6 +114,7 @@ struct Inner {
     admission: parking_lot::Mutex<()>,
     counters: PoolMetrics,
     tasks: TaskTracker,
+    deaths: deaths::DeathWatch,
 }
 
 /// A call's hold on a user's running sandbox. While it lives, the container is never reaped or
@@ -191,6 +194,14 @@ impl SandboxPool {
                 .ok_or_else(|| Error::ImageMissing {
                     image: config.image.clone(),
                 })?;
+        let runtime = config.runtime.as_str();
+        let registered = engine.runtimes().await?;
+        if !registered.iter().any(|r| r == runtime) {
+            return Err(Error::RuntimeMissing {
+                runtime,
+                registered,
+            });
+        }
         let network = network::ensure_network(
             engine.as_ref(),
             &config.network_name(),
@@ -244,13 +255,18 @@ impl SandboxPool {
             api = %engine.api_version(),
             image = %config.image,
             image_id = %image_id,
+            runtime,
+            seccomp = ?config.seccomp,
             network = %network.name,
             bridge = %network.bridge,
             "sandbox pool ready"
         );
+        let deaths = deaths::DeathWatch::start(engine.clone(), config.pool_id.clone());
         Ok(SandboxPool {
             inner: Arc::new(Inner {
+                deaths,
                 template: SpecTemplate {
+                    seccomp: SpecTemplate::seccomp_profile(&config, rules),
                     image_id,
                     blocked,
                     rules,
@@ -463,6 +479,22 @@ impl SandboxPool {
     /// Forgets every unused slot (the reaper's tick).
     pub(crate) fn prune_slots(&self) {
         self.inner.slots.retain(|_, slot| !slot_unused(slot));
+        let live: std::collections::HashSet<String> = self
+            .inner
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let st = slot.state.lock();
+                st.live.as_ref().map(|sb| sb.container_id.clone())
+            })
+            .collect();
+        self.inner.deaths.retain(|id| live.contains(id));
+    }
+
+    /// A token cancelled when the container `container_id` dies (the engine's `die` event), from
+    /// now on: a call in it ends at once instead of at its timeout.
+    pub fn death_of(&self, container_id: &str) -> CancellationToken {
+        self.inner.deaths.of(container_id)
     }
 
     /// How many users the pool keeps state for.

@@ -13,7 +13,8 @@ use bollard::models::{
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-use crate::config::Config;
+use crate::config::{Config, Seccomp};
+use crate::seccomp::Netfilter;
 use crate::user::UserId;
 use crate::users_root::UserFolder;
 
@@ -132,6 +133,8 @@ pub struct SpecTemplate {
     pub blocked: Vec<IpNet>,
     /// Who installs the container's own rules.
     pub rules: RulesMode,
+    /// The seccomp profile (JSON) applied inline, or `None` for the engine's default profile.
+    pub seccomp: Option<String>,
 }
 
 /// Who installs a container's own egress rules.
@@ -155,6 +158,18 @@ impl std::fmt::Display for RulesMode {
 }
 
 impl SpecTemplate {
+    /// The seccomp profile a pool with `config` and `rules` applies (`None`: the engine's).
+    pub fn seccomp_profile(config: &Config, rules: RulesMode) -> Option<String> {
+        let netfilter = match rules {
+            RulesMode::Host => Netfilter::Refused,
+            RulesMode::Entry => Netfilter::ForEntry,
+        };
+        match config.seccomp {
+            Seccomp::Zcbot => Some(crate::seccomp::profile(netfilter, config.runtime).to_string()),
+            Seccomp::Default => None,
+        }
+    }
+
     /// The create body for `user` and its config hash. `folder` is the user's host folder and
     /// the uid that owns it.
     pub fn build(
@@ -201,7 +216,12 @@ impl SpecTemplate {
                 RulesMode::Host => None,
                 RulesMode::Entry => Some(vec!["NET_ADMIN".to_owned()]),
             },
-            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            security_opt: Some(
+                std::iter::once("no-new-privileges:true".to_owned())
+                    .chain(self.seccomp.as_ref().map(|p| format!("seccomp={p}")))
+                    .collect(),
+            ),
+            runtime: Some(config.runtime.as_str().to_owned()),
             pids_limit: Some(config.pids),
             memory: Some(config.memory_bytes),
             memory_swap: Some(config.memory_bytes),
@@ -272,6 +292,7 @@ mod tests {
             image_id: "sha256:abc".into(),
             blocked: blocklist(&cfg(), &[]),
             rules: RulesMode::Entry,
+            seccomp: SpecTemplate::seccomp_profile(&cfg(), RulesMode::Entry),
         }
     }
 
@@ -312,6 +333,12 @@ mod tests {
         let mut t = template();
         t.blocked.push("8.8.8.8/32".parse().unwrap());
         assert_ne!(h1, t.build(&c, &u, ws).1, "rules");
+        let mut c2 = c.clone();
+        c2.runtime = crate::config::Runtime::Runsc;
+        assert_ne!(h1, template().build(&c2, &u, ws).1, "runtime");
+        let mut t = template();
+        t.seccomp = None;
+        assert_ne!(h1, t.build(&c, &u, ws).1, "seccomp profile");
     }
 
     #[test]
@@ -349,5 +376,14 @@ mod tests {
         assert!(hc.pid_mode.is_none() && hc.userns_mode.is_none());
         assert_eq!(hc.cgroupns_mode, Some(HostConfigCgroupnsModeEnum::PRIVATE));
         assert!(hc.tmpfs.unwrap()["/tmp"].contains("nosuid"));
+        let opts = hc.security_opt.unwrap();
+        assert!(opts.contains(&"no-new-privileges:true".to_owned()));
+        let profile = opts
+            .iter()
+            .find_map(|o| o.strip_prefix("seccomp="))
+            .unwrap();
+        let profile: serde_json::Value = serde_json::from_str(profile).unwrap();
+        assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(hc.runtime.as_deref(), Some("runc"));
     }
 }

@@ -297,6 +297,7 @@ impl From<Error> for ApiError {
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
             Error::PoolFull { .. }
             | Error::ImageMissing { .. }
+            | Error::RuntimeMissing { .. }
             | Error::NetworkMismatch { .. }
             | Error::SandboxStart { .. }
             | Error::HostFirewall { .. }

@@ -358,6 +358,21 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
                 Err(e) => Check::failed(e.to_string()),
             },
         );
+        let runtime = pool.config().runtime.as_str();
+        checks.insert(
+            "runtime",
+            match engine.runtimes().await {
+                Ok(names) if names.iter().any(|n| n == runtime) => Check::ok(runtime),
+                Ok(registered) => Check::failed(
+                    crate::Error::RuntimeMissing {
+                        runtime,
+                        registered,
+                    }
+                    .to_string(),
+                ),
+                Err(e) => Check::failed(e.to_string()),
+            },
+        );
         let net = &pool.network().name;
         // The public egress policy runs on a network with a way out; the others on an internal one.
         let internal = pool.config().egress == crate::config::Egress::None;

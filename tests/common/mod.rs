@@ -112,8 +112,11 @@ impl TestPool {
         );
         vars.insert("ZCBOT_DOCKER_TIMEOUT".into(), "60s".into());
         vars.insert("ZCBOT_SANDBOX_START_TIMEOUT".into(), "60s".into());
-        if let Ok(image) = std::env::var("ZCBOT_SANDBOX_IMAGE") {
-            vars.insert("ZCBOT_SANDBOX_IMAGE".into(), image);
+        // scripts/test.sh runs the executor and attack tests a second time under gVisor.
+        for var in ["ZCBOT_SANDBOX_IMAGE", "ZCBOT_SANDBOX_RUNTIME"] {
+            if let Ok(value) = std::env::var(var) {
+                vars.insert(var.into(), value);
+            }
         }
         TestPool {
             pool_id,
