@@ -150,6 +150,24 @@ impl Channels {
     }
 
     /// Closes every channel (the daemon is stopping): each helper stops its calls and exits.
+    /// The container `container_id` died: its channel (if it is the user's) dies too, ending its
+    /// calls and closing its exec stream (which the engine may leave open under gVisor).
+    pub(crate) async fn container_died(&self, user: &UserId, container_id: &str) {
+        let Some(slot) = self.slots.get(user).map(|s| s.clone()) else {
+            return;
+        };
+        let mut st = slot.lock().await;
+        if st
+            .channel
+            .as_ref()
+            .is_some_and(|ch| ch.container_id == container_id)
+        {
+            if let Some(ch) = st.channel.take() {
+                ch.die("the sandbox died".into(), false);
+            }
+        }
+    }
+
     pub(crate) fn close_all(&self) {
         for slot in self.slots.iter() {
             if let Ok(mut st) = slot.try_lock() {

@@ -89,15 +89,25 @@ impl DockerExecutor {
         let mut per_call = self.transport == TransportSetting::Exec;
         loop {
             let lease = self.pool.lease(user).await?;
+            let container_id = lease.sandbox().container_id.clone();
+            let died = self.pool.death_of(&container_id);
             // Host rules mode: a container restarted behind the pool's back has a fresh network
             // namespace without rules. One readlink tells; the retry re-installs them.
             let attempt = if !self.pool.rules_intact(lease.sandbox()) {
                 tracing::warn!(container = %lease.sandbox().name, "the sandbox's network namespace changed (restarted?): re-installing its rules");
                 Err(Attempt::Gone(lease.sandbox().container_id.clone()))
-            } else if per_call {
-                self.per_call.run(lease, &spec, cancel).await
             } else {
-                self.channels.run(lease, &spec, cancel).await
+                let run = async {
+                    if per_call {
+                        self.per_call.run(lease, &spec, cancel).await
+                    } else {
+                        self.channels.run(lease, &spec, cancel).await
+                    }
+                };
+                tokio::select! {
+                    attempt = run => attempt,
+                    () = died.cancelled() => return self.died_during(user, &container_id).await,
+                }
             };
             match attempt {
                 Ok(outcome) => {
@@ -134,5 +144,49 @@ impl DockerExecutor {
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
+    }
+
+    /// The container died under a running call (the call's future, dropped, leaves its clean-up
+    /// to its stop guard). Out of memory, the call ends as killed (137, as the kernel's OOM kill
+    /// of a process does under runc) and says why; otherwise it is lost. The next call gets a
+    /// fresh sandbox: the call is never run again by itself, it may have done half its work.
+    async fn died_during(&self, user: &UserId, container_id: &str) -> Result<ProcessOutcome> {
+        self.channels.container_died(user, container_id).await;
+        self.pool.invalidate(user, container_id);
+        let container = self.pool.container_name(user);
+        let oom = match self.pool.engine().inspect(container_id).await {
+            Ok(Some(c)) => c.oom_killed,
+            _ => false,
+        };
+        tracing::warn!(user = %user, container = %container, oom, "the sandbox died during a call");
+        if !oom {
+            return Err(Error::ChannelLost {
+                user: user.to_string(),
+                container,
+                reason: "the sandbox stopped during the call (stopped or killed from outside)"
+                    .into(),
+            });
+        }
+        let note = format!(
+            "zcbot: the sandbox ran out of memory (its limit is {} bytes, ZCBOT_SANDBOX_MEMORY) and \
+             was stopped with everything running in it; the next call starts a fresh one\n",
+            self.pool.config().memory_bytes
+        );
+        let empty = crate::exec::output::Captured {
+            bytes: Vec::new(),
+            truncated: false,
+            total: 0,
+        };
+        Ok(ProcessOutcome {
+            exit_code: Some(137),
+            stdout: empty.clone(),
+            stderr: crate::exec::output::Captured {
+                total: note.len() as u64,
+                bytes: note.into_bytes(),
+                truncated: false,
+            },
+            timed_out: false,
+            cancelled: false,
+        })
     }
 }

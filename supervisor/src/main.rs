@@ -3,7 +3,8 @@
 //! The daemon starts every tool call as `docker exec -u <sandbox uid> zcbot-supervise ... -- ARGV`,
 //! or, over the channel, has the `--serve` helper fork this same code for it. The supervisor:
 //! - makes itself a child subreaper, so descendants that escape with setsid or a double fork
-//!   re-parent to it instead of to the container's init;
+//!   re-parent to it instead of to the container's init (under gVisor, which refuses that to
+//!   anything but init, it finds them as the tenant's orphans started since the call began);
 //! - runs ARGV in a new session with stdin on /dev/null (or a program read from stdin into a
 //!   memfd, for run_python: no file is ever written), stdout and stderr on pipes it forwards, so
 //!   the exec stream ends when the supervisor ends, whatever a background child still holds;
@@ -102,8 +103,8 @@ fn die_errno(what: &str) -> ! {
 /// DESIGN.md: a supervisor that cannot make itself non-dumpable or a subreaper refuses to run
 /// rather than run a call it could not contain).
 pub(crate) fn prctl_or_die(option: libc::c_int, value: libc::c_ulong, what: &str) {
-    // SAFETY: the options passed here (DUMPABLE, CHILD_SUBREAPER) take an integer and no
-    // pointer; prctl touches no memory of ours.
+    // SAFETY: the option passed here (DUMPABLE) takes an integer and no pointer; prctl touches
+    // no memory of ours.
     if unsafe { libc::prctl(option, value, 0, 0, 0) } != 0 {
         die_errno(&format!("prctl {what} (refusing to run without it)"));
     }
@@ -228,8 +229,9 @@ pub(crate) fn pipe_cloexec() -> std::io::Result<[libc::c_int; 2]> {
 /// Runs one call to its end and returns its exit status. Refuses (exit 125, saying what failed)
 /// when anything its guarantees rest on cannot be set up.
 pub(crate) fn supervise(args: Args) -> i32 {
-    // Descendants that escape with setsid or a double fork re-parent here, not to init.
-    prctl_or_die(libc::PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER 1");
+    // Descendants that escape with setsid or a double fork re-parent here, not to init (or,
+    // under gVisor, are found as orphans: see Tracking).
+    let tracking = become_subreaper();
     // Non-dumpable: the call's own code (same uid) can neither ptrace this supervisor nor open
     // its /proc/PID/mem to rewrite the code that stops it; the command it executes becomes
     // dumpable again, as any program.
@@ -330,13 +332,11 @@ pub(crate) fn supervise(args: Args) -> i32 {
     let mut buf = vec![0u8; 64 * 1024];
     // As a subreaper, every descendant has a chain of live parents up to us: with no child left
     // (ECHILD) there is no descendant, and the /proc walk can be skipped (the common case).
+    // Tracking orphans, escaped processes are not our children: always walk.
     let mut children_left = true;
-    let descendants_now = |children_left: bool| {
-        if children_left {
-            descendants()
-        } else {
-            Vec::new()
-        }
+    let descendants_now = |children_left: bool| match tracking {
+        Tracking::Subreaper if !children_left => Vec::new(),
+        _ => descendants(tracking),
     };
     loop {
         // Reap everything that exited; note the main child's status.
@@ -381,8 +381,8 @@ pub(crate) fn supervise(args: Args) -> i32 {
             }
         }
         if let Some((kill_at, _)) = kill_phase {
-            if now >= kill_at && children_left {
-                kill_everything();
+            if now >= kill_at && (children_left || matches!(tracking, Tracking::Orphans { .. })) {
+                kill_everything(tracking);
             }
             let open = streams.iter().any(|s| s.2);
             if descendants_now(children_left).is_empty() && !open {
@@ -459,8 +459,18 @@ pub(crate) fn write_all(fd: libc::c_int, mut data: &[u8]) -> bool {
     true
 }
 
-/// (pid, ppid, uid) of every process we can see.
-fn processes() -> Vec<(i32, i32, u32)> {
+/// One process as /proc shows it.
+#[derive(Debug, Clone, Copy)]
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    uid: u32,
+    /// When it started, in clock ticks since boot (`/proc/PID/stat` field 22).
+    start: u64,
+}
+
+/// Every process we can see.
+fn processes() -> Vec<Proc> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -473,32 +483,98 @@ fn processes() -> Vec<(i32, i32, u32)> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Some((ppid, start)) = stat_of(pid) else {
             continue;
         };
-        // The command name is in parentheses and may hold spaces: parse after the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let ppid = fields.nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
         let uid = std::fs::metadata(entry.path())
             .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
             .unwrap_or(0);
-        out.push((pid, ppid, uid));
+        out.push(Proc {
+            pid,
+            ppid,
+            uid,
+            start,
+        });
     }
     out
 }
 
-/// Every live descendant of this process.
-fn descendants() -> Vec<i32> {
-    subtree_of(&[std::process::id() as i32], &processes(), false)
+/// (parent pid, start time) of `pid`.
+fn stat_of(pid: i32) -> Option<(i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state, ppid, ... starttime is the 20th.
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }
 
-fn subtree_of(roots: &[i32], procs: &[(i32, i32, u32)], include_roots: bool) -> Vec<i32> {
+/// How a supervisor finds every process of its call, escaped ones included.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Tracking {
+    /// It is a child subreaper: a descendant that escapes with setsid or a double fork
+    /// re-parents to it, so its subtree is the whole call.
+    Subreaper,
+    /// Under gVisor, whose kernel lets only a namespace's init be a subreaper: escaped
+    /// descendants re-parent to PID 1, so the call is the subtree plus the tenant's orphans
+    /// (parent PID 1, same uid) started since the supervisor started. An orphan of another call
+    /// of the same user that started after this one counts too (DESIGN.md: runsc).
+    Orphans {
+        /// This supervisor's start time (clock ticks since boot).
+        since: u64,
+    },
+}
+
+/// Makes this process a child subreaper, or, where the kernel is gVisor's (which refuses it to
+/// anything but init), falls back to [`Tracking::Orphans`]. Exits 125 otherwise: a supervisor
+/// that could lose track of its call's processes refuses to run it.
+pub(crate) fn become_subreaper() -> Tracking {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer and no pointer; prctl touches no memory
+    // of ours.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0 {
+        return Tracking::Subreaper;
+    }
+    let err = std::io::Error::last_os_error();
+    // gVisor's procfs has this file; Linux's never does, and the tenant cannot make one.
+    let gvisor = std::path::Path::new("/proc/sentry-meminfo").exists();
+    if err.raw_os_error() == Some(libc::EINVAL) && gvisor {
+        if let Some((_, since)) = stat_of(std::process::id() as i32) {
+            return Tracking::Orphans { since };
+        }
+    }
+    die(
+        EXIT_SETUP,
+        &format!("prctl PR_SET_CHILD_SUBREAPER 1 (refusing to run without it): {err}"),
+    )
+}
+
+/// Every live process of this supervisor's call (see [`Tracking`]).
+fn descendants(tracking: Tracking) -> Vec<i32> {
+    let procs = processes();
+    let me = std::process::id() as i32;
+    let mut out = subtree_of(&[me], &procs, false);
+    if let Tracking::Orphans { since } = tracking {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let orphans: Vec<i32> = procs
+            .iter()
+            .filter(|p| p.ppid == 1 && p.pid != 1 && p.uid == uid && p.start >= since)
+            .map(|p| p.pid)
+            .collect();
+        let known: HashSet<i32> = out.iter().copied().collect();
+        out.extend(
+            subtree_of(&orphans, &procs, true)
+                .into_iter()
+                .filter(|p| !known.contains(p)),
+        );
+    }
+    out
+}
+
+fn subtree_of(roots: &[i32], procs: &[Proc], include_roots: bool) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for &(pid, ppid, _) in procs {
-        children.entry(ppid).or_default().push(pid);
+    for p in procs {
+        children.entry(p.ppid).or_default().push(p.pid);
     }
     let mut seen: HashSet<i32> = HashSet::new();
     let mut stack: Vec<i32> = roots.to_vec();
@@ -528,15 +604,15 @@ fn signal_all(pids: &[i32], signals: &[libc::c_int]) {
 
 /// Freezes, then kills, every descendant, round after round, until none is left. Freezing first
 /// stops a fork bomb from outrunning the kills; the pids limit bounds the rounds.
-fn kill_everything() {
+fn kill_everything(tracking: Tracking) {
     for _ in 0..1000 {
-        let pids = descendants();
+        let pids = descendants(tracking);
         if pids.is_empty() {
             return;
         }
         signal_all(&pids, &[libc::SIGSTOP]);
-        signal_all(&descendants(), &[libc::SIGSTOP]);
-        signal_all(&descendants(), &[libc::SIGKILL]);
+        signal_all(&descendants(tracking), &[libc::SIGSTOP]);
+        signal_all(&descendants(tracking), &[libc::SIGKILL]);
         loop {
             let mut ws = 0;
             // SAFETY: waitpid only writes the status through a pointer to a live local int.
@@ -552,7 +628,7 @@ fn kill_everything() {
 fn signal_call(call_id: &str) -> i32 {
     let me = std::process::id() as i32;
     let mut found = 1;
-    for (pid, _, _) in processes() {
+    for Proc { pid, .. } in processes() {
         if pid == me {
             continue;
         }
@@ -582,8 +658,8 @@ pub(crate) fn sweep() -> i32 {
         let procs = processes();
         let orphans: Vec<i32> = procs
             .iter()
-            .filter(|(pid, ppid, u)| *ppid == 1 && *u == uid && *pid != 1)
-            .map(|(pid, _, _)| *pid)
+            .filter(|p| p.ppid == 1 && p.uid == uid && p.pid != 1)
+            .map(|p| p.pid)
             .collect();
         if orphans.is_empty() {
             return 0;

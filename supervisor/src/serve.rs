@@ -135,8 +135,8 @@ pub fn serve() -> i32 {
         );
     }
     // Every call's supervisor is forked with only fds 0-2 left open (close_range, Linux 5.9):
-    // closing the range [MAX, MAX] touches nothing and tells whether the kernel has it.
-    if let Err(e) = close_range_from(libc::c_uint::MAX) {
+    // closing the range [LAST_FD, LAST_FD] touches nothing and tells whether the kernel has it.
+    if let Err(e) = close_range_from(LAST_FD) {
         crate::die(
             crate::EXIT_SETUP,
             &format!(
@@ -355,18 +355,16 @@ fn owned_pipe() -> Result<[OwnedFd; 2], String> {
     Ok(unsafe { [OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)] })
 }
 
+/// The highest descriptor `close_range` is asked to close. Linux takes any value (it clamps to
+/// the table's size); gVisor refuses a `last` above INT_MAX with EINVAL, and no descriptor can be
+/// higher anyway.
+const LAST_FD: libc::c_uint = libc::c_int::MAX as libc::c_uint;
+
 /// Closes every descriptor from `first` up (close_range(2), Linux 5.9). Async-signal-safe: a
 /// single system call.
 fn close_range_from(first: libc::c_uint) -> std::io::Result<()> {
     // SAFETY: close_range takes three unsigned ints (passed as such) and touches no memory.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first,
-            libc::c_uint::MAX,
-            0 as libc::c_uint,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, LAST_FD, 0 as libc::c_uint) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
