@@ -58,6 +58,38 @@ if [ "$status" != 0 ]; then
     exit "$status"
 fi
 
+# The attack suite and the executor tests once more under gVisor (ZCBOT_SANDBOX_RUNTIME=runsc),
+# when the engine has it registered (scripts/register-runsc.sh; .ci/run does it on CI's machine).
+runsc_summary="not run"
+if docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null |
+    tr ' ' '\n' | grep -qx runsc; then
+    echo "test.sh: the attack suite and the executor tests under runsc (gVisor)" >&2
+    # Known gap (issue 14 stays open for it): Debian's runsc applies the container's seccomp
+    # profile to the container's init only, not to exec'd calls, so the two attacks that probe the
+    # profile from a call would fail under it for that reason. They run under runc above.
+    echo "test.sh: NOT RUN under runsc (known gap, DESIGN.md 'gVisor'): the_kernel_surface_is_the_profiles_io_uring_and_namespaces_refused_with_eperm, raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused" >&2
+    runsc_log=$(mktemp)
+    trap 'rm -f "$log" "$runsc_log"' EXIT
+    set +e
+    ZCBOT_SANDBOX_RUNTIME=runsc cargo test --test attacks --test exec "$@" -- \
+        --skip the_kernel_surface_is_the_profiles_io_uring_and_namespaces_refused_with_eperm \
+        --skip raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused 2>&1 | tee "$runsc_log"
+    status=${PIPESTATUS[0]}
+    set -e
+    runsc_summary=$(awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$runsc_log")
+    if [ "$status" != 0 ]; then
+        echo "tests: $summary; under runsc: $runsc_summary"
+        exit "$status"
+    fi
+else
+    echo "test.sh: RUNSC IS NOT REGISTERED with this engine: the attack suite and the executor tests ran under runc only." >&2
+    echo "test.sh: register it with: sudo scripts/register-runsc.sh (installs Debian's runsc, edits /etc/docker/daemon.json, reloads dockerd)" >&2
+    if [ "${CI:-}" = true ]; then
+        echo "tests: $summary; under runsc: not run (CI must run both runtimes)"
+        exit 1
+    fi
+fi
+
 # The tests clean up after themselves; say so loudly if any of their containers survived.
 # Test pools have ids starting with 't', so their containers are named zcbot-sandbox-t<id>.<user>.
 left=$(docker ps -a --filter label=io.zcbot.managed-by=zcbot-sandbox --format '{{.Names}}' |
@@ -65,7 +97,7 @@ left=$(docker ps -a --filter label=io.zcbot.managed-by=zcbot-sandbox --format '{
 if [ -n "$left" ]; then
     echo "test.sh: test containers were left behind:" >&2
     echo "$left" >&2
-    echo "tests: $summary, but containers were left behind"
+    echo "tests: $summary; under runsc: $runsc_summary; but containers were left behind"
     exit 1
 fi
-echo "tests: $summary"
+echo "tests: $summary; under runsc: $runsc_summary"

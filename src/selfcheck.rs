@@ -1,5 +1,5 @@
 //! The startup self-check (fail closed): before the daemon serves, a short-lived probe sandbox
-//! tries the network escapes a tenant would try, and any success (or a probe that cannot run)
+//! tries the network escapes a tenant would try (and a system call our seccomp profile refuses), and any success (or a probe that cannot run)
 //! refuses to start. The production gate lives here, not in the operator's `smoke`, which runs
 //! the same escapes among its checks.
 //!
@@ -111,7 +111,36 @@ pub(crate) async fn escape_checks(pool: &SandboxPool, sb: &Runner<'_>) -> Vec<Na
         ),
         other => check("metadata address unreachable", false, describe(&other)),
     });
+    // Under runsc the container's profile binds its init only: Debian's gVisor does not apply it
+    // to exec'd processes (DESIGN.md, runsc), so the probe would fail there for that reason.
+    if pool.config().seccomp == crate::config::Seccomp::Zcbot
+        && pool.config().runtime == crate::config::Runtime::Runc
+    {
+        out.push(seccomp_check(sb).await);
+    }
     out
+}
+
+/// Our seccomp profile is in force: `io_uring_setup` (system call 425 on every architecture)
+/// fails with EPERM. It catches a runtime that ignores the container's profile (runsc registered
+/// without `--oci-seccomp`).
+async fn seccomp_check(sb: &Runner<'_>) -> NamedCheck {
+    const NAME: &str = "seccomp profile in force (io_uring_setup refused)";
+    let probe = "import ctypes,errno\nlibc=ctypes.CDLL(None,use_errno=True)\nbuf=ctypes.create_string_buffer(120)\nr=libc.syscall(425,1,buf)\nprint(r, errno.errorcode.get(ctypes.get_errno(), ''))";
+    match sb.user(&["python3", "-c", probe]).await {
+        Ok(c) if c.exit_code == Some(0) && c.out() == "-1 EPERM" => {
+            check(NAME, true, "io_uring_setup gives EPERM")
+        }
+        other => check(
+            NAME,
+            false,
+            format!(
+                "io_uring_setup was not refused by the profile ({}); under runsc, register it \
+                 with --oci-seccomp (scripts/register-runsc.sh)",
+                describe(&other)
+            ),
+        ),
+    }
 }
 
 /// Runs commands in a probe (or smoke) sandbox.

@@ -114,15 +114,12 @@ async fn try_connect(lab: &Lab, user: &UserId, host: &str, port: u16) -> String 
 async fn no_docker_socket_and_no_host_namespaces() {
     let lab = Lab::new("aisol").await;
     let u = lab.user("u");
-    let r = lab.sh(&u, "ls -la /var/run/docker.sock /run/docker.sock 2>&1; find / -name 'docker.sock' -o -name 'containerd.sock' 2>/dev/null | head; echo end").await;
-    assert!(
-        r.stdout.contains("No such file") && r.stdout.trim_end().ends_with("end"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        !r.stdout.contains(".sock\n"),
-        "a runtime socket is visible: {}",
+    // `[ -e ]`, not ls: runsc's kernel answers EINVAL where Linux says ENOENT. /etc/passwd is the
+    // positive control: the probe does see what exists.
+    let r = lab.sh(&u, "for p in /etc/passwd /var/run/docker.sock /run/docker.sock /run/containerd/containerd.sock; do if [ -e $p ] || [ -L $p ]; then echo FOUND $p; fi; done; find / -name 'docker.sock' -o -name 'containerd.sock' 2>/dev/null | head; echo end").await;
+    assert_eq!(
+        r.stdout, "FOUND /etc/passwd\nend\n",
+        "a runtime socket is visible (or the probe saw nothing): {}",
         r.stdout
     );
     for ns in ["pid", "net", "mnt", "ipc", "uts", "cgroup"] {
@@ -144,22 +141,30 @@ async fn no_capabilities_no_new_privileges_seccomp_on() {
     let lab = Lab::new("acaps").await;
     let u = lab.user("u");
     let r = lab
-        .sh(
-            &u,
-            "grep -E '^(CapInh|CapPrm|CapEff|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status",
-        )
+        .sh(&u, "grep -E '^Cap(Inh|Prm|Eff|Amb):' /proc/self/status")
         .await
         .stdout;
     for want in [
         "CapInh:\t0000000000000000",
         "CapPrm:\t0000000000000000",
         "CapEff:\t0000000000000000",
-        "CapAmb:\t0000000000000000",
-        "NoNewPrivs:\t1",
-        "Seccomp:\t2",
     ] {
         assert!(r.contains(want), "{want} missing in:\n{r}");
     }
+    // gVisor's /proc has no CapAmb line (nor NoNewPrivs): where it is, it is empty too.
+    assert!(
+        !r.contains("CapAmb") || r.contains("CapAmb:\t0000000000000000"),
+        "{r}"
+    );
+    // PR_GET_NO_NEW_PRIVS (39) and PR_GET_SECCOMP (21, 2 = filter mode), from the process itself.
+    let r = lab
+        .py(
+            &u,
+            "import ctypes\nlibc=ctypes.CDLL(None)\nprint(libc.prctl(39,0,0,0,0), libc.prctl(21,0,0,0,0))",
+        )
+        .await
+        .stdout;
+    assert_eq!(r, "1 2\n", "no_new_privs and seccomp filter mode");
     // No setuid way up either.
     let r = lab
         .sh(&u, "su -c id root </dev/null 2>&1; sudo id 2>&1; echo end")
@@ -260,12 +265,18 @@ async fn dns_through_the_embedded_resolver_goes_nowhere() {
 async fn raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused() {
     let lab = Lab::new("apriv").await;
     let u = lab.user("u");
-    let r = lab.py(&u, "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print('RAW OK')\nexcept PermissionError:\n    print('refused')").await.stdout;
+    // EPERM under runc (no CAP_NET_RAW), EAFNOSUPPORT under runsc; the UDP socket beside it is
+    // the positive control.
+    let r = lab.py(&u, "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print('RAW OK')\nexcept OSError:\n    print('refused')").await.stdout;
     assert_eq!(r.trim(), "refused");
     let r = lab.sh(&u, "/usr/sbin/iptables -S 2>&1; /usr/sbin/iptables -P OUTPUT ACCEPT 2>&1; /usr/sbin/ip6tables -F 2>&1; /usr/sbin/iptables-restore </dev/null 2>&1; echo end").await.stdout;
     assert!(!r.contains("-P OUTPUT"), "the user listed the rules: {r}");
+    // Linux: "Permission denied" / "must be root"; gVisor has no netfilter for the sandbox.
     assert!(
-        r.matches("denied").count() + r.matches("must be root").count() >= 3,
+        r.matches("denied").count()
+            + r.matches("must be root").count()
+            + r.matches("Protocol not supported").count()
+            >= 3,
         "{r}"
     );
     let r = lab
@@ -324,11 +335,15 @@ async fn a_fork_bomb_stays_inside_its_pids_limit_and_the_next_call_works() {
         .await
         .unwrap();
     // Either the bomb starves its own shell of pids (it exits, and the supervisor kills the rest)
-    // or it runs into the timeout: both end within the call.
+    // or it runs into the timeout: both end within the call. Under gVisor the limit counts its
+    // kernel's host threads, and at the limit that kernel gives up: the whole sandbox (this
+    // user's only) ends, and the call says so.
+    let runsc = std::env::var("ZCBOT_SANDBOX_RUNTIME").as_deref() == Ok("runsc");
     assert!(
-        r.timed_out || r.stderr.contains("Cannot fork"),
-        "{:?}",
-        r.exit_code
+        r.timed_out
+            || r.stderr.contains("Cannot fork")
+            || (runsc && r.exit_code == Some(137) && r.stderr.contains("process limit")),
+        "{r:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(15));
     let pids = docker(&[
@@ -337,7 +352,8 @@ async fn a_fork_bomb_stays_inside_its_pids_limit_and_the_next_call_works() {
         "{{.HostConfig.PidsLimit}}",
         &lab.container(&u),
     ]);
-    assert_eq!(pids, "256");
+    // runsc: 256 processes at 12 host tasks each, plus its kernel's own 64.
+    assert_eq!(pids, if runsc { "3136" } else { "256" });
     let r = lab.sh(&u, "echo alive; ps -u $(id -u) -o comm=").await;
     assert!(r.stdout.starts_with("alive\n"), "{r:?}");
     // What is not ours (the channel's helper, the call's supervisor) nor this check's ps: the
@@ -548,4 +564,145 @@ async fn links_and_dots_planted_between_calls_never_lead_file_tools_out() {
         "host secret"
     );
     assert!(!outside.join("planted").exists());
+}
+
+/// Tries, as the tenant, the system calls the profile refuses (each must fail with EPERM, from
+/// seccomp, not with another error from the kernel) and the ones it keeps (positive controls in
+/// the same process). Prints one JSON object: call -> "ok" or the errno's name.
+const KERNEL_PROBE: &str = r#"
+import ctypes, errno, json, os, socket, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+U = ctypes.c_ulong
+buf = ctypes.create_string_buffer(4096)
+addr = ctypes.addressof(buf)
+def call(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(U(nr), *[U(a & 0xFFFFFFFFFFFFFFFF) for a in args])
+    return 'ok' if r >= 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+def sock(*a):
+    try:
+        socket.socket(*a).close(); return 'ok'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+out = {}
+s = ctypes.create_string_buffer
+out['io_uring_setup'] = call(425, 1, addr)
+out['io_uring_enter'] = call(426, 0, 0, 0, 0, 0, 0)
+out['io_uring_register'] = call(427, 0, 0, 0, 0)
+out['memfd_secret'] = call(447, 0)
+out['userfaultfd'] = call(323, 0)
+out['bpf'] = call(321, 0, addr, 48)
+out['perf_event_open'] = call(298, addr, 0, -1, -1, 0)
+out['keyctl'] = call(250, 0, -3, 0)
+out['add_key'] = call(248, ctypes.addressof(s(b'user')), ctypes.addressof(s(b'k')), addr, 1, -3)
+out['request_key'] = call(249, ctypes.addressof(s(b'user')), ctypes.addressof(s(b'k')), 0, 0)
+out['kexec_load'] = call(246, 0, 0, 0, 0)
+out['init_module'] = call(175, addr, 16, ctypes.addressof(s(b'')))
+out['finit_module'] = call(313, 0, ctypes.addressof(s(b'')), 0)
+out['open_by_handle_at'] = call(304, -100, addr, 0)
+out['mount'] = call(165, ctypes.addressof(s(b'none')), ctypes.addressof(s(b'/tmp')), ctypes.addressof(s(b'tmpfs')), 0, 0)
+out['umount2'] = call(166, ctypes.addressof(s(b'/tmp')), 0)
+out['pivot_root'] = call(155, ctypes.addressof(s(b'/tmp')), ctypes.addressof(s(b'/tmp')))
+out['open_tree'] = call(428, -100, ctypes.addressof(s(b'/tmp')), 1)
+out['move_mount'] = call(429, -100, ctypes.addressof(s(b'/tmp')), -100, ctypes.addressof(s(b'/tmp')), 0)
+out['fsopen'] = call(430, ctypes.addressof(s(b'tmpfs')), 0)
+out['setns'] = call(308, os.open('/proc/self/ns/net', os.O_RDONLY), 0)
+out['unshare(CLONE_NEWUSER)'] = call(272, 0x10000000)
+out['unshare(CLONE_NEWNET)'] = call(272, 0x40000000)
+r = libc.syscall(U(56), U(0x10000000 | 17), U(0), U(0), U(0), U(0))
+if r == 0:
+    os._exit(0)
+out['clone(CLONE_NEWUSER)'] = 'ok' if r > 0 else errno.errorcode.get(ctypes.get_errno())
+out['personality(PER_LINUX32)'] = call(135, 8)
+out['process_vm_readv'] = call(310, os.getpid(), addr, 1, addr, 1, 0)
+out['syslog'] = call(103, 3, addr, 16)
+out['socket(AF_VSOCK)'] = sock(40, socket.SOCK_STREAM)
+out['socket(AF_INET, SCTP)'] = sock(socket.AF_INET, socket.SOCK_STREAM, 132)
+child = os.fork()
+if child == 0:
+    import time; time.sleep(30); os._exit(0)
+out['ptrace(ATTACH)'] = call(101, 16, child, 0, 0)
+os.kill(child, 9); os.waitpid(child, 0)
+# Positive controls: what a program needs keeps working.
+out['control: unshare(0)'] = call(272, 0)
+out['control: personality(query)'] = 'ok' if call(135, 0xFFFFFFFF) != 'EPERM' else 'EPERM'
+out['control: tcp socket'] = sock(socket.AF_INET, socket.SOCK_STREAM)
+out['control: route netlink'] = sock(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+out['control: thread'] = 'ok'
+p = os.fork()
+if p == 0:
+    os._exit(0)
+os.waitpid(p, 0)
+out['control: fork'] = 'ok'
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    # PTRACE_TRACEME: a child asking its parent to trace it (how strace starts a program).
+    os.write(w, call(101, 0, 0, 0, 0).encode()); os._exit(0)
+os.waitpid(child, 0)
+out['control: ptrace(TRACEME)'] = os.read(r, 16).decode()
+print(json.dumps(out))
+"#;
+
+async fn kernel_probe(lab: &Lab, user: &UserId) -> serde_json::Map<String, Value> {
+    const {
+        assert!(
+            cfg!(target_arch = "x86_64"),
+            "the probe's system call numbers are x86_64's"
+        )
+    };
+    let r = lab.py(user, KERNEL_PROBE).await;
+    let parsed: Value = serde_json::from_str(r.stdout.trim())
+        .unwrap_or_else(|e| panic!("probe output is not JSON ({e}): {r:?}"));
+    parsed.as_object().unwrap().clone()
+}
+
+#[tokio::test]
+async fn the_kernel_surface_is_the_profiles_io_uring_and_namespaces_refused_with_eperm() {
+    let lab = Lab::new("akern").await;
+    let u = lab.user("u");
+    let out = kernel_probe(&lab, &u).await;
+    for (call, answer) in &out {
+        let want = if call.starts_with("control:") {
+            "ok"
+        } else {
+            "EPERM"
+        };
+        assert_eq!(answer, want, "{call}: {out:?}");
+    }
+    assert!(out.len() > 35, "the probe stopped early: {out:?}");
+}
+
+/// The positive control of the test above: under the engine's profile (runc only: runsc refuses
+/// that combination) the same probe gets through where ours refuses, so the EPERMs above come
+/// from our profile and not from a broken probe.
+#[tokio::test]
+async fn under_the_engines_profile_the_same_probe_gets_io_uring_and_ptrace_attach() {
+    if std::env::var("ZCBOT_SANDBOX_RUNTIME").as_deref() == Ok("runsc") {
+        // Under runsc ZCBOT_SECCOMP=default is refused at startup (config tests show it); the
+        // runc run of this suite carries the control.
+        let mut t = TestPool::new("akdef");
+        t.set("ZCBOT_SECCOMP", "default");
+        let err = zcbot_sandbox::Config::from_lookup(|k| t.vars.get(k).cloned()).unwrap_err();
+        assert!(err.to_string().contains("ZCBOT_SECCOMP"), "{err}");
+        return;
+    }
+    let mut t = TestPool::new("akdef");
+    t.set("ZCBOT_SECCOMP", "default");
+    let lab = Lab::with(t).await;
+    let u = lab.user("u");
+    let out = kernel_probe(&lab, &u).await;
+    for call in [
+        "io_uring_setup",
+        "memfd_secret",
+        "ptrace(ATTACH)",
+        "socket(AF_VSOCK)",
+    ] {
+        assert_eq!(
+            out[call], "ok",
+            "{call} under the engine's profile: {out:?}"
+        );
+    }
 }

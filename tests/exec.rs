@@ -442,17 +442,19 @@ async fn file_tools_work_on_the_same_folder_the_sandbox_sees(transport: &str) {
     )
     .await;
     assert_eq!(serde_json::to_value(&w.data).unwrap()["bytes_written"], 10);
+    // Owners by Python's stat (fstatat): Debian 12's runsc refuses coreutils' statx flags, so
+    // `ls -l` cannot list under it (DESIGN.md, runsc).
     let r = sh(
         &ex,
         &user,
-        "cat notes/a.txt; echo more >> notes/a.txt; ls -ln notes",
+        "cat notes/a.txt; echo more >> notes/a.txt; python3 -c \"import os; s=os.stat('notes/a.txt'); print('owner', s.st_uid, s.st_gid)\"",
     )
     .await;
     assert!(r.stdout.starts_with("from host\n"), "{r:?}");
     assert!(
         r.stdout.contains(&{
             let uid = common::tenant_uid(&t.container_name(&user));
-            format!(" {uid} {uid} ")
+            format!("owner {uid} {uid}")
         }),
         "host-written files belong to the sandbox user: {}",
         r.stdout

@@ -147,31 +147,47 @@ impl DockerExecutor {
     }
 
     /// The container died under a running call (the call's future, dropped, leaves its clean-up
-    /// to its stop guard). Out of memory, the call ends as killed (137, as the kernel's OOM kill
-    /// of a process does under runc) and says why; otherwise it is lost. The next call gets a
+    /// to its stop guard). Out of memory, or gVisor's kernel giving up at the process limit, the
+    /// call ends as killed (137, as the kernel's OOM kill of a process does under runc) and says
+    /// why; otherwise it is lost. The next call gets a
     /// fresh sandbox: the call is never run again by itself, it may have done half its work.
     async fn died_during(&self, user: &UserId, container_id: &str) -> Result<ProcessOutcome> {
         self.channels.container_died(user, container_id).await;
         self.pool.invalidate(user, container_id);
         let container = self.pool.container_name(user);
-        let oom = match self.pool.engine().inspect(container_id).await {
-            Ok(Some(c)) => c.oom_killed,
-            _ => false,
+        let (oom, exit) = match self.pool.engine().inspect(container_id).await {
+            Ok(Some(c)) => (c.oom_killed, c.exit_code),
+            _ => (false, None),
         };
-        tracing::warn!(user = %user, container = %container, oom, "the sandbox died during a call");
-        if !oom {
+        tracing::warn!(user = %user, container = %container, oom, exit, "the sandbox died during a call");
+        let cfg = self.pool.config();
+        // gVisor's kernel exits with a status of its own (not a signal's 128+N) when it cannot go
+        // on: in practice, when the pids limit refuses it a host thread.
+        let gvisor_gave_up = cfg.runtime == crate::config::Runtime::Runsc
+            && exit.is_some_and(|code| code != 0 && code < 128);
+        let note = if oom {
+            format!(
+                "zcbot: the sandbox ran out of memory (its limit is {} bytes, \
+                 ZCBOT_SANDBOX_MEMORY) and was stopped with everything running in it; the next \
+                 call starts a fresh one\n",
+                cfg.memory_bytes
+            )
+        } else if gvisor_gave_up {
+            format!(
+                "zcbot: the sandbox's kernel (gVisor) stopped (status {}), most likely at its \
+                 process limit (ZCBOT_SANDBOX_PIDS={}), with everything running in it; the next \
+                 call starts a fresh one\n",
+                exit.unwrap_or_default(),
+                cfg.pids
+            )
+        } else {
             return Err(Error::ChannelLost {
                 user: user.to_string(),
                 container,
                 reason: "the sandbox stopped during the call (stopped or killed from outside)"
                     .into(),
             });
-        }
-        let note = format!(
-            "zcbot: the sandbox ran out of memory (its limit is {} bytes, ZCBOT_SANDBOX_MEMORY) and \
-             was stopped with everything running in it; the next call starts a fresh one\n",
-            self.pool.config().memory_bytes
-        );
+        };
         let empty = crate::exec::output::Captured {
             bytes: Vec::new(),
             truncated: false,
