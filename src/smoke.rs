@@ -190,11 +190,24 @@ pub async fn run(
         .map(|c| c.out())
         .unwrap_or_default();
     let unchanged = !rules_text.is_empty() && after == rules_text;
+    // The kernel's refusal ("Permission denied"), our seccomp profile's (the netfilter socket:
+    // "Operation not permitted"), or gVisor's (no netfilter: "Protocol not supported").
+    let refused = tamper.as_ref().is_ok_and(|c| {
+        let out = c.out();
+        ["denied", "not permitted", "Protocol not supported"]
+            .iter()
+            .any(|w| out.contains(w))
+    });
     push(check(
         "rules locked",
-        unchanged && tamper.as_ref().is_ok_and(|c| c.out().contains("denied")),
-        if unchanged {
+        unchanged && refused,
+        if unchanged && refused {
             "the sandbox user's attempts to flush or open the rules were refused".to_owned()
+        } else if unchanged {
+            format!(
+                "the rules held, but the attempts were not refused as expected: {}",
+                describe(&tamper)
+            )
         } else {
             format!(
                 "rules changed or unreadable after tampering: {}",

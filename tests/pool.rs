@@ -28,10 +28,15 @@ async fn ensure_creates_a_hardened_container_and_reuses_it() {
     assert_eq!(inspect(c, "{{.HostConfig.CapDrop}}"), "[ALL]");
     // Root daemon: the rules come from the host, so not even NET_ADMIN is added.
     assert_eq!(inspect(c, "{{.HostConfig.CapAdd}}"), "[]");
-    assert_eq!(
-        inspect(c, "{{.HostConfig.SecurityOpt}}"),
-        "[no-new-privileges:true]"
-    );
+    // no-new-privileges, and our seccomp profile inline (Docker shows it as given).
+    let opts = inspect(c, "{{json .HostConfig.SecurityOpt}}");
+    let opts: Vec<String> = serde_json::from_str(&opts).unwrap();
+    assert_eq!(opts.len(), 2, "{opts:?}");
+    assert_eq!(opts[0], "no-new-privileges:true");
+    let profile: serde_json::Value =
+        serde_json::from_str(opts[1].strip_prefix("seccomp=").unwrap()).unwrap();
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    assert_eq!(inspect(c, "{{.HostConfig.Runtime}}"), "runc");
     assert_eq!(inspect(c, "{{.HostConfig.Privileged}}"), "false");
     assert_eq!(inspect(c, "{{.HostConfig.PidsLimit}}"), "256");
     assert_eq!(
