@@ -8,7 +8,8 @@
 #                       container's network namespace (Docker's, per container), so the pool's
 #                       egress rules installed in that namespace from the host still apply.
 #   --oci-seccomp       apply the container's seccomp profile inside gVisor too (runsc ignores
-#                       it otherwise): the same profile holds under both runtimes.
+#                       it otherwise). Debian's runsc binds it to the container's first process
+#                       only; every call's supervisor stacks the main refusals itself.
 #
 # Installs Debian's runsc package first when the binary is missing (as root). Idempotent.
 # Environment: DOCKER_DAEMON_JSON (default /etc/docker/daemon.json), RUNSC (default: from PATH).

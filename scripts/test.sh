@@ -64,16 +64,10 @@ runsc_summary="not run"
 if docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null |
     tr ' ' '\n' | grep -qx runsc; then
     echo "test.sh: the attack suite and the executor tests under runsc (gVisor)" >&2
-    # Known gap (issue 14 stays open for it): Debian's runsc applies the container's seccomp
-    # profile to the container's init only, not to exec'd calls, so the two attacks that probe the
-    # profile from a call would fail under it for that reason. They run under runc above.
-    echo "test.sh: NOT RUN under runsc (known gap, DESIGN.md 'gVisor'): the_kernel_surface_is_the_profiles_io_uring_and_namespaces_refused_with_eperm, raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused" >&2
     runsc_log=$(mktemp)
     trap 'rm -f "$log" "$runsc_log"' EXIT
     set +e
-    ZCBOT_SANDBOX_RUNTIME=runsc cargo test --test attacks --test exec "$@" -- \
-        --skip the_kernel_surface_is_the_profiles_io_uring_and_namespaces_refused_with_eperm \
-        --skip raw_sockets_firewall_changes_unshare_mount_keyctl_are_refused 2>&1 | tee "$runsc_log"
+    ZCBOT_SANDBOX_RUNTIME=runsc cargo test --test attacks --test exec "$@" 2>&1 | tee "$runsc_log"
     status=${PIPESTATUS[0]}
     set -e
     runsc_summary=$(awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$runsc_log")

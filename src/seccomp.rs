@@ -7,7 +7,9 @@
 //! profile on Docker 20.10 still allows `io_uring_*`, `memfd_secret` and `landlock_*`, every socket
 //! family the kernel has and every ioctl. This profile allows the calls below and nothing else;
 //! each group says why it is needed. Everything not allowed fails with `EPERM` (the engine's
-//! `SCMP_ACT_ERRNO` default), never a kill, so a program fails clearly. Calls newer than the
+//! `SCMP_ACT_ERRNO` default), not a kill, so a program fails clearly; only a call through another
+//! architecture's entry (x32, `int 0x80`) is killed (SIGSYS), as libseccomp does with a foreign
+//! architecture. Calls newer than the
 //! profile's newest known call get `ENOSYS` from runc, so libraries fall back as on an old kernel.
 //!
 //! Calls allowed only with some arguments (an argument filter, checked by the kernel):
@@ -15,7 +17,7 @@
 //!   (its flags sit in memory, where seccomp cannot look), so glibc falls back to `clone`. Under
 //!   gVisor `clone3` is allowed: gVisor ignores a rule's errno (EPERM would break every thread)
 //!   and serves the call in its own kernel.
-//! - `socket` for Unix, IPv4 (TCP, UDP, ICMP), IPv6 (TCP, UDP, ICMPv6) and route netlink only
+//! - `socket` for Unix, IPv4 and IPv6 streams (TCP) and datagrams (UDP, ping) and route netlink only
 //!   (plus netfilter netlink when the container's entry installs its own rules); `socketpair` for
 //!   Unix only.
 //! - `ptrace` for tracing one's own children (`PTRACE_TRACEME` and the requests a tracer sends
@@ -485,6 +487,10 @@ const AF_INET6: u64 = 10;
 const AF_NETLINK: u64 = 16;
 const NETLINK_ROUTE: u64 = 0;
 const NETLINK_NETFILTER: u64 = 12;
+const SOCK_STREAM: u64 = 1;
+const SOCK_DGRAM: u64 = 2;
+/// The type bits of `socket`'s second argument (the rest are SOCK_NONBLOCK and SOCK_CLOEXEC).
+const SOCK_TYPE_MASK: u64 = 0xf;
 const IPPROTO_DEFAULT: u64 = 0;
 const IPPROTO_ICMP: u64 = 1;
 const IPPROTO_TCP: u64 = 6;
@@ -574,25 +580,32 @@ pub fn profile(netfilter: Netfilter, runtime: Runtime) -> Value {
     });
 
     let why = "sockets: Unix, TCP/UDP/ICMP over IPv4 and IPv6, route netlink (getaddrinfo)";
-    let mut sockets = vec![(AF_UNIX, IPPROTO_DEFAULT), (AF_NETLINK, NETLINK_ROUTE)];
-    for proto in [IPPROTO_DEFAULT, IPPROTO_TCP, IPPROTO_UDP] {
-        sockets.push((AF_INET, proto));
-        sockets.push((AF_INET6, proto));
+    // (family, type, protocol); type None: any. The type is compared without SOCK_NONBLOCK and
+    // SOCK_CLOEXEC, and is part of the rule because protocol 0 means "the family's first for this
+    // type": SOCK_SEQPACKET would be SCTP, SOCK_DCCP DCCP.
+    let mut sockets: Vec<(u64, Option<u64>, u64)> = vec![
+        (AF_UNIX, None, IPPROTO_DEFAULT),
+        (AF_NETLINK, None, NETLINK_ROUTE),
+    ];
+    for family in [AF_INET, AF_INET6] {
+        sockets.push((family, Some(SOCK_STREAM), IPPROTO_DEFAULT));
+        sockets.push((family, Some(SOCK_STREAM), IPPROTO_TCP));
+        sockets.push((family, Some(SOCK_DGRAM), IPPROTO_DEFAULT));
+        sockets.push((family, Some(SOCK_DGRAM), IPPROTO_UDP));
     }
-    sockets.push((AF_INET, IPPROTO_ICMP));
-    sockets.push((AF_INET6, IPPROTO_ICMPV6));
+    // Unprivileged ping sockets.
+    sockets.push((AF_INET, Some(SOCK_DGRAM), IPPROTO_ICMP));
+    sockets.push((AF_INET6, Some(SOCK_DGRAM), IPPROTO_ICMPV6));
     if netfilter == Netfilter::ForEntry {
-        sockets.push((AF_NETLINK, NETLINK_NETFILTER));
+        sockets.push((AF_NETLINK, None, NETLINK_NETFILTER));
     }
-    for (family, proto) in sockets {
-        rules.push(allow(
-            &["socket"],
-            why,
-            vec![
-                arg(0, "SCMP_CMP_EQ", family, 0),
-                arg(2, "SCMP_CMP_EQ", proto, 0),
-            ],
-        ));
+    for (family, kind, proto) in sockets {
+        let mut args = vec![arg(0, "SCMP_CMP_EQ", family, 0)];
+        if let Some(kind) = kind {
+            args.push(arg(1, "SCMP_CMP_MASKED_EQ", SOCK_TYPE_MASK, kind));
+        }
+        args.push(arg(2, "SCMP_CMP_EQ", proto, 0));
+        rules.push(allow(&["socket"], why, args));
     }
     rules.push(allow(
         &["socketpair"],
@@ -705,12 +718,29 @@ mod tests {
     }
 
     #[test]
+    fn inet_sockets_are_streams_and_datagrams_only() {
+        // SOCK_SEQPACKET (5) with protocol 0 would be SCTP, SOCK_DCCP (6) DCCP.
+        let p = profile(Netfilter::Refused, Runtime::Runc);
+        for rule in p["syscalls"].as_array().unwrap() {
+            if rule["names"][0] != "socket" {
+                continue;
+            }
+            let family = rule["args"][0]["value"].as_u64().unwrap();
+            if family == AF_INET || family == AF_INET6 {
+                assert_eq!(rule["args"][1]["value"], SOCK_TYPE_MASK, "{rule}");
+                let kind = rule["args"][1]["valueTwo"].as_u64().unwrap();
+                assert!(kind == SOCK_STREAM || kind == SOCK_DGRAM, "{rule}");
+            }
+        }
+    }
+
+    #[test]
     fn netfilter_sockets_only_for_the_entry() {
         let has_netfilter = |p: &Value| {
             p["syscalls"].as_array().unwrap().iter().any(|r| {
                 r["names"][0] == "socket"
                     && r["args"][0]["value"] == AF_NETLINK
-                    && r["args"][1]["value"] == NETLINK_NETFILTER
+                    && r["args"].as_array().unwrap().last().unwrap()["value"] == NETLINK_NETFILTER
             })
         };
         assert!(!has_netfilter(&profile(Netfilter::Refused, Runtime::Runc)));

@@ -111,23 +111,33 @@ pub(crate) async fn escape_checks(pool: &SandboxPool, sb: &Runner<'_>) -> Vec<Na
         ),
         other => check("metadata address unreachable", false, describe(&other)),
     });
-    // Under runsc the container's profile binds its init only: Debian's gVisor does not apply it
-    // to exec'd processes (DESIGN.md, runsc), so the probe would fail there for that reason.
-    if pool.config().seccomp == crate::config::Seccomp::Zcbot
-        && pool.config().runtime == crate::config::Runtime::Runc
-    {
+    if pool.config().seccomp == crate::config::Seccomp::Zcbot {
         out.push(seccomp_check(sb).await);
     }
     out
 }
 
-/// Our seccomp profile is in force: `io_uring_setup` (system call 425 on every architecture)
-/// fails with EPERM. It catches a runtime that ignores the container's profile (runsc registered
-/// without `--oci-seccomp`).
+/// Our seccomp profile is in force for a call: `io_uring_setup` (system call 425 on every
+/// architecture) fails with EPERM (under runc from the container's profile, under runsc from the
+/// supervisor's surface filter). It catches a profile that does not reach the calls.
 async fn seccomp_check(sb: &Runner<'_>) -> NamedCheck {
     const NAME: &str = "seccomp profile in force (io_uring_setup refused)";
     let probe = "import ctypes,errno\nlibc=ctypes.CDLL(None,use_errno=True)\nbuf=ctypes.create_string_buffer(120)\nr=libc.syscall(425,1,buf)\nprint(r, errno.errorcode.get(ctypes.get_errno(), ''))";
-    match sb.user(&["python3", "-c", probe]).await {
+    // Through the supervisor, as every call runs (under runsc its filter is what refuses).
+    let argv = [
+        crate::exec::transport::SUPERVISOR,
+        "--call-id",
+        "selfcheck-seccomp",
+        "--timeout-ms",
+        "15000",
+        "--grace-ms",
+        "500",
+        "--",
+        "python3",
+        "-c",
+        probe,
+    ];
+    match sb.user(&argv).await {
         Ok(c) if c.exit_code == Some(0) && c.out() == "-1 EPERM" => {
             check(NAME, true, "io_uring_setup gives EPERM")
         }
@@ -135,8 +145,8 @@ async fn seccomp_check(sb: &Runner<'_>) -> NamedCheck {
             NAME,
             false,
             format!(
-                "io_uring_setup was not refused by the profile ({}); under runsc, register it \
-                 with --oci-seccomp (scripts/register-runsc.sh)",
+                "io_uring_setup was not refused by the profile ({}): is the image's \
+                 zcbot-supervise current (scripts/build-image.sh)?",
                 describe(&other)
             ),
         ),

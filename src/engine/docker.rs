@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 use super::{
     Attached, Chunk, Container, ContainerSpec, Created, DeathStream, Engine, EngineError,
     EngineResult, ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec,
-    Op, Removed, Run, State,
+    Op, Removed, Run, Runtimes, State,
 };
 use crate::config::Config;
 
@@ -255,12 +255,15 @@ impl Engine for DockerEngine {
         .boxed()
     }
 
-    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Vec<String>>> {
+    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Runtimes>> {
         async move {
             let info = self.plain(Op::Info, &self.host, self.inner.info()).await?;
             let mut names: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
             names.sort();
-            Ok(names)
+            Ok(Runtimes {
+                names,
+                default: info.default_runtime,
+            })
         }
         .boxed()
     }

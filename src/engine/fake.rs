@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::{
     Attached, Chunk, Container, ContainerSpec, Created, DeathStream, Engine, EngineError,
     EngineResult, ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec,
-    Op, Removed, Run, State,
+    Op, Removed, Run, Runtimes, State,
 };
 
 /// What a fake exec does: given its spec, its exit status and output.
@@ -208,13 +208,16 @@ impl Engine for FakeEngine {
         futures_util::stream::pending().boxed()
     }
 
-    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Vec<String>>> {
+    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Runtimes>> {
         let w = self.enter();
         let r = w.fail(Op::Info, "fake").map(|()| {
             let mut names = w.runtimes.clone();
             names.push("runc".to_owned());
             names.sort();
-            names
+            Runtimes {
+                names,
+                default: Some("runc".to_owned()),
+            }
         });
         futures_util::future::ready(r).boxed()
     }

@@ -217,6 +217,15 @@ pub type Input = Pin<Box<dyn AsyncWrite + Send>>;
 /// A followed log, in pieces as the engine sends them (lines may be split across pieces).
 pub type LogStream = Pin<Box<dyn Stream<Item = EngineResult<Vec<u8>>> + Send>>;
 
+/// The engine's runtimes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runtimes {
+    /// Their names, sorted.
+    pub names: Vec<String>,
+    /// The one a container gets when its create body names none.
+    pub default: Option<String>,
+}
+
 /// Ids of containers as they die (see [`Engine::deaths`]).
 pub type DeathStream = Pin<Box<dyn Stream<Item = EngineResult<String>> + Send>>;
 
@@ -262,9 +271,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether the engine answers.
     fn ping(&self) -> BoxFuture<'_, EngineResult<()>>;
-    /// The names of the OCI runtimes the engine has registered (`runc`, and `runsc` once
-    /// daemon.json names it).
-    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Vec<String>>>;
+    /// The OCI runtimes the engine has registered (`runc`, and `runsc` once daemon.json names
+    /// it), and its default.
+    fn runtimes(&self) -> BoxFuture<'_, EngineResult<Runtimes>>;
     /// The id of `image`, or None when the engine does not have it.
     fn image_id<'a>(&'a self, image: &'a str) -> BoxFuture<'a, EngineResult<Option<String>>>;
 

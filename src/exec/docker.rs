@@ -23,12 +23,46 @@ use crate::error::{Error, Result};
 use crate::pool::SandboxPool;
 use crate::user::UserId;
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Kills the channel of every container of the pool that dies. Holds the channels weakly: it
+/// ends with them.
+fn follow_deaths(
+    pool: &SandboxPool,
+    channels: std::sync::Weak<Channels>,
+) -> tokio::task::AbortHandle {
+    let mut deaths = pool.deaths();
+    tokio::spawn(async move {
+        loop {
+            match deaths.recv().await {
+                Ok(id) => match channels.upgrade() {
+                    Some(channels) => channels.container_gone(&id).await,
+                    None => return,
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    })
+    .abort_handle()
+}
+
 /// Runs process calls in each user's sandbox.
 pub struct DockerExecutor {
     pool: SandboxPool,
     files: FileRunner,
     transport: TransportSetting,
-    channels: Channels,
+    channels: Arc<Channels>,
+    /// Closes the channel of a container that died between calls (the engine may leave its
+    /// stream open under gVisor); aborted with the executor.
+    _deaths: AbortOnDrop,
     per_call: PerCallExec,
     stats: Arc<TransportStats>,
 }
@@ -37,11 +71,13 @@ impl DockerExecutor {
     /// An executor on `pool`, with the pool's configured transport.
     pub fn new(pool: SandboxPool) -> Self {
         let stats = Arc::new(TransportStats::default());
+        let channels = Arc::new(Channels::new(pool.clone(), stats.clone()));
         let cfg = pool.config();
         DockerExecutor {
             files: FileRunner::new(cfg.file_workers, cfg.file_timeout, cfg.file_max_entries),
             transport: cfg.transport,
-            channels: Channels::new(pool.clone(), stats.clone()),
+            _deaths: AbortOnDrop(follow_deaths(&pool, Arc::downgrade(&channels))),
+            channels,
             per_call: PerCallExec::new(pool.clone()),
             pool,
             stats,
@@ -105,6 +141,7 @@ impl DockerExecutor {
                     }
                 };
                 tokio::select! {
+                    biased;
                     attempt = run => attempt,
                     () = died.cancelled() => return self.died_during(user, &container_id).await,
                 }
@@ -156,7 +193,9 @@ impl DockerExecutor {
         self.pool.invalidate(user, container_id);
         let container = self.pool.container_name(user);
         let (oom, exit) = match self.pool.engine().inspect(container_id).await {
-            Ok(Some(c)) => (c.oom_killed, c.exit_code),
+            // The engine keeps OOMKilled set once any process of the container was OOM-killed:
+            // only a death by SIGKILL (137) is the OOM killer's.
+            Ok(Some(c)) => (c.oom_killed && c.exit_code == Some(137), c.exit_code),
             _ => (false, None),
         };
         tracing::warn!(user = %user, container = %container, oom, exit, "the sandbox died during a call");

@@ -196,11 +196,20 @@ impl SandboxPool {
                 })?;
         let runtime = config.runtime.as_str();
         let registered = engine.runtimes().await?;
-        if !registered.iter().any(|r| r == runtime) {
+        if !registered.names.iter().any(|r| r == runtime) {
             return Err(Error::RuntimeMissing {
                 runtime,
-                registered,
+                registered: registered.names,
             });
+        }
+        if registered.default.as_deref().is_some_and(|d| d != runtime) {
+            // An operator who made runsc the engine's default (as an older RUN.md advised) gets
+            // what ZCBOT_SANDBOX_RUNTIME says, which is runc unless set: say so loudly.
+            tracing::warn!(
+                engine_default = registered.default.as_deref().unwrap_or(""),
+                runtime,
+                "the sandboxes run under ZCBOT_SANDBOX_RUNTIME={runtime}, not the engine's default runtime; set ZCBOT_SANDBOX_RUNTIME to choose"
+            );
         }
         let network = network::ensure_network(
             engine.as_ref(),
@@ -221,6 +230,16 @@ impl SandboxPool {
                 })
             }
         };
+        if rules == RulesMode::Entry && config.runtime == crate::config::Runtime::Runsc {
+            // gVisor gives the sandbox no netfilter: an entry could never install its rules.
+            return Err(Error::Config {
+                var: "ZCBOT_CONTAINER_RULES",
+                value: "entry".into(),
+                reason: "under ZCBOT_SANDBOX_RUNTIME=runsc the rules must come from the host \
+                         (gVisor has no netfilter inside): run the daemon as root"
+                    .into(),
+            });
+        }
         let installed = if host_firewall {
             crate::firewall::install(&network.bridge, config.egress, &blocked)
         } else {
@@ -488,7 +507,13 @@ impl SandboxPool {
                 st.live.as_ref().map(|sb| sb.container_id.clone())
             })
             .collect();
-        self.inner.deaths.retain(|id| live.contains(id));
+        let bound = 2 * self.inner.config.max_containers + 64;
+        self.inner.deaths.retain(bound, |id| live.contains(id));
+    }
+
+    /// The ids of the pool's containers as they die (the engine's `die` events), from now on.
+    pub fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.inner.deaths.subscribe()
     }
 
     /// A token cancelled when the container `container_id` dies (the engine's `die` event), from

@@ -362,11 +362,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         checks.insert(
             "runtime",
             match engine.runtimes().await {
-                Ok(names) if names.iter().any(|n| n == runtime) => Check::ok(runtime),
+                Ok(r) if r.names.iter().any(|n| n == runtime) => Check::ok(runtime),
                 Ok(registered) => Check::failed(
                     crate::Error::RuntimeMissing {
                         runtime,
-                        registered,
+                        registered: registered.names,
                     }
                     .to_string(),
                 ),

@@ -106,15 +106,26 @@ pub fn program() -> Vec<libc::sock_filter> {
     p
 }
 
-/// Installs the filter on the calling thread (inherited by every child from here on). Sets
+/// Installs the filter on the calling thread (inherited by every child from here on), and under
+/// gVisor the surface filter too (see `surface.rs`). Sets
 /// no_new_privs first, as the kernel requires of an unprivileged process (the engine has set it
 /// already: `no-new-privileges`). Returns the OS error if the kernel refused.
 pub fn install() -> std::io::Result<()> {
-    load(&program())
+    load(&program())?;
+    if under_gvisor() {
+        load(&crate::surface::program())?;
+    }
+    Ok(())
+}
+
+/// Whether this process runs on gVisor's kernel: its procfs has this file, Linux's never does,
+/// and the tenant cannot make one.
+pub fn under_gvisor() -> bool {
+    std::path::Path::new("/proc/sentry-meminfo").exists()
 }
 
 /// Installs `prog`: no allocation, so a forked child of a threaded process (the test) may call it.
-fn load(prog: &[libc::sock_filter]) -> std::io::Result<()> {
+pub(crate) fn load(prog: &[libc::sock_filter]) -> std::io::Result<()> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,

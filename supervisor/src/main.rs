@@ -30,8 +30,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+mod bpf;
 mod filter;
 mod serve;
+mod surface;
 
 /// The most program text `--stdin-program` accepts.
 const MAX_PROGRAM: usize = 16 << 20;
@@ -535,9 +537,7 @@ pub(crate) fn become_subreaper() -> Tracking {
         return Tracking::Subreaper;
     }
     let err = std::io::Error::last_os_error();
-    // gVisor's procfs has this file; Linux's never does, and the tenant cannot make one.
-    let gvisor = std::path::Path::new("/proc/sentry-meminfo").exists();
-    if err.raw_os_error() == Some(libc::EINVAL) && gvisor {
+    if err.raw_os_error() == Some(libc::EINVAL) && filter::under_gvisor() {
         if let Some((_, since)) = stat_of(std::process::id() as i32) {
             return Tracking::Orphans { since };
         }
