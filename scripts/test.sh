@@ -51,8 +51,9 @@ set +e
 cargo test --workspace --lib --bins --tests --examples "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-# One closing line for the whole run (cargo prints one per test binary, examples last with 0).
-summary=$(awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$log")
+# One closing line for a run (cargo prints one per test binary, examples last with 0).
+summarize() { awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$1"; }
+summary=$(summarize "$log")
 if [ "$status" != 0 ]; then
     echo "tests: $summary"
     exit "$status"
@@ -70,7 +71,7 @@ if docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/d
     ZCBOT_SANDBOX_RUNTIME=runsc cargo test --test attacks --test exec "$@" 2>&1 | tee "$runsc_log"
     status=${PIPESTATUS[0]}
     set -e
-    runsc_summary=$(awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$runsc_log")
+    runsc_summary=$(summarize "$runsc_log")
     if [ "$status" != 0 ]; then
         echo "tests: $summary; under runsc: $runsc_summary"
         exit "$status"

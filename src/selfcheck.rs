@@ -124,19 +124,13 @@ async fn seccomp_check(sb: &Runner<'_>) -> NamedCheck {
     const NAME: &str = "seccomp profile in force (io_uring_setup refused)";
     let probe = "import ctypes,errno\nlibc=ctypes.CDLL(None,use_errno=True)\nbuf=ctypes.create_string_buffer(120)\nr=libc.syscall(425,1,buf)\nprint(r, errno.errorcode.get(ctypes.get_errno(), ''))";
     // Through the supervisor, as every call runs (under runsc its filter is what refuses).
-    let argv = [
-        crate::exec::transport::SUPERVISOR,
-        "--call-id",
+    let mut argv = crate::exec::transport::supervisor_command(
         "selfcheck-seccomp",
-        "--timeout-ms",
-        "15000",
-        "--grace-ms",
-        "500",
-        "--",
-        "python3",
-        "-c",
-        probe,
-    ];
+        Duration::from_secs(15),
+        Duration::from_millis(500),
+    );
+    argv.extend(["--", "python3", "-c", probe].map(str::to_owned));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     match sb.user(&argv).await {
         Ok(c) if c.exit_code == Some(0) && c.out() == "-1 EPERM" => {
             check(NAME, true, "io_uring_setup gives EPERM")

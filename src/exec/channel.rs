@@ -149,25 +149,8 @@ impl Channels {
         });
     }
 
-    /// The container `container_id` died: its channel (if it is the user's) dies too, ending its
-    /// calls and closing its exec stream (which the engine may leave open under gVisor).
-    pub(crate) async fn container_died(&self, user: &UserId, container_id: &str) {
-        let Some(slot) = self.slots.get(user).map(|s| s.clone()) else {
-            return;
-        };
-        let mut st = slot.lock().await;
-        if st
-            .channel
-            .as_ref()
-            .is_some_and(|ch| ch.container_id == container_id)
-        {
-            if let Some(ch) = st.channel.take() {
-                ch.die("the sandbox died".into(), false);
-            }
-        }
-    }
-
-    /// The container `container_id` died, whoever's it was: its channel dies too.
+    /// The container `container_id` died: its channel dies too, ending its calls and closing its
+    /// exec stream (which the engine may leave open under gVisor).
     pub(crate) async fn container_gone(&self, container_id: &str) {
         let slots: Vec<_> = self.slots.iter().map(|s| s.value().clone()).collect();
         for slot in slots {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::channel::Channels;
 use super::file_calls::FileRunner;
 use super::metrics::TransportStats;
+use super::output::Capture;
 use super::per_call::PerCallExec;
 use super::transport::{Attempt, Transport};
 use super::{ProcessOutcome, ProcessSpec};
@@ -189,7 +190,7 @@ impl DockerExecutor {
     /// why; otherwise it is lost. The next call gets a
     /// fresh sandbox: the call is never run again by itself, it may have done half its work.
     async fn died_during(&self, user: &UserId, container_id: &str) -> Result<ProcessOutcome> {
-        self.channels.container_died(user, container_id).await;
+        self.channels.container_gone(container_id).await;
         self.pool.invalidate(user, container_id);
         let container = self.pool.container_name(user);
         let (oom, exit) = match self.pool.engine().inspect(container_id).await {
@@ -227,19 +228,12 @@ impl DockerExecutor {
                     .into(),
             });
         };
-        let empty = crate::exec::output::Captured {
-            bytes: Vec::new(),
-            truncated: false,
-            total: 0,
-        };
+        let mut stderr = Capture::new(cfg.output_cap);
+        stderr.push(note.as_bytes());
         Ok(ProcessOutcome {
             exit_code: Some(137),
-            stdout: empty.clone(),
-            stderr: crate::exec::output::Captured {
-                total: note.len() as u64,
-                bytes: note.into_bytes(),
-                truncated: false,
-            },
+            stdout: Capture::new(cfg.output_cap).finish(),
+            stderr: stderr.finish(),
             timed_out: false,
             cancelled: false,
         })

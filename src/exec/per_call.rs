@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::output::Capture;
 use super::stop::{drive, signal_verified, CallStop, StopGuard};
 use super::transport::{
-    exec_spec, run_collect, sweep, workdir_path, Attempt, Transport, BACKSTOP, STOP_MARGIN,
-    SUPERVISOR,
+    exec_spec, run_collect, supervisor_command, sweep, workdir_path, Attempt, Transport, BACKSTOP,
+    STOP_MARGIN, SUPERVISOR,
 };
 use super::{base_env, new_call_id, ProcessOutcome, ProcessSpec};
 use crate::engine::{Attached, Chunk, ExecStart, SharedEngine};
@@ -69,15 +69,7 @@ impl PerCallExec {
         let call_id = new_call_id();
         let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
         let backstop = spec.timeout + cfg.kill_grace + BACKSTOP;
-        let mut cmd = vec![
-            SUPERVISOR.to_owned(),
-            "--call-id".into(),
-            call_id.clone(),
-            "--timeout-ms".into(),
-            backstop.as_millis().to_string(),
-            "--grace-ms".into(),
-            cfg.kill_grace.as_millis().to_string(),
-        ];
+        let mut cmd = supervisor_command(&call_id, backstop, cfg.kill_grace);
         if let Some(dir) = workdir_path(spec) {
             cmd.push("--workdir".into());
             cmd.push(dir);

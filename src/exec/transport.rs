@@ -58,6 +58,20 @@ pub(crate) trait Transport: Send + Sync {
     ) -> BoxFuture<'a, std::result::Result<ProcessOutcome, Attempt>>;
 }
 
+/// The start of a supervised command: the supervisor, the call's id, its deadline and the grace
+/// its processes get between SIGTERM and SIGKILL. The caller adds options, `--` and the argv.
+pub(crate) fn supervisor_command(call_id: &str, timeout: Duration, grace: Duration) -> Vec<String> {
+    vec![
+        SUPERVISOR.to_owned(),
+        "--call-id".into(),
+        call_id.to_owned(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+        "--grace-ms".into(),
+        grace.as_millis().to_string(),
+    ]
+}
+
 /// The call's working directory in the container, when it is not /workspace itself.
 pub(crate) fn workdir_path(spec: &ProcessSpec) -> Option<String> {
     (!spec.workdir.is_empty()).then(|| format!("/workspace/{}", spec.workdir.join("/")))
