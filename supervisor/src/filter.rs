@@ -149,6 +149,28 @@ pub(crate) fn load(prog: &[libc::sock_filter]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs `check` in a forked child (a filter cannot be removed, so tests load theirs there) and
+/// asserts it held. `check` must not allocate or take a lock: the tests run threaded.
+#[cfg(test)]
+pub(crate) fn assert_in_child(check: impl FnOnce() -> bool) {
+    // SAFETY: fork; the child only runs `check` (system calls on memory prepared before the fork,
+    // no allocation, no lock another test thread could hold) and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let ok = check();
+        // SAFETY: leaving the forked child without running the parent's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,24 +195,11 @@ mod tests {
         // The positive control: without the filter /dev/null says "not a tty"-like ENOTTY.
         assert_eq!(errno_of(REFUSED_IOCTLS[1]), libc::ENOTTY);
         let prog = program();
-        // SAFETY: fork; the child only makes system calls on memory prepared before the fork (no
-        // allocation, no lock another test thread could hold) and exits with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let ok = load(&prog).is_ok()
+        assert_in_child(|| {
+            load(&prog).is_ok()
                 && REFUSED_IOCTLS.iter().all(|r| errno_of(*r) == libc::EPERM)
                 && errno_of(0x5000_940f) == libc::ENOTTY // SNAP_DESTROY: not refused
-                && errno_of(libc::FIONREAD as u32) != libc::EPERM;
-            // SAFETY: leaving the forked child without running the parent's destructors.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "status {status}"
-        );
+                && errno_of(libc::FIONREAD as u32) != libc::EPERM
+        });
     }
 }

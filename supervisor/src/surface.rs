@@ -148,11 +148,7 @@ mod tests {
                 ]
             }
         };
-        // SAFETY: fork; the child only makes system calls on memory prepared before the fork and
-        // leaves with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
+        crate::filter::assert_in_child(|| {
             // The positive control, unfiltered: the kernel's own answers, not EPERM
             // (io_uring_setup(0, NULL): EINVAL or EFAULT; ptrace of no process: ESRCH; setns(-1):
             // EBADF).
@@ -173,7 +169,7 @@ mod tests {
             let loaded = crate::filter::load(&prog).is_ok();
             let after = probe();
             let eperm = libc::EPERM;
-            let ok = loaded
+            loaded
                 && before[0] != eperm
                 && before[1] == libc::ESRCH
                 && before[2] == libc::EBADF
@@ -183,16 +179,7 @@ mod tests {
                 && after[3] != eperm // personality(query)
                 && after[4] == eperm // ptrace(PTRACE_ATTACH)
                 && after[5] == eperm // setns
-                && after[6] == eperm; // personality(PER_LINUX32)
-                                      // SAFETY: leaving the forked child without running the parent's destructors.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "status {status}"
-        );
+                && after[6] == eperm // personality(PER_LINUX32)
+        });
     }
 }
