@@ -529,6 +529,15 @@ fn allow(names: &[&str], why: &str, args: Vec<Value>) -> Value {
     json!({"names": names, "action": "SCMP_ACT_ALLOW", "args": args, "comment": why})
 }
 
+/// `name` allowed when its first argument is one of `values`: a rule each (one condition per
+/// argument and rule, so the runtime cannot turn them into an OR of something wider).
+fn allow_first_arg_in(name: &str, why: &str, values: &[u64]) -> Vec<Value> {
+    values
+        .iter()
+        .map(|&v| allow(&[name], why, vec![arg(0, "SCMP_CMP_EQ", v, 0)]))
+        .collect()
+}
+
 /// The architectures the profile names: the native one only. 32-bit system calls on a 64-bit
 /// host (x86's `int 0x80`, the x32 ABI) are a second, older entry into the kernel that no
 /// sandbox program needs; leaving their architectures out refuses them all.
@@ -607,29 +616,17 @@ pub fn profile(netfilter: Netfilter, runtime: Runtime) -> Value {
         args.push(arg(2, "SCMP_CMP_EQ", proto, 0));
         rules.push(allow(&["socket"], why, args));
     }
-    rules.push(allow(
-        &["socketpair"],
-        why,
-        vec![arg(0, "SCMP_CMP_EQ", AF_UNIX, 0)],
+    rules.extend(allow_first_arg_in("socketpair", why, &[AF_UNIX]));
+    rules.extend(allow_first_arg_in(
+        "ptrace",
+        "tracing one's own children only (strace, debuggers launching a program)",
+        PTRACE_REQUESTS,
     ));
-
-    let why = "tracing one's own children only (strace, debuggers launching a program)";
-    for &request in PTRACE_REQUESTS {
-        rules.push(allow(
-            &["ptrace"],
-            why,
-            vec![arg(0, "SCMP_CMP_EQ", request, 0)],
-        ));
-    }
-
-    let why = "personality: Linux, and the query";
-    for &persona in PERSONALITIES {
-        rules.push(allow(
-            &["personality"],
-            why,
-            vec![arg(0, "SCMP_CMP_EQ", persona, 0)],
-        ));
-    }
+    rules.extend(allow_first_arg_in(
+        "personality",
+        "personality: Linux, and the query",
+        PERSONALITIES,
+    ));
 
     json!({
         "defaultAction": "SCMP_ACT_ERRNO",
