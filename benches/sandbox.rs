@@ -3,8 +3,8 @@
 //! prints a table and writes it as JSON (path in ZCBOT_BENCH_JSON).
 //!
 //! Scenarios: 1 warm exec of `true`; 2 cold ensure; 3 warm ensure; 4 concurrency; 5 a pool of
-//! many warm containers; 6 a call that prints 100 MiB. Percentiles come from an HDR histogram,
-//! after a warm-up, with the sample count stated.
+//! many warm containers; 6 a call that prints 100 MiB; 7 the runtime column, runc vs runsc
+//! (gVisor). Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -158,8 +158,9 @@ struct Bench {
 }
 
 impl Bench {
-    fn new() -> Self {
-        let id = format!("bench{:x}", std::process::id());
+    /// A pool of its own (id, network, folders) whose sandboxes run under `runtime`.
+    fn new(suffix: &str, runtime: &str) -> Self {
+        let id = format!("bench{:x}{suffix}", std::process::id());
         let root = std::env::temp_dir().join(format!("zcbot-{id}"));
         let network = format!("zcbt-{id}");
         let vars = [
@@ -171,6 +172,7 @@ impl Bench {
             ("ZCBOT_USER_MAX_CALLS", "64".to_owned()),
             ("ZCBOT_LISTEN", "127.0.0.1:0".to_owned()),
             ("ZCBOT_SANDBOX_BACKEND", "docker".to_owned()),
+            ("ZCBOT_SANDBOX_RUNTIME", runtime.to_owned()),
         ];
         let config = Config::from_lookup(|k| {
             vars.iter()
@@ -243,7 +245,7 @@ async fn main() {
     let n_exec = env_usize("ZCBOT_BENCH_EXEC_N", 300);
     let n_cold = env_usize("ZCBOT_BENCH_COLD_N", 20);
     let n_scale = env_usize("ZCBOT_BENCH_SCALE", 200);
-    let b = Bench::new();
+    let b = Bench::new("", "runc");
     let mut results = serde_json::Map::new();
     let started = Instant::now();
     let version = String::from_utf8_lossy(
@@ -551,6 +553,12 @@ async fn main() {
     );
     results.insert("scale".into(), json!({ "containers": n_scale, "create_s": create_s, "host_mib_per_container": mem_per, "reconcile_s": reconcile_s, "adopted": report.adopted.len(), "reap_pass_nothing_ms": pass_ms, "reap_all_s": reap_all_s, "rss_kib_full": rss_full, "rss_kib_empty": rss_empty }));
 
+    // 7. The runtime column: runc vs runsc (gVisor), in this same run.
+    println!("\n7. runtime: runc vs runsc (gVisor)");
+    let n_mem = env_usize("ZCBOT_BENCH_RUNTIME_MEM_N", 20);
+    let column = runtime_column(&executor, n_exec, n_cold, n_mem).await;
+    results.insert("runtime".into(), column);
+
     let _ = stop_tx.send(());
     let _ = served.await;
     pool.shutdown_all().await.unwrap();
@@ -571,17 +579,141 @@ async fn main() {
 
 /// One call of `true` through `ex`; returns when it started, for the caller to time it.
 async fn call_true(ex: &Executor, user: &UserId) -> Instant {
+    call_argv(ex, user, &["true"]).await
+}
+
+/// One call of `argv` through `ex`, which must exit 0; returns when it started.
+async fn call_argv(ex: &Executor, user: &UserId, argv: &[&str]) -> Instant {
     let t = Instant::now();
-    ex.run_argv(
-        user,
-        vec!["true".into()],
-        None,
-        None,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let r = ex
+        .run_argv(
+            user,
+            argv.iter().map(|a| a.to_string()).collect(),
+            None,
+            None,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, Some(0), "{argv:?}: {r:?}");
     t
+}
+
+/// Scenario 7: the same warm calls, cold ensures and warm containers under runc (the pool of
+/// the other scenarios) and under runsc (a second pool), interleaved, against `docker exec` under
+/// runc. The target: a warm channel call under runsc at most 1/3 of that `docker exec`.
+/// Says so and records a skip when the engine has no runsc (scripts/register-runsc.sh).
+async fn runtime_column(runc: &Arc<Executor>, n_exec: usize, n_cold: usize, n_mem: usize) -> Value {
+    let rpool = runc.pool().unwrap();
+    let known = rpool.engine().runtimes().await.unwrap();
+    if !known.names.iter().any(|n| n == "runsc") {
+        println!("  SKIPPED: the engine has no runtime \"runsc\"; scripts/register-runsc.sh registers it");
+        return json!({ "skipped": "the engine has no runtime runsc" });
+    }
+    let g = Bench::new("g", "runsc");
+    let gvisor = Arc::new(Executor::from_config(g.config.clone()).await.unwrap());
+    let gpool = gvisor.pool().unwrap();
+    let u = UserId::parse("rt0").unwrap();
+    let rc = rpool.ensure(&u).await.unwrap().name;
+    let gc = gpool.ensure(&u).await.unwrap().name;
+
+    // Warm calls, six ways, interleaved call by call, each after the same settling pause.
+    let labels = [
+        "runc: channel, true",
+        "runsc: channel, true",
+        "runc: channel, python3 -c pass",
+        "runsc: channel, python3 -c pass",
+        "runsc: docker exec <container> true (CLI)",
+        "baseline: runc, docker exec <container> true (CLI)",
+    ];
+    let mut h: Vec<Histogram<u64>> = labels.iter().map(|_| hist()).collect();
+    for i in 0..(n_exec + 30) {
+        for (k, h) in h.iter_mut().enumerate() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let t = match k {
+                0 => call_argv(runc, &u, &["true"]).await,
+                1 => call_argv(&gvisor, &u, &["true"]).await,
+                2 => call_argv(runc, &u, &["python3", "-c", "pass"]).await,
+                3 => call_argv(&gvisor, &u, &["python3", "-c", "pass"]).await,
+                _ => {
+                    let t = Instant::now();
+                    assert!(docker_cli(&[
+                        "exec",
+                        if k == 4 { &gc } else { &rc },
+                        "true"
+                    ]));
+                    t
+                }
+            };
+            if i >= 30 {
+                record(h, t);
+            }
+        }
+    }
+    let cli = &h[5];
+    for (label, hh) in labels.iter().zip(&h) {
+        row(label, hh, (!std::ptr::eq(hh, cli)).then_some(cli));
+    }
+    let frac = h[1].value_at_quantile(0.5) as f64 / cli.value_at_quantile(0.5) as f64;
+    println!(
+        "  warm channel call under runsc: 1/{:.1} of docker exec under runc (target: 1/3 or less: {})",
+        1.0 / frac,
+        if frac <= 1.0 / 3.0 { "met" } else { "MISSED" }
+    );
+    rpool.remove(&u).await.unwrap();
+    gpool.remove(&u).await.unwrap();
+
+    // Cold ensure, alternating runtimes.
+    let (mut cold_runc, mut cold_runsc) = (hist(), hist());
+    for i in 0..n_cold {
+        let u = UserId::parse(&format!("rc{i}")).unwrap();
+        for (pool, h) in [(rpool, &mut cold_runc), (gpool, &mut cold_runsc)] {
+            let t = Instant::now();
+            pool.ensure(&u).await.unwrap();
+            record(h, t);
+            pool.remove(&u).await.unwrap();
+        }
+    }
+    row("cold ensure, runsc", &cold_runsc, Some(&cold_runc));
+    row("cold ensure, runc", &cold_runc, None);
+
+    // Host memory per warm container (channel open), n_mem of each, one runtime at a time.
+    let mut mem = Vec::new();
+    for (name, ex) in [("runc", runc), ("runsc", &gvisor)] {
+        let users: Vec<UserId> = (0..n_mem)
+            .map(|i| UserId::parse(&format!("rm{i}")).unwrap())
+            .collect();
+        let before = mem_available_kib();
+        run_concurrent_once(4, &users, |u| {
+            let ex = ex.clone();
+            async move {
+                call_true(&ex, &u).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let per = before.saturating_sub(mem_available_kib()) as f64 / n_mem as f64 / 1024.0;
+        println!("  host memory per warm container with its channel, {name}: {per:.1} MiB (MemAvailable, {n_mem} containers)");
+        mem.push(per);
+        for u in &users {
+            ex.pool().unwrap().remove(u).await.unwrap();
+        }
+    }
+
+    gpool.shutdown_all().await.unwrap();
+    docker_cli(&["network", "rm", &g.network]);
+    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(&g.network));
+    let _ = std::fs::remove_dir_all(&g.root);
+    json!({
+        "warm": {
+            "runc_channel_true": summary(&h[0]), "runsc_channel_true": summary(&h[1]),
+            "runc_channel_python": summary(&h[2]), "runsc_channel_python": summary(&h[3]),
+            "runsc_cli_true": summary(&h[4]), "runc_cli_true_baseline": summary(&h[5]),
+        },
+        "runsc_channel_true_vs_runc_cli": frac,
+        "cold_ensure": { "runc": summary(&cold_runc), "runsc": summary(&cold_runsc) },
+        "host_mib_per_warm_container": { "containers": n_mem, "runc": mem[0], "runsc": mem[1] },
+    })
 }
 
 fn h_ns(h: &mut Histogram<u64>, since: Instant) {
