@@ -99,6 +99,29 @@ fn docker_cli(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// Removes a bench pool's network and its host rules. The engine may still be detaching the
+/// last removed container's endpoint for a moment, so a refusal is retried for up to 10 s and
+/// then printed: a leftover network is named, never silent.
+async fn remove_network(network: &str) {
+    let mut last = String::new();
+    for _ in 0..40 {
+        let out = Command::new("docker")
+            .args(["network", "rm", network])
+            .output()
+            .unwrap();
+        last = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if out.status.success() || last.contains("not found") {
+            last.clear();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !last.is_empty() {
+        println!("  WARNING: network {network} left behind: {last}");
+    }
+    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(network));
+}
+
 /// One HTTP/1.1 request over a fresh loopback connection, as a client without keep-alive would.
 async fn http_post(addr: &str, path: &str, body: &str) -> u16 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -562,8 +585,7 @@ async fn main() {
     let _ = stop_tx.send(());
     let _ = served.await;
     pool.shutdown_all().await.unwrap();
-    docker_cli(&["network", "rm", &b.network]);
-    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(&b.network));
+    remove_network(&b.network).await;
     let _ = std::fs::remove_dir_all(&b.root);
     results.insert("took_s".into(), json!(started.elapsed().as_secs_f64()));
     println!("\nbench took {:.0} s", started.elapsed().as_secs_f64());
@@ -701,8 +723,7 @@ async fn runtime_column(runc: &Arc<Executor>, n_exec: usize, n_cold: usize, n_me
     }
 
     gpool.shutdown_all().await.unwrap();
-    docker_cli(&["network", "rm", &g.network]);
-    let _ = zcbot_sandbox::firewall::remove(&zcbot_sandbox::pool::network::bridge_name(&g.network));
+    remove_network(&g.network).await;
     let _ = std::fs::remove_dir_all(&g.root);
     json!({
         "warm": {
