@@ -151,10 +151,10 @@ impl PerCallExec {
         }
         let running = state.is_some_and(|s| s.running);
         let exit_code = state.and_then(|s| s.exit_code).map(|c| c as i32);
-        // 137: SIGKILL, which the supervisor never sends itself. It may have been killed (kill -9
-        // from the sandbox, the OOM killer), leaving orphans: sweep them.
-        if forced || running || exit_code.is_none_or(|c| c == 137) {
-            call.force_cleanup(running || forced).await;
+        // Killed (137) or no trustworthy status (see `UNTRUSTED_STATUS`): the supervisor may be
+        // alive still or dead without its clean-up, leaving orphans: kill it and sweep them.
+        if forced || running || exit_code.is_none_or(|c| c == 137 || c == UNTRUSTED_STATUS) {
+            call.force_cleanup(true).await;
         }
         // The call's processes are known gone: the lease may go.
         drop(guard.disarm());
@@ -167,6 +167,11 @@ impl PerCallExec {
         })
     }
 }
+
+/// The status Docker 20.10 records for an exec whose attached stream failed, whatever its
+/// process did: seen for a dropped call whose supervisor was still running (and was killed a
+/// moment later by its tenant, leaving orphans). Never proof that the call's processes are gone.
+const UNTRUSTED_STATUS: i32 = 126;
 
 /// Everything needed to stop one call made by its own exec.
 struct ExecCall {
@@ -220,6 +225,17 @@ impl ExecCall {
         signal_verified(pid as i32, "--call-id", &self.call_id, signals)
     }
 
+    /// Whether this call's supervisor is alive, asked by its host PID (root only: otherwise
+    /// unknown, and false).
+    async fn supervisor_alive(&self, pid: Option<i64>) -> bool {
+        let Some(pid) = pid.filter(|p| *p > 0) else {
+            return false;
+        };
+        // Signal 0 through a verified pidfd: delivered only to a live supervisor of this call.
+        nix::unistd::geteuid().is_root()
+            && signal_verified(pid as i32, "--call-id", &self.call_id, &[0])
+    }
+
     /// The supervisor died or would not stop: kill it, then its orphans; recycle the container if
     /// that does not work.
     async fn force_cleanup(&self, supervisor_alive: bool) {
@@ -244,10 +260,14 @@ impl CallStop for ExecCall {
         async move {
             loop {
                 match self.engine.exec_state(&self.exec_id).await {
-                    // Ended by itself. Killed (137, which the supervisor never sends) or with no
-                    // status, its orphans may live on: not gone until swept (`force`).
+                    // Ended by itself. Killed (137, which the supervisor never sends), with no
+                    // status or an untrusted one, or still alive by its PID although the engine
+                    // says it ended: its orphans may live on: not gone until swept (`force`).
                     Ok(Some(s)) if !s.running => {
-                        return s.exit_code.is_some_and(|c| c != 137);
+                        let trusted = s
+                            .exit_code
+                            .is_some_and(|c| c != 137 && c != i64::from(UNTRUSTED_STATUS));
+                        return trusted && !self.supervisor_alive(s.pid).await;
                     }
                     // The exec, and its container, are gone.
                     Ok(None) => return true,
