@@ -11,6 +11,10 @@
 #   ZCBOT_LOCAL_BASE      tag of the local debootstrap base     (zcbot-sandbox-base:bookworm)
 #   ZCBOT_SANDBOX_IMAGE   tag to build                          (zcbot-sandbox:latest)
 #   ZCBOT_SANDBOX_UID     uid:gid of the sandbox user           (1000:1000)
+#   ZCBOT_SANDBOX_REQUIREMENTS  the Python packages to install, a pip requirements file of wheels
+#                         (deploy/sandbox/requirements.txt; an empty file: standard library only)
+#   ZCBOT_BUILD_CA        CA bundle the image build trusts to reach the package index (the host's:
+#                         $PIP_CERT, else $SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt)
 #   DEBIAN_MIRROR         mirror for debootstrap                (debootstrap's default)
 #   PULL_TIMEOUT          seconds to wait for a pull            (60)
 set -euo pipefail
@@ -32,6 +36,8 @@ die() {
 
 docker info >/dev/null 2>&1 || die "Docker daemon not reachable (DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock}): is dockerd running and may this user use it?"
 [[ $uid =~ ^[0-9]+$ && $gid =~ ^[0-9]+$ && $uid -gt 0 ]] || die "ZCBOT_SANDBOX_UID must be UID:GID with a non-zero uid, got '$uidgid'"
+requirements=${ZCBOT_SANDBOX_REQUIREMENTS:-$here/deploy/sandbox/requirements.txt}
+[ -f "$requirements" ] && [ -r "$requirements" ] || die "ZCBOT_SANDBOX_REQUIREMENTS: cannot read '$requirements' (a pip requirements file)"
 
 make_local_base() {
     say "making local base $local_base with debootstrap (once; reused afterwards)"
@@ -79,12 +85,29 @@ triple="$(uname -m)-unknown-linux-gnu"
 say "building zcbot-supervise (static, $triple)"
 (cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
     -p zcbot-supervise --target "$triple" --target-dir target/supervisor)
-cp "$here/target/supervisor/$triple/release/zcbot-supervise" "$here/deploy/sandbox/zcbot-supervise"
 
-say "building $image from base $base (sandbox uid:gid $uid:$gid)"
-docker build -q \
+# The build context: the Dockerfile and entry from deploy/sandbox, the supervisor just built, and
+# the requirements chosen; assembled apart so that nothing generated lands in the source tree.
+context=$(mktemp -d /var/tmp/zcbot-image.XXXXXX)
+# shellcheck disable=SC2064
+trap "rm -rf '$context'" EXIT
+cp "$here/deploy/sandbox/Dockerfile" "$here/deploy/sandbox/entry.sh" "$context/"
+cp "$here/target/supervisor/$triple/release/zcbot-supervise" "$context/zcbot-supervise"
+cp "$requirements" "$context/requirements.txt"
+build_ca=${ZCBOT_BUILD_CA:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
+if [ -f "$build_ca" ]; then cp "$build_ca" "$context/build-ca.pem"; else : >"$context/build-ca.pem"; fi
+
+say "building $image from base $base (sandbox uid:gid $uid:$gid; Python packages from $requirements)"
+started=$(date +%s)
+# Not -q: pip's progress goes to the log, shown when the build fails.
+docker build \
     --build-arg "BASE_IMAGE=$base" \
     --build-arg "SANDBOX_UID=$uid" \
     --build-arg "SANDBOX_GID=$gid" \
-    -t "$image" "$here/deploy/sandbox" >/dev/null
-say "built $image ($(docker image inspect -f '{{.Id}}' "$image")) from base $base"
+    -t "$image" "$context" >"$context.log" 2>&1 || {
+    tail -n 40 "$context.log" >&2
+    rm -f "$context.log"
+    die "docker build failed (the end of its log is above)"
+}
+rm -f "$context.log"
+say "built $image ($(docker image inspect -f '{{.Id}}' "$image"), $(($(docker image inspect -f '{{.Size}}' "$image") / 1048576)) MiB) from base $base in $(($(date +%s) - started)) s"
