@@ -66,6 +66,12 @@ pub struct Config {
     pub require_disk_quota: bool,
     /// `ZCBOT_FILE_TIMEOUT`: the deadline of one file tool call (default 30s).
     pub file_timeout: Duration,
+    /// `ZCBOT_MAX_FILE`: the largest file `PUT`/`GET /v1/users/{user}/files/{path}` moves
+    /// (default 256MiB), streamed beside the JSON body limit.
+    pub max_file: u64,
+    /// `ZCBOT_TRANSFER_TIMEOUT`: how long one file upload or download may take in all (default
+    /// 10m); an upload's body may also pause at most `ZCBOT_HTTP_BODY_TIMEOUT` between pieces.
+    pub transfer_timeout: Duration,
     /// `ZCBOT_FILE_MAX_ENTRIES`: folder entries one file call may visit (default 1000000).
     pub file_max_entries: u64,
     /// `ZCBOT_FILE_WORKERS`: file calls running at once on the host, all users together
@@ -416,6 +422,12 @@ struct FilesArgs {
     /// File calls running at once on the host, all users together.
     #[arg(long, env = "ZCBOT_FILE_WORKERS", default_value = "8", value_parser = int::<usize>(1, 1024))]
     file_workers: usize,
+    /// The largest file one upload or download moves.
+    #[arg(long, env = "ZCBOT_MAX_FILE", default_value = "256MiB", value_parser = bytes::<u64>(1024))]
+    max_file: u64,
+    /// How long one file upload or download may take in all.
+    #[arg(long, env = "ZCBOT_TRANSFER_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    transfer_timeout: Duration,
 }
 
 // The HTTP server: where it listens, who may call it, and how long a client may take.
@@ -705,6 +717,8 @@ impl Settings {
             file_timeout: files.file_timeout,
             file_max_entries: files.file_max_entries,
             file_workers: files.file_workers,
+            max_file: files.max_file,
+            transfer_timeout: files.transfer_timeout,
             http_header_timeout: http.http_header_timeout,
             http_body_timeout: http.http_body_timeout,
             http_idle_timeout: http.http_idle_timeout,
@@ -1053,6 +1067,7 @@ mod tests {
         assert_eq!(c.disk_bytes, 1 << 30);
         assert!(!c.require_disk_quota);
         assert_eq!(c.file_timeout, secs(30));
+        assert_eq!((c.max_file, c.transfer_timeout), (256 << 20, secs(600)));
         assert_eq!(c.file_max_entries, 1_000_000);
         assert_eq!(c.file_workers, 8);
         assert_eq!(c.http_header_timeout, secs(10));
@@ -1088,7 +1103,7 @@ mod tests {
     #[test]
     fn the_declaration_lists_every_variable_once_with_a_flag() {
         let vars = variables();
-        assert_eq!(vars.len(), 45, "{vars:?}");
+        assert_eq!(vars.len(), 47, "{vars:?}");
         let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
         names.sort_unstable();
         names.dedup();

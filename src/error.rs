@@ -147,6 +147,29 @@ pub enum Error {
         progress: String,
     },
 
+    /// A file upload or download is larger than `ZCBOT_MAX_FILE`; nothing was written.
+    #[error("{path}: {size} bytes is over the {max}-byte limit of one file transfer (ZCBOT_MAX_FILE): split it, or read it in parts with read_file's offset and limit")]
+    FileTooLarge {
+        /// The path as the caller gave it (shortened).
+        path: String,
+        /// The file's size, or how much had arrived when the limit was passed.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+
+    /// An upload's body did not arrive whole (the client stopped sending, went away, or took
+    /// longer than allowed); nothing was written and the old file, if any, is whole.
+    #[error(
+        "{path}: the upload did not arrive whole ({reason}); nothing was written: send it again"
+    )]
+    UploadBroken {
+        /// The path as the caller gave it (shortened).
+        path: String,
+        /// What happened to the body.
+        reason: String,
+    },
+
     /// Per-user disk quotas are required (`ZCBOT_REQUIRE_DISK_QUOTA=1`) and cannot be enforced.
     #[error("per-user disk quotas cannot be enforced: {reason} (prepare a users root as RUN.md says, or unset ZCBOT_REQUIRE_DISK_QUOTA)")]
     DiskQuota {
@@ -215,6 +238,8 @@ impl Error {
             Error::File(e) => e.kind(),
             Error::FileLimit { .. } => "file_limit",
             Error::FileStopped { .. } => "file_stopped",
+            Error::FileTooLarge { .. } => "file_too_large",
+            Error::UploadBroken { .. } => "bad_body",
             Error::DiskQuota { .. } => "disk_quota",
             Error::Io { .. } => "io",
             Error::ChannelLost { .. } => "channel_lost",

@@ -282,6 +282,15 @@ impl Workspace {
         })
     }
 
+    /// Opens a regular file for reading as a whole (a download): the open file and its size.
+    pub fn open_file(&self, path: &str) -> Result<(std::fs::File, u64)> {
+        let parts = self.parts(path)?;
+        let root = self.open_root()?;
+        let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_NONBLOCK, path)?;
+        let size = regular_file_size(&fd, path)?;
+        Ok((std::fs::File::from(fd), size))
+    }
+
     /// Writes `content` to a file, creating it and any missing parent folders (owned by the
     /// sandbox user); replaces the contents unless `append`. Returns the bytes written.
     ///
@@ -289,6 +298,44 @@ impl Workspace {
     /// that fails (the disk quota, say) leaves the old contents whole; an append that fails is cut
     /// back to the old size. The mode of a replaced file is kept.
     pub fn write_file(&self, path: &str, content: &[u8], append: bool) -> Result<u64> {
+        let target = self.target(path)?;
+        if append && target.existing.is_some() {
+            let fd = openat(
+                Some(target.dir.as_raw_fd()),
+                target.name.as_os_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_APPEND
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC
+                    | OFlag::O_NONBLOCK,
+                Mode::empty(),
+            )
+            .map(own)
+            .map_err(|e| errno_error(path, e))?;
+            let before = regular_file_size(&fd, path)?;
+            if let Err(e) = write_all(&fd, content) {
+                // Whole or nothing: cut back what part of the content went in.
+                let _ = nix::unistd::ftruncate(&fd, before as i64);
+                return Err(errno_error(path, e));
+            }
+            return Ok(content.len() as u64);
+        }
+        let mut pending = self.replace(target, path)?;
+        pending.write(content)?;
+        pending.commit()
+    }
+
+    /// Starts replacing (or creating) a file whose contents arrive in pieces (an upload): the
+    /// same guarantees as [`Workspace::write_file`], the old contents whole until
+    /// [`PendingWrite::commit`].
+    pub fn begin_write(&self, path: &str) -> Result<PendingWrite> {
+        let target = self.target(path)?;
+        self.replace(target, path)
+    }
+
+    /// The folder a write goes to (missing parents created and given to the sandbox user), the
+    /// name in it, and what is there now (a regular file, or nothing).
+    fn target(&self, path: &str) -> Result<Target> {
         let parts = self.parts(path)?;
         let Some((name, parents)) = parts.split_last() else {
             return Err(refused(path, Refusal::Workspace));
@@ -326,70 +373,46 @@ impl Workspace {
                     SFlag::S_IFLNK => return Err(refused(path, Refusal::Symlink)),
                     _ => return Err(refused(path, Refusal::Special)),
                 }
-                Some(st)
+                Some(st.st_mode)
             }
             Err(Errno::ENOENT) => None,
             Err(e) => return Err(errno_error(path, e)),
         };
-        if append && existing.is_some() {
-            let fd = openat(
-                Some(dir.as_raw_fd()),
-                *name,
-                OFlag::O_WRONLY
-                    | OFlag::O_APPEND
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC
-                    | OFlag::O_NONBLOCK,
-                Mode::empty(),
-            )
-            .map(own)
-            .map_err(|e| errno_error(path, e))?;
-            let before = regular_file_size(&fd, path)?;
-            if let Err(e) = write_all(&fd, content) {
-                // Whole or nothing: cut back what part of the content went in.
-                let _ = nix::unistd::ftruncate(&fd, before as i64);
-                return Err(errno_error(path, e));
-            }
-            return Ok(content.len() as u64);
-        }
-        // A new file beside the target, renamed over it once whole.
+        Ok(Target {
+            dir,
+            name: name.to_os_string(),
+            existing,
+        })
+    }
+
+    /// A new file beside `target` (its mode kept, set-id bits dropped), given to the sandbox user.
+    fn replace(&self, target: Target, path: &str) -> Result<PendingWrite> {
         let temp = OsString::from(format!(".zcbot-write-{}", crate::text::random_id()));
         let fd = openat(
-            Some(dir.as_raw_fd()),
+            Some(target.dir.as_raw_fd()),
             temp.as_os_str(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o644),
         )
         .map(own)
         .map_err(|e| errno_error(path, e))?;
-        let unlink_temp = || {
-            let _ = unlinkat(
-                Some(dir.as_raw_fd()),
-                temp.as_os_str(),
-                UnlinkatFlags::NoRemoveDir,
-            );
+        let pending = PendingWrite {
+            dir: target.dir,
+            temp,
+            name: target.name,
+            fd,
+            path: path.to_owned(),
+            written: 0,
+            done: false,
         };
-        self.give(&fd);
-        if let Some(st) = &existing {
+        self.give(&pending.fd);
+        if let Some(mode) = target.existing {
             let _ = nix::sys::stat::fchmod(
-                fd.as_raw_fd(),
-                Mode::from_bits_truncate(st.st_mode & 0o7777 & !0o6000),
+                pending.fd.as_raw_fd(),
+                Mode::from_bits_truncate(mode & 0o7777 & !0o6000),
             );
         }
-        if let Err(e) = write_all(&fd, content) {
-            unlink_temp();
-            return Err(errno_error(path, e));
-        }
-        if let Err(e) = nix::fcntl::renameat(
-            Some(dir.as_raw_fd()),
-            temp.as_os_str(),
-            Some(dir.as_raw_fd()),
-            *name,
-        ) {
-            unlink_temp();
-            return Err(errno_error(path, e));
-        }
-        Ok(content.len() as u64)
+        Ok(pending)
     }
 
     /// Lists a folder (symlinks are reported as such, never followed), sorted by name: the first
@@ -493,6 +516,66 @@ impl Workspace {
             Some(Uid::from_raw(self.uid)),
             Some(Gid::from_raw(self.gid)),
         );
+    }
+}
+
+/// Where a write goes: the open parent folder, the name in it, and the mode of the regular file
+/// there now, if any.
+struct Target {
+    dir: OwnedFd,
+    name: OsString,
+    existing: Option<nix::libc::mode_t>,
+}
+
+/// A file being written beside its target, renamed over it by [`PendingWrite::commit`]; dropped
+/// before that (an error, a client gone, a stop), it is removed and the target stays as it was.
+#[derive(Debug)]
+pub struct PendingWrite {
+    dir: OwnedFd,
+    temp: OsString,
+    name: OsString,
+    fd: OwnedFd,
+    path: String,
+    written: u64,
+    done: bool,
+}
+
+impl PendingWrite {
+    /// Appends `bytes` (a full disk or quota fails here, with the target untouched).
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        write_all(&self.fd, bytes).map_err(|e| errno_error(&self.path, e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Puts the new file in the target's place; returns its size.
+    pub fn commit(mut self) -> Result<u64> {
+        nix::fcntl::renameat(
+            Some(self.dir.as_raw_fd()),
+            self.temp.as_os_str(),
+            Some(self.dir.as_raw_fd()),
+            self.name.as_os_str(),
+        )
+        .map_err(|e| errno_error(&self.path, e))?;
+        self.done = true;
+        Ok(self.written)
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = unlinkat(
+                Some(self.dir.as_raw_fd()),
+                self.temp.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod output;
 mod per_call;
 mod stop;
+pub mod transfer;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,9 @@ pub(crate) fn base_env(extra: &BTreeMap<String, String>) -> Vec<String> {
         .chain(extra.iter().map(|(k, v)| format!("{k}={v}")))
         .collect()
 }
+
+/// Makes a user's [`Workspace`] on the blocking pool.
+type MakeWorkspace = Box<dyn FnOnce() -> Result<Workspace> + Send>;
 
 /// The largest command (all arguments together) and the largest program a call may carry: what
 /// fits a channel frame and the in-container supervisor's own bound.
@@ -124,11 +128,34 @@ pub struct ReadFileArgs {
 pub struct WriteFileArgs {
     /// The file; missing parent folders are created.
     pub path: String,
-    /// The text to write.
-    pub content: String,
+    /// The text to write (this or `content_base64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// The bytes to write, in standard base64 (this or `content`): any binary content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
     /// Append instead of replacing.
     #[serde(default)]
     pub append: bool,
+}
+
+impl WriteFileArgs {
+    /// The bytes to write: the text, or the base64 decoded (refused, with nothing written, when
+    /// it is not standard base64).
+    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        use base64::Engine as _;
+        match (&self.content, &self.content_base64) {
+            (Some(text), _) => Ok(text.as_bytes().into()),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map(Into::into)
+                .map_err(|e| Error::BadCall {
+                    tool: "write_file".into(),
+                    reason: format!("content_base64 is not standard base64: {e}"),
+                }),
+            (None, None) => Ok((&[][..]).into()),
+        }
+    }
 }
 
 /// Arguments of `list_dir` and `delete_path`.
@@ -170,7 +197,17 @@ impl ToolCall {
             "shell" => ToolCall::Shell(de(tool, args)?),
             "run_python" => ToolCall::RunPython(de(tool, args)?),
             "read_file" => ToolCall::ReadFile(de(tool, args)?),
-            "write_file" => ToolCall::WriteFile(de(tool, args)?),
+            "write_file" => {
+                let a: WriteFileArgs = de(tool, args)?;
+                if a.content.is_some() == a.content_base64.is_some() {
+                    return Err(Error::BadCall {
+                        tool: tool.to_owned(),
+                        reason: "give exactly one of content (text) and content_base64 (bytes)"
+                            .into(),
+                    });
+                }
+                ToolCall::WriteFile(a)
+            }
             "list_dir" => ToolCall::ListDir(de(tool, args)?),
             "delete_path" => ToolCall::DeletePath(de(tool, args)?),
             other => {
@@ -564,6 +601,22 @@ impl Executor {
         })
     }
 
+    /// The user's workspace, to be made on the blocking pool: the docker backend's folder is
+    /// prepared (and its activity marked) here, the host backend's in the returned closure.
+    async fn workspace_maker(&self, user: &UserId) -> Result<MakeWorkspace> {
+        Ok(match self {
+            Executor::Docker(d) => {
+                let folder = d.pool().prepare_workspace(user).await?;
+                d.pool().mark_active(user);
+                Box::new(move || Ok(Workspace::new(folder.path, folder.uid, folder.gid)))
+            }
+            Executor::Host(h) => {
+                let (h, who) = (h.clone(), user.clone());
+                Box::new(move || h.workspace(&who))
+            }
+        })
+    }
+
     async fn run_file_tool(
         &self,
         user: &UserId,
@@ -585,20 +638,7 @@ impl Executor {
                 });
             }
         }
-        // The workspace, made on the blocking pool below: the docker backend's folder is prepared
-        // (and its activity marked) here, the host backend's in the call.
-        type MakeWorkspace = Box<dyn FnOnce() -> Result<Workspace> + Send>;
-        let workspace: MakeWorkspace = match self {
-            Executor::Docker(d) => {
-                let folder = d.pool().prepare_workspace(user).await?;
-                d.pool().mark_active(user);
-                Box::new(move || Ok(Workspace::new(folder.path, folder.uid, folder.gid)))
-            }
-            Executor::Host(h) => {
-                let (h, who) = (h.clone(), user.clone());
-                Box::new(move || h.workspace(&who))
-            }
-        };
+        let workspace = self.workspace_maker(user).await?;
         let cap = cfg.output_cap as u64;
         let path = match &call {
             ToolCall::ReadFile(a) => a.path.clone(),
@@ -618,9 +658,12 @@ impl Executor {
                         a.offset.unwrap_or(0),
                         a.limit.unwrap_or(cap) as usize,
                     )?),
-                    ToolCall::WriteFile(a) => ToolData::Written {
-                        bytes_written: ws.write_file(&a.path, a.content.as_bytes(), a.append)?,
-                    },
+                    ToolCall::WriteFile(a) => {
+                        let bytes = a.bytes()?;
+                        ToolData::Written {
+                            bytes_written: ws.write_file(&a.path, &bytes, a.append)?,
+                        }
+                    }
                     ToolCall::ListDir(a) => {
                         let listing = ws.list_dir(&a.path, budget)?;
                         ToolData::Listing {
@@ -685,6 +728,10 @@ mod tests {
             ("shell", json!({"cmd": "ls"})),
             ("shell", json!({"command": "ls", "extra": 1})),
             ("write_file", json!({"path": "a"})),
+            (
+                "write_file",
+                json!({"path": "a", "content": "x", "content_base64": "eA=="}),
+            ),
             ("read_file", json!({"path": "a", "offset": -1})),
         ] {
             let err = ToolCall::parse(tool, args.clone()).unwrap_err();

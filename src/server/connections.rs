@@ -213,16 +213,22 @@ impl Drop for BusyGuard {
 
 /// A request body that must arrive whole within a deadline: a client that declares a body and
 /// sends it slowly (or never) gets an error instead of holding its connection and the handler.
+/// With `pace` (an upload) the deadline is for each piece instead: the body may go on as long as
+/// it never pauses for longer.
 struct TimedBody {
     inner: Incoming,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    within: Duration,
+    pace: bool,
 }
 
 impl TimedBody {
-    fn new(inner: Incoming, within: Duration) -> Self {
+    fn new(inner: Incoming, within: Duration, pace: bool) -> Self {
         TimedBody {
             inner,
             deadline: Box::pin(tokio::time::sleep(within)),
+            within,
+            pace,
         }
     }
 }
@@ -236,8 +242,17 @@ impl http_body::Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Ready(frame) => {
+                if self.pace {
+                    let next = tokio::time::Instant::now() + self.within;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) if self.pace => Poll::Ready(Some(Err(
+                    "the upload paused for longer than ZCBOT_HTTP_BODY_TIMEOUT".into(),
+                ))),
                 Poll::Ready(()) => Poll::Ready(Some(Err(
                     "the request body did not arrive within ZCBOT_HTTP_BODY_TIMEOUT".into(),
                 ))),
@@ -308,7 +323,11 @@ pub(crate) async fn serve<L: Listener>(
             let body_timeout = limits.body_timeout;
             async move {
                 let _busy = busy;
-                let req = req.map(|body| axum::body::Body::new(TimedBody::new(body, body_timeout)));
+                // PUT is the upload route: its body may be large and take long as long as it
+                // keeps coming (the route bounds the whole by ZCBOT_TRANSFER_TIMEOUT).
+                let pace = req.method() == hyper::Method::PUT;
+                let req =
+                    req.map(|body| axum::body::Body::new(TimedBody::new(body, body_timeout, pace)));
                 app.oneshot(req).await
             }
         });

@@ -295,6 +295,8 @@ impl From<Error> for ApiError {
             // The executor turns these into results; a caller of the library may still see one.
             Error::FileStopped { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
+            Error::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UploadBroken { .. } => StatusCode::BAD_REQUEST,
             Error::PoolFull { .. }
             | Error::ImageMissing { .. }
             | Error::RuntimeMissing { .. }

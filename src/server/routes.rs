@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::{auth, ApiError, AppState, CallEntry};
@@ -27,6 +28,13 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/users/{user}/tools/{tool}", post(call_tool))
         .route("/v1/users/{user}/calls/{call_id}", delete(cancel_call))
         .route("/v1/calls/{call_id}", delete(cancel_call_moved))
+        .route(
+            "/v1/users/{user}/files/{*path}",
+            get(get_file)
+                .put(put_file)
+                // An upload is streamed to disk, up to ZCBOT_MAX_FILE (checked as it arrives).
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/sandboxes", get(list_sandboxes))
         .route(
             "/v1/users/{user}/sandbox",
@@ -62,16 +70,45 @@ fn valid_call_id(id: &str) -> bool {
 }
 
 /// Holds one of the user's call slots and the call's registry entry; releases both however the
-/// request ends (finished, failed, or dropped because the client went away).
-struct InFlight<'a> {
-    state: &'a AppState,
+/// request ends (finished, failed, or dropped because the client went away). Owned, so that a
+/// download's body can hold its slot until the last byte is sent.
+struct InFlight {
+    state: Arc<AppState>,
     user: UserId,
     call_id: Option<String>,
     /// Whether the call took one of its user's slots (and counts as in flight).
     counted: bool,
 }
 
-impl Drop for InFlight<'_> {
+impl InFlight {
+    /// Takes one of `user`'s slots (`ZCBOT_USER_MAX_CALLS`), or says the user has none free.
+    fn take_slot(&mut self) -> Result<(), ApiError> {
+        let st = &*self.state;
+        let user = &self.user;
+        let limit = st.executor_config().user_max_calls;
+        let mut n = st.per_user.entry(user.clone()).or_insert(0);
+        if *n >= limit {
+            drop(n);
+            return Err(counted(
+                st,
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_calls",
+                    format!(
+                        "user {user} already has {limit} calls in flight (ZCBOT_USER_MAX_CALLS)"
+                    ),
+                ),
+            ));
+        }
+        *n += 1;
+        drop(n);
+        self.counted = true;
+        st.metrics.in_flight(1);
+        Ok(())
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(id) = self.call_id.take() {
             self.state.calls.remove(&(self.user.clone(), id));
@@ -170,31 +207,12 @@ async fn call_tool(
         }
     }
     let mut in_flight = InFlight {
-        state: st,
+        state: state.clone(),
         user: user.clone(),
         call_id: Some(call_id.clone()),
         counted: false,
     };
-    let limit = st.executor_config().user_max_calls;
-    {
-        let mut n = st.per_user.entry(user.clone()).or_insert(0);
-        if *n >= limit {
-            drop(n);
-            return Err(counted(
-                st,
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_calls",
-                    format!(
-                        "user {user} already has {limit} calls in flight (ZCBOT_USER_MAX_CALLS)"
-                    ),
-                ),
-            ));
-        }
-        *n += 1;
-    }
-    in_flight.counted = true;
-    st.metrics.in_flight(1);
+    in_flight.take_slot()?;
 
     let started = Instant::now();
     let backend = st.executor.backend();
@@ -223,6 +241,134 @@ async fn call_tool(
             Err(counted(st, e))
         }
     }
+}
+
+/// `PUT /v1/users/{user}/files/{path}`: the raw body becomes the file (see `exec::transfer`).
+/// Takes one of the user's call slots while it runs.
+async fn put_file(
+    State(state): State<Arc<AppState>>,
+    Path((user, path)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult {
+    let st = &*state;
+    let user = UserId::parse(&user).map_err(|e| counted(st, e))?;
+    let mut slot = InFlight {
+        state: state.clone(),
+        user: user.clone(),
+        call_id: None,
+        counted: false,
+    };
+    slot.take_slot()?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let cancel = st.all_calls.child_token();
+    let started = Instant::now();
+    let written = st
+        .executor
+        .upload(&user, &path, declared, body.into_data_stream(), &cancel)
+        .await
+        .map_err(|e| {
+            tracing::warn!(user = %user, kind = e.kind(), error = %e, "upload failed");
+            counted(st, e)
+        })?;
+    tracing::info!(user = %user, bytes = written, duration_ms = started.elapsed().as_millis() as u64, "file uploaded");
+    Ok(Json(json!({ "path": path, "bytes_written": written })).into_response())
+}
+
+/// `GET /v1/users/{user}/files/{path}`: the file's bytes, streamed, with a content type guessed
+/// from its name. Served as an attachment that a browser will neither sniff nor run: the bytes
+/// are the tenant's. Holds one of the user's call slots until the body is sent or dropped, and
+/// ends the body at `ZCBOT_TRANSFER_TIMEOUT` (the client then sees it short of its length).
+async fn get_file(
+    State(state): State<Arc<AppState>>,
+    Path((user, path)): Path<(String, String)>,
+) -> ApiResult {
+    let st = &*state;
+    let user = UserId::parse(&user).map_err(|e| counted(st, e))?;
+    let mut slot = InFlight {
+        state: state.clone(),
+        user: user.clone(),
+        call_id: None,
+        counted: false,
+    };
+    slot.take_slot()?;
+    let cancel = st.all_calls.child_token();
+    let download = st
+        .executor
+        .download(&user, &path, &cancel)
+        .await
+        .map_err(|e| counted(st, e))?;
+    let size = download.size;
+    let until = tokio::time::sleep(st.executor.transfer_timeout());
+    let stream = tokio_util::io::ReaderStream::with_capacity(
+        tokio::io::AsyncReadExt::take(download.file, size),
+        64 * 1024,
+    )
+    .take_until(until)
+    .map(move |piece| {
+        // The slot goes when the body does (sent, or dropped by a client that went away).
+        let _held = &slot;
+        piece
+    });
+    let name = path.rsplit('/').next().unwrap_or("file");
+    let headers = [
+        (header::CONTENT_TYPE, content_type(name).to_owned()),
+        (header::CONTENT_LENGTH, size.to_string()),
+        (header::CONTENT_DISPOSITION, attachment(name)),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+        (header::CONTENT_SECURITY_POLICY, "sandbox".to_owned()),
+    ];
+    Ok((headers, axum::body::Body::from_stream(stream)).into_response())
+}
+
+/// A content type guessed from a file name's extension; bytes of unknown kind otherwise.
+fn content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "txt" | "log" | "md" | "py" | "sh" | "rs" | "c" | "h" | "toml" | "yaml" | "yml" | "ini" => {
+            "text/plain; charset=utf-8"
+        }
+        "csv" => "text/csv; charset=utf-8",
+        "tsv" => "text/tab-separated-values; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        "gz" | "tgz" => "application/gzip",
+        "tar" => "application/x-tar",
+        "parquet" => "application/vnd.apache.parquet",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "svg" => "image/svg+xml",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "mp4" => "video/mp4",
+        _ => "application/octet-stream",
+    }
+}
+
+/// `Content-Disposition: attachment` with the file's name, percent-encoded (RFC 8187) so that no
+/// byte of a tenant's file name can end the header or add a parameter.
+fn attachment(name: &str) -> String {
+    let mut encoded = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("attachment; filename*=UTF-8''{encoded}")
 }
 
 async fn cancel_call(
