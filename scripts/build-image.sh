@@ -90,7 +90,7 @@ say "building zcbot-supervise (static, $triple)"
 # the requirements chosen; assembled apart so that nothing generated lands in the source tree.
 context=$(mktemp -d /var/tmp/zcbot-image.XXXXXX)
 # shellcheck disable=SC2064
-trap "rm -rf '$context'" EXIT
+trap "rm -rf '$context' '$context.log'" EXIT
 cp "$here/deploy/sandbox/Dockerfile" "$here/deploy/sandbox/entry.sh" "$context/"
 cp "$here/target/supervisor/$triple/release/zcbot-supervise" "$context/zcbot-supervise"
 cp "$requirements" "$context/requirements.txt"

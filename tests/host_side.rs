@@ -10,56 +10,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{http, TestPool};
+use common::{http, Daemon, TestPool};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
 use zcbot_sandbox::UserId;
-
-/// The daemon binary, serving the docker backend on a free port of this test's pool.
-struct Daemon {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(t: &mut TestPool) -> Daemon {
-        t.set("ZCBOT_SANDBOX_BACKEND", "docker")
-            .set("ZCBOT_LISTEN", "127.0.0.1:0")
-            .set("ZCBOT_SELF_CHECK", "0");
-        let (child, addr) = common::spawn_daemon(t.env());
-        Daemon { child, addr }
-    }
-
-    async fn tool(&self, user: &UserId, tool: &str, args: Value) -> (u16, Value) {
-        let (status, _, body) = http(
-            &self.addr,
-            "POST",
-            &format!("/v1/users/{user}/tools/{tool}"),
-            Some(args.to_string()),
-        )
-        .await;
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        )
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
 
 /// Asserts a 400 `file_limit` whose message names `limit`.
 fn refused_for(s: u16, r: &Value, limit: &str) {

@@ -7,64 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, TestPool};
+use common::{Daemon, TestPool};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-/// The daemon binary serving the docker backend of `t`.
-struct Daemon {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(t: &mut TestPool) -> Daemon {
-        t.set("ZCBOT_SANDBOX_BACKEND", "docker")
-            .set("ZCBOT_LISTEN", "127.0.0.1:0")
-            .set("ZCBOT_SELF_CHECK", "0");
-        let (child, addr) = common::spawn_daemon(t.env());
-        Daemon {
-            child,
-            addr: addr.trim_start_matches("http://").to_owned(),
-        }
-    }
-
-    async fn tool(&self, user: &str, tool: &str, args: Value) -> (u16, Value) {
-        let (status, _, body) = http(
-            &self.addr,
-            "POST",
-            &format!("/v1/users/{user}/tools/{tool}"),
-            Some(args.to_string()),
-        )
-        .await;
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        )
-    }
-
-    /// The daemon's peak resident memory so far, in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
 
 /// `n` bytes that do not compress and do not repeat, the same each time (xorshift).
 fn bytes_of(seed: u64, n: usize) -> Vec<u8> {
@@ -83,14 +30,25 @@ fn bytes_of(seed: u64, n: usize) -> Vec<u8> {
 /// Sends a PUT with `body` in 256 KiB writes, announced by length or chunked; returns the
 /// status and the JSON answer.
 async fn put(addr: &str, path: &str, body: &[u8], chunked: bool) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    put_with(addr, path, body, chunked, "").await
+}
+
+/// [`put`] with extra header lines (each ending in CRLF). The answer is read while the body is
+/// sent, so an early refusal (413) is seen even when the daemon closes before the body's end.
+async fn put_with(addr: &str, path: &str, body: &[u8], chunked: bool, extra: &str) -> (u16, Value) {
+    let (mut r, mut s) = TcpStream::connect(addr).await.unwrap().into_split();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = r.read_to_end(&mut out).await;
+        out
+    });
     let length = if chunked {
         "Transfer-Encoding: chunked".to_owned()
     } else {
         format!("Content-Length: {}", body.len())
     };
     s.write_all(
-        format!("PUT {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{length}\r\n\r\n")
+        format!("PUT {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{extra}{length}\r\n\r\n")
             .as_bytes(),
     )
     .await
@@ -112,10 +70,11 @@ async fn put(addr: &str, path: &str, body: &[u8], chunked: bool) -> (u16, Value)
     if chunked {
         let _ = s.write_all(b"0\r\n\r\n").await;
     }
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
+    let out = reader.await.unwrap();
     let text = String::from_utf8_lossy(&out);
-    let (head, json) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // The interim answer to `Expect: 100-continue` comes first.
+    let text = text.trim_start_matches("HTTP/1.1 100 Continue\r\n\r\n");
+    let (head, json) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let status = head
         .split_whitespace()
         .nth(1)
@@ -125,6 +84,16 @@ async fn put(addr: &str, path: &str, body: &[u8], chunked: bool) -> (u16, Value)
         status,
         serde_json::from_str(json).unwrap_or(Value::String(json.to_owned())),
     )
+}
+
+/// Starts a PUT of keep.txt announcing 512 KiB and sends 100 KiB of it.
+async fn part_of_an_upload(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head =
+        "PUT /v1/users/u/files/keep.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 524288\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'z'; 100 << 10]).await.unwrap();
+    s
 }
 
 /// GETs a file, hashing the body as it arrives (never held whole); returns the status, the
@@ -206,6 +175,11 @@ async fn a_100_mib_binary_file_goes_in_and_out_whole_and_the_sandbox_sees_the_sa
     );
     assert!(head.contains("content-length: 104857600"), "{head}");
     assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(head.contains("content-security-policy: sandbox"), "{head}");
+    assert!(
+        head.contains("content-disposition: attachment; filename*=utf-8''big.bin"),
+        "{head}"
+    );
     // A file the sandbox made comes out too, typed by its name.
     let (s, _) = d
         .tool(
@@ -229,6 +203,38 @@ async fn a_100_mib_binary_file_goes_in_and_out_whole_and_the_sandbox_sees_the_sa
         "the daemon's peak memory grew by {grew} KiB"
     );
 
+    // A name that would end the header or add a parameter stays inside its quotes-free encoding;
+    // a page is never served as one.
+    let (s, _) = put(
+        &d.addr,
+        "/v1/users/u/files/a%0D%0AX-Evil:%201%22.html",
+        b"<script>",
+        false,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, head, _, _) = get(&d.addr, "/v1/users/u/files/a%0D%0AX-Evil:%201%22.html").await;
+    let head = head.to_ascii_lowercase();
+    assert_eq!(s, 200, "{head}");
+    assert!(!head.lines().any(|l| l.starts_with("x-evil")), "{head}");
+    assert!(
+        head.contains("filename*=utf-8''a%0d%0ax-evil%3a%201%22.html"),
+        "{head}"
+    );
+    assert!(
+        head.contains("content-type: application/octet-stream"),
+        "{head}"
+    );
+    // With `Expect: 100-continue` (curl -T sends it) the upload waits for the daemon's go.
+    let (s, r) = put_with(
+        &d.addr,
+        "/v1/users/u/files/expect.bin",
+        &bytes_of(5, 2 << 20),
+        false,
+        "Expect: 100-continue\r\n",
+    )
+    .await;
+    assert_eq!((s, &r["bytes_written"]), (200, &json!(2 << 20)), "{r}");
     // Chunked (no length announced) works the same.
     let small = bytes_of(9, 3 << 20);
     let (s, r) = put(&d.addr, "/v1/users/u/files/chunked.bin", &small, true).await;
@@ -305,23 +311,9 @@ async fn hostile_uploads_and_downloads_are_refused_and_change_nothing() {
     );
     assert_eq!(keep(), "original\n");
     // Broken off: the client announces 512 KiB, sends 100 KiB and goes away.
-    let mut s = TcpStream::connect(&d.addr).await.unwrap();
-    s.write_all(
-        b"PUT /v1/users/u/files/keep.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 524288\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    s.write_all(&vec![b'z'; 100 << 10]).await.unwrap();
-    drop(s);
-    // Stalled: announces 512 KiB, sends 100 KiB and waits past ZCBOT_HTTP_BODY_TIMEOUT.
-    let mut stalled = TcpStream::connect(&d.addr).await.unwrap();
-    stalled
-        .write_all(
-            b"PUT /v1/users/u/files/keep.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 524288\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    stalled.write_all(&vec![b'z'; 100 << 10]).await.unwrap();
+    drop(part_of_an_upload(&d.addr).await);
+    // Stalled: the same, then waits past ZCBOT_HTTP_BODY_TIMEOUT.
+    let mut stalled = part_of_an_upload(&d.addr).await;
     let mut answer = Vec::new();
     let waited =
         tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut answer)).await;
@@ -400,8 +392,27 @@ async fn write_file_takes_base64_for_any_bytes_and_refuses_bad_base64() {
             "{r}"
         );
     }
-    let home = std::path::PathBuf::from(&t.vars["ZCBOT_USERS_ROOT"]).join("u");
-    assert!(!home.join("c.bin").exists());
+    let users = std::path::PathBuf::from(&t.vars["ZCBOT_USERS_ROOT"]);
+    assert!(!users.join("u").join("c.bin").exists());
+    // Refused before anything is touched: a new user's bad call makes no folder.
+    let (s, _) = d
+        .tool(
+            "fresh",
+            "write_file",
+            json!({"path": "c.bin", "content_base64": "%%"}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(!users.join("fresh").exists());
+    // Line-wrapped base64 (as the base64 tool prints it) is taken.
+    let (s, r) = d
+        .tool(
+            "u",
+            "write_file",
+            json!({"path": "w.bin", "content_base64": "AAEC\n/w==\n"}),
+        )
+        .await;
+    assert_eq!((s, &r["data"]["bytes_written"]), (200, &json!(4)), "{r}");
 }
 
 #[tokio::test]
@@ -418,7 +429,11 @@ async fn an_upload_past_the_disk_quota_fails_whole_and_leaves_the_old_file() {
         false,
     )
     .await;
-    assert_eq!(r["error"]["kind"].as_str(), Some("disk_full"), "{s} {r}");
+    assert_eq!(
+        (s, r["error"]["kind"].as_str()),
+        (507, Some("disk_full")),
+        "{r}"
+    );
     let (_, _, _, got) = get(&d.addr, "/v1/users/u/files/keep.bin").await;
     assert_eq!(got, sha256(b"original"));
     // The space the failed upload took is given back: a smaller one fits.

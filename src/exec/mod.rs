@@ -137,25 +137,31 @@ pub struct WriteFileArgs {
     /// Append instead of replacing.
     #[serde(default)]
     pub append: bool,
+    /// `content_base64` decoded, by [`ToolCall::parse`]: bad base64 is refused before the call
+    /// touches anything (not even the user's folder).
+    #[serde(skip)]
+    decoded: Option<Vec<u8>>,
 }
 
 impl WriteFileArgs {
-    /// The bytes to write: the text, or the base64 decoded (refused, with nothing written, when
-    /// it is not standard base64).
-    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
-        use base64::Engine as _;
-        match (&self.content, &self.content_base64) {
-            (Some(text), _) => Ok(text.as_bytes().into()),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map(Into::into)
-                .map_err(|e| Error::BadCall {
-                    tool: "write_file".into(),
-                    reason: format!("content_base64 is not standard base64: {e}"),
-                }),
-            (None, None) => Ok((&[][..]).into()),
+    /// The bytes to write: the text, or the base64 that `parse` decoded.
+    fn bytes(&self) -> Result<&[u8]> {
+        match (&self.content, &self.decoded) {
+            (Some(text), None) => Ok(text.as_bytes()),
+            (None, Some(bytes)) => Ok(bytes),
+            _ => Err(Error::BadCall {
+                tool: "write_file".into(),
+                reason: "give exactly one of content (text) and content_base64 (bytes)".into(),
+            }),
         }
     }
+}
+
+/// Standard base64, line breaks and other ASCII white space ignored (as `base64` wraps it).
+fn decode_base64(text: &str) -> std::result::Result<Vec<u8>, base64::DecodeError> {
+    use base64::Engine as _;
+    let packed: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(packed)
 }
 
 /// Arguments of `list_dir` and `delete_path`.
@@ -198,13 +204,19 @@ impl ToolCall {
             "run_python" => ToolCall::RunPython(de(tool, args)?),
             "read_file" => ToolCall::ReadFile(de(tool, args)?),
             "write_file" => {
-                let a: WriteFileArgs = de(tool, args)?;
+                let mut a: WriteFileArgs = de(tool, args)?;
                 if a.content.is_some() == a.content_base64.is_some() {
                     return Err(Error::BadCall {
                         tool: tool.to_owned(),
                         reason: "give exactly one of content (text) and content_base64 (bytes)"
                             .into(),
                     });
+                }
+                if let Some(b64) = &a.content_base64 {
+                    a.decoded = Some(decode_base64(b64).map_err(|e| Error::BadCall {
+                        tool: tool.to_owned(),
+                        reason: format!("content_base64 is not standard base64: {e}"),
+                    })?);
                 }
                 ToolCall::WriteFile(a)
             }
@@ -658,12 +670,9 @@ impl Executor {
                         a.offset.unwrap_or(0),
                         a.limit.unwrap_or(cap) as usize,
                     )?),
-                    ToolCall::WriteFile(a) => {
-                        let bytes = a.bytes()?;
-                        ToolData::Written {
-                            bytes_written: ws.write_file(&a.path, &bytes, a.append)?,
-                        }
-                    }
+                    ToolCall::WriteFile(a) => ToolData::Written {
+                        bytes_written: ws.write_file(&a.path, a.bytes()?, a.append)?,
+                    },
                     ToolCall::ListDir(a) => {
                         let listing = ws.list_dir(&a.path, budget)?;
                         ToolData::Listing {

@@ -25,6 +25,28 @@ use crate::user::UserId;
 /// The most bytes of an upload held in memory before they are written.
 pub const PIECE: usize = 1 << 20;
 
+/// An upload's [`PendingWrite`], dropped on the blocking pool: dropping an uncommitted one
+/// unlinks a file of up to `ZCBOT_MAX_FILE` bytes, which may wait on the file system (a btrfs
+/// commit), so it must never happen on an async worker, however the upload ends (an error, a
+/// client gone, a file worker never free).
+struct OffRuntime(Option<PendingWrite>);
+
+impl OffRuntime {
+    fn take(mut self) -> PendingWrite {
+        self.0.take().expect("held until taken")
+    }
+}
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::task::spawn_blocking(move || drop(pending));
+            }
+        }
+    }
+}
+
 /// A file opened for a download: read it to `size` bytes (it may grow meanwhile; the rest is not
 /// part of this download).
 #[derive(Debug)]
@@ -67,18 +89,26 @@ impl Executor {
         }
         let workspace = self.workspace_maker(user).await?;
         let target = path.to_owned();
-        let mut pending = self
-            .files()
-            .run(user, path, cancel, move |_| {
-                workspace()?.begin_write(&target)
-            })
-            .await?;
+        let mut pending = OffRuntime(Some(
+            self.files()
+                .run(user, path, cancel, move |_| {
+                    workspace()?.begin_write(&target)
+                })
+                .await?,
+        ));
         let mut piece: Vec<u8> = Vec::new();
         let mut total: u64 = 0;
         loop {
             let next = tokio::select! {
                 next = body.next() => next,
-                _ = cancel.cancelled() => return Err(broken("the daemon is shutting down".into())),
+                _ = cancel.cancelled() => {
+                    return Err(Error::FileStopped {
+                        path: shorten(path),
+                        cancelled: true,
+                        after: cfg.transfer_timeout,
+                        progress: format!("{total} bytes had arrived; nothing was written (the daemon is shutting down)"),
+                    })
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(broken(format!(
                         "it took longer than {} (ZCBOT_TRANSFER_TIMEOUT)",
@@ -102,9 +132,15 @@ impl Executor {
                     .await?;
             }
         }
+        let shown = path.to_owned();
         self.files()
-            .run(user, path, cancel, move |_| {
+            .run(user, path, cancel, move |budget| {
+                let mut pending = pending.take();
                 pending.write(&piece)?;
+                // Stopped meanwhile (its caller may have been told so): the old file stays.
+                if budget.spent().is_some() {
+                    return Err(budget.stopped(&shown, "nothing was written"));
+                }
                 pending.commit()
             })
             .await
@@ -116,13 +152,14 @@ impl Executor {
         user: &UserId,
         path: &str,
         cancel: &CancellationToken,
-        mut pending: PendingWrite,
+        pending: OffRuntime,
         piece: Vec<u8>,
-    ) -> Result<PendingWrite> {
+    ) -> Result<OffRuntime> {
         self.files()
             .run(user, path, cancel, move |_| {
+                let mut pending = pending.take();
                 pending.write(&piece)?;
-                Ok(pending)
+                Ok(OffRuntime(Some(pending)))
             })
             .await
     }

@@ -220,6 +220,10 @@ struct TimedBody {
     deadline: Pin<Box<tokio::time::Sleep>>,
     within: Duration,
     pace: bool,
+    /// Whether the handler asked for the body yet: an upload's first pause counts from then (with
+    /// `Expect: 100-continue` the client sends nothing before, and the handler may first wait
+    /// for a file worker).
+    asked: bool,
 }
 
 impl TimedBody {
@@ -229,6 +233,7 @@ impl TimedBody {
             deadline: Box::pin(tokio::time::sleep(within)),
             within,
             pace,
+            asked: false,
         }
     }
 }
@@ -241,6 +246,11 @@ impl http_body::Body for TimedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.pace && !self.asked {
+            self.asked = true;
+            let first = tokio::time::Instant::now() + self.within;
+            self.deadline.as_mut().reset(first);
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if self.pace {

@@ -292,8 +292,9 @@ impl From<Error> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             Error::File(f) => file_status(f.problem),
-            // The executor turns these into results; a caller of the library may still see one.
-            Error::FileStopped { .. } => StatusCode::REQUEST_TIMEOUT,
+            // The file tools turn these into results; a transfer answers with it: the daemon ran
+            // out of time or file workers, or is shutting down (retry later).
+            Error::FileStopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
             Error::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UploadBroken { .. } => StatusCode::BAD_REQUEST,

@@ -32,7 +32,8 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/v1/users/{user}/files/{*path}",
             get(get_file)
                 .put(put_file)
-                // An upload is streamed to disk, up to ZCBOT_MAX_FILE (checked as it arrives).
+                // The upload takes the raw body (no ZCBOT_MAX_BODY: the Body extractor has no
+                // limit) and bounds it by ZCBOT_MAX_FILE as it arrives; said here for the reader.
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/sandboxes", get(list_sandboxes))
@@ -243,6 +244,19 @@ async fn call_tool(
     }
 }
 
+/// The user a transfer is for, and one of its call slots, held while the transfer runs.
+fn transfer_slot(state: &Arc<AppState>, user: &str) -> Result<(UserId, InFlight), ApiError> {
+    let user = UserId::parse(user).map_err(|e| counted(state, e))?;
+    let mut slot = InFlight {
+        state: state.clone(),
+        user: user.clone(),
+        call_id: None,
+        counted: false,
+    };
+    slot.take_slot()?;
+    Ok((user, slot))
+}
+
 /// `PUT /v1/users/{user}/files/{path}`: the raw body becomes the file (see `exec::transfer`).
 /// Takes one of the user's call slots while it runs.
 async fn put_file(
@@ -252,14 +266,7 @@ async fn put_file(
     body: axum::body::Body,
 ) -> ApiResult {
     let st = &*state;
-    let user = UserId::parse(&user).map_err(|e| counted(st, e))?;
-    let mut slot = InFlight {
-        state: state.clone(),
-        user: user.clone(),
-        call_id: None,
-        counted: false,
-    };
-    slot.take_slot()?;
+    let (user, _slot) = transfer_slot(&state, &user)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -287,14 +294,7 @@ async fn get_file(
     Path((user, path)): Path<(String, String)>,
 ) -> ApiResult {
     let st = &*state;
-    let user = UserId::parse(&user).map_err(|e| counted(st, e))?;
-    let mut slot = InFlight {
-        state: state.clone(),
-        user: user.clone(),
-        call_id: None,
-        counted: false,
-    };
-    slot.take_slot()?;
+    let (user, slot) = transfer_slot(&state, &user)?;
     let cancel = st.all_calls.child_token();
     let download = st
         .executor
@@ -313,7 +313,10 @@ async fn get_file(
         let _held = &slot;
         piece
     });
-    let name = path.rsplit('/').next().unwrap_or("file");
+    let name = match path.trim_end_matches('/').rsplit('/').next() {
+        Some(n) if !n.is_empty() && n != "." && n != ".." => n,
+        _ => "file",
+    };
     let headers = [
         (header::CONTENT_TYPE, content_type(name).to_owned()),
         (header::CONTENT_LENGTH, size.to_string()),
@@ -332,13 +335,13 @@ fn content_type(name: &str) -> &'static str {
         .unwrap_or_default();
     match ext.as_str() {
         "txt" | "log" | "md" | "py" | "sh" | "rs" | "c" | "h" | "toml" | "yaml" | "yml" | "ini" => {
-            "text/plain; charset=utf-8"
+            "text/plain"
         }
-        "csv" => "text/csv; charset=utf-8",
-        "tsv" => "text/tab-separated-values; charset=utf-8",
-        "html" | "htm" => "text/html; charset=utf-8",
+        "csv" => "text/csv",
+        "tsv" => "text/tab-separated-values",
+        // HTML, SVG and XML can carry script: never served as such (a proxy that drops the
+        // attachment and CSP headers must not turn a tenant's file into a page on our origin).
         "json" => "application/json",
-        "xml" => "application/xml",
         "pdf" => "application/pdf",
         "zip" => "application/zip",
         "gz" | "tgz" => "application/gzip",
@@ -349,7 +352,6 @@ fn content_type(name: &str) -> &'static str {
         "jpg" | "jpeg" => "image/jpeg",
         "gif" => "image/gif",
         "webp" => "image/webp",
-        "svg" => "image/svg+xml",
         "mp3" => "audio/mpeg",
         "wav" => "audio/wav",
         "mp4" => "video/mp4",

@@ -476,3 +476,64 @@ pub fn combined(out: std::process::Output) -> (bool, String) {
         ),
     )
 }
+
+/// The daemon binary, serving the docker backend of a test's pool on a free port; stopped
+/// (SIGTERM, then waited for) when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    pub fn start(t: &mut TestPool) -> Daemon {
+        t.set("ZCBOT_SANDBOX_BACKEND", "docker")
+            .set("ZCBOT_LISTEN", "127.0.0.1:0")
+            .set("ZCBOT_SELF_CHECK", "0");
+        let (child, addr) = spawn_daemon(t.env());
+        Daemon { child, addr }
+    }
+
+    /// Calls `tool` for `user` over HTTP: the status and the JSON answer.
+    pub async fn tool(
+        &self,
+        user: &(impl std::fmt::Display + ?Sized),
+        tool: &str,
+        args: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let (status, _, body) = http(
+            &self.addr,
+            "POST",
+            &format!("/v1/users/{user}/tools/{tool}"),
+            Some(args.to_string()),
+        )
+        .await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+        )
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The daemon's peak resident memory so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
