@@ -154,7 +154,7 @@ impl PerCallExec {
         // Killed (137) or no trustworthy status (see `UNTRUSTED_STATUS`): the supervisor may be
         // alive still or dead without its clean-up, leaving orphans: kill it and sweep them.
         if forced || running || exit_code.is_none_or(|c| c == 137 || c == UNTRUSTED_STATUS) {
-            call.force_cleanup(true).await;
+            call.force_cleanup().await;
         }
         // The call's processes are known gone: the lease may go.
         drop(guard.disarm());
@@ -213,35 +213,26 @@ impl ExecCall {
     /// Signals the supervisor by its host PID, if this process may and the PID really is this
     /// call's supervisor. Returns whether the signals were delivered.
     async fn signal_by_host_pid(&self, signals: &[libc::c_int]) -> bool {
-        if !nix::unistd::geteuid().is_root() {
-            return false;
+        match self.engine.exec_state(&self.exec_id).await {
+            Ok(Some(state)) => self.signal_pid(state.pid, signals),
+            _ => false,
         }
-        let Ok(Some(state)) = self.engine.exec_state(&self.exec_id).await else {
-            return false;
-        };
-        let Some(pid) = state.pid.filter(|p| *p > 0) else {
-            return false;
-        };
-        signal_verified(pid as i32, "--call-id", &self.call_id, signals)
     }
 
-    /// Whether this call's supervisor is alive, asked by its host PID (root only: otherwise
-    /// unknown, and false).
-    async fn supervisor_alive(&self, pid: Option<i64>) -> bool {
+    /// Sends `signals` to `pid` if this process may (root) and it is this call's live supervisor
+    /// (a verified pidfd). Signal 0 asks whether it is alive.
+    fn signal_pid(&self, pid: Option<i64>, signals: &[libc::c_int]) -> bool {
         let Some(pid) = pid.filter(|p| *p > 0) else {
             return false;
         };
-        // Signal 0 through a verified pidfd: delivered only to a live supervisor of this call.
         nix::unistd::geteuid().is_root()
-            && signal_verified(pid as i32, "--call-id", &self.call_id, &[0])
+            && signal_verified(pid as i32, "--call-id", &self.call_id, signals)
     }
 
-    /// The supervisor died or would not stop: kill it, then its orphans; recycle the container if
-    /// that does not work.
-    async fn force_cleanup(&self, supervisor_alive: bool) {
-        if supervisor_alive {
-            self.signal_by_host_pid(&[libc::SIGKILL]).await;
-        }
+    /// The supervisor died or would not stop: kill it if it still runs, then its orphans; recycle
+    /// the container if that does not work.
+    async fn force_cleanup(&self) {
+        self.signal_by_host_pid(&[libc::SIGKILL]).await;
         if !sweep(self.engine.as_ref(), &self.container, &self.uid).await {
             tracing::warn!(container = %self.container, "could not sweep a call's leftovers: recycling the sandbox");
             if let Err(e) = self.pool.recycle(&self.user, &self.container_id).await {
@@ -267,7 +258,7 @@ impl CallStop for ExecCall {
                         let trusted = s
                             .exit_code
                             .is_some_and(|c| c != 137 && c != i64::from(UNTRUSTED_STATUS));
-                        return trusted && !self.supervisor_alive(s.pid).await;
+                        return trusted && !self.signal_pid(s.pid, &[0]);
                     }
                     // The exec, and its container, are gone.
                     Ok(None) => return true,
@@ -280,6 +271,6 @@ impl CallStop for ExecCall {
     }
 
     fn force(&self) -> BoxFuture<'_, ()> {
-        self.force_cleanup(true).boxed()
+        self.force_cleanup().boxed()
     }
 }
