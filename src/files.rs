@@ -255,10 +255,7 @@ impl Workspace {
 
     /// Reads up to `limit` bytes from `offset` of a regular file.
     pub fn read_file(&self, path: &str, offset: u64, limit: usize) -> Result<FileRead> {
-        let parts = self.parts(path)?;
-        let root = self.open_root()?;
-        let fd = self.open_beneath(&root, &parts, OFlag::O_RDONLY | OFlag::O_NONBLOCK, path)?;
-        let size = regular_file_size(&fd, path)?;
+        let (fd, size) = self.open_file(path)?;
         let want = limit.min(size.saturating_sub(offset) as usize);
         let mut buf = vec![0u8; want];
         let mut got = 0;
@@ -546,11 +543,6 @@ impl PendingWrite {
         write_all(&self.fd, bytes).map_err(|e| errno_error(&self.path, e))?;
         self.written += bytes.len() as u64;
         Ok(())
-    }
-
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
     }
 
     /// Puts the new file in the target's place; returns its size.
