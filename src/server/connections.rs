@@ -236,6 +236,12 @@ impl TimedBody {
             asked: false,
         }
     }
+
+    /// An upload's next pause may last `within` from now.
+    fn rearm(&mut self) {
+        let next = tokio::time::Instant::now() + self.within;
+        self.deadline.as_mut().reset(next);
+    }
 }
 
 impl http_body::Body for TimedBody {
@@ -248,14 +254,12 @@ impl http_body::Body for TimedBody {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         if self.pace && !self.asked {
             self.asked = true;
-            let first = tokio::time::Instant::now() + self.within;
-            self.deadline.as_mut().reset(first);
+            self.rearm();
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if self.pace {
-                    let next = tokio::time::Instant::now() + self.within;
-                    self.deadline.as_mut().reset(next);
+                    self.rearm();
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
