@@ -539,22 +539,10 @@ async fn main() {
     }
     pool.remove(&u0).await.unwrap();
     let rss_empty = status_kib("VmRSS:");
-    let mem_before = mem_available_kib();
-    let t = Instant::now();
     let scale_users: Vec<UserId> = (0..n_scale)
         .map(|i| UserId::parse(&format!("s{i}")).unwrap())
         .collect();
-    // Each container as production holds it: warm, with its channel open (one call made).
-    run_concurrent_once(4, &scale_users, |u| {
-        let ex = executor.clone();
-        async move {
-            call_true(&ex, &u).await;
-        }
-    })
-    .await;
-    let create_s = t.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mem_per = (mem_before.saturating_sub(mem_available_kib())) as f64 / n_scale as f64 / 1024.0;
+    let (create_s, mem_per) = open_warm(&executor, &scale_users).await;
     let rss_full = status_kib("VmRSS:");
     // A fresh owner process: what startup costs with that many containers.
     let fresh = SandboxPool::connect(b.config.clone()).await.unwrap();
@@ -597,6 +585,25 @@ async fn main() {
         .unwrap();
         println!("results: {path}");
     }
+}
+
+/// Makes a warm container for each of `users` as production holds it (one call made: its
+/// channel open), 4 at a time. Returns the seconds that took and the host memory each container
+/// costs (MemAvailable before and after, once the machine settled for 2 s), in MiB.
+async fn open_warm(ex: &Arc<Executor>, users: &[UserId]) -> (f64, f64) {
+    let before = mem_available_kib();
+    let t = Instant::now();
+    run_concurrent_once(4, users, |u| {
+        let ex = ex.clone();
+        async move {
+            call_true(&ex, &u).await;
+        }
+    })
+    .await;
+    let took = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per = before.saturating_sub(mem_available_kib()) as f64 / users.len() as f64 / 1024.0;
+    (took, per)
 }
 
 /// One call of `true` through `ex`; returns when it started, for the caller to time it.
@@ -705,16 +712,7 @@ async fn runtime_column(runc: &Arc<Executor>, n_exec: usize, n_cold: usize, n_me
         let users: Vec<UserId> = (0..n_mem)
             .map(|i| UserId::parse(&format!("rm{i}")).unwrap())
             .collect();
-        let before = mem_available_kib();
-        run_concurrent_once(4, &users, |u| {
-            let ex = ex.clone();
-            async move {
-                call_true(&ex, &u).await;
-            }
-        })
-        .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let per = before.saturating_sub(mem_available_kib()) as f64 / n_mem as f64 / 1024.0;
+        let (_, per) = open_warm(ex, &users).await;
         println!("  host memory per warm container with its channel, {name}: {per:.1} MiB (MemAvailable, {n_mem} containers)");
         mem.push(per);
         for u in &users {
