@@ -112,8 +112,15 @@ pub struct Config {
     pub exec_timeout_max: Duration,
     /// `ZCBOT_OUTPUT_CAP`: bytes kept per output stream, head and tail (default 1MiB).
     pub output_cap: usize,
-    /// `ZCBOT_KILL_GRACE`: time between SIGTERM and SIGKILL when a call is stopped (default 500ms).
+    /// `ZCBOT_KILL_GRACE`: time between SIGTERM and SIGKILL when a call is stopped (default 500ms);
+    /// also how long interrupted code in a Python session has to stop before the session is killed.
     pub kill_grace: Duration,
+    /// `ZCBOT_PYTHON_SESSIONS_MAX`: Python sessions (`run_python` with `session`) one user may
+    /// have at once (default 4).
+    pub python_sessions_max: usize,
+    /// `ZCBOT_PYTHON_SESSION_IDLE`: a Python session that ran no code this long is ended (default
+    /// 30m).
+    pub python_session_idle: Duration,
     /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT`, or a unix socket as an absolute path or
     /// `unix:PATH` (default `127.0.0.1:8787`).
     pub listen: Listen,
@@ -486,6 +493,12 @@ struct ExecArgs {
     /// Time between SIGTERM and SIGKILL when a call is stopped.
     #[arg(long, env = "ZCBOT_KILL_GRACE", default_value = "500ms", value_parser = parse_duration)]
     kill_grace: Duration,
+    /// Python sessions one user may have at once.
+    #[arg(long, env = "ZCBOT_PYTHON_SESSIONS_MAX", default_value = "4", value_parser = int::<usize>(1, 64))]
+    python_sessions_max: usize,
+    /// A Python session that ran no code this long is ended.
+    #[arg(long, env = "ZCBOT_PYTHON_SESSION_IDLE", default_value = "30m", value_parser = parse_duration)]
+    python_session_idle: Duration,
 }
 
 /// The `uid:gid` pair of `ZCBOT_SANDBOX_UID`.
@@ -735,6 +748,8 @@ impl Settings {
             exec_timeout_max: exec.exec_timeout_max,
             output_cap: exec.output_cap,
             kill_grace: exec.kill_grace,
+            python_sessions_max: exec.python_sessions_max,
+            python_session_idle: exec.python_session_idle,
             listen: http.listen,
             api_token: http.api_token,
             max_body: http.max_body,
@@ -1086,6 +1101,10 @@ mod tests {
         assert_eq!(c.exec_timeout_max, secs(600));
         assert_eq!(c.output_cap, 1 << 20);
         assert_eq!(c.kill_grace, Duration::from_millis(500));
+        assert_eq!(
+            (c.python_sessions_max, c.python_session_idle),
+            (4, secs(1800))
+        );
         assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8787".parse().unwrap()));
         assert!(c.api_token.is_none());
         assert_eq!(c.max_body, 4 << 20);
@@ -1103,7 +1122,7 @@ mod tests {
     #[test]
     fn the_declaration_lists_every_variable_once_with_a_flag() {
         let vars = variables();
-        assert_eq!(vars.len(), 47, "{vars:?}");
+        assert_eq!(vars.len(), 49, "{vars:?}");
         let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
         names.sort_unstable();
         names.dedup();

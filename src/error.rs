@@ -189,6 +189,41 @@ pub enum Error {
         reason: String,
     },
 
+    /// A Python session is running other code; the call did not run.
+    #[error("Python session {name:?} of user {user} is running another call: wait for it to end, cancel it, or use another session name")]
+    SessionBusy {
+        /// The user.
+        user: String,
+        /// The session's name.
+        name: String,
+    },
+
+    /// The user has `ZCBOT_PYTHON_SESSIONS_MAX` sessions; the call did not run.
+    #[error("user {user} has {max} Python sessions, the most allowed (ZCBOT_PYTHON_SESSIONS_MAX): end one (DELETE /v1/users/{user}/sessions/NAME) or reuse a name")]
+    TooManySessions {
+        /// The user.
+        user: String,
+        /// The limit.
+        max: usize,
+    },
+
+    /// No session of that name is running.
+    #[error("user {user} has no Python session named {name:?} (it ended, or was never started)")]
+    NoSuchSession {
+        /// The user.
+        user: String,
+        /// The name asked for.
+        name: String,
+    },
+
+    /// Python sessions cannot be served here (the host backend, or a sandbox whose exec channel
+    /// cannot be opened).
+    #[error("Python sessions are unavailable: {reason}")]
+    SessionsUnavailable {
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// The sandbox could not start the call's process (its process limit reached, say).
     #[error("sandbox {container} could not start the call: {reason}")]
     CallStart {
@@ -244,6 +279,10 @@ impl Error {
             Error::Io { .. } => "io",
             Error::ChannelLost { .. } => "channel_lost",
             Error::CallStart { .. } => "call_start",
+            Error::SessionBusy { .. } => "session_busy",
+            Error::TooManySessions { .. } => "too_many_sessions",
+            Error::NoSuchSession { .. } => "no_such_session",
+            Error::SessionsUnavailable { .. } => "sessions_unavailable",
         }
     }
 

@@ -17,8 +17,9 @@
 //! its calls by per-call exec for [`FAILED_BACKOFF`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
@@ -27,6 +28,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use zcbot_supervise::proto::{self, Decoder, Start};
+
+use super::session::{self, SessionInfo, SessionOutcome};
 
 use super::metrics::TransportStats;
 use super::output::Capture;
@@ -46,6 +49,13 @@ pub const FAILED_BACKOFF: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the helper's own stderr is kept for messages.
 const HELPER_STDERR: usize = 2048;
+/// A session's supervisor's own deadline: a backstop for a daemon gone without closing the
+/// channel (the helper then stops everything anyway, on its input's end).
+const SESSION_BACKSTOP: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A session being ended gets this long between SIGTERM and SIGKILL: its state is lost either way.
+const SESSION_KILL_GRACE: Duration = Duration::from_millis(100);
+/// How often a channel looks for idle sessions.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// Each user's channel, opened on first use: the channel transport.
 pub(crate) struct Channels {
@@ -125,6 +135,58 @@ impl Channels {
         }
     }
 
+    /// Runs `code` in the user's Python session `name` over the lease's channel (a session lives
+    /// in the channel's helper, whatever `ZCBOT_EXEC_TRANSPORT` says for calls).
+    pub(crate) async fn run_session(
+        &self,
+        lease: Lease,
+        name: &str,
+        code: &str,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<(ProcessOutcome, SessionOutcome), Attempt> {
+        let channel = match self.get(&lease).await {
+            Err(Attempt::Fallback) => {
+                return Err(Attempt::Failed(Error::SessionsUnavailable {
+                    reason: format!(
+                        "the exec channel into sandbox {} could not be opened (see the daemon's \
+                         log; it is tried again {} after it failed); calls without a session \
+                         still run",
+                        lease.sandbox().name,
+                        humantime::format_duration(FAILED_BACKOFF)
+                    ),
+                }))
+            }
+            other => other?,
+        };
+        channel
+            .run_session(lease, name, code, timeout, cancel)
+            .await
+    }
+
+    /// The user's live channel, if any (nothing is opened).
+    async fn current(&self, user: &UserId) -> Option<Arc<Channel>> {
+        let slot = self.slots.get(user)?.clone();
+        let st = slot.lock().await;
+        st.channel.clone().filter(|ch| ch.alive())
+    }
+
+    /// The user's Python sessions.
+    pub(crate) async fn sessions(&self, user: &UserId) -> Vec<SessionInfo> {
+        match self.current(user).await {
+            Some(ch) => ch.sessions(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Ends the user's session `name`; false when there is none.
+    pub(crate) async fn end_session(&self, user: &UserId, name: &str) -> bool {
+        match self.current(user).await {
+            Some(ch) => ch.end_session(name).await,
+            None => false,
+        }
+    }
+
     /// Makes the lease's container serve by per-call exec for a while (its channel keeps dying
     /// before calls start).
     pub(crate) async fn back_off(&self, lease: &Lease) {
@@ -179,11 +241,12 @@ impl Channels {
     }
 }
 
-/// How a call on the channel ended, with what it printed.
+/// How a call on the channel ended, with what it printed (and, for a session run, its reply).
 struct End {
     kind: EndKind,
     stdout: Capture,
     stderr: Capture,
+    reply: Option<Vec<u8>>,
 }
 
 enum EndKind {
@@ -196,7 +259,45 @@ struct Pending {
     stdout: Capture,
     stderr: Capture,
     started: bool,
+    /// A session run's reply as it arrives (None for a call).
+    reply: Option<Vec<u8>>,
     done: oneshot::Sender<End>,
+}
+
+/// A call's end as [`Channel::exchange`] hands it back.
+struct Done {
+    end: End,
+    timed_out: bool,
+    cancelled: bool,
+}
+
+/// One Python session living in the channel's helper.
+struct SessionEntry {
+    name: String,
+    /// The id its OPEN_SESSION frame carried: the helper's name for it.
+    id: u64,
+    started: SystemTime,
+    /// Wall clock for the listing, monotonic for the idle limit.
+    last_used: parking_lot::Mutex<(SystemTime, Instant)>,
+    rss: AtomicU64,
+    /// Held by the call running code in it (one at a time).
+    busy: Arc<tokio::sync::Mutex<()>>,
+    /// Cancelled when the helper reports the session's end.
+    ended: CancellationToken,
+    /// Why the helper could not start it.
+    failure: parking_lot::Mutex<Option<String>>,
+}
+
+impl SessionEntry {
+    fn info(&self) -> SessionInfo {
+        SessionInfo {
+            name: self.name.clone(),
+            started: session::rfc3339(self.started),
+            last_used: session::rfc3339(self.last_used.lock().0),
+            memory_bytes: self.rss.load(Ordering::Relaxed),
+            running: self.busy.try_lock().is_err(),
+        }
+    }
 }
 
 /// One open channel into one container.
@@ -213,6 +314,8 @@ pub(crate) struct Channel {
     stats: Arc<TransportStats>,
     writer: tokio::sync::Mutex<Option<Input>>,
     calls: parking_lot::Mutex<HashMap<u64, Pending>>,
+    /// The Python sessions in this channel's helper, by name: they end with the channel.
+    sessions: parking_lot::Mutex<HashMap<String, Arc<SessionEntry>>>,
     dead: CancellationToken,
     reason: parking_lot::Mutex<Option<String>>,
     /// Cancelled once a dead channel's leftovers were cleaned up.
@@ -312,6 +415,7 @@ impl Channel {
             stats,
             writer: tokio::sync::Mutex::new(Some(input)),
             calls: parking_lot::Mutex::new(HashMap::new()),
+            sessions: parking_lot::Mutex::new(HashMap::new()),
             dead: CancellationToken::new(),
             reason: parking_lot::Mutex::new(None),
             cleaned: CancellationToken::new(),
@@ -326,11 +430,18 @@ impl Channel {
     async fn read_loop(self: Arc<Self>, mut output: Output, mut decoder: Decoder) {
         let mut stderr = Vec::new();
         // (reason, whether it can be a normal end: the container removed or stopped by the pool)
+        let mut idle_check = tokio::time::interval(IDLE_CHECK);
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (reason, expected) = loop {
             if let Err(reason) = self.dispatch(&mut decoder) {
                 break (reason, false);
             }
             tokio::select! {
+                _ = idle_check.tick() => {
+                    // On a task of its own: this loop must keep reading while it writes.
+                    let ch = self.clone();
+                    self.pool.tasks().spawn(async move { ch.end_idle_sessions().await });
+                }
                 item = output.next() => match item {
                     Some(Ok(Chunk::Stderr(b))) => keep_some(&mut stderr, &b),
                     Some(Ok(Chunk::Stdout(b))) => decoder.push(&b),
@@ -387,15 +498,31 @@ impl Channel {
                         }
                     }
                 }
-                FromHelper::Exit { status, signaled } => {
-                    if let Some(p) = calls.remove(&id) {
-                        p.finish(EndKind::Exit { status, signaled });
+                FromHelper::Exit { status, signaled } => match calls.remove(&id) {
+                    Some(p) => p.finish(EndKind::Exit { status, signaled }),
+                    None => self.session_ended(id),
+                },
+                FromHelper::Failed { reason } => match calls.remove(&id) {
+                    Some(p) => p.finish(EndKind::Failed(reason)),
+                    None => {
+                        tracing::warn!(user = %self.user, container = %self.container, reason = %reason, "a Python session could not start");
+                        if let Some(entry) = self.sessions.lock().values().find(|e| e.id == id) {
+                            *entry.failure.lock() = Some(reason);
+                        }
+                        self.session_ended(id)
                     }
-                }
-                FromHelper::Failed { reason } => {
-                    if let Some(p) = calls.remove(&id) {
-                        p.finish(EndKind::Failed(reason));
+                },
+                FromHelper::Reply { bytes } => {
+                    let Some(reply) = calls.get_mut(&id).and_then(|p| p.reply.as_mut()) else {
+                        return Err("the helper sent a reply for no session run".to_owned());
+                    };
+                    if reply.len() + bytes.len() > proto::MAX_REPLY {
+                        return Err(format!(
+                            "a session's reply is above the bound of {} bytes",
+                            proto::MAX_REPLY
+                        ));
                     }
+                    reply.extend_from_slice(&bytes);
                 }
             }
         }
@@ -415,6 +542,9 @@ impl Channel {
             *r = Some(reason.clone());
         }
         self.dead.cancel();
+        for (_, entry) in self.sessions.lock().drain() {
+            entry.ended.cancel();
+        }
         let pending: Vec<Pending> = self.calls.lock().drain().map(|(_, p)| p).collect();
         if expected && pending.is_empty() {
             tracing::debug!(user = %self.user, container = %self.container, reason = %reason, "exec channel closed");
@@ -511,6 +641,25 @@ impl Channel {
         }
     }
 
+    /// A fresh call id, registered with its end's receiver; [`Attempt::NotStarted`] when the
+    /// channel is dead.
+    fn register(&self, session_run: bool) -> Result<(u64, oneshot::Receiver<End>), Attempt> {
+        let (tx, rx) = oneshot::channel();
+        let mut calls = self.calls.lock();
+        if !self.alive() {
+            return Err(Attempt::NotStarted);
+        }
+        let mut id = random_id();
+        while id == 0 || calls.contains_key(&id) {
+            id = random_id();
+        }
+        calls.insert(
+            id,
+            Pending::new(self.pool.config().output_cap, tx, session_run),
+        );
+        Ok((id, rx))
+    }
+
     /// Runs one call over the channel.
     async fn run(
         self: &Arc<Self>,
@@ -519,27 +668,7 @@ impl Channel {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, Attempt> {
         let cfg = self.pool.config();
-        let (tx, mut rx) = oneshot::channel();
-        let id = {
-            let mut calls = self.calls.lock();
-            if !self.alive() {
-                return Err(Attempt::NotStarted);
-            }
-            let mut id = random_id();
-            while id == 0 || calls.contains_key(&id) {
-                id = random_id();
-            }
-            calls.insert(
-                id,
-                Pending {
-                    stdout: Capture::new(cfg.output_cap),
-                    stderr: Capture::new(cfg.output_cap),
-                    started: false,
-                    done: tx,
-                },
-            );
-            id
-        };
+        let (id, rx) = self.register(false)?;
         let start = Start {
             timeout_ms: (spec.timeout + cfg.kill_grace + BACKSTOP).as_millis() as u64,
             grace_ms: cfg.kill_grace.as_millis() as u64,
@@ -556,8 +685,50 @@ impl Channel {
         };
         let mut frame = Vec::new();
         proto::ToHelper::Start(start).encode(id, &mut frame);
+        let done = self
+            .exchange(lease, id, rx, frame, spec.timeout, cancel)
+            .await?;
+        let exit_code = match done.end.kind {
+            EndKind::Exit { status, signaled } => {
+                if signaled {
+                    tracing::info!(user = %self.user, container = %self.container, status, "a call's supervisor was killed inside the sandbox; the helper swept its orphans");
+                }
+                Some(status)
+            }
+            EndKind::Failed(reason) => {
+                return Err(Attempt::Failed(Error::CallStart {
+                    container: self.container.clone(),
+                    reason,
+                }))
+            }
+            // Only after a timeout or cancel (see exchange): the call is stopped either way.
+            EndKind::Lost { .. } => None,
+        };
+        Ok(ProcessOutcome {
+            exit_code,
+            stdout: done.end.stdout.finish(),
+            stderr: done.end.stderr.finish(),
+            timed_out: done.timed_out,
+            cancelled: done.cancelled,
+        })
+    }
+
+    /// Sends `frame` (which starts call `id`, registered with `rx`) and drives the call to its
+    /// end: its timeout and `cancel` send CANCEL, a dropped future stops it from its guard, a
+    /// helper that does not stop it in time kills the channel. The lease is held until the call's
+    /// processes are known gone. A call the channel lost is an error (retried when it had not
+    /// started), except after a timeout or cancel, where it is the stop the caller asked for.
+    async fn exchange(
+        self: &Arc<Self>,
+        lease: Lease,
+        id: u64,
+        mut rx: oneshot::Receiver<End>,
+        frame: Vec<u8>,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Done, Attempt> {
         // From here the call may run: whatever ends this future stops it.
-        let grace = cfg.kill_grace + STOP_MARGIN;
+        let grace = self.pool.config().kill_grace + STOP_MARGIN;
         let call = ChannelCall {
             channel: self.clone(),
             id,
@@ -565,7 +736,7 @@ impl Channel {
         let guard = StopGuard::new(call, lease, grace, self.pool.tasks().clone());
         self.send(frame).await;
 
-        let ended = drive(&mut rx, spec.timeout, cancel, grace, || guard.call().stop()).await;
+        let ended = drive(&mut rx, timeout, cancel, grace, || guard.call().stop()).await;
         let end = match ended.value {
             Some(end) => end.ok(),
             None => {
@@ -582,27 +753,11 @@ impl Channel {
             self.await_cleanup().await;
             return Err(Attempt::Failed(self.lost()));
         };
-        let outcome = |exit_code: Option<i32>, end: End| ProcessOutcome {
-            exit_code,
-            stdout: end.stdout.finish(),
-            stderr: end.stderr.finish(),
-            timed_out,
-            cancelled,
-        };
         let result = match end.kind {
-            EndKind::Exit { status, signaled } => {
-                if signaled {
-                    tracing::info!(user = %self.user, container = %self.container, status, "a call's supervisor was killed inside the sandbox; the helper swept its orphans");
-                }
-                Ok(outcome(Some(status), end))
-            }
-            EndKind::Failed(reason) => Err(Attempt::Failed(Error::CallStart {
-                container: self.container.clone(),
-                reason,
-            })),
+            EndKind::Exit { .. } | EndKind::Failed(_) => Ok(()),
             EndKind::Lost { .. } if timed_out || cancelled => {
                 self.await_cleanup().await;
-                Ok(outcome(None, end))
+                Ok(())
             }
             EndKind::Lost { started: false } => {
                 // Its START may have reached the helper, which may have forked the call before
@@ -617,7 +772,211 @@ impl Channel {
         };
         // The call's processes are known gone (ended, or the dead channel cleaned up).
         drop(lease);
-        result
+        result.map(|()| Done {
+            end,
+            timed_out,
+            cancelled,
+        })
+    }
+
+    /// Runs `code` in the user's Python session `name`, starting it if it is not running.
+    pub(crate) async fn run_session(
+        self: &Arc<Self>,
+        lease: Lease,
+        name: &str,
+        code: &str,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<(ProcessOutcome, SessionOutcome), Attempt> {
+        let cfg = self.pool.config();
+        let (entry, _busy, opened) = self.session_for(name)?;
+        let mut frames = Vec::new();
+        if opened {
+            let mut env = super::base_env(&Default::default());
+            env.extend(session::KERNEL_ENV.iter().map(|(k, v)| format!("{k}={v}")));
+            let start = Start {
+                // The session lives until it is ended: its supervisor's own deadline is only a
+                // backstop against a daemon that vanished without closing the channel.
+                timeout_ms: SESSION_BACKSTOP.as_millis() as u64,
+                grace_ms: SESSION_KILL_GRACE.as_millis() as u64,
+                cap: cfg.output_cap as u64,
+                workdir: Vec::new(),
+                argv: vec![b"python3".to_vec()],
+                env: env.into_iter().map(String::into_bytes).collect(),
+                program: Some(session::KERNEL.as_bytes().to_vec()),
+            };
+            proto::ToHelper::OpenSession(start).encode(entry.id, &mut frames);
+        }
+        let (id, rx) = match self.register(true) {
+            Ok(r) => r,
+            Err(e) => {
+                entry.ended.cancel();
+                return Err(e);
+            }
+        };
+        proto::ToHelper::Run(proto::Run {
+            session: entry.id,
+            grace_ms: cfg.kill_grace.as_millis() as u64,
+            cap: cfg.output_cap as u64,
+            code: code.as_bytes().to_vec(),
+        })
+        .encode(id, &mut frames);
+        let done = self.exchange(lease, id, rx, frames, timeout, cancel).await;
+        let now = (SystemTime::now(), Instant::now());
+        *entry.last_used.lock() = now;
+        let done = done?;
+        let mut outcome = SessionOutcome {
+            session_started: opened,
+            ..SessionOutcome::default()
+        };
+        let exit_code = match done.end.kind {
+            EndKind::Failed(reason) => {
+                let reason = entry.failure.lock().take().unwrap_or(reason);
+                return Err(Attempt::Failed(Error::CallStart {
+                    container: self.container.clone(),
+                    reason: format!("the Python session could not run the code: {reason}"),
+                }));
+            }
+            EndKind::Exit { status, .. } => {
+                outcome.session_restarted = entry.ended.is_cancelled();
+                match &done.end.reply {
+                    Some(reply) if !outcome.session_restarted => {
+                        let rss = outcome.read_reply(reply);
+                        entry.rss.store(rss, Ordering::Relaxed);
+                        Some(i32::from(outcome.error.is_some()))
+                    }
+                    _ => Some(status),
+                }
+            }
+            EndKind::Lost { .. } => {
+                outcome.session_restarted = true;
+                None
+            }
+        };
+        if outcome.session_restarted {
+            tracing::info!(user = %self.user, session = %entry.name, "a Python session was killed (its code did not stop in time) or exited");
+        }
+        let process = ProcessOutcome {
+            exit_code,
+            stdout: done.end.stdout.finish(),
+            stderr: done.end.stderr.finish(),
+            timed_out: done.timed_out,
+            cancelled: done.cancelled,
+        };
+        Ok((process, outcome))
+    }
+
+    /// The session `name` and its busy guard, opening it (true) when it is not running. Typed
+    /// errors when it is busy or the user has the most sessions allowed.
+    fn session_for(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<SessionEntry>, tokio::sync::OwnedMutexGuard<()>, bool), Attempt> {
+        let cfg = self.pool.config();
+        let mut table = self.sessions.lock();
+        if !self.alive() {
+            return Err(Attempt::NotStarted);
+        }
+        table.retain(|_, e| !e.ended.is_cancelled());
+        if let Some(entry) = table.get(name) {
+            // Taken under the table's lock: nobody can run in a session before it is opened.
+            let busy = entry.busy.clone().try_lock_owned().map_err(|_| {
+                Attempt::Failed(Error::SessionBusy {
+                    user: self.user.to_string(),
+                    name: name.to_owned(),
+                })
+            })?;
+            return Ok((entry.clone(), busy, false));
+        }
+        if table.len() >= cfg.python_sessions_max {
+            return Err(Attempt::Failed(Error::TooManySessions {
+                user: self.user.to_string(),
+                max: cfg.python_sessions_max,
+            }));
+        }
+        // Not checked against the calls' ids (dispatch takes the calls' lock, then this one): a
+        // collision of 64 random bits is refused by the helper, not run as something else.
+        let mut id = random_id();
+        while id == 0 || table.values().any(|e| e.id == id) {
+            id = random_id();
+        }
+        let entry = Arc::new(SessionEntry {
+            name: name.to_owned(),
+            id,
+            started: SystemTime::now(),
+            last_used: parking_lot::Mutex::new((SystemTime::now(), Instant::now())),
+            rss: AtomicU64::new(0),
+            busy: Arc::new(tokio::sync::Mutex::new(())),
+            ended: CancellationToken::new(),
+            failure: parking_lot::Mutex::new(None),
+        });
+        let busy = entry
+            .busy
+            .clone()
+            .try_lock_owned()
+            .expect("a new session's lock is free");
+        table.insert(name.to_owned(), entry.clone());
+        Ok((entry, busy, true))
+    }
+
+    /// The helper reported the end of `id`, a session (or a call already ended).
+    fn session_ended(&self, id: u64) {
+        let mut table = self.sessions.lock();
+        if let Some(name) = table
+            .iter()
+            .find(|(_, e)| e.id == id)
+            .map(|(n, _)| n.clone())
+        {
+            if let Some(entry) = table.remove(&name) {
+                entry.ended.cancel();
+            }
+        }
+    }
+
+    /// The sessions running in this channel's helper.
+    pub(crate) fn sessions(&self) -> Vec<SessionInfo> {
+        let mut list: Vec<SessionInfo> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|e| !e.ended.is_cancelled())
+            .map(|e| e.info())
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Ends the session `name` (its whole process tree); false when there is none.
+    pub(crate) async fn end_session(self: &Arc<Self>, name: &str) -> bool {
+        let entry = self.sessions.lock().get(name).cloned();
+        let Some(entry) = entry.filter(|e| !e.ended.is_cancelled()) else {
+            return false;
+        };
+        let mut frame = Vec::new();
+        proto::ToHelper::Cancel.encode(entry.id, &mut frame);
+        if self.send(frame).await {
+            // Its end arrives when the supervisor has killed the tree (bounded: the channel
+            // dies, ending it, if the helper does not answer).
+            let bound = SESSION_KILL_GRACE + STOP_MARGIN;
+            let _ = tokio::time::timeout(bound, entry.ended.cancelled()).await;
+        }
+        true
+    }
+
+    /// Ends the sessions that ran no code for `ZCBOT_PYTHON_SESSION_IDLE` (not those running).
+    async fn end_idle_sessions(self: &Arc<Self>) {
+        let idle = self.pool.config().python_session_idle;
+        let stale: Vec<String> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|e| e.busy.try_lock().is_ok() && e.last_used.lock().1.elapsed() >= idle)
+            .map(|e| e.name.clone())
+            .collect();
+        for name in stale {
+            tracing::info!(user = %self.user, session = %name, "ending an idle Python session (ZCBOT_PYTHON_SESSION_IDLE)");
+            self.end_session(&name).await;
+        }
     }
 
     fn lost(&self) -> Error {
@@ -641,11 +1000,22 @@ impl Channel {
 }
 
 impl Pending {
+    fn new(cap: usize, done: oneshot::Sender<End>, session_run: bool) -> Self {
+        Pending {
+            stdout: Capture::new(cap),
+            stderr: Capture::new(cap),
+            started: false,
+            reply: session_run.then(Vec::new),
+            done,
+        }
+    }
+
     fn finish(self, kind: EndKind) {
         let _ = self.done.send(End {
             kind,
             stdout: self.stdout,
             stderr: self.stderr,
+            reply: self.reply,
         });
     }
 }

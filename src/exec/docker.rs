@@ -17,6 +17,7 @@ use super::file_calls::FileRunner;
 use super::metrics::TransportStats;
 use super::output::Capture;
 use super::per_call::PerCallExec;
+use super::session::{SessionInfo, SessionOutcome};
 use super::transport::{Attempt, Transport};
 use super::{ProcessOutcome, ProcessSpec};
 use crate::config::Transport as TransportSetting;
@@ -182,6 +183,55 @@ impl DockerExecutor {
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
+    }
+
+    /// Runs `code` in `user`'s Python session `name` (see [`super::session`]). A container gone
+    /// behind the pool's back is recreated and a run the channel lost before it started runs once
+    /// more (in a new session: the result says `session_started`).
+    pub(crate) async fn run_session(
+        &self,
+        user: &UserId,
+        name: &str,
+        code: &str,
+        timeout: std::time::Duration,
+        cancel: &CancellationToken,
+    ) -> Result<(ProcessOutcome, SessionOutcome)> {
+        let mut retried = false;
+        loop {
+            let lease = self.pool.lease(user).await?;
+            let attempt = self
+                .channels
+                .run_session(lease, name, code, timeout, cancel)
+                .await;
+            match attempt {
+                Ok(done) => return Ok(done),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Gone(container_id)) if !retried => {
+                    self.pool.invalidate(user, &container_id);
+                    retried = true;
+                }
+                Err(Attempt::NotStarted) if !retried => retried = true,
+                Err(_) => {
+                    return Err(Error::SessionsUnavailable {
+                        reason: format!(
+                            "the exec channel into sandbox {} died twice before the code ran: \
+                             try again",
+                            self.pool.container_name(user)
+                        ),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The user's Python sessions.
+    pub(crate) async fn sessions(&self, user: &UserId) -> Vec<SessionInfo> {
+        self.channels.sessions(user).await
+    }
+
+    /// Ends the user's session `name`; false when there is none.
+    pub(crate) async fn end_session(&self, user: &UserId, name: &str) -> bool {
+        self.channels.end_session(user, name).await
     }
 
     /// The container died under a running call (the call's future, dropped, leaves its clean-up

@@ -13,6 +13,7 @@ pub mod host;
 pub mod metrics;
 pub mod output;
 mod per_call;
+pub mod session;
 mod stop;
 pub mod transfer;
 pub mod transport;
@@ -106,6 +107,12 @@ pub struct PythonArgs {
     /// As for `shell`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Run in this user's long-lived Python session of that name (1 to 32 of `a-z0-9_-`),
+    /// started on first use: variables, imports and open files persist between calls. A session
+    /// has its own working directory and environment (`os.chdir`, `os.environ`): `workdir` and
+    /// `env` are refused with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// Arguments of `read_file`.
@@ -308,6 +315,10 @@ pub struct ToolResult {
     /// What a file tool returns.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub data: Option<ToolData>,
+    /// What a call in a Python session adds: the final expression's value, the exception, rich
+    /// results, whether the session started or was restarted.
+    #[serde(flatten, skip_serializing_if = "Option::is_none", default)]
+    pub session: Option<session::SessionOutcome>,
 }
 
 impl ToolResult {
@@ -324,6 +335,7 @@ impl ToolResult {
             truncated: Truncated::default(),
             duration_ms: started.elapsed().as_millis() as u64,
             data,
+            session: None,
         }
     }
 }
@@ -376,6 +388,7 @@ impl ProcessOutcome {
             },
             duration_ms: started.elapsed().as_millis() as u64,
             data: None,
+            session: None,
         }
     }
 }
@@ -474,6 +487,32 @@ impl Executor {
                 a.workdir,
                 a.env,
             )?,
+            ToolCall::RunPython(PythonArgs {
+                session: Some(name),
+                code,
+                timeout,
+                workdir,
+                env,
+            }) => {
+                session::check_name(&name)?;
+                if workdir.is_some() || !env.is_empty() {
+                    return Err(Error::BadCall {
+                        tool: tool.into(),
+                        reason: "workdir and env cannot be given with session: a session keeps \
+                                 its own (change them with os.chdir and os.environ in it)"
+                            .into(),
+                    });
+                }
+                let spec = self.spec(
+                    tool,
+                    Vec::new(),
+                    Some(code.into_bytes()),
+                    timeout,
+                    None,
+                    BTreeMap::new(),
+                )?;
+                return self.run_session(user, &name, spec, cancel, started).await;
+            }
             ToolCall::RunPython(a) => self.spec(
                 tool,
                 vec!["python3".into()],
@@ -486,6 +525,57 @@ impl Executor {
         };
         let outcome = self.run_spec(user, spec, cancel).await?;
         Ok(outcome.into_result(tool, started))
+    }
+
+    /// Runs a validated program in the user's Python session `name`.
+    async fn run_session(
+        &self,
+        user: &UserId,
+        name: &str,
+        spec: ProcessSpec,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<ToolResult> {
+        let Executor::Docker(d) = self else {
+            return Err(Error::SessionsUnavailable {
+                reason: "they need the docker backend (ZCBOT_SANDBOX_BACKEND=docker); the host \
+                         backend runs every call in a fresh process"
+                    .into(),
+            });
+        };
+        let code = String::from_utf8(spec.program.unwrap_or_default())
+            .expect("the program came from a String");
+        let (outcome, session) = d
+            .run_session(user, name, &code, spec.timeout, cancel)
+            .await?;
+        let mut result = outcome.into_result("run_python", started);
+        result.session = Some(session);
+        Ok(result)
+    }
+
+    /// The user's Python sessions (none on the host backend).
+    pub async fn sessions(&self, user: &UserId) -> Vec<session::SessionInfo> {
+        match self {
+            Executor::Host(_) => Vec::new(),
+            Executor::Docker(d) => d.sessions(user).await,
+        }
+    }
+
+    /// Ends the user's Python session `name` and every process it started.
+    pub async fn end_session(&self, user: &UserId, name: &str) -> Result<()> {
+        session::check_name(name)?;
+        let ended = match self {
+            Executor::Host(_) => false,
+            Executor::Docker(d) => d.end_session(user, name).await,
+        };
+        if ended {
+            Ok(())
+        } else {
+            Err(Error::NoSuchSession {
+                user: user.to_string(),
+                name: name.to_owned(),
+            })
+        }
     }
 
     /// Runs an argument vector as is (the CLI's `exec -- CMD ARGS`), with `shell`'s guarantees.

@@ -298,6 +298,10 @@ impl From<Error> for ApiError {
             Error::UnknownTool { .. } => StatusCode::NOT_FOUND,
             Error::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UploadBroken { .. } => StatusCode::BAD_REQUEST,
+            Error::SessionBusy { .. } => StatusCode::CONFLICT,
+            Error::TooManySessions { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::NoSuchSession { .. } => StatusCode::NOT_FOUND,
+            Error::SessionsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::PoolFull { .. }
             | Error::ImageMissing { .. }
             | Error::RuntimeMissing { .. }

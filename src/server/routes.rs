@@ -36,6 +36,8 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
                 // limit) and bounds it by ZCBOT_MAX_FILE as it arrives; said here for the reader.
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/users/{user}/sessions", get(list_sessions))
+        .route("/v1/users/{user}/sessions/{name}", delete(end_session))
         .route("/v1/sandboxes", get(list_sandboxes))
         .route(
             "/v1/users/{user}/sandbox",
@@ -409,6 +411,26 @@ async fn cancel_call_moved(State(state): State<Arc<AppState>>) -> ApiResult {
             "call ids belong to their user: cancel with DELETE /v1/users/{user}/calls/{call_id}",
         ),
     ))
+}
+
+async fn list_sessions(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let sessions = state.executor.sessions(&user).await;
+    Ok(Json(json!({ "sessions": sessions })).into_response())
+}
+
+async fn end_session(
+    State(state): State<Arc<AppState>>,
+    Path((user, name)): Path<(String, String)>,
+) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    state
+        .executor
+        .end_session(&user, &name)
+        .await
+        .map_err(|e| counted(&state, e))?;
+    tracing::info!(user = %user, session = %name, "Python session ended through the API");
+    Ok(Json(json!({ "ended": name })).into_response())
 }
 
 async fn list_sandboxes(State(state): State<Arc<AppState>>) -> ApiResult {

@@ -158,6 +158,11 @@ pub(crate) struct Args {
     pub(crate) grace: Duration,
     pub(crate) workdir: Option<String>,
     pub(crate) stdin_program: bool,
+    /// A Python session's supervisor (forked by `--serve` only): the command inherits the
+    /// supervisor's stdout and stderr (the helper's pipes) instead of pipes of its own, so what
+    /// it prints reaches the helper before the reply it writes afterwards on descriptor 4, and it
+    /// keeps descriptors 3 and 4 (its request and reply pipes), which the supervisor closes.
+    pub(crate) session: bool,
     pub(crate) argv: Vec<OsString>,
 }
 
@@ -169,6 +174,7 @@ fn main() {
         grace: Duration::from_millis(500),
         workdir: None,
         stdin_program: false,
+        session: false,
         argv: Vec::new(),
     };
     while let Some(a) = raw.next() {
@@ -268,8 +274,16 @@ pub(crate) fn supervise(args: Args) -> i32 {
 
     let sig = signal_pipe();
 
-    let out = pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("stdout pipe: {e}")));
-    let err = pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("stderr pipe: {e}")));
+    // A session's command writes straight to the helper (see Args::session): it gets the
+    // supervisor's own descriptors 1 and 2, which no pipe of the supervisor's stands between.
+    let (out, err) = if args.session {
+        ([-1, 1], [-1, 2])
+    } else {
+        (
+            pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("stdout pipe: {e}"))),
+            pipe_cloexec().unwrap_or_else(|e| die(EXIT_SETUP, &format!("stderr pipe: {e}"))),
+        )
+    };
     let workdir = args.workdir.as_deref().map(cstr);
     let devnull = c"/dev/null";
     let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
@@ -301,8 +315,10 @@ pub(crate) fn supervise(args: Args) -> i32 {
             let null = libc::open(devnull.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
             child_check(null >= 0, b"opening /dev/null");
             // The output pipes first: a failure after them is reported on the call's stderr.
-            child_check(libc::dup2(err[1], 2) == 2, b"dup2 of the command's stderr");
-            child_check(libc::dup2(out[1], 1) == 1, b"dup2 of the command's stdout");
+            if out[0] >= 0 {
+                child_check(libc::dup2(err[1], 2) == 2, b"dup2 of the command's stderr");
+                child_check(libc::dup2(out[1], 1) == 1, b"dup2 of the command's stdout");
+            }
             child_check(libc::dup2(null, 0) == 0, b"dup2 of the command's stdin");
             if let Some(dir) = &workdir {
                 if libc::chdir(dir.as_ptr()) != 0 {
@@ -317,17 +333,24 @@ pub(crate) fn supervise(args: Args) -> i32 {
             libc::_exit(127);
         }
     }
-    // SAFETY: closing our copies of the child's ends and the program memfd.
+    // SAFETY: closing our copies of the child's ends and the program memfd; a session's request
+    // and reply pipes are the command's alone (its death must end the reply pipe).
     unsafe {
-        libc::close(out[1]);
-        libc::close(err[1]);
+        if out[0] >= 0 {
+            libc::close(out[1]);
+            libc::close(err[1]);
+        }
         if program_fd >= 0 {
             libc::close(program_fd);
+        }
+        if args.session {
+            libc::close(3);
+            libc::close(4);
         }
     }
 
     let started = Instant::now();
-    let mut streams = [(out[0], 1, true), (err[0], 2, true)];
+    let mut streams = [(out[0], 1, out[0] >= 0), (err[0], 2, err[0] >= 0)];
     let mut status: Option<i32> = None;
     let mut kill_phase: Option<(Instant, bool)> = None; // (SIGKILL at, why: true = stop request)
     let mut exit_override: Option<i32> = None;

@@ -20,7 +20,7 @@
 use std::fmt;
 
 /// Protocol version the helper announces in its hello. Bump it with any change to the wire.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes before the payload: length, kind, call id.
 pub const HEADER: usize = 4 + 1 + 8;
 /// Largest frame the daemon accepts from the helper: one output chunk and its header.
@@ -32,11 +32,20 @@ pub const MAX_TO_HELPER: usize = 18 << 20;
 pub const CHUNK: usize = 32 << 10;
 /// The most characters of a FAILED reason kept: it ends up in an error message.
 pub const MAX_REASON: usize = 512;
+/// The largest reply a Python session may give for one run (its value, error and rich results,
+/// as JSON): the helper refuses a larger one, the daemon never holds more.
+pub const MAX_REPLY: usize = 8 << 20;
 
 /// Daemon to helper: run a call (payload: [`Start`]).
 pub const START: u8 = 1;
-/// Daemon to helper: stop a call (SIGTERM to its supervisor). No payload.
+/// Daemon to helper: stop a call (SIGTERM to its supervisor). No payload. For a session run:
+/// interrupt it (SIGINT to the interpreter), and end the session if it does not stop in grace.
 pub const CANCEL: u8 = 2;
+/// Daemon to helper: start a Python session (payload: [`Start`]; the frame's id names the
+/// session from then on). Version 2.
+pub const OPEN_SESSION: u8 = 3;
+/// Daemon to helper: run code in a session (payload: [`Run`]). Version 2.
+pub const RUN: u8 = 4;
 /// Helper to daemon, call id 0: the helper is up (payload: u32 version, u32 pid).
 pub const HELLO: u8 = 16;
 /// Helper to daemon: the call's supervisor was forked (payload: u32 pid in the container).
@@ -51,18 +60,24 @@ pub const SKIPPED: u8 = 19;
 pub const EXIT: u8 = 20;
 /// Helper to daemon: the call could not start (payload: UTF-8 reason). Last frame of a call.
 pub const FAILED: u8 = 21;
+/// Helper to daemon: a piece of a session run's reply (JSON, at most [`CHUNK`] bytes a frame,
+/// [`MAX_REPLY`] in all), before the run's EXIT. Version 2.
+pub const REPLY: u8 = 22;
 
 /// A frame kind's name, for messages.
 pub fn kind_name(kind: u8) -> &'static str {
     match kind {
         START => "START",
         CANCEL => "CANCEL",
+        OPEN_SESSION => "OPEN_SESSION",
+        RUN => "RUN",
         HELLO => "HELLO",
         STARTED => "STARTED",
         OUTPUT => "OUTPUT",
         SKIPPED => "SKIPPED",
         EXIT => "EXIT",
         FAILED => "FAILED",
+        REPLY => "REPLY",
         _ => "unknown",
     }
 }
@@ -324,6 +339,11 @@ pub enum FromHelper {
         /// Why, at most [`MAX_REASON`] characters (longer ones are cut, bad UTF-8 replaced).
         reason: String,
     },
+    /// A piece of a session run's reply, at most [`CHUNK`] bytes.
+    Reply {
+        /// The bytes, in order.
+        bytes: Vec<u8>,
+    },
 }
 
 impl FromHelper {
@@ -336,6 +356,7 @@ impl FromHelper {
             FromHelper::Skipped { .. } => SKIPPED,
             FromHelper::Exit { .. } => EXIT,
             FromHelper::Failed { .. } => FAILED,
+            FromHelper::Reply { .. } => REPLY,
         }
     }
 
@@ -362,6 +383,7 @@ impl FromHelper {
                 p.push(u8::from(*signaled));
             }
             FromHelper::Failed { reason } => p.extend_from_slice(cut(reason).as_bytes()),
+            FromHelper::Reply { bytes } => p.extend_from_slice(bytes),
         }
         encode(out, self.kind(), id, &p);
     }
@@ -372,7 +394,7 @@ impl FromHelper {
         let Frame { kind, id, payload } = frame;
         let id_fits = match kind {
             HELLO => id == 0,
-            STARTED..=FAILED => id != 0,
+            STARTED..=REPLY => id != 0,
             _ => true,
         };
         if !id_fits {
@@ -418,6 +440,18 @@ impl FromHelper {
             FAILED => FromHelper::Failed {
                 reason: cut(&String::from_utf8_lossy(r.rest())).to_owned(),
             },
+            REPLY => {
+                let bytes = r.rest();
+                if bytes.len() > CHUNK {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "the reply chunk's size",
+                    });
+                }
+                FromHelper::Reply {
+                    bytes: bytes.to_vec(),
+                }
+            }
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -430,8 +464,13 @@ impl FromHelper {
 pub enum ToHelper {
     /// Run a call.
     Start(Start),
-    /// Stop a call (SIGTERM to its supervisor, which kills its subtree).
+    /// Stop a call (SIGTERM to its supervisor, which kills its subtree); interrupt a session
+    /// run; end a session.
     Cancel,
+    /// Start a Python session: a supervised interpreter that serves [`ToHelper::Run`]s.
+    OpenSession(Start),
+    /// Run code in a session.
+    Run(Run),
 }
 
 impl ToHelper {
@@ -440,6 +479,8 @@ impl ToHelper {
         match self {
             ToHelper::Start(_) => START,
             ToHelper::Cancel => CANCEL,
+            ToHelper::OpenSession(_) => OPEN_SESSION,
+            ToHelper::Run(_) => RUN,
         }
     }
 
@@ -448,6 +489,8 @@ impl ToHelper {
         match self {
             ToHelper::Start(s) => encode(out, START, id, &s.encode()),
             ToHelper::Cancel => encode(out, CANCEL, id, &[]),
+            ToHelper::OpenSession(s) => encode(out, OPEN_SESSION, id, &s.encode()),
+            ToHelper::Run(run) => encode(out, RUN, id, &run.encode()),
         }
     }
 
@@ -455,13 +498,15 @@ impl ToHelper {
     /// daemon may send.
     pub fn decode(frame: Frame) -> Result<(u64, ToHelper), ProtoError> {
         let Frame { kind, id, payload } = frame;
-        if matches!(kind, START | CANCEL) && id == 0 {
+        if matches!(kind, START | CANCEL | OPEN_SESSION | RUN) && id == 0 {
             return Err(ProtoError::BadCallId { kind, id });
         }
         let mut r = Reader::new(&payload, kind);
         let msg = match kind {
             START => ToHelper::Start(Start::read(&mut r)?),
             CANCEL => ToHelper::Cancel,
+            OPEN_SESSION => ToHelper::OpenSession(Start::read(&mut r)?),
+            RUN => ToHelper::Run(Run::read(&mut r)?),
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -494,6 +539,46 @@ pub struct Start {
     pub env: Vec<Vec<u8>>,
     /// A program fed to argv on stdin (run_python); None: stdin is /dev/null.
     pub program: Option<Vec<u8>>,
+}
+
+/// What a RUN frame asks for: code for one session's interpreter.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Run {
+    /// The session (the id its OPEN_SESSION frame carried).
+    pub session: u64,
+    /// After an interrupt (CANCEL), how long the code has to stop before the session is killed.
+    pub grace_ms: u64,
+    /// Output cap per stream for this run, as for a call.
+    pub cap: u64,
+    /// The code (UTF-8 Python source).
+    pub code: Vec<u8>,
+}
+
+impl Run {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(28 + self.code.len());
+        out.extend_from_slice(&self.session.to_be_bytes());
+        out.extend_from_slice(&self.grace_ms.to_be_bytes());
+        out.extend_from_slice(&self.cap.to_be_bytes());
+        put_bytes(&mut out, &self.code);
+        out
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Run, ProtoError> {
+        let run = Run {
+            session: r.u64()?,
+            grace_ms: r.u64()?,
+            cap: r.u64()?,
+            code: r.bytes()?.to_vec(),
+        };
+        if run.session == 0 {
+            return Err(ProtoError::BadField {
+                kind: RUN,
+                field: "the session id",
+            });
+        }
+        Ok(run)
+    }
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -718,7 +803,28 @@ mod tests {
                     reason: "fork: résource temporarily unavailable".into(),
                 },
             ),
+            (
+                7,
+                FromHelper::Reply {
+                    bytes: br#"{"value":"1"}"#.to_vec(),
+                },
+            ),
+            (
+                7,
+                FromHelper::Reply {
+                    bytes: vec![b'x'; CHUNK],
+                },
+            ),
         ]
+    }
+
+    fn run() -> Run {
+        Run {
+            session: 11,
+            grace_ms: 500,
+            cap: 1 << 20,
+            code: b"x = 1\nx".to_vec(),
+        }
     }
 
     /// Cuts `wire` into frames with the bound of the given direction.
@@ -760,6 +866,12 @@ mod tests {
             ToHelper::Start(no_program),
             ToHelper::Start(Start::default()),
             ToHelper::Cancel,
+            ToHelper::OpenSession(start()),
+            ToHelper::Run(run()),
+            ToHelper::Run(Run {
+                code: Vec::new(),
+                ..run()
+            }),
         ] {
             let mut wire = Vec::new();
             msg.encode(9, &mut wire);
@@ -769,10 +881,10 @@ mod tests {
         }
     }
 
-    /// The wire stays what version 1 images speak: a daemon built from this must read an old
-    /// helper's bytes, and an old helper the daemon's.
+    /// The frames version 1 defined keep their bytes (version 2 only added kinds), and the new
+    /// kinds have the layout written here: a change to either must bump [`VERSION`].
     #[test]
-    fn the_wire_format_is_version_1() {
+    fn the_wire_format_is_version_2() {
         let mut wire = Vec::new();
         FromHelper::Hello { version: 1, pid: 5 }.encode(0, &mut wire);
         FromHelper::Output {
@@ -786,15 +898,30 @@ mod tests {
         }
         .encode(3, &mut wire);
         ToHelper::Cancel.encode(3, &mut wire);
+        ToHelper::Run(Run {
+            session: 4,
+            grace_ms: 5,
+            cap: 6,
+            code: b"x".to_vec(),
+        })
+        .encode(3, &mut wire);
+        FromHelper::Reply {
+            bytes: b"{}".to_vec(),
+        }
+        .encode(3, &mut wire);
         #[rustfmt::skip]
         let expected: &[u8] = &[
             0, 0, 0, 17, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5,
             0, 0, 0, 12, 18, 0, 0, 0, 0, 0, 0, 0, 3, 2, b'h', b'i',
             0, 0, 0, 14, 20, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 137, 1,
             0, 0, 0, 9, 2, 0, 0, 0, 0, 0, 0, 0, 3,
+            0, 0, 0, 38, 4, 0, 0, 0, 0, 0, 0, 0, 3,
+            0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 6,
+            0, 0, 0, 1, b'x',
+            0, 0, 0, 11, 22, 0, 0, 0, 0, 0, 0, 0, 3, b'{', b'}',
         ];
         assert_eq!(wire, expected);
-        assert_eq!(VERSION, 1);
+        assert_eq!(VERSION, 2);
     }
 
     #[test]
@@ -862,7 +989,7 @@ mod tests {
         use ProtoError::*;
         let bad = |kind, id, payload: &[u8]| FromHelper::decode(one(kind, id, payload));
         // Kinds it does not send (the daemon's own included), and unknown ones.
-        for kind in [0, START, CANCEL, 15, 22, 255] {
+        for kind in [0, START, CANCEL, OPEN_SESSION, RUN, 15, 23, 255] {
             assert_eq!(bad(kind, 1, &[]), Err(UnknownKind { kind }));
         }
         // Each fixed-size payload one byte short and one byte long.
@@ -871,7 +998,7 @@ mod tests {
             msg.encode(id, &mut wire);
             let payload = &wire[HEADER..];
             let kind = msg.kind();
-            if matches!(kind, OUTPUT | FAILED) {
+            if matches!(kind, OUTPUT | FAILED | REPLY) {
                 continue;
             }
             assert_eq!(
@@ -914,7 +1041,14 @@ mod tests {
         // A hello carries no call id; a call frame always does.
         let hello = [0, 0, 0, 1, 0, 0, 0, 9];
         assert_eq!(bad(HELLO, 3, &hello), Err(BadCallId { kind: HELLO, id: 3 }));
-        for kind in STARTED..=FAILED {
+        let mut over = vec![b'x'; CHUNK + 1];
+        assert!(matches!(
+            bad(REPLY, 1, &over),
+            Err(BadField { kind: REPLY, .. })
+        ));
+        over.truncate(CHUNK);
+        assert!(bad(REPLY, 1, &over).is_ok());
+        for kind in STARTED..=REPLY {
             assert_eq!(bad(kind, 0, &[]), Err(BadCallId { kind, id: 0 }));
         }
         // Another version is named as such, whatever its payload looks like.
@@ -944,7 +1078,7 @@ mod tests {
     fn malformed_messages_from_the_daemon_are_refused() {
         use ProtoError::*;
         let bad = |kind, id, payload: &[u8]| ToHelper::decode(one(kind, id, payload));
-        for kind in [0, 3, HELLO, OUTPUT, EXIT, 255] {
+        for kind in [0, 5, HELLO, OUTPUT, EXIT, REPLY, 255] {
             assert_eq!(bad(kind, 1, &[]), Err(UnknownKind { kind }));
         }
         assert_eq!(bad(CANCEL, 1, &[0]), Err(Trailing { kind: CANCEL }));
@@ -977,6 +1111,28 @@ mod tests {
             bad(START, 1, &flag),
             Err(BadField { kind: START, .. })
         ));
+        // A run names a session, and its code is length-prefixed like every byte string.
+        let payload = run().encode();
+        for at in 0..payload.len() {
+            assert!(bad(RUN, 1, &payload[..at]).is_err(), "cut at {at}");
+        }
+        assert_eq!(bad(RUN, 0, &payload), Err(BadCallId { kind: RUN, id: 0 }));
+        let no_session = Run {
+            session: 0,
+            ..run()
+        }
+        .encode();
+        assert!(matches!(
+            bad(RUN, 1, &no_session),
+            Err(BadField { kind: RUN, .. })
+        ));
+        assert_eq!(
+            bad(OPEN_SESSION, 0, &start().encode()),
+            Err(BadCallId {
+                kind: OPEN_SESSION,
+                id: 0
+            })
+        );
         // An argument count far above what the payload could hold: refused before allocating.
         let mut lying = vec![0; 24];
         lying.extend_from_slice(&0u32.to_be_bytes());
@@ -1001,12 +1157,14 @@ mod tests {
         let mut valid = Vec::new();
         for (id, msg) in from_helper_messages() {
             // The full chunk would only soak up the mutations.
-            if !matches!(&msg, FromHelper::Output { bytes, .. } if bytes.len() == CHUNK) {
+            if !matches!(&msg, FromHelper::Output { bytes, .. } | FromHelper::Reply { bytes } if bytes.len() == CHUNK)
+            {
                 msg.encode(id, &mut valid);
             }
         }
         ToHelper::Start(start()).encode(5, &mut valid);
         ToHelper::Cancel.encode(5, &mut valid);
+        ToHelper::Run(run()).encode(5, &mut valid);
         let mut accepted = 0;
         for round in 0..20_000 {
             let wire: Vec<u8> = if round % 2 == 0 {
@@ -1025,8 +1183,19 @@ mod tests {
                 let mut w = ((9 + n) as u32).to_be_bytes().to_vec();
                 w.push(
                     [
-                        HELLO, STARTED, OUTPUT, SKIPPED, EXIT, FAILED, START, CANCEL, 99,
-                    ][(next() % 9) as usize],
+                        HELLO,
+                        STARTED,
+                        OUTPUT,
+                        SKIPPED,
+                        EXIT,
+                        FAILED,
+                        REPLY,
+                        START,
+                        CANCEL,
+                        OPEN_SESSION,
+                        RUN,
+                        99,
+                    ][(next() % 12) as usize],
                 );
                 w.extend_from_slice(&(next() % 3).to_be_bytes());
                 w.extend((0..n).map(|_| next() as u8));

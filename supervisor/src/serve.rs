@@ -101,6 +101,73 @@ struct Call {
     streams: [Stream; 2],
     /// (status, killed by a signal) once the supervisor was reaped.
     status: Option<(i32, bool)>,
+    /// Set for a Python session: its output pipes then belong to the run in progress.
+    session: Option<Box<Session>>,
+}
+
+/// A Python session's interpreter as the helper sees it: the pipe it reads requests from
+/// (descriptor 3 in the interpreter), the pipe it replies on (4), and the run in progress.
+///
+/// Requests and replies are `u32 big-endian length | bytes`. The interpreter's first reply is its
+/// pid (4 bytes), to interrupt it; every later one ends the run in progress with its JSON. The
+/// interpreter runs the tenant's code, so everything it writes is bounded and anything malformed
+/// ends the session, never the helper.
+struct Session {
+    req: libc::c_int,
+    rep: libc::c_int,
+    rep_open: bool,
+    /// Request bytes not yet written (the pipe is non-blocking: a program of megabytes must not
+    /// stop the poll loop).
+    to_write: Vec<u8>,
+    written: usize,
+    /// Reply bytes read and not yet taken.
+    reply: Vec<u8>,
+    /// The interpreter's pid, once it said it.
+    kernel: Option<libc::pid_t>,
+    run: Option<SessionRun>,
+    /// The helper is killing it (an interrupt was not obeyed, or its reply was malformed).
+    ending: bool,
+}
+
+/// One run of code in a session.
+struct SessionRun {
+    id: u64,
+    /// The run's caps (their descriptors are unused: the session's pipes feed them).
+    streams: [Stream; 2],
+    grace: Duration,
+    /// When an interrupt not obeyed by then ends the session.
+    kill_at: Option<std::time::Instant>,
+}
+
+impl Session {
+    /// Routes bytes the interpreter printed to the run in progress; between runs (a thread left
+    /// printing) they are dropped.
+    fn output(&mut self, k: usize, data: &[u8], out: &mut Vec<u8>) {
+        if let Some(run) = &mut self.run {
+            run.streams[k].take(data, run.id, proto::Stream::BOTH[k], out);
+        }
+    }
+
+    /// The next complete message on the reply pipe, or why the interpreter is not speaking the
+    /// protocol.
+    fn next_reply(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let Some(prefix) = self.reply.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > proto::MAX_REPLY {
+            return Err(format!(
+                "its reply of {len} bytes is above the bound of {}",
+                proto::MAX_REPLY
+            ));
+        }
+        if self.reply.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = self.reply[4..4 + len].to_vec();
+        self.reply.drain(..4 + len);
+        Ok(Some(msg))
+    }
 }
 
 /// Makes `fd` non-blocking: the poll loop must never sit in one read while other calls wait.
@@ -197,6 +264,7 @@ pub fn serve() -> i32 {
                 revents: 0,
             });
         }
+        // (call, what): 0 and 1 its output pipes, 2 a session's reply pipe, 3 its request pipe.
         let mut owners = Vec::new();
         for (id, call) in &calls {
             for (k, s) in call.streams.iter().enumerate() {
@@ -209,9 +277,34 @@ pub fn serve() -> i32 {
                     owners.push((*id, k));
                 }
             }
+            if let Some(session) = &call.session {
+                if session.rep_open {
+                    fds.push(libc::pollfd {
+                        fd: session.rep,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                    owners.push((*id, 2));
+                }
+                if session.written < session.to_write.len() {
+                    fds.push(libc::pollfd {
+                        fd: session.req,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    });
+                    owners.push((*id, 3));
+                }
+            }
         }
+        // Wake for the nearest interrupt deadline of a session run.
+        let now = std::time::Instant::now();
+        let wait_ms = calls
+            .values()
+            .filter_map(|c| c.session.as_ref()?.run.as_ref()?.kill_at)
+            .map(|at| at.saturating_duration_since(now).as_millis() as i32 + 1)
+            .fold(1000, i32::min);
         // SAFETY: fds is a valid array of pollfd.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
 
         let mut drain = [0u8; 64];
         // SAFETY: draining our own non-blocking signal pipe.
@@ -249,33 +342,58 @@ pub fn serve() -> i32 {
                     }
                 };
                 let (kind, id) = (f.kind, f.id);
-                match ToHelper::decode(f) {
-                    Ok((id, ToHelper::Start(s))) => match start_call(id, &s, me, &calls) {
-                        Ok(call) => {
-                            by_pid.insert(call.pid, id);
-                            FromHelper::Started {
-                                pid: call.pid as u32,
-                            }
-                            .encode(id, &mut out);
-                            calls.insert(id, call);
+                let opened = match ToHelper::decode(f) {
+                    Ok((id, ToHelper::Start(s))) => {
+                        Some((id, start_call(id, &s, me, &calls, false)))
+                    }
+                    Ok((id, ToHelper::OpenSession(s))) => {
+                        Some((id, start_call(id, &s, me, &calls, true)))
+                    }
+                    Ok((id, ToHelper::Run(run))) => {
+                        let session = run.session;
+                        match start_run(id, run, &mut calls, &mut out) {
+                            // Most code fits the pipe at once: no poll round for it.
+                            Ok(()) => session_request(calls.get_mut(&session).expect("checked")),
+                            Err(reason) => FromHelper::Failed { reason }.encode(id, &mut out),
                         }
-                        Err(reason) => FromHelper::Failed { reason }.encode(id, &mut out),
-                    },
+                        None
+                    }
                     Ok((id, ToHelper::Cancel)) => {
                         if let Some(call) = calls.get(&id) {
                             stop(call.pid);
+                        } else {
+                            interrupt_run(id, &mut calls);
                         }
+                        None
                     }
                     // A start whose payload cannot be read fails that call only, as it always
                     // did: the daemon learns why.
-                    Err(e) if kind == proto::START && id != 0 => FromHelper::Failed {
-                        reason: format!("the start request is malformed: {e}"),
+                    Err(e)
+                        if matches!(kind, proto::START | proto::OPEN_SESSION | proto::RUN)
+                            && id != 0 =>
+                    {
+                        FromHelper::Failed {
+                            reason: format!("the request is malformed: {e}"),
+                        }
+                        .encode(id, &mut out);
+                        None
                     }
-                    .encode(id, &mut out),
                     Err(_) => {
                         input_open = false;
                         break;
                     }
+                };
+                match opened {
+                    Some((id, Ok(call))) => {
+                        by_pid.insert(call.pid, id);
+                        FromHelper::Started {
+                            pid: call.pid as u32,
+                        }
+                        .encode(id, &mut out);
+                        calls.insert(id, call);
+                    }
+                    Some((id, Err(reason))) => FromHelper::Failed { reason }.encode(id, &mut out),
+                    None => {}
                 }
             }
             if !input_open {
@@ -290,15 +408,42 @@ pub fn serve() -> i32 {
             let Some(call) = calls.get_mut(id) else {
                 continue;
             };
-            let stream = &mut call.streams[*s];
-            // SAFETY: reading into a buffer we own.
-            let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-            if n > 0 {
-                stream.take(&chunk[..n as usize], *id, proto::Stream::BOTH[*s], &mut out);
-            } else if n == 0 || !matches!(errno(), libc::EAGAIN | libc::EINTR) {
-                stream.open = false;
-                // SAFETY: closing our own read end.
-                unsafe { libc::close(stream.fd) };
+            match *s {
+                2 => session_replies(call, &mut chunk, &mut out),
+                3 => session_request(call),
+                k => {
+                    let stream = &mut call.streams[k];
+                    // SAFETY: reading into a buffer we own.
+                    let n =
+                        unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+                    if n > 0 {
+                        let data = &chunk[..n as usize];
+                        match &mut call.session {
+                            Some(session) => session.output(k, data, &mut out),
+                            None => stream.take(data, *id, proto::Stream::BOTH[k], &mut out),
+                        }
+                    } else if n == 0 || !matches!(errno(), libc::EAGAIN | libc::EINTR) {
+                        stream.open = false;
+                        // SAFETY: closing our own read end.
+                        unsafe { libc::close(stream.fd) };
+                    }
+                }
+            }
+        }
+
+        // A session run whose interrupt was not obeyed in its grace: the session is killed.
+        let now = std::time::Instant::now();
+        for call in calls.values_mut() {
+            let pid = call.pid;
+            if let Some(session) = &mut call.session {
+                let due = session
+                    .run
+                    .as_ref()
+                    .and_then(|r| r.kill_at)
+                    .is_some_and(|at| at <= now);
+                if due && !session.ending && call.status.is_none() {
+                    end_session(pid, session);
+                }
             }
         }
 
@@ -335,7 +480,202 @@ pub fn serve() -> i32 {
                 s.finish(id, no, &mut out);
             }
             FromHelper::Exit { status, signaled }.encode(id, &mut out);
+            if let Some(mut session) = call.session.take() {
+                // SAFETY: closing the session's pipe ends, which only it held.
+                unsafe {
+                    libc::close(session.req);
+                    if session.rep_open {
+                        libc::close(session.rep);
+                    }
+                }
+                // The session's end first, so the daemon knows it is gone when the run ends.
+                if let Some(mut run) = session.run.take() {
+                    for (s, no) in run.streams.iter_mut().zip(proto::Stream::BOTH) {
+                        s.finish(run.id, no, &mut out);
+                    }
+                    FromHelper::Exit {
+                        status,
+                        signaled: false,
+                    }
+                    .encode(run.id, &mut out);
+                }
+            }
         }
+    }
+}
+
+/// Starts a run in its session: queues the code on the session's request pipe.
+fn start_run(
+    id: u64,
+    run: proto::Run,
+    calls: &mut HashMap<u64, Call>,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    if calls.contains_key(&id) || running(calls, id).is_some() {
+        return Err(format!("call {id:016x} is already running"));
+    }
+    let call = calls
+        .get_mut(&run.session)
+        .filter(|c| c.status.is_none())
+        .ok_or("the session is not running (it ended)")?;
+    let session = call
+        .session
+        .as_mut()
+        .filter(|s| !s.ending)
+        .ok_or("the session is not running (it ended)")?;
+    if session.run.is_some() {
+        return Err("the session is running other code".into());
+    }
+    let code_len = u32::try_from(run.code.len()).map_err(|_| "the code is too large")?;
+    session.to_write.clear();
+    session.to_write.extend_from_slice(&code_len.to_be_bytes());
+    session.to_write.extend_from_slice(&run.code);
+    session.written = 0;
+    let cap = run.cap.min(1 << 30) as usize;
+    session.run = Some(SessionRun {
+        id,
+        streams: [Stream::new(-1, cap), Stream::new(-1, cap)],
+        grace: Duration::from_millis(run.grace_ms),
+        kill_at: None,
+    });
+    FromHelper::Started {
+        pid: session.kernel.unwrap_or(call.pid) as u32,
+    }
+    .encode(id, out);
+    Ok(())
+}
+
+/// The session whose run in progress is `id`.
+fn running(calls: &HashMap<u64, Call>, id: u64) -> Option<u64> {
+    calls.iter().find_map(|(sid, c)| {
+        c.session
+            .as_ref()
+            .and_then(|s| s.run.as_ref())
+            .filter(|r| r.id == id)
+            .map(|_| *sid)
+    })
+}
+
+/// Interrupts the run `id` (CANCEL): SIGINT to the interpreter's process group, as Ctrl-C in a
+/// terminal (its code gets KeyboardInterrupt and the session keeps its state); if the run has
+/// not ended within its grace, the session is killed (see the loop).
+fn interrupt_run(id: u64, calls: &mut HashMap<u64, Call>) {
+    let Some(sid) = running(calls, id) else {
+        return;
+    };
+    let Some(session) = calls.get_mut(&sid).and_then(|c| c.session.as_mut()) else {
+        return;
+    };
+    let kernel = session.kernel;
+    let Some(run) = session.run.as_mut() else {
+        return;
+    };
+    if run.kill_at.is_some() {
+        return;
+    }
+    run.kill_at = Some(std::time::Instant::now() + run.grace);
+    if let Some(pid) = kernel.filter(|p| *p > 1) {
+        // SAFETY: kill(2) on a process group of our uid; at worst ESRCH.
+        unsafe { libc::kill(-pid, libc::SIGINT) };
+    }
+}
+
+/// Kills a session: SIGKILL to the interpreter's process group, SIGTERM to its supervisor (which
+/// kills whatever else it started). Its end is reported when the supervisor is reaped.
+fn end_session(supervisor: libc::pid_t, session: &mut Session) {
+    session.ending = true;
+    if let Some(pid) = session.kernel.filter(|p| *p > 1) {
+        // SAFETY: kill(2) on a process group of our uid; at worst ESRCH.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    stop(supervisor);
+}
+
+/// Reads what the session's interpreter replied: its pid first, then one reply per run, which
+/// ends that run (output first, then the reply, then EXIT 0). Malformed replies end the session.
+fn session_replies(call: &mut Call, chunk: &mut [u8], out: &mut Vec<u8>) {
+    let pid = call.pid;
+    let Some(session) = call.session.as_mut() else {
+        return;
+    };
+    // SAFETY: reading into a buffer we own.
+    let n = unsafe { libc::read(session.rep, chunk.as_mut_ptr().cast(), chunk.len()) };
+    if n > 0 {
+        session.reply.extend_from_slice(&chunk[..n as usize]);
+    } else if n == 0 || !matches!(errno(), libc::EAGAIN | libc::EINTR) {
+        session.rep_open = false;
+        // SAFETY: closing our own read end.
+        unsafe { libc::close(session.rep) };
+        return;
+    }
+    loop {
+        let msg = match session.next_reply() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return,
+            Err(_) => {
+                session.reply.clear();
+                if !session.ending {
+                    end_session(pid, session);
+                }
+                return;
+            }
+        };
+        if session.kernel.is_none() {
+            match msg.as_slice().try_into().map(i32::from_be_bytes) {
+                Ok(kernel) if kernel > 1 => session.kernel = Some(kernel),
+                _ => end_session(pid, session),
+            }
+            continue;
+        }
+        let Some(mut run) = session.run.take() else {
+            // A reply nobody asked for (the tenant's code writing on the pipe): dropped.
+            continue;
+        };
+        // Everything the interpreter printed before replying is in its pipes now: take it.
+        for (k, stream) in call.streams.iter_mut().enumerate() {
+            while stream.open {
+                // SAFETY: reading into a buffer we own (the pipe is non-blocking).
+                let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+                if n <= 0 {
+                    break;
+                }
+                run.streams[k].take(&chunk[..n as usize], run.id, proto::Stream::BOTH[k], out);
+            }
+        }
+        for (s, no) in run.streams.iter_mut().zip(proto::Stream::BOTH) {
+            s.finish(run.id, no, out);
+        }
+        for piece in msg.chunks(proto::CHUNK) {
+            FromHelper::Reply {
+                bytes: piece.to_vec(),
+            }
+            .encode(run.id, out);
+        }
+        FromHelper::Exit {
+            status: 0,
+            signaled: false,
+        }
+        .encode(run.id, out);
+    }
+}
+
+/// Writes what the pipe takes of the session's pending request.
+fn session_request(call: &mut Call) {
+    let Some(session) = call.session.as_mut() else {
+        return;
+    };
+    let rest = &session.to_write[session.written..];
+    // SAFETY: writing from a slice we own to a non-blocking pipe.
+    let n = unsafe { libc::write(session.req, rest.as_ptr().cast(), rest.len()) };
+    if n > 0 {
+        session.written += n as usize;
+    } else if n < 0 && !matches!(errno(), libc::EAGAIN | libc::EINTR) {
+        // The interpreter is gone: its supervisor's end reports it.
+        session.written = session.to_write.len();
+    }
+    if session.written == session.to_write.len() {
+        session.to_write = Vec::new();
+        session.written = 0;
     }
 }
 
@@ -395,8 +735,9 @@ fn start_call(
     start: &Start,
     me: libc::pid_t,
     calls: &HashMap<u64, Call>,
+    session: bool,
 ) -> Result<Call, String> {
-    if calls.contains_key(&id) {
+    if calls.contains_key(&id) || running(calls, id).is_some() {
         return Err(format!("call {id:016x} is already running"));
     }
     if start.argv.is_empty() {
@@ -415,6 +756,7 @@ fn start_call(
         grace: Duration::from_millis(start.grace_ms),
         workdir,
         stdin_program: start.program.is_some(),
+        session,
         argv: start
             .argv
             .iter()
@@ -465,6 +807,27 @@ fn start_call(
     }
     let (stdin_raw, out_raw, err_raw) =
         (stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd());
+    // A session's request and reply pipes, the interpreter's ends above 4 so that moving them to
+    // 3 and 4 in the child cannot overwrite one with the other.
+    let session_pipes = if session {
+        let [req_r, req_w] = owned_pipe()?;
+        let [rep_r, rep_w] = owned_pipe()?;
+        for fd in [&req_w, &rep_r] {
+            set_nonblocking(fd.as_raw_fd())
+                .map_err(|e| format!("preparing the session's pipes: {e}"))?;
+        }
+        let high = |fd: &OwnedFd| {
+            // SAFETY: F_DUPFD_CLOEXEC with an integer minimum returns a new descriptor or -1.
+            owned(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 5) })
+                .map_err(|e| format!("preparing the session's pipes: {e}"))
+        };
+        Some((high(&req_r)?, req_w, rep_r, high(&rep_w)?))
+    } else {
+        None
+    };
+    let (req_child, rep_child) = session_pipes
+        .as_ref()
+        .map_or((-1, -1), |(r, _, _, w)| (r.as_raw_fd(), w.as_raw_fd()));
 
     // Fork without exec: the child is the call's supervisor (an exec of this binary would cost
     // another pass through the container's file system).
@@ -487,8 +850,21 @@ fn start_call(
             child_check(libc::dup2(stdin_raw, 0) == 0, b"dup2 of the call's stdin");
             child_check(libc::dup2(out_raw, 1) == 1, b"dup2 of the call's stdout");
             child_check(libc::dup2(err_raw, 2) == 2, b"dup2 of the call's stderr");
+            // A session's interpreter reads requests on 3 and replies on 4 (dup2 clears
+            // close-on-exec, so they reach it).
+            if req_child >= 0 {
+                child_check(
+                    libc::dup2(req_child, 3) == 3,
+                    b"dup2 of the session's requests",
+                );
+                child_check(
+                    libc::dup2(rep_child, 4) == 4,
+                    b"dup2 of the session's replies",
+                );
+            }
             // Nothing of the server's (the channel, other calls' pipes) stays open in the call.
-            child_check(close_range_from(3).is_ok(), b"close_range");
+            let first = if req_child >= 0 { 5 } else { 3 };
+            child_check(close_range_from(first).is_ok(), b"close_range");
             // If the server dies, every call is stopped (SIGTERM: the supervisor kills its tree).
             child_check(
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) == 0,
@@ -525,6 +901,21 @@ fn start_call(
         };
         return Err(format!("cannot start the call: fork: {fork_error}{hint}"));
     }
+    let session = session_pipes.map(|(req_r, req_w, rep_r, rep_w)| {
+        // The interpreter's ends are its own now: its death must end the reply pipe.
+        drop((req_r, rep_w));
+        Box::new(Session {
+            req: req_w.into_raw_fd(),
+            rep: rep_r.into_raw_fd(),
+            rep_open: true,
+            to_write: Vec::new(),
+            written: 0,
+            reply: Vec::new(),
+            kernel: None,
+            run: None,
+            ending: false,
+        })
+    });
     let cap = start.cap.min(1 << 30) as usize;
     Ok(Call {
         pid,
@@ -533,5 +924,6 @@ fn start_call(
             Stream::new(err_r.into_raw_fd(), cap),
         ],
         status: None,
+        session,
     })
 }
