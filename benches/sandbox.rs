@@ -532,6 +532,85 @@ async fn main() {
     );
     results.insert("output_100mib".into(), json!({ "wall_s": wall.as_secs_f64(), "exec_wall_s": wall_exec.as_secs_f64(), "discarded_in_container_s": base.as_secs_f64(), "rss_before_kib": rss_before, "peak_rss_kib": peak, "exec_peak_rss_kib": peak_exec }));
 
+    // 8. Python sessions: a warm session's `pass` vs a stateless run_python `pass`, interleaved;
+    // then pandas: the first call of a new session (import + groupby) vs the same code again.
+    println!("\n8. Python sessions (one user, warm container and channel)");
+    let py = |code: &str, session: Option<&str>| {
+        let mut args = json!({ "code": code });
+        if let Some(s) = session {
+            args["session"] = json!(s);
+        }
+        zcbot_sandbox::exec::ToolCall::parse("run_python", args).unwrap()
+    };
+    let (mut in_session, mut stateless) = (hist(), hist());
+    for i in 0..(n_exec + 30) {
+        settle().await;
+        let t = Instant::now();
+        let r = executor
+            .run(&u0, py("pass", Some("bench")), &cancel)
+            .await
+            .unwrap();
+        assert_eq!(r.exit_code, Some(0));
+        if i >= 30 {
+            record(&mut in_session, t);
+        }
+        settle().await;
+        let t = Instant::now();
+        let r = executor.run(&u0, py("pass", None), &cancel).await.unwrap();
+        assert_eq!(r.exit_code, Some(0));
+        if i >= 30 {
+            record(&mut stateless, t);
+        }
+    }
+    row(
+        "run_python `pass` in a warm session",
+        &in_session,
+        Some(&stateless),
+    );
+    row("baseline: stateless run_python `pass`", &stateless, None);
+    let groupby = "import pandas as pd\npd.DataFrame({'k': list('abcab'), 'v': range(5)}).groupby('k').v.sum().to_dict()";
+    let (mut first, mut second, mut fresh) = (hist(), hist(), hist());
+    for i in 0..10 {
+        let name = format!("pd{i}");
+        let t = Instant::now();
+        let r = executor
+            .run(&u0, py(groupby, Some(&name)), &cancel)
+            .await
+            .unwrap();
+        record(&mut first, t);
+        assert!(
+            r.session.as_ref().is_some_and(|s| s.session_started),
+            "{r:?}"
+        );
+        let t = Instant::now();
+        executor
+            .run(&u0, py(groupby, Some(&name)), &cancel)
+            .await
+            .unwrap();
+        record(&mut second, t);
+        executor.end_session(&u0, &name).await.unwrap();
+        let t = Instant::now();
+        let r = executor.run(&u0, py(groupby, None), &cancel).await.unwrap();
+        assert_eq!(r.exit_code, Some(0), "{r:?}");
+        record(&mut fresh, t);
+    }
+    row(
+        "pandas import + groupby, 2nd call in the session",
+        &second,
+        Some(&first),
+    );
+    row(
+        "pandas import + groupby, stateless call",
+        &fresh,
+        Some(&first),
+    );
+    row(
+        "baseline: the same, 1st call of a new session",
+        &first,
+        None,
+    );
+    results.insert("sessions".into(), json!({ "pass_in_session": summary(&in_session), "pass_stateless": summary(&stateless), "pandas_first": summary(&first), "pandas_second": summary(&second), "pandas_stateless": summary(&fresh) }));
+
     // 5. Scale: many warm containers.
     println!("\n5. scale: {n_scale} warm containers");
     for u in &users {

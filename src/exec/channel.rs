@@ -247,6 +247,9 @@ struct End {
     stdout: Capture,
     stderr: Capture,
     reply: Option<Vec<u8>>,
+    /// A session run's session had ended when the run's end arrived (the helper reports the
+    /// session's end first).
+    session_gone: bool,
 }
 
 enum EndKind {
@@ -261,7 +264,18 @@ struct Pending {
     started: bool,
     /// A session run's reply as it arrives (None for a call).
     reply: Option<Vec<u8>>,
+    /// A session run's session (its helper id).
+    session: Option<u64>,
     done: oneshot::Sender<End>,
+}
+
+/// A call about to be sent: its id and end's receiver (from `register`), the frames that start
+/// it, and for a session run the hold on its session.
+struct Outgoing {
+    id: u64,
+    rx: oneshot::Receiver<End>,
+    frame: Vec<u8>,
+    session: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// A call's end as [`Channel::exchange`] hands it back.
@@ -286,6 +300,22 @@ struct SessionEntry {
     ended: CancellationToken,
     /// Why the helper could not start it.
     failure: parking_lot::Mutex<Option<String>>,
+}
+
+/// A channel's sessions: by name, those a run may use; by id, every one the helper still runs
+/// (an ended or idle session leaves the names at once, so its name is free for a new one, and
+/// stays by id until the helper reports its end).
+#[derive(Default)]
+struct Sessions {
+    by_name: HashMap<String, Arc<SessionEntry>>,
+    by_id: HashMap<u64, Arc<SessionEntry>>,
+}
+
+impl Sessions {
+    /// Takes `name` off the names (the helper still runs it until it reports its end).
+    fn retire(&mut self, name: &str) -> Option<Arc<SessionEntry>> {
+        self.by_name.remove(name)
+    }
 }
 
 impl SessionEntry {
@@ -314,8 +344,8 @@ pub(crate) struct Channel {
     stats: Arc<TransportStats>,
     writer: tokio::sync::Mutex<Option<Input>>,
     calls: parking_lot::Mutex<HashMap<u64, Pending>>,
-    /// The Python sessions in this channel's helper, by name: they end with the channel.
-    sessions: parking_lot::Mutex<HashMap<String, Arc<SessionEntry>>>,
+    /// The Python sessions in this channel's helper: they end with the channel.
+    sessions: parking_lot::Mutex<Sessions>,
     dead: CancellationToken,
     reason: parking_lot::Mutex<Option<String>>,
     /// Cancelled once a dead channel's leftovers were cleaned up.
@@ -415,7 +445,7 @@ impl Channel {
             stats,
             writer: tokio::sync::Mutex::new(Some(input)),
             calls: parking_lot::Mutex::new(HashMap::new()),
-            sessions: parking_lot::Mutex::new(HashMap::new()),
+            sessions: parking_lot::Mutex::new(Sessions::default()),
             dead: CancellationToken::new(),
             reason: parking_lot::Mutex::new(None),
             cleaned: CancellationToken::new(),
@@ -439,8 +469,10 @@ impl Channel {
             tokio::select! {
                 _ = idle_check.tick() => {
                     // On a task of its own: this loop must keep reading while it writes.
-                    let ch = self.clone();
-                    self.pool.tasks().spawn(async move { ch.end_idle_sessions().await });
+                    if !self.sessions.lock().by_name.is_empty() {
+                        let ch = self.clone();
+                        self.pool.tasks().spawn(async move { ch.end_idle_sessions().await });
+                    }
                 }
                 item = output.next() => match item {
                     Some(Ok(Chunk::Stderr(b))) => keep_some(&mut stderr, &b),
@@ -499,14 +531,19 @@ impl Channel {
                     }
                 }
                 FromHelper::Exit { status, signaled } => match calls.remove(&id) {
-                    Some(p) => p.finish(EndKind::Exit { status, signaled }),
+                    Some(p) => {
+                        let gone = p
+                            .session
+                            .is_some_and(|s| !self.sessions.lock().by_id.contains_key(&s));
+                        p.finish(EndKind::Exit { status, signaled }, gone)
+                    }
                     None => self.session_ended(id),
                 },
                 FromHelper::Failed { reason } => match calls.remove(&id) {
-                    Some(p) => p.finish(EndKind::Failed(reason)),
+                    Some(p) => p.finish(EndKind::Failed(reason), false),
                     None => {
                         tracing::warn!(user = %self.user, container = %self.container, reason = %reason, "a Python session could not start");
-                        if let Some(entry) = self.sessions.lock().values().find(|e| e.id == id) {
+                        if let Some(entry) = self.sessions.lock().by_id.get(&id) {
                             *entry.failure.lock() = Some(reason);
                         }
                         self.session_ended(id)
@@ -542,7 +579,8 @@ impl Channel {
             *r = Some(reason.clone());
         }
         self.dead.cancel();
-        for (_, entry) in self.sessions.lock().drain() {
+        let sessions = std::mem::take(&mut *self.sessions.lock());
+        for entry in sessions.by_id.into_values() {
             entry.ended.cancel();
         }
         let pending: Vec<Pending> = self.calls.lock().drain().map(|(_, p)| p).collect();
@@ -557,7 +595,7 @@ impl Channel {
         let in_flight = !pending.is_empty();
         for p in pending {
             let started = p.started;
-            p.finish(EndKind::Lost { started });
+            p.finish(EndKind::Lost { started }, true);
         }
         let ch = self.clone();
         self.pool
@@ -643,7 +681,7 @@ impl Channel {
 
     /// A fresh call id, registered with its end's receiver; [`Attempt::NotStarted`] when the
     /// channel is dead.
-    fn register(&self, session_run: bool) -> Result<(u64, oneshot::Receiver<End>), Attempt> {
+    fn register(&self, session: Option<u64>) -> Result<(u64, oneshot::Receiver<End>), Attempt> {
         let (tx, rx) = oneshot::channel();
         let mut calls = self.calls.lock();
         if !self.alive() {
@@ -653,10 +691,7 @@ impl Channel {
         while id == 0 || calls.contains_key(&id) {
             id = random_id();
         }
-        calls.insert(
-            id,
-            Pending::new(self.pool.config().output_cap, tx, session_run),
-        );
+        calls.insert(id, Pending::new(self.pool.config().output_cap, tx, session));
         Ok((id, rx))
     }
 
@@ -668,7 +703,7 @@ impl Channel {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, Attempt> {
         let cfg = self.pool.config();
-        let (id, rx) = self.register(false)?;
+        let (id, rx) = self.register(None)?;
         let start = Start {
             timeout_ms: (spec.timeout + cfg.kill_grace + BACKSTOP).as_millis() as u64,
             grace_ms: cfg.kill_grace.as_millis() as u64,
@@ -686,7 +721,17 @@ impl Channel {
         let mut frame = Vec::new();
         proto::ToHelper::Start(start).encode(id, &mut frame);
         let done = self
-            .exchange(lease, id, rx, frame, spec.timeout, cancel)
+            .exchange(
+                lease,
+                Outgoing {
+                    id,
+                    rx,
+                    frame,
+                    session: None,
+                },
+                spec.timeout,
+                cancel,
+            )
             .await?;
         let exit_code = match done.end.kind {
             EndKind::Exit { status, signaled } => {
@@ -721,17 +766,22 @@ impl Channel {
     async fn exchange(
         self: &Arc<Self>,
         lease: Lease,
-        id: u64,
-        mut rx: oneshot::Receiver<End>,
-        frame: Vec<u8>,
+        out: Outgoing,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<Done, Attempt> {
+        let Outgoing {
+            id,
+            mut rx,
+            frame,
+            session,
+        } = out;
         // From here the call may run: whatever ends this future stops it.
         let grace = self.pool.config().kill_grace + STOP_MARGIN;
         let call = ChannelCall {
             channel: self.clone(),
             id,
+            _session: session,
         };
         let guard = StopGuard::new(call, lease, grace, self.pool.tasks().clone());
         self.send(frame).await;
@@ -789,7 +839,7 @@ impl Channel {
         cancel: &CancellationToken,
     ) -> Result<(ProcessOutcome, SessionOutcome), Attempt> {
         let cfg = self.pool.config();
-        let (entry, _busy, opened) = self.session_for(name)?;
+        let (entry, busy, opened) = self.session_for(name)?;
         let mut frames = Vec::new();
         if opened {
             let mut env = super::base_env(&Default::default());
@@ -807,7 +857,7 @@ impl Channel {
             };
             proto::ToHelper::OpenSession(start).encode(entry.id, &mut frames);
         }
-        let (id, rx) = match self.register(true) {
+        let (id, rx) = match self.register(Some(entry.id)) {
             Ok(r) => r,
             Err(e) => {
                 entry.ended.cancel();
@@ -821,7 +871,19 @@ impl Channel {
             code: code.as_bytes().to_vec(),
         })
         .encode(id, &mut frames);
-        let done = self.exchange(lease, id, rx, frames, timeout, cancel).await;
+        let done = self
+            .exchange(
+                lease,
+                Outgoing {
+                    id,
+                    rx,
+                    frame: frames,
+                    session: Some(busy),
+                },
+                timeout,
+                cancel,
+            )
+            .await;
         let now = (SystemTime::now(), Instant::now());
         *entry.last_used.lock() = now;
         let done = done?;
@@ -838,7 +900,7 @@ impl Channel {
                 }));
             }
             EndKind::Exit { status, .. } => {
-                outcome.session_restarted = entry.ended.is_cancelled();
+                outcome.session_restarted = done.end.session_gone;
                 match &done.end.reply {
                     Some(reply) if !outcome.session_restarted => {
                         let rss = outcome.read_reply(reply);
@@ -877,8 +939,8 @@ impl Channel {
         if !self.alive() {
             return Err(Attempt::NotStarted);
         }
-        table.retain(|_, e| !e.ended.is_cancelled());
-        if let Some(entry) = table.get(name) {
+        table.by_name.retain(|_, e| !e.ended.is_cancelled());
+        if let Some(entry) = table.by_name.get(name) {
             // Taken under the table's lock: nobody can run in a session before it is opened.
             let busy = entry.busy.clone().try_lock_owned().map_err(|_| {
                 Attempt::Failed(Error::SessionBusy {
@@ -886,9 +948,11 @@ impl Channel {
                     name: name.to_owned(),
                 })
             })?;
+            // Used from now: the idle ender checks this under the same lock.
+            *entry.last_used.lock() = (SystemTime::now(), Instant::now());
             return Ok((entry.clone(), busy, false));
         }
-        if table.len() >= cfg.python_sessions_max {
+        if table.by_name.len() >= cfg.python_sessions_max {
             return Err(Attempt::Failed(Error::TooManySessions {
                 user: self.user.to_string(),
                 max: cfg.python_sessions_max,
@@ -897,7 +961,7 @@ impl Channel {
         // Not checked against the calls' ids (dispatch takes the calls' lock, then this one): a
         // collision of 64 random bits is refused by the helper, not run as something else.
         let mut id = random_id();
-        while id == 0 || table.values().any(|e| e.id == id) {
+        while id == 0 || table.by_id.contains_key(&id) {
             id = random_id();
         }
         let entry = Arc::new(SessionEntry {
@@ -915,20 +979,18 @@ impl Channel {
             .clone()
             .try_lock_owned()
             .expect("a new session's lock is free");
-        table.insert(name.to_owned(), entry.clone());
+        table.by_name.insert(name.to_owned(), entry.clone());
+        table.by_id.insert(id, entry.clone());
         Ok((entry, busy, true))
     }
 
     /// The helper reported the end of `id`, a session (or a call already ended).
     fn session_ended(&self, id: u64) {
         let mut table = self.sessions.lock();
-        if let Some(name) = table
-            .iter()
-            .find(|(_, e)| e.id == id)
-            .map(|(n, _)| n.clone())
-        {
-            if let Some(entry) = table.remove(&name) {
-                entry.ended.cancel();
+        if let Some(entry) = table.by_id.remove(&id) {
+            entry.ended.cancel();
+            if table.by_name.get(&entry.name).is_some_and(|e| e.id == id) {
+                table.by_name.remove(&entry.name);
             }
         }
     }
@@ -938,6 +1000,7 @@ impl Channel {
         let mut list: Vec<SessionInfo> = self
             .sessions
             .lock()
+            .by_name
             .values()
             .filter(|e| !e.ended.is_cancelled())
             .map(|e| e.info())
@@ -946,36 +1009,60 @@ impl Channel {
         list
     }
 
-    /// Ends the session `name` (its whole process tree); false when there is none.
+    /// Ends the session `name` (its whole process tree, a run in it included); false when there
+    /// is none. Its name is free at once.
     pub(crate) async fn end_session(self: &Arc<Self>, name: &str) -> bool {
-        let entry = self.sessions.lock().get(name).cloned();
-        let Some(entry) = entry.filter(|e| !e.ended.is_cancelled()) else {
-            return false;
-        };
+        let entry = self.sessions.lock().retire(name);
+        match entry.filter(|e| !e.ended.is_cancelled()) {
+            Some(entry) => {
+                self.stop_session(&entry).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks the helper to kill a session and waits for its end (bounded: the channel dies,
+    /// ending it, if the helper does not answer).
+    async fn stop_session(self: &Arc<Self>, entry: &SessionEntry) {
         let mut frame = Vec::new();
         proto::ToHelper::Cancel.encode(entry.id, &mut frame);
         if self.send(frame).await {
-            // Its end arrives when the supervisor has killed the tree (bounded: the channel
-            // dies, ending it, if the helper does not answer).
             let bound = SESSION_KILL_GRACE + STOP_MARGIN;
             let _ = tokio::time::timeout(bound, entry.ended.cancelled()).await;
         }
-        true
     }
 
-    /// Ends the sessions that ran no code for `ZCBOT_PYTHON_SESSION_IDLE` (not those running).
+    /// Ends the sessions that ran no code for `ZCBOT_PYTHON_SESSION_IDLE`. Each is taken off the
+    /// names with its run lock held, so a run racing this either got it first (and the session
+    /// is not idle) or starts a new session.
     async fn end_idle_sessions(self: &Arc<Self>) {
         let idle = self.pool.config().python_session_idle;
-        let stale: Vec<String> = self
-            .sessions
-            .lock()
-            .values()
-            .filter(|e| e.busy.try_lock().is_ok() && e.last_used.lock().1.elapsed() >= idle)
-            .map(|e| e.name.clone())
-            .collect();
-        for name in stale {
-            tracing::info!(user = %self.user, session = %name, "ending an idle Python session (ZCBOT_PYTHON_SESSION_IDLE)");
-            self.end_session(&name).await;
+        let stale: Vec<(Arc<SessionEntry>, tokio::sync::OwnedMutexGuard<()>)> = {
+            let mut table = self.sessions.lock();
+            let names: Vec<String> = table
+                .by_name
+                .values()
+                .filter(|e| e.last_used.lock().1.elapsed() >= idle)
+                .map(|e| e.name.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|name| {
+                    let busy = table
+                        .by_name
+                        .get(&name)?
+                        .busy
+                        .clone()
+                        .try_lock_owned()
+                        .ok()?;
+                    table.retire(&name).map(|e| (e, busy))
+                })
+                .collect()
+        };
+        for (entry, _busy) in stale {
+            tracing::info!(user = %self.user, session = %entry.name, "ending an idle Python session (ZCBOT_PYTHON_SESSION_IDLE)");
+            self.stop_session(&entry).await;
         }
     }
 
@@ -1000,22 +1087,24 @@ impl Channel {
 }
 
 impl Pending {
-    fn new(cap: usize, done: oneshot::Sender<End>, session_run: bool) -> Self {
+    fn new(cap: usize, done: oneshot::Sender<End>, session: Option<u64>) -> Self {
         Pending {
             stdout: Capture::new(cap),
             stderr: Capture::new(cap),
             started: false,
-            reply: session_run.then(Vec::new),
+            reply: session.map(|_| Vec::new()),
+            session,
             done,
         }
     }
 
-    fn finish(self, kind: EndKind) {
+    fn finish(self, kind: EndKind, session_gone: bool) {
         let _ = self.done.send(End {
             kind,
             stdout: self.stdout,
             stderr: self.stderr,
             reply: self.reply,
+            session_gone,
         });
     }
 }
@@ -1024,6 +1113,9 @@ impl Pending {
 struct ChannelCall {
     channel: Arc<Channel>,
     id: u64,
+    /// A session run's hold on its session: released only once the run is known to have ended
+    /// (a dropped request's run is still being interrupted meanwhile).
+    _session: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl CallStop for ChannelCall {

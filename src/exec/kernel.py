@@ -28,7 +28,7 @@ import warnings
 MAX_VALUE = 64 << 10  # characters of a final expression's repr kept
 MAX_ERROR = 4 << 10  # characters of an exception's text kept
 MAX_RESULTS = 16  # rich results per run
-MAX_RESULT_BYTES = 4 << 20  # base64 bytes of rich results per run
+MAX_RESULT_BYTES = 4 << 20  # bytes (UTF-8) of rich results per run, base64 included
 MIMES = (
     ("_repr_png_", "image/png", True),
     ("_repr_jpeg_", "image/jpeg", True),
@@ -108,11 +108,13 @@ class Results:
         self.dropped = 0
 
     def add(self, mime, data):
-        if len(self.items) >= MAX_RESULTS or self.size + len(data) > MAX_RESULT_BYTES:
+        # Bytes as they will be sent (UTF-8), so the reply stays far below the helper's bound.
+        size = len(data.encode("utf-8", "replace"))
+        if len(self.items) >= MAX_RESULTS or self.size + size > MAX_RESULT_BYTES:
             self.dropped += 1
             return
         self.items.append({"mime": mime, "data": data})
-        self.size += len(data)
+        self.size += size
 
     def of_object(self, value):
         for method, mime, binary in MIMES:

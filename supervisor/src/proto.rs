@@ -1053,8 +1053,12 @@ mod tests {
         }
         // Another version is named as such, whatever its payload looks like.
         assert_eq!(
-            bad(HELLO, 0, &[0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0]),
-            Err(Version { helper: 2 })
+            bad(HELLO, 0, &[0, 0, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0]),
+            Err(Version { helper: 1 })
+        );
+        assert_eq!(
+            bad(HELLO, 0, &[0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0, 0]),
+            Err(Version { helper: 3 })
         );
         assert_eq!(bad(HELLO, 0, &[0, 0, 0, 0]), Err(Version { helper: 0 }));
         // A reason is text for a message: cut and repaired, never refused.

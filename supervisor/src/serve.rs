@@ -233,6 +233,8 @@ pub fn serve() -> i32 {
     let mut decoder = Decoder::new(proto::MAX_TO_HELPER);
     let mut calls: HashMap<u64, Call> = HashMap::new();
     let mut by_pid: HashMap<libc::pid_t, u64> = HashMap::new();
+    // Sessions ended (CANCEL) before their OPEN_SESSION arrived: the last 64.
+    let mut cancelled_early: VecDeque<u64> = VecDeque::new();
     let mut input_open = true;
     let mut daemon_gone = false;
     let mut inbuf = vec![0u8; 256 << 10];
@@ -347,7 +349,15 @@ pub fn serve() -> i32 {
                         Some((id, start_call(id, &s, me, &calls, false)))
                     }
                     Ok((id, ToHelper::OpenSession(s))) => {
-                        Some((id, start_call(id, &s, me, &calls, true)))
+                        if cancelled_early.contains(&id) {
+                            cancelled_early.retain(|c| *c != id);
+                            Some((
+                                id,
+                                Err("the session was ended before it started".to_owned()),
+                            ))
+                        } else {
+                            Some((id, start_call(id, &s, me, &calls, true)))
+                        }
                     }
                     Ok((id, ToHelper::Run(run))) => {
                         let session = run.session;
@@ -359,10 +369,18 @@ pub fn serve() -> i32 {
                         None
                     }
                     Ok((id, ToHelper::Cancel)) => {
-                        if let Some(call) = calls.get(&id) {
-                            stop(call.pid);
-                        } else {
-                            interrupt_run(id, &mut calls);
+                        match calls.get(&id) {
+                            Some(call) if call.status.is_none() => stop(call.pid),
+                            Some(_) => {}
+                            None if running(&calls, id).is_some() => interrupt_run(id, &mut calls),
+                            // A session ended before its OPEN_SESSION arrived (the daemon's
+                            // writes can cross): it must not start afterwards.
+                            None => {
+                                if cancelled_early.len() == 64 {
+                                    cancelled_early.pop_front();
+                                }
+                                cancelled_early.push_back(id);
+                            }
                         }
                         None
                     }
@@ -463,14 +481,29 @@ pub fn serve() -> i32 {
             }
         }
 
+        // A session ends with its supervisor: if that was killed, its interpreter (orphaned, and
+        // writing straight to our pipes) is killed here rather than waited for.
         let done: Vec<u64> = calls
             .iter()
-            .filter(|(_, c)| c.status.is_some() && c.streams.iter().all(|s| !s.open))
+            .filter(|(_, c)| {
+                c.status.is_some() && (c.session.is_some() || c.streams.iter().all(|s| !s.open))
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in done {
             let mut call = calls.remove(&id).expect("listed above");
             let (status, signaled) = call.status.expect("checked above");
+            if let Some(session) = &call.session {
+                if let Some(pid) = session.kernel.filter(|p| *p > 1) {
+                    // SAFETY: kill(2) on a process group of our uid; at worst ESRCH.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+                for s in call.streams.iter_mut().filter(|s| s.open) {
+                    s.open = false;
+                    // SAFETY: closing our own read end.
+                    unsafe { libc::close(s.fd) };
+                }
+            }
             if signaled {
                 // The supervisor itself was killed (the sandbox user can): its processes are now
                 // orphans of PID 1, which every live call's processes are not. Kill exactly those.
@@ -614,7 +647,7 @@ fn session_replies(call: &mut Call, chunk: &mut [u8], out: &mut Vec<u8>) {
             Ok(None) => return,
             Err(_) => {
                 session.reply.clear();
-                if !session.ending {
+                if !session.ending && call.status.is_none() {
                     end_session(pid, session);
                 }
                 return;
@@ -623,22 +656,36 @@ fn session_replies(call: &mut Call, chunk: &mut [u8], out: &mut Vec<u8>) {
         if session.kernel.is_none() {
             match msg.as_slice().try_into().map(i32::from_be_bytes) {
                 Ok(kernel) if kernel > 1 => session.kernel = Some(kernel),
-                _ => end_session(pid, session),
+                _ if call.status.is_none() => end_session(pid, session),
+                _ => {}
             }
+            continue;
+        }
+        if session.ending {
+            // Being killed: its run ends with the session, whatever it wrote.
             continue;
         }
         let Some(mut run) = session.run.take() else {
             // A reply nobody asked for (the tenant's code writing on the pipe): dropped.
             continue;
         };
-        // Everything the interpreter printed before replying is in its pipes now: take it.
-        for (k, stream) in call.streams.iter_mut().enumerate() {
-            while stream.open {
+        // Everything the interpreter printed before replying is in its pipes now: take exactly
+        // that much (a child still writing must not keep this loop reading).
+        for (k, stream) in call.streams.iter().enumerate().filter(|(_, s)| s.open) {
+            let mut left: libc::c_int = 0;
+            // SAFETY: FIONREAD writes the pipe's byte count into a live int.
+            if unsafe { libc::ioctl(stream.fd, libc::FIONREAD, &mut left) } != 0 {
+                continue;
+            }
+            let mut left = left.max(0) as usize;
+            while left > 0 {
+                let want = left.min(chunk.len());
                 // SAFETY: reading into a buffer we own (the pipe is non-blocking).
-                let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+                let n = unsafe { libc::read(stream.fd, chunk.as_mut_ptr().cast(), want) };
                 if n <= 0 {
                     break;
                 }
+                left -= n as usize;
                 run.streams[k].take(&chunk[..n as usize], run.id, proto::Stream::BOTH[k], out);
             }
         }
