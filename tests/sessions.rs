@@ -38,7 +38,12 @@ async fn try_py(
 }
 
 async fn py(ex: &Executor, user: &UserId, session: &str, code: &str) -> Value {
-    let r = try_py(ex, user, session, code, 60.0, &CancellationToken::new())
+    py_within(ex, user, session, code, 60.0).await
+}
+
+/// A session call with a timeout of `secs`, as JSON.
+async fn py_within(ex: &Executor, user: &UserId, session: &str, code: &str, secs: f64) -> Value {
+    let r = try_py(ex, user, session, code, secs, &CancellationToken::new())
         .await
         .unwrap();
     serde_json::to_value(r).unwrap()
@@ -164,17 +169,8 @@ async fn a_timeout_or_cancel_interrupts_the_code_and_keeps_the_state() {
     let user = t.user("u");
     py(&ex, &user, "s", "import time\nkept = [1, 2]").await;
     let started = Instant::now();
-    let r = try_py(
-        &ex,
-        &user,
-        "s",
-        "while True:\n    kept.append(0)\n    time.sleep(0.01)",
-        1.0,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let r = serde_json::to_value(r).unwrap();
+    let loop_ = "while True:\n    kept.append(0)\n    time.sleep(0.01)";
+    let r = py_within(&ex, &user, "s", loop_, 1.0).await;
     assert_eq!(r["timed_out"], true, "{r}");
     assert_eq!(r["exit_code"], Value::Null, "{r}");
     assert_eq!(r["error"]["name"], "KeyboardInterrupt", "{r}");
@@ -221,17 +217,7 @@ async fn a_runaway_session_is_killed_with_everything_it_started_and_reported() {
     // The positive control: the escaped child runs, beside the session's interpreter.
     assert_eq!(processes(&container, "sleep 1001").len(), 1);
     let started = Instant::now();
-    let r = try_py(
-        &ex,
-        &user,
-        "wild",
-        "while True:\n    pass",
-        1.0,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let r = serde_json::to_value(r).unwrap();
+    let r = py_within(&ex, &user, "wild", "while True:\n    pass", 1.0).await;
     assert_eq!(r["timed_out"], true, "{r}");
     assert_eq!(r["session_restarted"], true, "{r}");
     assert!(
