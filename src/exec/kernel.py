@@ -42,20 +42,19 @@ REP = os.dup(4)
 os.close(3)
 os.close(4)
 
-OUT = io.TextIOWrapper(
-    io.FileIO(1, "w", closefd=False),
-    encoding="utf-8",
-    errors="backslashreplace",
-    line_buffering=True,
-    write_through=True,
-)
-ERR = io.TextIOWrapper(
-    io.FileIO(2, "w", closefd=False),
-    encoding="utf-8",
-    errors="backslashreplace",
-    line_buffering=True,
-    write_through=True,
-)
+def text_stream(fd):
+    """Descriptor `fd` as text written through at once: output streams and precedes the reply."""
+    return io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+        write_through=True,
+    )
+
+
+OUT = text_stream(1)
+ERR = text_stream(2)
 
 running = False
 
@@ -200,7 +199,6 @@ def run(cell, code, reply):
         running = False
         reply["error"] = error_of(exc)
         show_traceback(exc)
-    running = False
     if results.items:
         reply["results"] = results.items
     if results.dropped:
@@ -232,7 +230,6 @@ def main():
             # An interrupt that landed between the code's end and the line that ends its run.
             running = False
             reply.setdefault("error", error_of(exc))
-        running = False
         for stream in (OUT, ERR):
             try:
                 stream.flush()
