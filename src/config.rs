@@ -121,6 +121,11 @@ pub struct Config {
     /// `ZCBOT_PYTHON_SESSION_IDLE`: a Python session that ran no code this long is ended (default
     /// 30m).
     pub python_session_idle: Duration,
+    /// `ZCBOT_USER_MAX_JOBS`: background jobs one user may have running at once (default 4).
+    pub user_max_jobs: usize,
+    /// `ZCBOT_JOB_TIMEOUT`: a background job's timeout when it gives none, and the longest it
+    /// may ask for (default 24h).
+    pub job_timeout: Duration,
     /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT`, or a unix socket as an absolute path or
     /// `unix:PATH` (default `127.0.0.1:8787`).
     pub listen: Listen,
@@ -499,6 +504,12 @@ struct ExecArgs {
     /// A Python session that ran no code this long is ended.
     #[arg(long, env = "ZCBOT_PYTHON_SESSION_IDLE", default_value = "30m", value_parser = parse_duration)]
     python_session_idle: Duration,
+    /// Background jobs one user may have running at once.
+    #[arg(long, env = "ZCBOT_USER_MAX_JOBS", default_value = "4", value_parser = int::<usize>(1, 256))]
+    user_max_jobs: usize,
+    /// A background job's default and longest timeout.
+    #[arg(long, env = "ZCBOT_JOB_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    job_timeout: Duration,
 }
 
 /// The `uid:gid` pair of `ZCBOT_SANDBOX_UID`.
@@ -750,6 +761,8 @@ impl Settings {
             kill_grace: exec.kill_grace,
             python_sessions_max: exec.python_sessions_max,
             python_session_idle: exec.python_session_idle,
+            user_max_jobs: exec.user_max_jobs,
+            job_timeout: exec.job_timeout,
             listen: http.listen,
             api_token: http.api_token,
             max_body: http.max_body,
@@ -1105,6 +1118,7 @@ mod tests {
             (c.python_sessions_max, c.python_session_idle),
             (4, secs(1800))
         );
+        assert_eq!((c.user_max_jobs, c.job_timeout), (4, secs(86_400)));
         assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8787".parse().unwrap()));
         assert!(c.api_token.is_none());
         assert_eq!(c.max_body, 4 << 20);
@@ -1122,7 +1136,7 @@ mod tests {
     #[test]
     fn the_declaration_lists_every_variable_once_with_a_flag() {
         let vars = variables();
-        assert_eq!(vars.len(), 49, "{vars:?}");
+        assert_eq!(vars.len(), 51, "{vars:?}");
         let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
         names.sort_unstable();
         names.dedup();

@@ -224,6 +224,31 @@ pub enum Error {
         reason: String,
     },
 
+    /// The user has `ZCBOT_USER_MAX_JOBS` jobs running; nothing started.
+    #[error("user {user} has {max} background jobs running, the most allowed (ZCBOT_USER_MAX_JOBS): wait for one to end or kill one (DELETE /v1/users/{user}/jobs/ID)")]
+    TooManyJobs {
+        /// The user.
+        user: String,
+        /// The limit.
+        max: usize,
+    },
+
+    /// No job of that id is known for the user.
+    #[error("user {user} has no background job {id:?} (a finished job is kept until more newer ones end, and none survives a daemon restart)")]
+    NoSuchJob {
+        /// The user.
+        user: String,
+        /// The id asked for.
+        id: String,
+    },
+
+    /// A background job could not be started here.
+    #[error("background jobs are unavailable: {reason}")]
+    JobUnavailable {
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// The sandbox could not start the call's process (its process limit reached, say).
     #[error("sandbox {container} could not start the call: {reason}")]
     CallStart {
@@ -283,6 +308,9 @@ impl Error {
             Error::TooManySessions { .. } => "too_many_sessions",
             Error::NoSuchSession { .. } => "no_such_session",
             Error::SessionsUnavailable { .. } => "sessions_unavailable",
+            Error::TooManyJobs { .. } => "too_many_jobs",
+            Error::NoSuchJob { .. } => "no_such_job",
+            Error::JobUnavailable { .. } => "jobs_unavailable",
         }
     }
 

@@ -247,6 +247,7 @@ async fn channel_check(pool: &SandboxPool, user: &UserId) -> NamedCheck {
         timeout: EXEC_TIMEOUT,
         workdir: Vec::new(),
         env: Default::default(),
+        tap: None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     // The first call opens the channel; the second shows what a warm call costs.

@@ -219,7 +219,7 @@ async fn sixty_four_concurrent_calls_of_one_user_run_in_parallel_over_one_channe
 }
 
 /// A helper replaced by the sandbox (here: by the image, for users with a marker file in their
-/// workspace) that greets correctly (protocol version 2), then writes garbage. Only that user's channel dies; their
+/// workspace) that greets correctly (protocol version 3), then writes garbage. Only that user's channel dies; their
 /// calls still run (by per-call exec), nothing of the hostile helper is left, and another user's
 /// channel in the same pool is untouched.
 #[tokio::test]
@@ -230,7 +230,7 @@ async fn malformed_frames_from_a_hostile_helper_kill_only_that_channel() {
         r#"RUN mkdir -p /usr/local/lib/zcbot && mv /usr/local/bin/zcbot-supervise /usr/local/lib/zcbot/ && \
     printf '%s\n' '#!/bin/sh' \
     'if [ "$1" = --serve ] && [ -e /workspace/.hostile ]; then' \
-    'printf "\000\000\000\021\020\000\000\000\000\000\000\000\000\000\000\000\002\000\000\000\001"' \
+    'printf "\000\000\000\021\020\000\000\000\000\000\000\000\000\000\000\000\003\000\000\000\001"' \
     'head -c 20 >/dev/null' \
     'printf "\377\377\377\377garbage"' \
     'while :; do sleep 1; done' \

@@ -31,6 +31,7 @@ use zcbot_supervise::proto::{self, Decoder, Start};
 
 use super::session::{self, SessionInfo, SessionOutcome};
 
+use super::live::{self, Tap};
 use super::metrics::TransportStats;
 use super::output::Capture;
 use super::stop::{drive, signal_verified, CallStop, StopGuard};
@@ -143,6 +144,7 @@ impl Channels {
         name: &str,
         code: &str,
         timeout: Duration,
+        tap: Option<&Tap>,
         cancel: &CancellationToken,
     ) -> Result<(ProcessOutcome, SessionOutcome), Attempt> {
         let channel = match self.get(&lease).await {
@@ -160,7 +162,7 @@ impl Channels {
             other => other?,
         };
         channel
-            .run_session(lease, name, code, timeout, cancel)
+            .run_session(lease, name, code, timeout, tap, cancel)
             .await
     }
 
@@ -681,7 +683,11 @@ impl Channel {
 
     /// A fresh call id, registered with its end's receiver; [`Attempt::NotStarted`] when the
     /// channel is dead.
-    fn register(&self, session: Option<u64>) -> Result<(u64, oneshot::Receiver<End>), Attempt> {
+    fn register(
+        &self,
+        session: Option<u64>,
+        tap: Option<&Tap>,
+    ) -> Result<(u64, oneshot::Receiver<End>), Attempt> {
         let (tx, rx) = oneshot::channel();
         let mut calls = self.calls.lock();
         if !self.alive() {
@@ -691,7 +697,8 @@ impl Channel {
         while id == 0 || calls.contains_key(&id) {
             id = random_id();
         }
-        calls.insert(id, Pending::new(self.pool.config().output_cap, tx, session));
+        let cap = self.pool.config().output_cap;
+        calls.insert(id, Pending::new(cap, tx, session, tap));
         Ok((id, rx))
     }
 
@@ -703,11 +710,16 @@ impl Channel {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, Attempt> {
         let cfg = self.pool.config();
-        let (id, rx) = self.register(None)?;
+        let (id, rx) = self.register(None, spec.tap.as_ref())?;
         let start = Start {
             timeout_ms: (spec.timeout + cfg.kill_grace + BACKSTOP).as_millis() as u64,
             grace_ms: cfg.kill_grace.as_millis() as u64,
-            cap: cfg.output_cap as u64,
+            // A job's daemon keeps its latest output: the helper holds nothing back.
+            cap: if spec.tap.as_ref().is_some_and(|t| t.all) {
+                proto::NO_CAP
+            } else {
+                cfg.output_cap as u64
+            },
             workdir: workdir_path(spec)
                 .map(String::into_bytes)
                 .unwrap_or_default(),
@@ -836,6 +848,7 @@ impl Channel {
         name: &str,
         code: &str,
         timeout: Duration,
+        tap: Option<&Tap>,
         cancel: &CancellationToken,
     ) -> Result<(ProcessOutcome, SessionOutcome), Attempt> {
         let cfg = self.pool.config();
@@ -857,7 +870,7 @@ impl Channel {
             };
             proto::ToHelper::OpenSession(start).encode(entry.id, &mut frames);
         }
-        let (id, rx) = match self.register(Some(entry.id)) {
+        let (id, rx) = match self.register(Some(entry.id), tap) {
             Ok(r) => r,
             Err(e) => {
                 entry.ended.cancel();
@@ -1087,10 +1100,15 @@ impl Channel {
 }
 
 impl Pending {
-    fn new(cap: usize, done: oneshot::Sender<End>, session: Option<u64>) -> Self {
+    fn new(
+        cap: usize,
+        done: oneshot::Sender<End>,
+        session: Option<u64>,
+        tap: Option<&Tap>,
+    ) -> Self {
         Pending {
-            stdout: Capture::new(cap),
-            stderr: Capture::new(cap),
+            stdout: Capture::tapped(cap, tap, live::Stream::Stdout),
+            stderr: Capture::tapped(cap, tap, live::Stream::Stderr),
             started: false,
             reply: session.map(|_| Vec::new()),
             session,

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::channel::Channels;
 use super::file_calls::FileRunner;
+use super::live::Tap;
 use super::metrics::TransportStats;
 use super::output::Capture;
 use super::per_call::PerCallExec;
@@ -124,7 +125,16 @@ impl DockerExecutor {
         let started = std::time::Instant::now();
         let mut retried = false;
         let mut not_started = 0;
-        let mut per_call = self.transport == TransportSetting::Exec;
+        // A background job runs over the channel whatever the setting: the helper kills its
+        // processes when the daemon that started it goes away (DESIGN.md, "Background jobs").
+        let job = spec.tap.as_ref().is_some_and(|t| t.all);
+        let mut per_call = self.transport == TransportSetting::Exec && !job;
+        let no_channel = |why: &str| Error::JobUnavailable {
+            reason: format!(
+                "the exec channel into sandbox {} {why}; a background job needs it: try again",
+                self.pool.container_name(user)
+            ),
+        };
         loop {
             let lease = self.pool.lease(user).await?;
             let container_id = lease.sandbox().container_id.clone();
@@ -169,12 +179,18 @@ impl DockerExecutor {
                 Err(Attempt::NotStarted) => {
                     // Twice: this container's channel keeps dying before calls start.
                     not_started += 1;
+                    if not_started == 2 && job {
+                        return Err(no_channel("died twice before the job started"));
+                    }
                     if not_started == 2 {
                         let lease = self.pool.lease(user).await?;
                         self.channels.back_off(&lease).await;
                         per_call = true;
                         self.stats.fallbacks.inc();
                     }
+                }
+                Err(Attempt::Fallback) if job => {
+                    return Err(no_channel("could not be opened (see the log)"));
                 }
                 Err(Attempt::Fallback) => {
                     per_call = true;
@@ -194,6 +210,7 @@ impl DockerExecutor {
         name: &str,
         code: &str,
         timeout: std::time::Duration,
+        tap: Option<&Tap>,
         cancel: &CancellationToken,
     ) -> Result<(ProcessOutcome, SessionOutcome)> {
         let mut retried = false;
@@ -201,7 +218,7 @@ impl DockerExecutor {
             let lease = self.pool.lease(user).await?;
             let attempt = self
                 .channels
-                .run_session(lease, name, code, timeout, cancel)
+                .run_session(lease, name, code, timeout, tap, cancel)
                 .await;
             match attempt {
                 Ok(done) => return Ok(done),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::file_calls::FileRunner;
+use super::live::Stream;
 use super::output::Capture;
 use super::stop::drive;
 use super::{ProcessOutcome, ProcessSpec, BASE_ENV};
@@ -144,8 +145,15 @@ impl HostExecutor {
             });
         }
         let cap = self.config.output_cap;
-        let out = self.tasks.spawn(capture(child.stdout.take(), cap));
-        let err = self.tasks.spawn(capture(child.stderr.take(), cap));
+        let tap = spec.tap.as_ref();
+        let out = self.tasks.spawn(capture(
+            child.stdout.take(),
+            Capture::tapped(cap, tap, Stream::Stdout),
+        ));
+        let err = self.tasks.spawn(capture(
+            child.stderr.take(),
+            Capture::tapped(cap, tap, Stream::Stderr),
+        ));
 
         let grace = self.config.kill_grace;
         let ended = drive(child.wait(), spec.timeout, cancel, grace, || {
@@ -183,8 +191,7 @@ impl HostExecutor {
     }
 }
 
-async fn capture(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Capture {
-    let mut c = Capture::new(cap);
+async fn capture(stream: Option<impl AsyncRead + Unpin>, mut c: Capture) -> Capture {
     let Some(mut stream) = stream else { return c };
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = stream.read(&mut buf).await {

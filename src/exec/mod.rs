@@ -10,6 +10,8 @@ pub mod channel;
 pub mod docker;
 pub mod file_calls;
 pub mod host;
+pub mod jobs;
+pub mod live;
 pub mod metrics;
 pub mod output;
 mod per_call;
@@ -19,6 +21,7 @@ pub mod transfer;
 pub mod transport;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +35,7 @@ use crate::pool::SandboxPool;
 pub use crate::text::random_id as new_call_id;
 use crate::user::UserId;
 use file_calls::FileRunner;
+use live::{LiveOutput, Tap};
 
 /// The environment every process starts from: nothing of the host's leaks in.
 pub const BASE_ENV: &[(&str, &str)] = &[
@@ -90,6 +94,13 @@ pub struct ShellArgs {
     /// Variables set over the minimal base environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Start it as a background job and answer at once with its id (the daemon's API only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub background: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Arguments of `run_python`.
@@ -113,6 +124,9 @@ pub struct PythonArgs {
     /// `env` are refused with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// As for `shell` (not with `session`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub background: bool,
 }
 
 /// Arguments of `read_file`.
@@ -208,7 +222,17 @@ impl ToolCall {
         }
         Ok(match tool {
             "shell" => ToolCall::Shell(de(tool, args)?),
-            "run_python" => ToolCall::RunPython(de(tool, args)?),
+            "run_python" => {
+                let a: PythonArgs = de(tool, args)?;
+                if a.background && a.session.is_some() {
+                    return Err(Error::BadCall {
+                        tool: tool.to_owned(),
+                        reason: "background and session cannot be combined: a session runs one                                  call at a time under its caller"
+                            .into(),
+                    });
+                }
+                ToolCall::RunPython(a)
+            }
             "read_file" => ToolCall::ReadFile(de(tool, args)?),
             "write_file" => {
                 let mut a: WriteFileArgs = de(tool, args)?;
@@ -235,6 +259,15 @@ impl ToolCall {
                 })
             }
         })
+    }
+
+    /// Whether it asks to run as a background job.
+    pub fn background(&self) -> bool {
+        match self {
+            ToolCall::Shell(a) => a.background,
+            ToolCall::RunPython(a) => a.background,
+            _ => false,
+        }
     }
 
     /// The tool's name.
@@ -341,7 +374,7 @@ impl ToolResult {
 }
 
 /// A process to run for a call: the backends' common input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ProcessSpec {
     /// The argument vector (no shell is added).
     pub argv: Vec<String>,
@@ -353,6 +386,8 @@ pub struct ProcessSpec {
     pub workdir: Vec<String>,
     /// Variables over the base environment.
     pub env: BTreeMap<String, String>,
+    /// Where its output also goes as it arrives (a streamed call, a background job).
+    pub tap: Option<live::Tap>,
 }
 
 /// The outcome of a process, before it becomes a [`ToolResult`].
@@ -391,6 +426,28 @@ impl ProcessOutcome {
             session: None,
         }
     }
+}
+
+/// A call validated by [`Executor::prepare`], ready to run.
+#[derive(Debug)]
+pub struct Prepared {
+    tool: &'static str,
+    job: bool,
+    run: Run,
+}
+
+impl Prepared {
+    /// The tool's name.
+    pub fn tool(&self) -> &'static str {
+        self.tool
+    }
+}
+
+#[derive(Debug)]
+enum Run {
+    Process(ProcessSpec),
+    Session(String, ProcessSpec),
+    File(ToolCall),
 }
 
 /// Runs tool calls for users on the configured backend.
@@ -476,23 +533,34 @@ impl Executor {
         call: ToolCall,
         cancel: &CancellationToken,
     ) -> Result<ToolResult> {
-        let started = Instant::now();
+        let call = self.prepare(call)?;
+        self.run_prepared(user, call, cancel, None).await
+    }
+
+    /// Validates a call as far as can be done before it runs (arguments, timeout, command, the
+    /// environment): what the daemon does before it answers with a stream or a job id, so that a
+    /// bad call is refused as one. A `background` call is prepared as a job: its timeout
+    /// defaults to and is bounded by `ZCBOT_JOB_TIMEOUT`.
+    pub fn prepare(&self, call: ToolCall) -> Result<Prepared> {
         let tool = call.tool();
-        let spec = match call {
-            ToolCall::Shell(a) => self.spec(
+        let job = call.background();
+        let run = match call {
+            ToolCall::Shell(a) => Run::Process(self.spec(
                 tool,
                 vec!["sh".into(), "-c".into(), a.command],
                 None,
                 a.timeout,
                 a.workdir,
                 a.env,
-            )?,
+                job,
+            )?),
             ToolCall::RunPython(PythonArgs {
                 session: Some(name),
                 code,
                 timeout,
                 workdir,
                 env,
+                background: _,
             }) => {
                 session::check_name(&name)?;
                 if workdir.is_some() || !env.is_empty() {
@@ -510,21 +578,112 @@ impl Executor {
                     timeout,
                     None,
                     BTreeMap::new(),
+                    false,
                 )?;
-                return self.run_session(user, &name, spec, cancel, started).await;
+                Run::Session(name, spec)
             }
-            ToolCall::RunPython(a) => self.spec(
+            ToolCall::RunPython(a) => Run::Process(self.spec(
                 tool,
                 vec!["python3".into()],
                 Some(a.code.into_bytes()),
                 a.timeout,
                 a.workdir,
                 a.env,
-            )?,
-            file_call => return self.run_file_tool(user, file_call, cancel, started).await,
+                job,
+            )?),
+            file_call => Run::File(file_call),
         };
-        let outcome = self.run_spec(user, spec, cancel).await?;
-        Ok(outcome.into_result(tool, started))
+        Ok(Prepared { tool, job, run })
+    }
+
+    /// [`run`](Self::run) for a prepared call, and the head of each output stream (what the cap
+    /// keeps first) goes to `live` as it is produced: a streamed answer follows it. The result
+    /// is the same.
+    pub async fn run_streamed(
+        &self,
+        user: &UserId,
+        call: Prepared,
+        cancel: &CancellationToken,
+        live: Arc<LiveOutput>,
+    ) -> Result<ToolResult> {
+        let tap = Tap {
+            output: live,
+            all: false,
+        };
+        self.run_prepared(user, call, cancel, Some(tap)).await
+    }
+
+    /// Runs a prepared `background` call as a job: every byte it prints goes to `live` (which
+    /// keeps the latest), and it runs over the exec channel whatever the transport setting.
+    pub async fn run_job(
+        &self,
+        user: &UserId,
+        call: Prepared,
+        cancel: &CancellationToken,
+        live: Arc<LiveOutput>,
+    ) -> Result<ToolResult> {
+        let tap = Tap {
+            output: live,
+            all: true,
+        };
+        self.run_prepared(user, call, cancel, Some(tap)).await
+    }
+
+    /// [`run`](Self::run) for a prepared call.
+    pub async fn run_prepared_call(
+        &self,
+        user: &UserId,
+        call: Prepared,
+        cancel: &CancellationToken,
+    ) -> Result<ToolResult> {
+        self.run_prepared(user, call, cancel, None).await
+    }
+
+    /// Whether jobs can run here: not on the host backend, where a job's processes could
+    /// outlive the daemon.
+    pub fn check_jobs(&self) -> Result<()> {
+        match self {
+            Executor::Host(_) => Err(Error::JobUnavailable {
+                reason: "they need the docker backend (ZCBOT_SANDBOX_BACKEND=docker): on the \
+                         host a job's processes could outlive the daemon"
+                    .into(),
+            }),
+            Executor::Docker(_) => Ok(()),
+        }
+    }
+
+    async fn run_prepared(
+        &self,
+        user: &UserId,
+        call: Prepared,
+        cancel: &CancellationToken,
+        tap: Option<Tap>,
+    ) -> Result<ToolResult> {
+        let started = Instant::now();
+        let Prepared { tool, job, run } = call;
+        if job != tap.as_ref().is_some_and(|t| t.all) {
+            return Err(Error::BadCall {
+                tool: tool.into(),
+                reason: "background: true starts a job, which only the daemon's API runs (POST \
+                         the call to /v1/users/USER/tools/TOOL; it answers with the job's id)"
+                    .into(),
+            });
+        }
+        if job {
+            self.check_jobs()?;
+        }
+        match run {
+            Run::Process(mut spec) => {
+                spec.tap = tap;
+                let outcome = self.run_spec(user, spec, cancel).await?;
+                Ok(outcome.into_result(tool, started))
+            }
+            Run::Session(name, mut spec) => {
+                spec.tap = tap;
+                self.run_session(user, &name, spec, cancel, started).await
+            }
+            Run::File(call) => self.run_file_tool(user, call, cancel, started).await,
+        }
     }
 
     /// Runs a validated program in the user's Python session `name`.
@@ -546,7 +705,7 @@ impl Executor {
         let code = String::from_utf8(spec.program.unwrap_or_default())
             .expect("the program came from a String");
         let (outcome, session) = d
-            .run_session(user, name, &code, spec.timeout, cancel)
+            .run_session(user, name, &code, spec.timeout, spec.tap.as_ref(), cancel)
             .await?;
         let mut result = outcome.into_result("run_python", started);
         result.session = Some(session);
@@ -595,7 +754,7 @@ impl Executor {
             });
         }
         let timeout = timeout.map(|d| TimeoutArg::Secs(d.as_secs_f64()));
-        let spec = self.spec("exec", argv, None, timeout, workdir, BTreeMap::new())?;
+        let spec = self.spec("exec", argv, None, timeout, workdir, BTreeMap::new(), false)?;
         Ok(self
             .run_spec(user, spec, cancel)
             .await?
@@ -614,6 +773,9 @@ impl Executor {
         }
     }
 
+    /// Validates a process call into its spec. A `job`'s timeout defaults to and is bounded by
+    /// `ZCBOT_JOB_TIMEOUT` instead of the call timeouts.
+    #[allow(clippy::too_many_arguments)]
     fn spec(
         &self,
         tool: &str,
@@ -622,14 +784,24 @@ impl Executor {
         timeout: Option<TimeoutArg>,
         workdir: Option<String>,
         env: BTreeMap<String, String>,
+        job: bool,
     ) -> Result<ProcessSpec> {
         let bad = |reason: String| Error::BadCall {
             tool: tool.to_owned(),
             reason,
         };
         let cfg = self.config();
+        let (default, max, max_name) = if job {
+            (cfg.job_timeout, cfg.job_timeout, "ZCBOT_JOB_TIMEOUT")
+        } else {
+            (
+                cfg.exec_timeout,
+                cfg.exec_timeout_max,
+                "ZCBOT_EXEC_TIMEOUT_MAX",
+            )
+        };
         let timeout = match timeout {
-            None => cfg.exec_timeout,
+            None => default,
             Some(TimeoutArg::Secs(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {
                 Duration::from_secs_f64(s)
             }
@@ -643,11 +815,11 @@ impl Executor {
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| bad(format!("timeout {t:?} is not a duration such as 30s or 2m")))?,
         };
-        if timeout > cfg.exec_timeout_max {
+        if timeout > max {
             return Err(bad(format!(
-                "timeout {} is above the maximum {} (ZCBOT_EXEC_TIMEOUT_MAX)",
+                "timeout {} is above the maximum {} ({max_name})",
                 humantime::format_duration(timeout),
-                humantime::format_duration(cfg.exec_timeout_max)
+                humantime::format_duration(max)
             )));
         }
         if argv.iter().any(|a| a.contains('\0')) {
@@ -700,6 +872,7 @@ impl Executor {
             timeout,
             workdir,
             env,
+            tap: None,
         })
     }
 

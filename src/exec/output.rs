@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use super::live::{Stream, Tap};
+
 /// One stream being captured.
 #[derive(Debug)]
 pub struct Capture {
@@ -11,6 +13,8 @@ pub struct Capture {
     head: Vec<u8>,
     tail: VecDeque<u8>,
     total: u64,
+    /// Where the bytes also go as they arrive, and as which stream.
+    tap: Option<(Tap, Stream)>,
 }
 
 /// A finished stream, ready for the result.
@@ -32,16 +36,31 @@ impl Capture {
             head: Vec::new(),
             tail: VecDeque::new(),
             total: 0,
+            tap: None,
+        }
+    }
+
+    /// A capture that also hands its bytes to `tap` as they arrive (all of them, or the head).
+    pub fn tapped(cap: usize, tap: Option<&Tap>, stream: Stream) -> Self {
+        Capture {
+            tap: tap.map(|t| (t.clone(), stream)),
+            ..Capture::new(cap)
         }
     }
 
     /// Adds bytes as they arrive.
     pub fn push(&mut self, mut data: &[u8]) {
         self.total += data.len() as u64;
+        if let Some((tap, stream)) = self.tap.as_ref().filter(|(t, _)| t.all) {
+            tap.output.push(*stream, data);
+        }
         let head_cap = self.cap / 2;
         if self.head.len() < head_cap {
             let take = data.len().min(head_cap - self.head.len());
             self.head.extend_from_slice(&data[..take]);
+            if let Some((tap, stream)) = self.tap.as_ref().filter(|(t, _)| !t.all) {
+                tap.output.push(*stream, &data[..take]);
+            }
             data = &data[take..];
         }
         let tail_cap = self.cap - head_cap;
@@ -99,7 +118,7 @@ impl Capture {
 }
 
 /// The length of `b` without a trailing incomplete UTF-8 character.
-fn utf8_cut_back(b: &[u8]) -> usize {
+pub(crate) fn utf8_cut_back(b: &[u8]) -> usize {
     for back in 1..=3.min(b.len()) {
         let byte = b[b.len() - back];
         if byte & 0xC0 == 0x80 {

@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::live::Stream;
 use super::output::Capture;
 use super::stop::{drive, signal_verified, CallStop, StopGuard};
 use super::transport::{
@@ -118,8 +119,9 @@ impl PerCallExec {
         }
         drop(input);
 
-        let mut stdout = Capture::new(cfg.output_cap);
-        let mut stderr = Capture::new(cfg.output_cap);
+        let tap = spec.tap.as_ref();
+        let mut stdout = Capture::tapped(cfg.output_cap, tap, Stream::Stdout);
+        let mut stderr = Capture::tapped(cfg.output_cap, tap, Stream::Stderr);
         let read = async {
             while let Some(item) = output.next().await {
                 match item {

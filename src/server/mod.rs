@@ -13,6 +13,7 @@
 mod connections;
 pub mod metrics;
 mod routes;
+mod sse;
 #[cfg(test)]
 mod tests;
 
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::check::Check;
 use crate::config::{Config, Listen};
 use crate::error::Error;
+use crate::exec::jobs::Jobs;
 use crate::exec::Executor;
 use crate::files::Problem;
 use crate::pool::reaper::ReaperHandle;
@@ -73,6 +75,8 @@ pub(crate) struct AppState {
     all_calls: CancellationToken,
     /// What the acceptor did (open, refused, timed-out connections).
     connections: Arc<connections::ConnectionStats>,
+    /// Background jobs (their tokens are children of `all_calls`).
+    jobs: Jobs,
 }
 
 /// A started daemon: initialised and bound, not yet serving.
@@ -96,6 +100,9 @@ impl Server {
             .api_token
             .as_ref()
             .map(|t| Sha256::digest(secrecy::ExposeSecret::expose_secret(t).as_bytes()).into());
+        // A job keeps the latest ZCBOT_OUTPUT_CAP bytes of each stream, as a call keeps that many.
+        let cfg_jobs = (config.user_max_jobs, config.output_cap);
+        let all_calls = CancellationToken::new();
         let executor = Executor::from_config(config).await?;
         let mut reaper = None;
         let mut self_check = None;
@@ -137,7 +144,8 @@ impl Server {
                 metrics,
                 reaper: Mutex::new(reaper),
                 self_check,
-                all_calls: CancellationToken::new(),
+                jobs: Jobs::new(cfg_jobs.0, cfg_jobs.1, all_calls.clone()),
+                all_calls,
                 connections,
             }),
             listener,
@@ -197,7 +205,7 @@ impl Server {
         timer.abort();
         // Calls cancelled at the end of the grace stop within the kill grace; make sure they did.
         let drained = tokio::time::timeout(settle, async {
-            while !state.calls.is_empty() {
+            while !state.calls.is_empty() || state.jobs.running() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -205,11 +213,19 @@ impl Server {
         if drained.is_err() {
             tracing::warn!(
                 calls = state.calls.len(),
-                "calls still running after the kill grace: their supervisors' own deadlines end them"
+                jobs = state.jobs.running(),
+                "calls or jobs still running after the kill grace: closing the channels ends them"
             );
         }
         state.reaper.lock().take();
         state.executor.close_channels();
+        state.jobs.tasks().close();
+        if tokio::time::timeout(settle, state.jobs.tasks().wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background jobs still ending at exit");
+        }
         // The clean-up of stopped calls and closed channels, and the reaper's last pass.
         let tasks = state.executor.tasks();
         tasks.close();
@@ -301,7 +317,11 @@ impl From<Error> for ApiError {
             Error::SessionBusy { .. } => StatusCode::CONFLICT,
             Error::TooManySessions { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::NoSuchSession { .. } => StatusCode::NOT_FOUND,
-            Error::SessionsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::SessionsUnavailable { .. } | Error::JobUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::TooManyJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::NoSuchJob { .. } => StatusCode::NOT_FOUND,
             Error::PoolFull { .. }
             | Error::ImageMissing { .. }
             | Error::RuntimeMissing { .. }
@@ -335,9 +355,16 @@ fn file_status(problem: Problem) -> StatusCode {
     }
 }
 
+impl ApiError {
+    /// The JSON body.
+    pub(crate) fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "kind": self.kind, "message": self.message } })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "kind": self.kind, "message": self.message } });
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -15,12 +15,17 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use super::{auth, ApiError, AppState, CallEntry};
+use super::{auth, sse, ApiError, AppState, CallEntry};
 use crate::check::Check;
-use crate::exec::{new_call_id, ToolCall};
+use crate::exec::jobs::JobRun;
+use crate::exec::live::LiveOutput;
+use crate::exec::{new_call_id, Prepared, ToolCall};
 use crate::user::UserId;
 
 type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// How long a DELETE of a job waits past the kill grace for its processes to be gone.
+const KILL_WAIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) fn router(state: Arc<AppState>) -> Router {
     let max_body = state.executor_config().max_body;
@@ -37,6 +42,8 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/users/{user}/sessions", get(list_sessions))
+        .route("/v1/users/{user}/jobs", get(list_jobs))
+        .route("/v1/users/{user}/jobs/{id}", get(get_job).delete(kill_job))
         .route("/v1/users/{user}/sessions/{name}", delete(end_session))
         .route("/v1/sandboxes", get(list_sandboxes))
         .route(
@@ -130,6 +137,8 @@ impl Drop for InFlight {
 async fn call_tool(
     State(state): State<Arc<AppState>>,
     Path((user, tool)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let st = &*state;
@@ -188,6 +197,15 @@ async fn call_tool(
         }
     };
     let call = ToolCall::parse(&tool, args).map_err(|e| counted(st, e))?;
+    let background = call.background();
+    if background {
+        st.executor.check_jobs().map_err(|e| counted(st, e))?;
+    }
+    // Refused here as a bad call, before a stream or a job could answer 2xx.
+    let call = st.executor.prepare(call).map_err(|e| counted(st, e))?;
+    if background {
+        return start_job(&state, user, call_id, call);
+    }
 
     // The registry (a duplicate id is a conflict whatever the load), then the per-user limit;
     // the guard undoes what was done.
@@ -217,33 +235,169 @@ async fn call_tool(
     };
     in_flight.take_slot()?;
 
+    if sse::wanted(&headers, query.as_deref()) {
+        return Ok(stream_call(
+            state.clone(),
+            user,
+            call_id,
+            call,
+            cancel,
+            in_flight,
+        ));
+    }
     let started = Instant::now();
-    let backend = st.executor.backend();
-    let backend_name = match backend {
+    let tool = call.tool();
+    let result = st.executor.run_prepared_call(&user, call, &cancel).await;
+    let r = finished(st, &user, &call_id, tool, started, result)?;
+    let mut resp = Json(r).into_response();
+    if let Ok(v) = HeaderValue::from_str(&call_id) {
+        resp.headers_mut().insert("x-zcbot-call-id", v);
+    }
+    Ok(resp)
+}
+
+/// Counts and logs a call's end; the result, or the error as the API answers it.
+fn finished(
+    st: &AppState,
+    user: &UserId,
+    call_id: &str,
+    tool: &str,
+    started: Instant,
+    result: crate::Result<crate::exec::ToolResult>,
+) -> Result<crate::exec::ToolResult, ApiError> {
+    let backend_name = match st.executor.backend() {
         crate::config::Backend::Host => "host",
         crate::config::Backend::Docker => "docker",
     };
-    let result = st.executor.run(&user, call, &cancel).await;
-    let took = started.elapsed();
     match result {
         Ok(r) => {
-            st.metrics
-                .observe_call(&r.tool, backend_name, took, r.timed_out, r.cancelled);
-            let container = st.executor.pool().map(|p| p.container_name(&user));
+            st.metrics.observe_call(
+                &r.tool,
+                backend_name,
+                started.elapsed(),
+                r.timed_out,
+                r.cancelled,
+            );
+            let container = st.executor.pool().map(|p| p.container_name(user));
             tracing::info!(user = %user, tool = %r.tool, call_id = %call_id, container = container.as_deref().unwrap_or("-"),
                 duration_ms = r.duration_ms, exit_code = ?r.exit_code, timed_out = r.timed_out,
                 cancelled = r.cancelled, "call finished");
-            let mut resp = Json(r).into_response();
-            if let Ok(v) = HeaderValue::from_str(&call_id) {
-                resp.headers_mut().insert("x-zcbot-call-id", v);
-            }
-            Ok(resp)
+            Ok(r)
         }
         Err(e) => {
             tracing::warn!(user = %user, tool = %tool, call_id = %call_id, kind = e.kind(), error = %e, "call failed");
             Err(counted(st, e))
         }
     }
+}
+
+/// Answers a call as Server-Sent Events (see `sse`): `started`, its output's head as it is
+/// printed, then `result` with the JSON the plain call returns, or `error`. The body owns the
+/// call: a client that goes away stops it, and its slot and registry entry go with the body.
+fn stream_call(
+    state: Arc<AppState>,
+    user: UserId,
+    call_id: String,
+    call: Prepared,
+    cancel: tokio_util::sync::CancellationToken,
+    in_flight: InFlight,
+) -> Response {
+    let cfg = state.executor_config();
+    // Only the head streams (at most half the cap per stream): the ring never drops a byte.
+    let live = LiveOutput::new(cfg.output_cap);
+    let tool = call.tool();
+    let first = sse::event("started", &json!({ "call_id": call_id, "tool": tool }));
+    let follower = live.clone();
+    let end = async move {
+        let started = Instant::now();
+        let st = &*state;
+        let result = st.executor.run_streamed(&user, call, &cancel, live).await;
+        match finished(st, &user, &call_id, tool, started, result) {
+            Ok(r) => sse::event("result", &json!(r)),
+            Err(e) => sse::event("error", &e.body()),
+        }
+    };
+    sse::follow(follower, first, Box::pin(end), in_flight)
+}
+
+/// Starts a background job (`background: true`): answers 202 at once with the job, its id
+/// (the call's `call_id` when one was given) and where to follow it.
+fn start_job(state: &Arc<AppState>, user: UserId, id: String, call: Prepared) -> ApiResult {
+    let st = &**state;
+    let tool = call.tool();
+    let runner = state.clone();
+    let who = user.clone();
+    let run: JobRun = Box::new(move |live, cancel| {
+        Box::pin(async move {
+            let st = &*runner;
+            let result = st.executor.run_job(&who, call, &cancel, live).await;
+            match &result {
+                Ok(r) => tracing::info!(user = %who, tool = %r.tool, exit_code = ?r.exit_code,
+                    timed_out = r.timed_out, killed = r.cancelled, duration_ms = r.duration_ms, "job ended"),
+                Err(e) => tracing::warn!(user = %who, kind = e.kind(), error = %e, "job failed"),
+            }
+            result
+        })
+    });
+    let job = st
+        .jobs
+        .start(&user, id, tool, run)
+        .map_err(|e| counted(st, e))?;
+    tracing::info!(user = %user, tool, job_id = job.id(), "job started");
+    let mut resp = (StatusCode::ACCEPTED, Json(job.view(false))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/users/{user}/jobs/{}", job.id())) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+async fn list_jobs(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    Ok(Json(json!({ "jobs": state.jobs.list(&user) })).into_response())
+}
+
+/// `GET /v1/users/{user}/jobs/{id}`: the job with its latest output; as events with `stream=1`
+/// (or `Accept: text/event-stream`): what its rings hold, then its output as it comes, then
+/// `result` with the job once it has ended. Following never affects the job.
+async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Path((user, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let job = state.jobs.get(&user, &id).map_err(|e| counted(&state, e))?;
+    if !sse::wanted(&headers, query.as_deref()) {
+        return Ok(Json(job.view(true)).into_response());
+    }
+    let first = sse::event(
+        "started",
+        &json!({ "job_id": job.id(), "tool": job.view(false).tool }),
+    );
+    let live = job.live().clone();
+    let end = async move {
+        job.ended().await;
+        sse::event("result", &json!(job.view(true)))
+    };
+    Ok(sse::follow(live, first, Box::pin(end), ()))
+}
+
+/// `DELETE /v1/users/{user}/jobs/{id}`: kills a running job's whole process tree and answers
+/// once it has ended; forgets an ended job.
+async fn kill_job(
+    State(state): State<Arc<AppState>>,
+    Path((user, id)): Path<(String, String)>,
+) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let cfg = state.executor_config();
+    let wait = cfg.kill_grace + KILL_WAIT_MARGIN;
+    let job = state
+        .jobs
+        .kill(&user, &id, wait)
+        .await
+        .map_err(|e| counted(&state, e))?;
+    tracing::info!(user = %user, job_id = %id, state = ?job.state, "job deleted through the API");
+    Ok(Json(job).into_response())
 }
 
 /// The user a transfer is for, and one of its call slots, held while the transfer runs.

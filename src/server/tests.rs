@@ -58,6 +58,7 @@ async fn api() -> Api {
         metrics,
         reaper: Mutex::new(Some(reaper)),
         self_check: None,
+        jobs: crate::exec::jobs::Jobs::new(2, 1024, CancellationToken::new()),
         all_calls: CancellationToken::new(),
         connections,
     });

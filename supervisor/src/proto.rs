@@ -20,7 +20,7 @@
 use std::fmt;
 
 /// Protocol version the helper announces in its hello. Bump it with any change to the wire.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes before the payload: length, kind, call id.
 pub const HEADER: usize = 4 + 1 + 8;
 /// Largest frame the daemon accepts from the helper: one output chunk and its header.
@@ -32,6 +32,9 @@ pub const MAX_TO_HELPER: usize = 18 << 20;
 pub const CHUNK: usize = 32 << 10;
 /// The most characters of a FAILED reason kept: it ends up in an error message.
 pub const MAX_REASON: usize = 512;
+/// A cap that keeps nothing back: every byte is forwarded as it comes (a background job, whose
+/// daemon keeps the latest output itself). Version 3 gave it this meaning.
+pub const NO_CAP: u64 = u64::MAX;
 /// The largest reply a Python session may give for one run (its value, error and rich results,
 /// as JSON): the helper refuses a larger one, the daemon never holds more.
 pub const MAX_REPLY: usize = 8 << 20;
@@ -529,7 +532,8 @@ pub struct Start {
     pub timeout_ms: u64,
     /// Time between SIGTERM and SIGKILL for the call's processes.
     pub grace_ms: u64,
-    /// Output cap per stream: the helper keeps the first half and the last half, counts the rest.
+    /// Output cap per stream: the helper keeps the first half and the last half, counts the rest;
+    /// [`NO_CAP`]: forwards everything.
     pub cap: u64,
     /// Absolute working directory; empty: /workspace.
     pub workdir: Vec<u8>,
@@ -881,10 +885,11 @@ mod tests {
         }
     }
 
-    /// The frames version 1 defined keep their bytes (version 2 only added kinds), and the new
-    /// kinds have the layout written here: a change to either must bump [`VERSION`].
+    /// The frames version 1 defined keep their bytes (version 2 only added kinds, version 3 only
+    /// gave the cap [`NO_CAP`] its meaning), and the new kinds have the layout written here: a
+    /// change to either must bump [`VERSION`].
     #[test]
-    fn the_wire_format_is_version_2() {
+    fn the_wire_format_is_version_3() {
         let mut wire = Vec::new();
         FromHelper::Hello { version: 1, pid: 5 }.encode(0, &mut wire);
         FromHelper::Output {
@@ -921,7 +926,7 @@ mod tests {
             0, 0, 0, 11, 22, 0, 0, 0, 0, 0, 0, 0, 3, b'{', b'}',
         ];
         assert_eq!(wire, expected);
-        assert_eq!(VERSION, 2);
+        assert_eq!(VERSION, 3);
     }
 
     #[test]
@@ -1057,8 +1062,8 @@ mod tests {
             Err(Version { helper: 1 })
         );
         assert_eq!(
-            bad(HELLO, 0, &[0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0, 0]),
-            Err(Version { helper: 3 })
+            bad(HELLO, 0, &[0, 0, 0, 4, 0, 0, 0, 9, 0, 0, 0, 0]),
+            Err(Version { helper: 4 })
         );
         assert_eq!(bad(HELLO, 0, &[0, 0, 0, 0]), Err(Version { helper: 0 }));
         // A reason is text for a message: cut and repaired, never refused.

@@ -87,6 +87,16 @@ impl Stream {
     }
 }
 
+/// A call's or run's cap as a stream takes it: [`proto::NO_CAP`] forwards everything (its head
+/// never fills), any other cap is bounded to 1 GiB.
+fn stream_cap(cap: u64) -> usize {
+    if cap == proto::NO_CAP {
+        usize::MAX
+    } else {
+        cap.min(1 << 30) as usize
+    }
+}
+
 fn output_frame(out: &mut Vec<u8>, id: u64, stream: proto::Stream, bytes: &[u8]) {
     FromHelper::Output {
         stream,
@@ -564,7 +574,7 @@ fn start_run(
     session.to_write.extend_from_slice(&code_len.to_be_bytes());
     session.to_write.extend_from_slice(&run.code);
     session.written = 0;
-    let cap = run.cap.min(1 << 30) as usize;
+    let cap = stream_cap(run.cap);
     session.run = Some(SessionRun {
         id,
         streams: [Stream::new(-1, cap), Stream::new(-1, cap)],
@@ -963,7 +973,7 @@ fn start_call(
             ending: false,
         })
     });
-    let cap = start.cap.min(1 << 30) as usize;
+    let cap = stream_cap(start.cap);
     Ok(Call {
         pid,
         streams: [

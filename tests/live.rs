@@ -1,0 +1,525 @@
+//! Live output (Server-Sent Events) and background jobs against the real Docker Engine, through
+//! the daemon binary, as a client sees them: `curl -N` reads the event streams. Witnesses: `ps`
+//! in the sandbox through the docker CLI.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{exec_as, http, Daemon, TestPool};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// One event as the client saw it: when (since the request was sent), its name, its data.
+#[derive(Debug)]
+struct Seen {
+    at: Duration,
+    name: String,
+    data: Value,
+}
+
+/// A streaming request by curl, its events read as they arrive.
+struct Events {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    sent: Instant,
+}
+
+impl Events {
+    /// `POST` (with `body`) or `GET` (without) `path` asking for `text/event-stream`.
+    fn open(addr: &str, path: &str, body: Option<Value>) -> Events {
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args(["-sSN", "-H", "Accept: text/event-stream"]);
+        if let Some(body) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(body.to_string());
+        }
+        cmd.arg(format!("http://{addr}{path}"))
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("curl");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Events {
+            child,
+            lines,
+            sent: Instant::now(),
+        }
+    }
+
+    /// The next event, None at the end of the stream (60 s at most).
+    async fn next(&mut self) -> Option<Seen> {
+        let (mut name, mut data) = (String::new(), String::new());
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+                .await
+                .expect("an event within 60 s")
+                .unwrap()?;
+            if let Some(v) = line.strip_prefix("event: ") {
+                name = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push_str(v);
+            } else if line.is_empty() && !name.is_empty() {
+                return Some(Seen {
+                    at: self.sent.elapsed(),
+                    name,
+                    data: serde_json::from_str(&data).unwrap(),
+                });
+            }
+            // Anything else: a keep-alive comment.
+        }
+    }
+
+    /// Every event up to the end of the stream.
+    async fn all(&mut self) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        while let Some(e) = self.next().await {
+            seen.push(e);
+        }
+        seen
+    }
+
+    /// The client goes away.
+    async fn close(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// The text of every `stream` event, in order.
+fn text(events: &[Seen], stream: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e.name == stream)
+        .map(|e| e.data["text"].as_str().unwrap())
+        .collect()
+}
+
+/// The sandbox's processes whose command line contains `needle`.
+fn processes(container: &str, needle: &str) -> Vec<String> {
+    let (_, out, _) = exec_as(container, "0:0", "ps -eo args=");
+    out.lines()
+        .filter(|l| l.contains(needle) && !l.contains("ps -eo"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How many of the sandbox's processes run exactly `cmdline` (not a shell that mentions it).
+fn running(container: &str, cmdline: &str) -> usize {
+    let (_, out, _) = exec_as(container, "0:0", "ps -eo args=");
+    out.lines().filter(|l| l.trim() == cmdline).count()
+}
+
+/// Waits up to `secs` for `cond`.
+async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cond()
+}
+
+async fn get_json(d: &Daemon, path: &str) -> (u16, Value) {
+    let (status, _, body) = http(&d.addr, "GET", path, None).await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+/// The first line arrives while the command still runs, and the last event is the result the
+/// plain call returns; under both transport settings, for a shell call and a session.
+async fn streams_output_as_it_is_printed(transport: &str) {
+    let mut t = TestPool::new(&format!("sse{transport}"));
+    t.set("ZCBOT_EXEC_TRANSPORT", transport);
+    let d = Daemon::start(&mut t);
+    let user = t.user("u");
+    // Warm: the sandbox exists, so the timing below is the call's alone.
+    assert_eq!(
+        d.tool(&user, "shell", json!({"command": "true"})).await.0,
+        200
+    );
+
+    let path = format!("/v1/users/{user}/tools/shell");
+    let mut ev = Events::open(
+        &d.addr,
+        &path,
+        Some(json!({"command": "echo a; sleep 2; echo b"})),
+    );
+    let events = ev.all().await;
+    let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names.first(), Some(&"started"), "{events:?}");
+    assert_eq!(names.last(), Some(&"result"), "{events:?}");
+    let first_out = events.iter().find(|e| e.name == "stdout").unwrap();
+    assert_eq!(first_out.data["text"], "a\n", "{events:?}");
+    assert!(
+        first_out.at < Duration::from_millis(1500),
+        "the first line came {:?} after the request: not live",
+        first_out.at
+    );
+    assert_eq!(text(&events, "stdout"), "a\nb\n");
+    let result = &events.last().unwrap().data;
+    assert_eq!(result["stdout"], "a\nb\n", "{result}");
+    assert_eq!(result["exit_code"], 0, "{result}");
+    assert!(events.last().unwrap().at >= Duration::from_secs(2));
+
+    // stderr too, and ?stream=1 without the header; a session run streams as well.
+    let (status, head, body) = http(
+        &d.addr,
+        "POST",
+        &format!("/v1/users/{user}/tools/run_python?stream=1"),
+        Some(json!({"code": "import sys\nprint('out')\nprint('err', file=sys.stderr)\n6*7", "session": "s"}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("text/event-stream"),
+        "{head}"
+    );
+    assert!(
+        body.contains("event: stdout\ndata: {\"text\":\"out\\n\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("event: stderr\ndata: {\"text\":\"err\\n\"}"),
+        "{body}"
+    );
+    let result: Value = serde_json::from_str(
+        body.split("event: result\ndata: ")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(result["value"], "42", "{result}");
+
+    // A call that cannot run ends with an error event; a bad call is refused before any stream.
+    let (status, _, body) = http(
+        &d.addr,
+        "POST",
+        &format!("/v1/users/{user}/tools/shell?stream=1"),
+        Some(json!({"command": "true", "timeout": -1}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bad_call"), "{body}");
+}
+
+#[tokio::test]
+async fn sse_streams_output_as_it_is_printed_over_the_channel() {
+    streams_output_as_it_is_printed("channel").await;
+}
+
+#[tokio::test]
+async fn sse_streams_output_as_it_is_printed_over_per_call_exec() {
+    streams_output_as_it_is_printed("exec").await;
+}
+
+/// Only the head of a stream (half the cap) goes out live; the result carries head and tail as
+/// the plain call does. A binary byte streams as base64.
+#[tokio::test]
+async fn sse_streams_the_head_and_the_result_keeps_the_cap() {
+    let mut t = TestPool::new("ssecap");
+    t.set("ZCBOT_OUTPUT_CAP", "4KiB");
+    let d = Daemon::start(&mut t);
+    let user = t.user("u");
+    let path = format!("/v1/users/{user}/tools/shell");
+    let cmd = "head -c 100000 /dev/zero | tr '\\0' x; printf '\\377' >&2";
+    let mut ev = Events::open(&d.addr, &path, Some(json!({ "command": cmd })));
+    let events = ev.all().await;
+    let live = text(&events, "stdout");
+    assert_eq!(live, "x".repeat(2048), "only the head streams");
+    let err = events.iter().find(|e| e.name == "stderr").unwrap();
+    assert_eq!(err.data["base64"], "/w==", "{err:?}");
+    let result = &events.last().unwrap().data;
+    assert_eq!(result["truncated"]["stdout"], true, "{result}");
+    assert!(result["stdout"].as_str().unwrap().contains("bytes omitted"));
+}
+
+/// A streaming client that goes away stops the call: its processes are killed (positive
+/// control: they were seen running), and the user's slot is free again.
+#[tokio::test]
+async fn an_sse_client_going_away_cancels_the_call() {
+    for transport in ["channel", "exec"] {
+        let mut t = TestPool::new(&format!("ssegone{transport}"));
+        t.set("ZCBOT_EXEC_TRANSPORT", transport)
+            .set("ZCBOT_USER_MAX_CALLS", "1");
+        let d = Daemon::start(&mut t);
+        let user = t.user("u");
+        let container = t.container_name(&user);
+        let path = format!("/v1/users/{user}/tools/shell");
+        let mut ev = Events::open(
+            &d.addr,
+            &path,
+            Some(json!({"command": "echo go; exec sleep 4242"})),
+        );
+        assert_eq!(ev.next().await.unwrap().name, "started");
+        assert_eq!(ev.next().await.unwrap().data["text"], "go\n");
+        assert_eq!(running(&container, "sleep 4242"), 1, "{transport}");
+        ev.close().await;
+        assert!(
+            eventually(15, || processes(&container, "sleep 4242").is_empty()).await,
+            "{transport}: the call outlived its client"
+        );
+        // The only slot is free: the next call runs.
+        let (status, r) = d
+            .tool(&user, "shell", json!({"command": "echo next"}))
+            .await;
+        assert_eq!((status, r["stdout"].as_str()), (200, Some("next\n")), "{r}");
+    }
+}
+
+/// A job answers at once, outlives its caller, shows its output so far, can be followed live,
+/// and DELETE kills its whole tree (positive control: seen running, with a child it forked).
+#[tokio::test]
+async fn a_job_survives_its_caller_and_is_killed_by_delete() {
+    let mut t = TestPool::new("jobs");
+    let d = Daemon::start(&mut t);
+    let user = t.user("u");
+    let container = t.container_name(&user);
+    let started = Instant::now();
+    let (status, job) = d.tool(
+        &user,
+        "shell",
+        json!({"command": "sleep 4343 & while :; do echo tick; sleep 0.2; done", "background": true}),
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(job["state"], "running", "{job}");
+    let id = job["job_id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/users/{user}/jobs/{id}");
+
+    assert!(eventually(10, || running(&container, "sleep 4343") == 1).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, v) = get_json(&d, &path).await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
+    assert!(
+        v["stdout"].as_str().unwrap().starts_with("tick\ntick\n"),
+        "{v}"
+    );
+    let (_, list) = get_json(&d, &format!("/v1/users/{user}/jobs")).await;
+    assert_eq!(list["jobs"][0]["job_id"], id.as_str(), "{list}");
+    assert!(list["jobs"][0].get("stdout").is_none(), "{list}");
+    // Another user sees nothing of it.
+    let (status, _) = get_json(&d, &format!("/v1/users/other/jobs/{id}")).await;
+    assert_eq!(status, 404);
+
+    // A follower sees what the ring holds, then new ticks, then the end.
+    let mut ev = Events::open(&d.addr, &format!("{path}?stream=1"), None);
+    assert_eq!(ev.next().await.unwrap().name, "started");
+    let mut ticks = 0;
+    while ticks < 10 {
+        let e = ev.next().await.unwrap();
+        assert_eq!(e.name, "stdout", "{e:?}");
+        ticks += e.data["text"].as_str().unwrap().matches("tick").count();
+    }
+
+    let (status, _, body) = http(&d.addr, "DELETE", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    let killed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(killed["state"], "killed", "{killed}");
+    assert!(
+        processes(&container, "sleep 4343").is_empty() && processes(&container, "tick").is_empty(),
+        "DELETE answered with the job's processes alive: {:?}",
+        processes(&container, "")
+    );
+    let rest = ev.all().await;
+    let last = rest.last().unwrap();
+    assert_eq!(
+        (last.name.as_str(), last.data["state"].as_str()),
+        ("result", Some("killed"))
+    );
+    // The record stays until deleted again.
+    assert_eq!(get_json(&d, &path).await.1["state"], "killed");
+    assert_eq!(http(&d.addr, "DELETE", &path, None).await.0, 200);
+    assert_eq!(get_json(&d, &path).await.0, 404);
+}
+
+/// Exit codes, the job's own timeout, stateless run_python, the per-user limit, refusals; over
+/// the per-call exec setting (jobs take the channel whatever it says).
+#[tokio::test]
+async fn jobs_end_report_and_are_limited() {
+    let mut t = TestPool::new("jobends");
+    t.set("ZCBOT_USER_MAX_JOBS", "2")
+        .set("ZCBOT_JOB_TIMEOUT", "1h")
+        .set("ZCBOT_EXEC_TRANSPORT", "exec");
+    let d = Daemon::start(&mut t);
+    let user = t.user("u");
+    let path = |job: &Value| format!("/v1/users/{user}/jobs/{}", job["job_id"].as_str().unwrap());
+    let until_ended = |job: Value| {
+        let (d, path) = (&d, path(&job));
+        async move {
+            let until = Instant::now() + Duration::from_secs(30);
+            loop {
+                let v = get_json(d, &path).await.1;
+                if v["state"] != "running" || Instant::now() > until {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    let (status, long) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "sleep 300", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{long}");
+    let (status, timed) = d
+        .tool(
+            &user,
+            "run_python",
+            json!({"code": "import time\ntime.sleep(30)", "timeout": 1, "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{timed}");
+    // Two running: a third is refused.
+    let (status, r) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "true", "background": true}),
+        )
+        .await;
+    assert_eq!(
+        (status, r["error"]["kind"].as_str()),
+        (429, Some("too_many_jobs")),
+        "{r}"
+    );
+    let timed = until_ended(timed).await;
+    assert_eq!(timed["state"], "timed_out", "{timed}");
+    // A slot is free again.
+    let (status, exited) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "echo done; echo oops >&2; exit 3", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{exited}");
+    let exited = until_ended(exited).await;
+    assert_eq!(
+        (exited["state"].as_str(), exited["exit_code"].as_i64()),
+        (Some("exited"), Some(3)),
+        "{exited}"
+    );
+    assert_eq!(
+        (exited["stdout"].as_str(), exited["stderr"].as_str()),
+        (Some("done\n"), Some("oops\n"))
+    );
+    assert_eq!(http(&d.addr, "DELETE", &path(&long), None).await.0, 200);
+
+    // Refused before anything starts: a timeout over the job limit, a session in the background.
+    let (status, r) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "true", "timeout": "2h", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ZCBOT_JOB_TIMEOUT"),
+        "{r}"
+    );
+    let (status, r) = d
+        .tool(
+            &user,
+            "run_python",
+            json!({"code": "1", "session": "s", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{r}");
+    let (status, _) = get_json(&d, &format!("/v1/users/{user}/jobs/nope")).await;
+    assert_eq!(status, 404);
+}
+
+/// A running job keeps its sandbox from the reaper (positive control: once it has ended, the
+/// idle sandbox is reaped).
+#[tokio::test]
+async fn a_running_job_keeps_its_sandbox_from_the_reaper() {
+    let mut t = TestPool::new("jobreap");
+    t.set("ZCBOT_SANDBOX_IDLE", "1s")
+        .set("ZCBOT_SANDBOX_REAP_EVERY", "1h");
+    let d = Daemon::start(&mut t);
+    let user = t.user("u");
+    let container = t.container_name(&user);
+    let (status, job) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "sleep 6", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(http(&d.addr, "POST", "/v1/reap", None).await.0, 200);
+    assert!(
+        t.containers().contains(&container),
+        "reaped under a running job"
+    );
+    let path = format!("/v1/users/{user}/jobs/{}", job["job_id"].as_str().unwrap());
+    let until = Instant::now() + Duration::from_secs(15);
+    while get_json(&d, &path).await.1["state"] == "running" && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(http(&d.addr, "POST", "/v1/reap", None).await.0, 200);
+    assert!(
+        eventually(10, || !t.containers().contains(&container)).await,
+        "the idle sandbox was not reaped after its job ended"
+    );
+}
+
+/// A daemon killed outright does not orphan a job's processes: the channel's helper sees its
+/// daemon gone and kills them (positive control: seen running before). The next daemon adopts
+/// the sandbox and knows no such job.
+#[tokio::test]
+async fn a_daemon_killed_outright_takes_its_jobs_processes_with_it() {
+    let mut t = TestPool::new("jobrestart");
+    let mut d = Daemon::start(&mut t);
+    let user = t.user("u");
+    let container = t.container_name(&user);
+    let (status, job) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "setsid sleep 4545 & sleep 4646", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert!(
+        eventually(10, || running(&container, "sleep 4545") == 1
+            && running(&container, "sleep 4646") == 1)
+        .await
+    );
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    assert!(
+        eventually(15, || processes(&container, "sleep 4").is_empty()).await,
+        "a job's processes outlived the daemon: {:?}",
+        processes(&container, "sleep")
+    );
+    let d2 = Daemon::start(&mut t);
+    let (status, v) = get_json(
+        &d2,
+        &format!("/v1/users/{user}/jobs/{}", job["job_id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["kind"].as_str()),
+        (404, Some("no_such_job")),
+        "{v}"
+    );
+    drop(d);
+}
