@@ -4,7 +4,7 @@
 //!
 //! Scenarios: 1 warm exec of `true`; 2 cold ensure; 3 warm ensure; 4 concurrency; 5 a pool of
 //! many warm containers; 6 a call that prints 100 MiB; 7 the runtime column, runc vs runsc
-//! (gVisor). Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
+//! (gVisor); 8 Python sessions; 9 live output (SSE) and background jobs. Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -171,6 +171,44 @@ impl KeepAlive {
         self.s.read_exact(&mut body).await.unwrap();
         status
     }
+}
+
+/// One streamed call (`Accept: text/event-stream`) on a fresh connection: when the first
+/// `stdout` event arrived, when the stream ended, and how many bytes it carried.
+async fn sse_call(addr: &str, path: &str, body: &str) -> (Duration, Duration, usize) {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let t = Instant::now();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (mut first, mut total) = (None, 0usize);
+    let mut window = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+        if first.is_none() {
+            window.extend_from_slice(&buf[..n]);
+            if window.windows(13).any(|w| w == b"event: stdout") {
+                first = Some(t.elapsed());
+            }
+        }
+    }
+    (first.expect("a stdout event"), t.elapsed(), total)
+}
+
+/// A GET's body, on a fresh connection.
+async fn get_body(addr: &str, path: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 struct Bench {
@@ -610,6 +648,51 @@ async fn main() {
         None,
     );
     results.insert("sessions".into(), json!({ "pass_in_session": summary(&in_session), "pass_stateless": summary(&stateless), "pandas_first": summary(&first), "pandas_second": summary(&second), "pandas_stateless": summary(&fresh) }));
+
+    // 9. Live output: time to the first `stdout` event of a streamed call vs the plain call's
+    // whole answer; the daemon's peak RSS while a call streams 100 MiB and while a background
+    // job prints 100 MiB (every byte through its ring), against the RSS before.
+    println!("\n9. live output (SSE) and background jobs (one user, warm container and channel)");
+    let two = r#"{"command":"echo a; sleep 2; echo b"}"#;
+    let (mut first_event, mut plain) = (hist(), hist());
+    for _ in 0..10 {
+        let (first, _, _) = sse_call(&addr, &path, two).await;
+        first_event.record(first.as_micros().max(1) as u64).unwrap();
+        let t = Instant::now();
+        assert_eq!(KeepAlive::connect(&addr).await.post(&path, two).await, 200);
+        record(&mut plain, t);
+    }
+    row(
+        "SSE: first stdout event of `echo a; sleep 2; echo b`",
+        &first_event,
+        Some(&plain),
+    );
+    row("baseline: the plain call's whole answer", &plain, None);
+    let rss_before = status_kib("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let flood = r#"{"command":"head -c 104857600 /dev/zero | tr '\\0' x"}"#;
+    let (_, wall, streamed) = sse_call(&addr, &path, flood).await;
+    let peak_sse = status_kib("VmHWM:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let job = r#"{"command":"head -c 104857600 /dev/zero | tr '\\0' x","background":true}"#;
+    let t = Instant::now();
+    assert_eq!(KeepAlive::connect(&addr).await.post(&path, job).await, 202);
+    let jobs_path = format!("/v1/users/{u0}/jobs");
+    while get_body(&addr, &jobs_path).await.contains("\"running\"") {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job_wall = t.elapsed();
+    let peak_job = status_kib("VmHWM:");
+    println!(
+        "  streaming 100 MiB: {:.2} s, {} KiB of events sent, daemon RSS {} MiB before, peak {} MiB; a job printing 100 MiB: {:.2} s, peak {} MiB",
+        wall.as_secs_f64(),
+        streamed / 1024,
+        rss_before / 1024,
+        peak_sse / 1024,
+        job_wall.as_secs_f64(),
+        peak_job / 1024
+    );
+    results.insert("live".into(), json!({ "first_event": summary(&first_event), "plain_answer": summary(&plain), "stream_100mib_wall_s": wall.as_secs_f64(), "stream_100mib_bytes": streamed, "rss_before_kib": rss_before, "stream_peak_rss_kib": peak_sse, "job_100mib_wall_s": job_wall.as_secs_f64(), "job_peak_rss_kib": peak_job }));
 
     // 5. Scale: many warm containers.
     println!("\n5. scale: {n_scale} warm containers");

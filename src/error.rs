@@ -242,6 +242,15 @@ pub enum Error {
         id: String,
     },
 
+    /// The user already has a job of that id (the `call_id` given).
+    #[error("user {user} already has a background job {id:?}: give another call_id, or DELETE the old job first")]
+    JobIdInUse {
+        /// The user.
+        user: String,
+        /// The id.
+        id: String,
+    },
+
     /// A background job could not be started here.
     #[error("background jobs are unavailable: {reason}")]
     JobUnavailable {
@@ -310,6 +319,7 @@ impl Error {
             Error::SessionsUnavailable { .. } => "sessions_unavailable",
             Error::TooManyJobs { .. } => "too_many_jobs",
             Error::NoSuchJob { .. } => "no_such_job",
+            Error::JobIdInUse { .. } => "call_id_in_use",
             Error::JobUnavailable { .. } => "jobs_unavailable",
         }
     }

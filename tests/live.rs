@@ -368,10 +368,41 @@ async fn jobs_end_report_and_are_limited() {
         .tool(
             &user,
             "shell",
-            json!({"command": "sleep 300", "background": true}),
+            json!({"command": "echo early; exec sleep 300", "background": true, "call_id": "long"}),
         )
         .await;
-    assert_eq!(status, 202, "{long}");
+    assert_eq!(
+        (status, long["job_id"].as_str()),
+        (202, Some("long")),
+        "{long}"
+    );
+    // A follower that joins a quiet job gets what it printed at once, not at its end.
+    let until = Instant::now() + Duration::from_secs(20);
+    while get_json(&d, &path(&long)).await.1["stdout"] != "early\n" && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ev = Events::open(&d.addr, &format!("{}?stream=1", path(&long)), None);
+    assert_eq!(ev.next().await.unwrap().name, "started");
+    let early = ev.next().await.unwrap();
+    assert_eq!(
+        (early.name.as_str(), early.data["text"].as_str()),
+        ("stdout", Some("early\n"))
+    );
+    assert!(early.at < Duration::from_secs(5), "{early:?}");
+    ev.close().await;
+    // The same id again is a conflict while the record exists.
+    let (status, r) = d
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "true", "background": true, "call_id": "long"}),
+        )
+        .await;
+    assert_eq!(
+        (status, r["error"]["kind"].as_str()),
+        (409, Some("call_id_in_use")),
+        "{r}"
+    );
     let (status, timed) = d
         .tool(
             &user,
@@ -522,4 +553,23 @@ async fn a_daemon_killed_outright_takes_its_jobs_processes_with_it() {
         "{v}"
     );
     drop(d);
+
+    // A graceful shutdown kills a running job at once (it holds no connection to wait for).
+    let (status, job) = d2
+        .tool(
+            &user,
+            "shell",
+            json!({"command": "sleep 4747", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert!(eventually(10, || running(&container, "sleep 4747") == 1).await);
+    let stopping = Instant::now();
+    drop(d2); // SIGTERM, then waits for the exit
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    assert!(processes(&container, "sleep 4747").is_empty());
 }

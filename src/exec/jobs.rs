@@ -164,9 +164,14 @@ impl Job {
         v
     }
 
-    /// A stream's kept bytes as text, without a character the ring cut in half at its start.
+    /// A stream's kept bytes as text, without a character the ring cut in half at its start or
+    /// (while the job runs) one it is printing at its end.
     fn kept(&self, stream: Stream) -> (String, Option<String>, u64) {
         let mut kept = self.live.kept(stream);
+        if self.running() {
+            let cut = super::output::utf8_cut_back(&kept.bytes);
+            kept.bytes.truncate(cut);
+        }
         if kept.dropped > 0 {
             let split = kept
                 .bytes
@@ -263,11 +268,9 @@ impl Jobs {
                 });
             }
             if jobs.iter().any(|j| j.id == id) {
-                return Err(Error::BadCall {
-                    tool: tool.into(),
-                    reason: format!(
-                        "user {user} already has a job with id {id}: give another call_id"
-                    ),
+                return Err(Error::JobIdInUse {
+                    user: user.to_string(),
+                    id,
                 });
             }
             let job = Arc::new(Job {
@@ -284,10 +287,12 @@ impl Jobs {
             job
         };
         let task = run(job.live.clone(), job.cancel.clone());
-        let running = job.clone();
+        let mut running = FinishOnDrop(Some(job.clone()));
         self.tasks.spawn(async move {
             let result = task.await;
-            running.finish(result);
+            if let Some(job) = running.0.take() {
+                job.finish(result);
+            }
         });
         Ok(job)
     }
@@ -315,7 +320,7 @@ impl Jobs {
 
     /// Kills the user's running job `id` (its whole process tree) and waits until it has
     /// ended, at most `wait`; an ended job's record is forgotten instead. Either way, the job as
-    /// it was last seen.
+    /// it was last seen (still `running` if it did not end within `wait`).
     pub async fn kill(&self, user: &UserId, id: &str, wait: Duration) -> Result<JobView> {
         let job = self.get(user, id)?;
         if job.running() {
@@ -331,6 +336,20 @@ impl Jobs {
             }
         }
         Ok(job.view(true))
+    }
+}
+
+/// Ends a job whose task went away without a result (it panicked, or the runtime is ending), so
+/// that its record never says `running` for ever.
+struct FinishOnDrop(Option<Arc<Job>>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(job) = self.0.take() {
+            job.finish(Err(Error::JobUnavailable {
+                reason: "the job's task ended without a result (see the daemon's log)".into(),
+            }));
+        }
     }
 }
 
@@ -412,7 +431,7 @@ mod tests {
         b.ended().await;
         assert_eq!(b.view(false).exit_code, Some(3));
         let dup = jobs.start(&bob, "a".into(), "shell", job(Some(0)));
-        assert_eq!(dup.unwrap_err().kind(), "bad_call");
+        assert_eq!(dup.unwrap_err().kind(), "call_id_in_use");
         // Bob cannot see alice's job.
         assert_eq!(jobs.get(&bob, "b").unwrap_err().kind(), "no_such_job");
 

@@ -89,7 +89,6 @@ pub struct Kept {
 #[derive(Debug)]
 struct State {
     rings: [Ring; 2],
-    ended: bool,
 }
 
 /// The live output of one call; shared by the call (which pushes) and its followers.
@@ -111,7 +110,6 @@ impl LiveOutput {
         Arc::new(LiveOutput {
             state: Mutex::new(State {
                 rings: [ring(), ring()],
-                ended: false,
             }),
             changed: watch::Sender::new(0),
         })
@@ -124,17 +122,6 @@ impl LiveOutput {
         }
         self.state.lock().rings[stream.index()].push(data);
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// The call printed its last byte.
-    pub fn end(&self) {
-        self.state.lock().ended = true;
-        self.changed.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Whether [`end`](Self::end) was called.
-    pub fn ended(&self) -> bool {
-        self.state.lock().ended
     }
 
     /// A receiver that sees every change from now on (take it before reading, so that nothing

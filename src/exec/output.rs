@@ -40,8 +40,10 @@ impl Capture {
         }
     }
 
-    /// A capture that also hands its bytes to `tap` as they arrive (all of them, or the head).
+    /// A capture that also hands its bytes to `tap` as they arrive: the head it keeps, or every
+    /// byte (a job: its tap keeps the latest output, and the capture itself keeps nothing).
     pub fn tapped(cap: usize, tap: Option<&Tap>, stream: Stream) -> Self {
+        let cap = if tap.is_some_and(|t| t.all) { 0 } else { cap };
         Capture {
             tap: tap.map(|t| (t.clone(), stream)),
             ..Capture::new(cap)

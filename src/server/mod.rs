@@ -175,6 +175,7 @@ impl Server {
         let stop = CancellationToken::new();
         let stopping = stop.clone();
         let all_calls = state.all_calls.clone();
+        let all_calls_at_end = state.all_calls.clone();
         let timer = tokio::spawn(async move {
             shutdown.await;
             tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new connections; calls in flight may finish");
@@ -203,6 +204,9 @@ impl Server {
             }
         }
         timer.abort();
+        // Calls in flight had their grace (the connections have drained, or the drain gave up);
+        // background jobs cannot wait for their end: they are killed now (DESIGN.md).
+        all_calls_at_end.cancel();
         // Calls cancelled at the end of the grace stop within the kill grace; make sure they did.
         let drained = tokio::time::timeout(settle, async {
             while !state.calls.is_empty() || state.jobs.running() > 0 {
@@ -322,6 +326,7 @@ impl From<Error> for ApiError {
             }
             Error::TooManyJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::NoSuchJob { .. } => StatusCode::NOT_FOUND,
+            Error::JobIdInUse { .. } => StatusCode::CONFLICT,
             Error::PoolFull { .. }
             | Error::ImageMissing { .. }
             | Error::RuntimeMissing { .. }

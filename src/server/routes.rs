@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::{auth, sse, ApiError, AppState, CallEntry};
 use crate::check::Check;
-use crate::exec::jobs::JobRun;
+use crate::exec::jobs::{JobRun, JobState};
 use crate::exec::live::LiveOutput;
 use crate::exec::{new_call_id, Prepared, ToolCall};
 use crate::user::UserId;
@@ -358,7 +358,8 @@ async fn list_jobs(State(state): State<Arc<AppState>>, Path(user): Path<String>)
 
 /// `GET /v1/users/{user}/jobs/{id}`: the job with its latest output; as events with `stream=1`
 /// (or `Accept: text/event-stream`): what its rings hold, then its output as it comes, then
-/// `result` with the job once it has ended. Following never affects the job.
+/// `result` with the job once it has ended. Following never affects the job; a follower takes
+/// one of the user's call slots.
 async fn get_job(
     State(state): State<Arc<AppState>>,
     Path((user, id)): Path<(String, String)>,
@@ -370,6 +371,8 @@ async fn get_job(
     if !sse::wanted(&headers, query.as_deref()) {
         return Ok(Json(job.view(true)).into_response());
     }
+    // A follower holds one of the user's call slots while it follows: followers are bounded.
+    let (_, slot) = transfer_slot(&state, user.as_str())?;
     let first = sse::event(
         "started",
         &json!({ "job_id": job.id(), "tool": job.view(false).tool }),
@@ -379,11 +382,12 @@ async fn get_job(
         job.ended().await;
         sse::event("result", &json!(job.view(true)))
     };
-    Ok(sse::follow(live, first, Box::pin(end), ()))
+    Ok(sse::follow(live, first, Box::pin(end), slot))
 }
 
 /// `DELETE /v1/users/{user}/jobs/{id}`: kills a running job's whole process tree and answers
-/// once it has ended; forgets an ended job.
+/// once it has ended (202 if it has not within the kill grace and a margin); forgets an ended
+/// job.
 async fn kill_job(
     State(state): State<Arc<AppState>>,
     Path((user, id)): Path<(String, String)>,
@@ -397,7 +401,13 @@ async fn kill_job(
         .await
         .map_err(|e| counted(&state, e))?;
     tracing::info!(user = %user, job_id = %id, state = ?job.state, "job deleted through the API");
-    Ok(Json(job).into_response())
+    // Still running after the wait: the kill goes on (202); the job's record will say when.
+    let status = if job.state == JobState::Running {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job)).into_response())
 }
 
 /// The user a transfer is for, and one of its call slots, held while the transfer runs.

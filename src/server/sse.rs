@@ -47,6 +47,10 @@ pub(super) fn event(name: &str, data: &Value) -> Event {
 
 /// Follows `live` from its start: `first`, the output as it comes, and the event `end` gives
 /// once it resolves (after the output printed before it). `hold` lives as long as the body.
+///
+/// Events are made one at a time, as the client takes them: a slow client holds one event, never
+/// a queue (the ring holds the rest, and a reader that falls behind it is told what it missed),
+/// and a fast producer cannot keep the follower from yielding.
 pub(super) fn follow<H: Send + 'static>(
     live: Arc<LiveOutput>,
     first: Event,
@@ -58,30 +62,14 @@ pub(super) fn follow<H: Send + 'static>(
         live,
         cursor: Cursor::default(),
         carry: [Vec::new(), Vec::new()],
-        queue: std::collections::VecDeque::from([first]),
+        first: Some(first),
         end: Some(end),
+        last: None,
         _hold: hold,
     };
     let events = stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(ev) = st.queue.pop_front() {
-                return Some((Ok::<_, Infallible>(ev), st));
-            }
-            let end = st.end.as_mut()?;
-            tokio::select! {
-                biased;
-                changed = st.changed.changed() => {
-                    if changed.is_ok() {
-                        st.drain(false);
-                    }
-                }
-                last = end => {
-                    st.end = None;
-                    st.drain(true);
-                    st.queue.push_back(last);
-                }
-            }
-        }
+        let ev = st.next().await?;
+        Some((Ok::<_, Infallible>(ev), st))
     });
     sse(events)
 }
@@ -104,52 +92,152 @@ struct Follow<H> {
     cursor: Cursor,
     /// The start of a character cut at the end of the last read, per stream.
     carry: [Vec<u8>; 2],
-    queue: std::collections::VecDeque<Event>,
+    first: Option<Event>,
+    /// What ends the stream; None once it has resolved into `last`.
     end: Option<BoxFuture<'static, Event>>,
+    last: Option<Event>,
     _hold: H,
 }
 
 impl<H> Follow<H> {
-    /// Queues what the streams hold past the cursor; `last`: flush cut characters too.
-    fn drain(&mut self, last: bool) {
-        self.changed.borrow_and_update();
-        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
-            loop {
-                let piece = self.live.read(&mut self.cursor, stream, EVENT_BYTES);
-                if piece.bytes.is_empty() && piece.missed == 0 {
-                    break;
-                }
-                let mut bytes = if piece.missed > 0 {
-                    std::mem::take(&mut self.carry[i]); // its character's end was lost
-                    piece.bytes
-                } else {
-                    let mut b = std::mem::take(&mut self.carry[i]);
-                    b.extend_from_slice(&piece.bytes);
-                    b
-                };
-                let cut = crate::exec::output::utf8_cut_back(&bytes);
-                self.carry[i] = bytes.split_off(cut);
-                self.push(stream, &bytes, piece.missed);
+    /// The next event; None after the last.
+    async fn next(&mut self) -> Option<Event> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        loop {
+            // What the rings hold goes first, even when the end has come (it was printed before).
+            if let Some((stream, bytes, missed)) = self.read_one() {
+                return Some(output_event(stream, &bytes, missed));
             }
-            if last {
-                let rest = std::mem::take(&mut self.carry[i]);
-                self.push(stream, &rest, 0);
+            if let Some(last) = self.last.take() {
+                return Some(last);
+            }
+            let end = self.end.as_mut()?;
+            tokio::select! {
+                biased;
+                _ = self.changed.changed() => {}
+                last = end => {
+                    self.end = None;
+                    self.last = Some(last);
+                }
             }
         }
     }
 
-    fn push(&mut self, stream: Stream, bytes: &[u8], missed: u64) {
-        if bytes.is_empty() && missed == 0 {
-            return;
+    /// What the rings hold past the cursor, for one event (stdout first): the stream, its bytes
+    /// (a character cut at their end held back until its rest comes; once the end has come, sent
+    /// as it is) and how many bytes were missed before them.
+    fn read_one(&mut self) -> Option<(Stream, Vec<u8>, u64)> {
+        self.changed.borrow_and_update();
+        let ended = self.end.is_none();
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            let piece = self.live.read(&mut self.cursor, stream, EVENT_BYTES);
+            let mut missed = piece.missed;
+            let mut bytes = if missed > 0 {
+                // The held-back start lost its end, and the bytes may start mid-character.
+                missed += std::mem::take(&mut self.carry[i]).len() as u64;
+                let split = piece
+                    .bytes
+                    .iter()
+                    .take(3)
+                    .take_while(|b| (**b & 0xC0) == 0x80)
+                    .count();
+                missed += split as u64;
+                piece.bytes[split..].to_vec()
+            } else {
+                let mut b = std::mem::take(&mut self.carry[i]);
+                b.extend_from_slice(&piece.bytes);
+                b
+            };
+            if !(ended && piece.bytes.is_empty()) {
+                let cut = crate::exec::output::utf8_cut_back(&bytes);
+                self.carry[i] = bytes.split_off(cut);
+            }
+            if !bytes.is_empty() || missed > 0 {
+                return Some((stream, bytes, missed));
+            }
         }
-        let (text, b64) = crate::text::to_text(bytes);
-        let mut data = json!({ "text": text });
-        if let Some(b64) = b64 {
-            data["base64"] = json!(b64);
+        None
+    }
+}
+
+/// A `stdout`/`stderr` event.
+fn output_event(stream: Stream, bytes: &[u8], missed: u64) -> Event {
+    let (text, b64) = crate::text::to_text(bytes);
+    let mut data = json!({ "text": text });
+    if let Some(b64) = b64 {
+        data["base64"] = json!(b64);
+    }
+    if missed > 0 {
+        data["missed"] = json!(missed);
+    }
+    event(stream.name(), &data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follower(live: &Arc<LiveOutput>, ended: bool) -> Follow<()> {
+        Follow {
+            changed: live.watch(),
+            live: live.clone(),
+            cursor: Cursor::default(),
+            carry: [Vec::new(), Vec::new()],
+            first: None,
+            end: (!ended).then(|| Box::pin(std::future::pending()) as BoxFuture<'static, Event>),
+            last: None,
+            _hold: (),
         }
-        if missed > 0 {
-            data["missed"] = json!(missed);
-        }
-        self.queue.push_back(event(stream.name(), &data));
+    }
+
+    #[test]
+    fn a_split_character_is_held_back_until_its_rest_comes() {
+        let live = LiveOutput::new(64);
+        let mut f = follower(&live, false);
+        let e = "é".as_bytes();
+        live.push(Stream::Stdout, &[b'a', e[0]]);
+        assert_eq!(f.read_one(), Some((Stream::Stdout, b"a".to_vec(), 0)));
+        assert_eq!(f.read_one(), None, "half a character is not sent");
+        live.push(Stream::Stdout, &[e[1], b'b']);
+        assert_eq!(f.read_one(), Some((Stream::Stdout, "éb".into(), 0)));
+        // At the end, what is held back goes as it is.
+        live.push(Stream::Stderr, &[0xff]);
+        assert_eq!(f.read_one(), None);
+        f.end = None;
+        assert_eq!(f.read_one(), Some((Stream::Stderr, vec![0xff], 0)));
+        assert_eq!(f.read_one(), None);
+    }
+
+    #[test]
+    fn a_reader_behind_the_ring_is_told_what_it_missed_and_reads_whole_characters() {
+        let live = LiveOutput::new(5);
+        let mut f = follower(&live, true);
+        live.push(Stream::Stdout, "xxéabcd".as_bytes()); // 8 bytes: the ring keeps "\xa9abcd"
+                                                         // 3 fell out of the ring, and the cut character's last byte is not shown.
+        assert_eq!(f.read_one(), Some((Stream::Stdout, b"abcd".to_vec(), 4)));
+    }
+
+    #[test]
+    fn one_read_is_one_bounded_event() {
+        let live = LiveOutput::new(1 << 20);
+        let mut f = follower(&live, true);
+        live.push(Stream::Stdout, &vec![b'y'; 100_000]);
+        let (_, bytes, _) = f.read_one().unwrap();
+        assert_eq!(bytes.len(), EVENT_BYTES);
+    }
+
+    #[test]
+    fn the_header_or_the_query_asks_for_a_stream() {
+        let mut h = HeaderMap::new();
+        assert!(!wanted(&h, None));
+        assert!(wanted(&h, Some("a=1&stream=1")));
+        assert!(!wanted(&h, Some("stream=0")));
+        h.insert(
+            axum::http::header::ACCEPT,
+            "application/json, Text/Event-Stream".parse().unwrap(),
+        );
+        assert!(wanted(&h, None));
     }
 }
