@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::{exec_as, http, Daemon, TestPool};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use zcbot_sandbox::UserId;
 
 /// One event as the client saw it: when (since the request was sent), its name, its data.
 #[derive(Debug)]
@@ -118,6 +119,19 @@ async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cond()
+}
+
+/// Starts `command` as a background shell job, which must be accepted; the job as answered.
+async fn job(d: &Daemon, user: &UserId, command: &str) -> Value {
+    let (status, job) = d
+        .tool(
+            user,
+            "shell",
+            json!({"command": command, "background": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    job
 }
 
 async fn get_json(d: &Daemon, path: &str) -> (u16, Value) {
@@ -281,13 +295,12 @@ async fn a_job_survives_its_caller_and_is_killed_by_delete() {
     let user = t.user("u");
     let container = t.container_name(&user);
     let started = Instant::now();
-    let (status, job) = d.tool(
+    let job = job(
+        &d,
         &user,
-        "shell",
-        json!({"command": "sleep 4343 & while :; do echo tick; sleep 0.2; done", "background": true}),
+        "sleep 4343 & while :; do echo tick; sleep 0.2; done",
     )
     .await;
-    assert_eq!(status, 202, "{job}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(job["state"], "running", "{job}");
     let id = job["job_id"].as_str().unwrap().to_owned();
@@ -427,14 +440,7 @@ async fn jobs_end_report_and_are_limited() {
     let timed = until_ended(timed).await;
     assert_eq!(timed["state"], "timed_out", "{timed}");
     // A slot is free again.
-    let (status, exited) = d
-        .tool(
-            &user,
-            "shell",
-            json!({"command": "echo done; echo oops >&2; exit 3", "background": true}),
-        )
-        .await;
-    assert_eq!(status, 202, "{exited}");
+    let exited = job(&d, &user, "echo done; echo oops >&2; exit 3").await;
     let exited = until_ended(exited).await;
     assert_eq!(
         (exited["state"].as_str(), exited["exit_code"].as_i64()),
@@ -485,14 +491,7 @@ async fn a_running_job_keeps_its_sandbox_from_the_reaper() {
     let d = Daemon::start(&mut t);
     let user = t.user("u");
     let container = t.container_name(&user);
-    let (status, job) = d
-        .tool(
-            &user,
-            "shell",
-            json!({"command": "sleep 6", "background": true}),
-        )
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = job(&d, &user, "sleep 6").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(http(&d.addr, "POST", "/v1/reap", None).await.0, 200);
     assert!(
@@ -521,14 +520,7 @@ async fn a_daemon_killed_outright_takes_its_jobs_processes_with_it() {
     let mut d = Daemon::start(&mut t);
     let user = t.user("u");
     let container = t.container_name(&user);
-    let (status, job) = d
-        .tool(
-            &user,
-            "shell",
-            json!({"command": "setsid sleep 4545 & sleep 4646", "background": true}),
-        )
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = job(&d, &user, "setsid sleep 4545 & sleep 4646").await;
     assert!(
         eventually(10, || running(&container, "sleep 4545") == 1
             && running(&container, "sleep 4646") == 1)

@@ -3,7 +3,7 @@
 //!
 //! The registry owns each job's task, its cancel token and its live output (a ring of the latest
 //! bytes of each stream, see [`super::live`]); how the call itself runs is the executor's
-//! ([`super::Executor::run_job`]). Records live in the daemon's memory only: a restart forgets
+//! ([`super::Executor::run_live`]). Records live in the daemon's memory only: a restart forgets
 //! them, and the processes they ran die with the daemon's exec channels (DESIGN.md, "Background
 //! jobs"). Memory is bounded: running jobs per user, and ended records by age, per user and in
 //! all.
@@ -173,12 +173,7 @@ impl Job {
             kept.bytes.truncate(cut);
         }
         if kept.dropped > 0 {
-            let split = kept
-                .bytes
-                .iter()
-                .take(3)
-                .take_while(|b| (**b & 0xC0) == 0x80)
-                .count();
+            let split = super::output::utf8_continuations(&kept.bytes);
             kept.bytes.drain(..split);
             kept.dropped += split as u64;
         }

@@ -596,10 +596,11 @@ impl Executor {
         Ok(Prepared { tool, job, run })
     }
 
-    /// [`run`](Self::run) for a prepared call, and the head of each output stream (what the cap
-    /// keeps first) goes to `live` as it is produced: a streamed answer follows it. The result
-    /// is the same.
-    pub async fn run_streamed(
+    /// [`run`](Self::run) for a prepared call, its output also going to `live` as it is
+    /// produced: for a call, the head of each stream (what the cap keeps first; a streamed answer
+    /// follows it, and the result is the same); for a `background` call (a job), every byte (the
+    /// job's rings keep the latest), over the exec channel whatever the transport setting.
+    pub async fn run_live(
         &self,
         user: &UserId,
         call: Prepared,
@@ -608,23 +609,7 @@ impl Executor {
     ) -> Result<ToolResult> {
         let tap = Tap {
             output: live,
-            all: false,
-        };
-        self.run_prepared(user, call, cancel, Some(tap)).await
-    }
-
-    /// Runs a prepared `background` call as a job: every byte it prints goes to `live` (which
-    /// keeps the latest), and it runs over the exec channel whatever the transport setting.
-    pub async fn run_job(
-        &self,
-        user: &UserId,
-        call: Prepared,
-        cancel: &CancellationToken,
-        live: Arc<LiveOutput>,
-    ) -> Result<ToolResult> {
-        let tap = Tap {
-            output: live,
-            all: true,
+            all: call.job,
         };
         self.run_prepared(user, call, cancel, Some(tap)).await
     }
@@ -661,7 +646,7 @@ impl Executor {
     ) -> Result<ToolResult> {
         let started = Instant::now();
         let Prepared { tool, job, run } = call;
-        if job != tap.as_ref().is_some_and(|t| t.all) {
+        if job && tap.is_none() {
             return Err(Error::BadCall {
                 tool: tool.into(),
                 reason: "background: true starts a job, which only the daemon's API runs (POST \

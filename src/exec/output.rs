@@ -102,11 +102,7 @@ impl Capture {
         let head_cut = utf8_cut_back(&head);
         omitted += (head.len() - head_cut) as u64;
         head.truncate(head_cut);
-        let tail_start = tail
-            .iter()
-            .take(3)
-            .take_while(|b| (**b & 0xC0) == 0x80)
-            .count();
+        let tail_start = utf8_continuations(&tail);
         omitted += tail_start as u64;
         tail.drain(..tail_start);
         head.extend_from_slice(format!("\n[... {omitted} bytes omitted ...]\n").as_bytes());
@@ -117,6 +113,14 @@ impl Capture {
             total: self.total,
         }
     }
+}
+
+/// How many bytes at the start of `b` continue a character that began before it (at most 3).
+pub(crate) fn utf8_continuations(b: &[u8]) -> usize {
+    b.iter()
+        .take(3)
+        .take_while(|b| (**b & 0xC0) == 0x80)
+        .count()
 }
 
 /// The length of `b` without a trailing incomplete UTF-8 character.

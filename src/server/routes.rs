@@ -311,7 +311,7 @@ fn stream_call(
     let end = async move {
         let started = Instant::now();
         let st = &*state;
-        let result = st.executor.run_streamed(&user, call, &cancel, live).await;
+        let result = st.executor.run_live(&user, call, &cancel, live).await;
         match finished(st, &user, &call_id, tool, started, result) {
             Ok(r) => sse::event("result", &json!(r)),
             Err(e) => sse::event("error", &e.body()),
@@ -330,7 +330,7 @@ fn start_job(state: &Arc<AppState>, user: UserId, id: String, call: Prepared) ->
     let run: JobRun = Box::new(move |live, cancel| {
         Box::pin(async move {
             let st = &*runner;
-            let result = st.executor.run_job(&who, call, &cancel, live).await;
+            let result = st.executor.run_live(&who, call, &cancel, live).await;
             match &result {
                 Ok(r) => tracing::info!(user = %who, tool = %r.tool, exit_code = ?r.exit_code,
                     timed_out = r.timed_out, killed = r.cancelled, duration_ms = r.duration_ms, "job ended"),

@@ -137,12 +137,7 @@ impl<H> Follow<H> {
             let mut bytes = if missed > 0 {
                 // The held-back start lost its end, and the bytes may start mid-character.
                 missed += std::mem::take(&mut self.carry[i]).len() as u64;
-                let split = piece
-                    .bytes
-                    .iter()
-                    .take(3)
-                    .take_while(|b| (**b & 0xC0) == 0x80)
-                    .count();
+                let split = crate::exec::output::utf8_continuations(&piece.bytes);
                 missed += split as u64;
                 piece.bytes[split..].to_vec()
             } else {
