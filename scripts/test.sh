@@ -59,16 +59,16 @@ if [ "$status" != 0 ]; then
     exit "$status"
 fi
 
-# The attack suite and the executor tests once more under gVisor (ZCBOT_SANDBOX_RUNTIME=runsc),
-# when the engine has it registered (scripts/register-runsc.sh; .ci/run does it on CI's machine).
+# The attack suite, the executor tests, Python sessions, live output and background jobs once
+# more under gVisor (ZCBOT_SANDBOX_RUNTIME=runsc), when the engine has it registered (scripts/register-runsc.sh; .ci/run does it on CI's machine).
 runsc_summary="not run"
 if docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null |
     tr ' ' '\n' | grep -qx runsc; then
-    echo "test.sh: the attack suite and the executor tests under runsc (gVisor)" >&2
+    echo "test.sh: the attack suite, the executor, session, live-output and job tests under runsc (gVisor)" >&2
     runsc_log=$(mktemp)
     trap 'rm -f "$log" "$runsc_log"' EXIT
     set +e
-    ZCBOT_SANDBOX_RUNTIME=runsc cargo test --test attacks --test exec "$@" 2>&1 | tee "$runsc_log"
+    ZCBOT_SANDBOX_RUNTIME=runsc cargo test --test attacks --test exec --test sessions --test live "$@" 2>&1 | tee "$runsc_log"
     status=${PIPESTATUS[0]}
     set -e
     runsc_summary=$(summarize "$runsc_log")
