@@ -45,6 +45,29 @@ pub enum JobState {
     Failed,
 }
 
+impl JobState {
+    /// How a job whose call gave `result` ended.
+    pub fn of(result: &Result<ToolResult>) -> Self {
+        match result {
+            Ok(r) if r.timed_out => JobState::TimedOut,
+            Ok(r) if r.cancelled => JobState::Killed,
+            Ok(_) => JobState::Exited,
+            Err(_) => JobState::Failed,
+        }
+    }
+
+    /// Its name in JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Exited => "exited",
+            JobState::TimedOut => "timed_out",
+            JobState::Killed => "killed",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
 /// A job as the API shows it. `stdout`/`stderr` are present when one job is asked for (not in
 /// the listing): the latest bytes of each stream, after `*_dropped` bytes that were not kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,12 +205,10 @@ impl Job {
     }
 
     fn finish(&self, result: Result<ToolResult>) {
-        let (state, exit_code, error) = match result {
-            Ok(r) if r.timed_out => (JobState::TimedOut, None, None),
-            Ok(r) if r.cancelled => (JobState::Killed, None, None),
-            Ok(r) => (JobState::Exited, r.exit_code, None),
+        let state = JobState::of(&result);
+        let (exit_code, error) = match result {
+            Ok(r) => (r.exit_code.filter(|_| state == JobState::Exited), None),
             Err(e) => (
-                JobState::Failed,
                 None,
                 Some(serde_json::json!({"kind": e.kind(), "message": e.to_string()})),
             ),

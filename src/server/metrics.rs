@@ -28,6 +28,7 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 type CallLabels = [(&'static str, String); 2];
 type KindLabel = [(&'static str, String); 1];
+type StateLabel = [(&'static str, &'static str); 1];
 
 /// What the daemon counts per call, and the registry of every component's families.
 #[derive(Debug)]
@@ -38,6 +39,9 @@ pub struct Metrics {
     timeouts: Counter,
     cancels: Counter,
     in_flight: Gauge,
+    streamed: Counter,
+    jobs_running: Gauge,
+    jobs_ended: Family<StateLabel, Counter>,
 }
 
 impl Metrics {
@@ -55,6 +59,9 @@ impl Metrics {
             timeouts: Counter::default(),
             cancels: Counter::default(),
             in_flight: Gauge::default(),
+            streamed: Counter::default(),
+            jobs_running: Gauge::default(),
+            jobs_ended: Family::default(),
         };
         let mut registry = Registry::default();
         connections.register(&mut registry);
@@ -85,6 +92,21 @@ impl Metrics {
             "zcbot_calls_in_flight",
             "Calls running now",
             self.in_flight.clone(),
+        );
+        registry.register(
+            "zcbot_streamed_calls",
+            "Calls answered as Server-Sent Events",
+            self.streamed.clone(),
+        );
+        registry.register(
+            "zcbot_jobs_running",
+            "Background jobs running now",
+            self.jobs_running.clone(),
+        );
+        registry.register(
+            "zcbot_jobs_ended",
+            "Background jobs ended, by how (exited, timed_out, killed, failed)",
+            self.jobs_ended.clone(),
         );
         registry.register(
             "zcbot_errors",
@@ -128,6 +150,22 @@ impl Metrics {
     /// A call started (+1) or ended (-1).
     pub fn in_flight(&self, delta: i64) {
         self.in_flight.inc_by(delta);
+    }
+
+    /// A call is answered as events.
+    pub fn streamed(&self) {
+        self.streamed.inc();
+    }
+
+    /// A background job started.
+    pub fn job_started(&self) {
+        self.jobs_running.inc();
+    }
+
+    /// A background job ended as `state` (a `JobState`'s name).
+    pub fn job_ended(&self, state: &'static str) {
+        self.jobs_running.dec();
+        self.jobs_ended.get_or_create(&[("state", state)]).inc();
     }
 
     /// The exposition in the format `accept` (an HTTP `Accept` header) prefers: its content type
@@ -230,6 +268,10 @@ mod tests {
         m.in_flight(1);
         m.in_flight(1);
         m.in_flight(-1);
+        m.job_started();
+        m.job_started();
+        m.job_ended("killed");
+        m.streamed();
         connections.refused.inc();
         connections.open.inc();
         let text = text(&m);
@@ -237,6 +279,9 @@ mod tests {
             "zcbot_errors_total{kind=\"invalid_user\"} 2",
             "zcbot_errors_total{kind=\"not_found\"} 1",
             "zcbot_calls_in_flight 1",
+            "zcbot_jobs_running 1",
+            "zcbot_jobs_ended_total{state=\"killed\"} 1",
+            "zcbot_streamed_calls_total 1",
             "zcbot_http_connections_open 1",
             "zcbot_http_connections_refused_total 1",
             "zcbot_http_connections_timed_out_total 0",

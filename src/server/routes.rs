@@ -303,6 +303,7 @@ fn stream_call(
     in_flight: InFlight,
 ) -> Response {
     let cfg = state.executor_config();
+    state.metrics.streamed();
     // Only the head streams (at most half the cap per stream): the ring never drops a byte.
     let live = LiveOutput::new(cfg.output_cap);
     let tool = call.tool();
@@ -331,6 +332,7 @@ fn start_job(state: &Arc<AppState>, user: UserId, id: String, call: Prepared) ->
         Box::pin(async move {
             let st = &*runner;
             let result = st.executor.run_live(&who, call, &cancel, live).await;
+            st.metrics.job_ended(JobState::of(&result).name());
             match &result {
                 Ok(r) => tracing::info!(user = %who, tool = %r.tool, exit_code = ?r.exit_code,
                     timed_out = r.timed_out, killed = r.cancelled, duration_ms = r.duration_ms, "job ended"),
@@ -343,6 +345,7 @@ fn start_job(state: &Arc<AppState>, user: UserId, id: String, call: Prepared) ->
         .jobs
         .start(&user, id, tool, run)
         .map_err(|e| counted(st, e))?;
+    st.metrics.job_started();
     tracing::info!(user = %user, tool, job_id = job.id(), "job started");
     let mut resp = (StatusCode::ACCEPTED, Json(job.view(false))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/users/{user}/jobs/{}", job.id())) {
