@@ -4,7 +4,8 @@
 //!
 //! Scenarios: 1 warm exec of `true`; 2 cold ensure; 3 warm ensure; 4 concurrency; 5 a pool of
 //! many warm containers; 6 a call that prints 100 MiB; 7 the runtime column, runc vs runsc
-//! (gVisor); 8 Python sessions; 9 live output (SSE) and background jobs. Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
+//! (gVisor); 8 Python sessions; 9 live output (SSE) and background jobs; 10 staged idle (the
+//! first call after a pause). Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -234,6 +235,9 @@ impl Bench {
             ("ZCBOT_LISTEN", "127.0.0.1:0".to_owned()),
             ("ZCBOT_SANDBOX_BACKEND", "docker".to_owned()),
             ("ZCBOT_SANDBOX_RUNTIME", runtime.to_owned()),
+            // The library's pools and the in-process daemon's share these containers: no reaper
+            // may pause one behind the others' backs (10 pauses by hand).
+            ("ZCBOT_SANDBOX_PAUSE_AFTER", "0".to_owned()),
         ];
         let config = Config::from_lookup(|k| {
             vars.iter()
@@ -693,6 +697,33 @@ async fn main() {
         peak_job / 1024
     );
     results.insert("live".into(), json!({ "first_event": summary(&first_event), "plain_answer": summary(&plain), "stream_100mib_wall_s": wall.as_secs_f64(), "stream_100mib_bytes": streamed, "rss_before_kib": rss_before, "stream_peak_rss_kib": peak_sse, "job_100mib_wall_s": job_wall.as_secs_f64(), "job_peak_rss_kib": peak_job }));
+
+    // 10. Staged idle: the first call after a pause (the lease thaws the sandbox) vs a warm
+    // call, interleaved, and vs the cold ensure of 2.
+    println!("\n10. staged idle: the first call after a pause (one user, warm channel)");
+    let (mut after_pause, mut warm_call) = (hist(), hist());
+    for i in 0..(n_cold + 5) {
+        let paused = pool.pause_idle(Duration::ZERO).await.unwrap();
+        assert!(paused.contains(&u0.to_string()), "{paused:?}");
+        settle().await;
+        let t = call_true(&executor, &u0).await;
+        if i >= 5 {
+            record(&mut after_pause, t);
+        }
+        settle().await;
+        let t = call_true(&executor, &u0).await;
+        if i >= 5 {
+            record(&mut warm_call, t);
+        }
+    }
+    row("`true` right after a pause", &after_pause, Some(&warm_call));
+    row(
+        "`true` after a pause, vs the cold ensure of 2",
+        &after_pause,
+        Some(&cold),
+    );
+    row("baseline: a warm `true`", &warm_call, None);
+    results.insert("staged_idle".into(), json!({ "after_pause": summary(&after_pause), "warm": summary(&warm_call), "cold_ensure": summary(&cold) }));
 
     // 5. Scale: many warm containers.
     println!("\n5. scale: {n_scale} warm containers");

@@ -40,6 +40,9 @@ pub struct Config {
     pub idle: Duration,
     /// `ZCBOT_SANDBOX_REAP_EVERY`: how often the reaper looks (default 60s).
     pub reap_every: Duration,
+    /// `ZCBOT_SANDBOX_PAUSE_AFTER`: a sandbox idle this long is paused (its processes frozen,
+    /// memory kept) until the next call; None (`0`) never pauses (default 60s).
+    pub pause_after: Option<Duration>,
     /// `ZCBOT_SANDBOX_MEMORY`: memory limit in bytes; swap is set equal, so no swap (default 512MiB).
     pub memory_bytes: i64,
     /// `ZCBOT_SANDBOX_CPUS`: CPU limit in cores (default 1.0).
@@ -353,6 +356,9 @@ struct SandboxArgs {
     /// How often the reaper looks.
     #[arg(long, env = "ZCBOT_SANDBOX_REAP_EVERY", default_value = "60s", value_parser = parse_duration)]
     reap_every: Duration,
+    /// A sandbox idle this long is paused until its next call (0: never).
+    #[arg(long, env = "ZCBOT_SANDBOX_PAUSE_AFTER", default_value = "60s", value_parser = parse_duration_or_off)]
+    pause_after: Duration,
     /// Memory limit (swap is set equal, so no swap).
     #[arg(long = "memory", value_name = "SIZE", env = "ZCBOT_SANDBOX_MEMORY", default_value = "512MiB", value_parser = bytes::<i64>(6 << 20))]
     memory_bytes: i64,
@@ -729,6 +735,7 @@ impl Settings {
             pool_id: engine.pool_id,
             idle: sandbox.idle,
             reap_every: sandbox.reap_every,
+            pause_after: Some(sandbox.pause_after).filter(|d| !d.is_zero()),
             memory_bytes: sandbox.memory_bytes,
             cpus: sandbox.cpus,
             pids: sandbox.pids,
@@ -895,6 +902,14 @@ fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+/// A duration, or `0` for off (zero).
+fn parse_duration_or_off(v: &str) -> std::result::Result<Duration, String> {
+    if v.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(v)
 }
 
 fn parse_abs_path(v: &str) -> std::result::Result<PathBuf, String> {
@@ -1080,6 +1095,7 @@ mod tests {
         assert_eq!(c.pool_id, "default");
         assert_eq!(c.idle, secs(300));
         assert_eq!(c.reap_every, secs(60));
+        assert_eq!(c.pause_after, Some(secs(60)));
         assert_eq!(c.memory_bytes, 512 << 20);
         assert_eq!(c.cpus, 1.0);
         assert_eq!(c.pids, 256);
@@ -1136,7 +1152,7 @@ mod tests {
     #[test]
     fn the_declaration_lists_every_variable_once_with_a_flag() {
         let vars = variables();
-        assert_eq!(vars.len(), 51, "{vars:?}");
+        assert_eq!(vars.len(), 52, "{vars:?}");
         let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
         names.sort_unstable();
         names.dedup();
@@ -1204,6 +1220,12 @@ mod tests {
             let c = cfg(&[("ZCBOT_SANDBOX_IDLE", text)]).unwrap();
             assert_eq!(c.idle, want, "{text:?}");
         }
+        // 0 turns pausing off; any other zero is still refused.
+        let c = cfg(&[("ZCBOT_SANDBOX_PAUSE_AFTER", "0")]).unwrap();
+        assert_eq!(c.pause_after, None);
+        let c = cfg(&[("ZCBOT_SANDBOX_PAUSE_AFTER", "5m")]).unwrap();
+        assert_eq!(c.pause_after, Some(secs(300)));
+        assert!(cfg(&[("ZCBOT_SANDBOX_PAUSE_AFTER", "0s")]).is_err());
     }
 
     #[test]

@@ -358,6 +358,10 @@ pub enum Op {
     Start,
     /// Remove a container.
     Remove,
+    /// Pause a container.
+    Pause,
+    /// Unpause a container.
+    Unpause,
     /// List containers.
     List,
     /// Read a container's log.
@@ -388,6 +392,8 @@ impl std::fmt::Display for Op {
             Op::Create => "create container",
             Op::Start => "start container",
             Op::Remove => "remove container",
+            Op::Pause => "pause container",
+            Op::Unpause => "unpause container",
             Op::List => "list containers",
             Op::ReadLog => "read the log of",
             Op::CreateExec => "create an exec in",

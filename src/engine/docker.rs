@@ -430,6 +430,45 @@ impl Engine for DockerEngine {
         .boxed()
     }
 
+    fn pause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>> {
+        async move {
+            match self
+                .call(Op::Pause, container, self.inner.pause_container(container))
+                .await
+            {
+                // A conflict: already paused (or not running, which the next lease finds out).
+                Ok(()) | Err((_, Answer::Conflict)) => Ok(true),
+                Err((_, Answer::NotFound)) => Ok(false),
+                Err((e, _)) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn unpause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>> {
+        async move {
+            match self
+                .call(
+                    Op::Unpause,
+                    container,
+                    self.inner.unpause_container(container),
+                )
+                .await
+            {
+                Ok(()) | Err((_, Answer::Conflict)) => Ok(true),
+                Err((_, Answer::NotFound)) => Ok(false),
+                // 20.10 answers 500 "Container ... is not paused" for a running container.
+                Err((EngineError::Failed { message, .. }, _))
+                    if message.contains("is not paused") =>
+                {
+                    Ok(true)
+                }
+                Err((e, _)) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
     fn remove<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Removed>> {
         async move {
             match self

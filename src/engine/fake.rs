@@ -178,6 +178,22 @@ impl FakeEngine {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.state.lock()
     }
+
+    /// Pause or unpause: a container in state `from` goes to `to`; one in `to` stays.
+    fn freeze(&self, op: Op, container: &str, from: State, to: State) -> EngineResult<bool> {
+        let mut w = self.enter();
+        w.fail(op, container)?;
+        Ok(match w.find(container) {
+            Some(i) => {
+                let c = &mut w.containers[i];
+                if c.state == from {
+                    c.state = to;
+                }
+                true
+            }
+            None => false,
+        })
+    }
 }
 
 fn ready(f: impl FnOnce() -> EngineResult<()>) -> BoxFuture<'static, EngineResult<()>> {
@@ -346,6 +362,26 @@ impl Engine for FakeEngine {
             true
         });
         futures_util::future::ready(r).boxed()
+    }
+
+    fn pause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>> {
+        futures_util::future::ready(self.freeze(
+            Op::Pause,
+            container,
+            State::Running,
+            State::Paused,
+        ))
+        .boxed()
+    }
+
+    fn unpause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>> {
+        futures_util::future::ready(self.freeze(
+            Op::Unpause,
+            container,
+            State::Paused,
+            State::Running,
+        ))
+        .boxed()
     }
 
     fn remove<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Removed>> {

@@ -294,6 +294,11 @@ pub trait Engine: Send + Sync + 'static {
     ) -> BoxFuture<'a, EngineResult<Created>>;
     /// Starts a created or stopped container. False when it is not there.
     fn start<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>>;
+    /// Freezes every process of a running container (the cgroup freezer: no CPU, memory kept).
+    /// False when it is not there; already paused is done.
+    fn pause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>>;
+    /// Thaws a paused container. False when it is not there; not paused is done.
+    fn unpause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>>;
     /// Force-removes a container (and its anonymous volumes) by name or id.
     fn remove<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Removed>>;
     /// Every container that matches, in any state.

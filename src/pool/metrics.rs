@@ -35,6 +35,10 @@ pub struct PoolStats {
     /// Containers removed because a call's processes could not be shown stopped in place (a
     /// supervisor or channel helper that would not die, a sweep that failed).
     pub recycled: u64,
+    /// Idle sandboxes paused (`ZCBOT_SANDBOX_PAUSE_AFTER`).
+    pub paused: u64,
+    /// Paused sandboxes resumed for a call.
+    pub resumed: u64,
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -47,6 +51,8 @@ pub(crate) struct PoolMetrics {
     pub(crate) reaped: Counter,
     pub(crate) orphans_removed: Counter,
     pub(crate) recycled: Counter,
+    pub(crate) paused: Counter,
+    pub(crate) resumed: Counter,
     /// `ensures_cold` and `ensures_warm` as one family by `kind`.
     ensures: Family<Labels, Counter>,
     /// Containers of this pool by Docker's state, set at each scrape.
@@ -67,6 +73,8 @@ impl Default for PoolMetrics {
             reaped: Counter::default(),
             orphans_removed: Counter::default(),
             recycled: Counter::default(),
+            paused: Counter::default(),
+            resumed: Counter::default(),
             ensures,
             containers,
         }
@@ -82,6 +90,8 @@ impl PoolMetrics {
             reaped: self.reaped.get(),
             orphans_removed: self.orphans_removed.get(),
             recycled: self.recycled.get(),
+            paused: self.paused.get(),
+            resumed: self.resumed.get(),
         }
     }
 
@@ -118,6 +128,16 @@ impl PoolMetrics {
             "zcbot_orphans_removed",
             "Containers removed at startup reconcile",
             self.orphans_removed.clone(),
+        );
+        registry.register(
+            "zcbot_sandboxes_paused",
+            "Idle sandboxes paused (the cgroup freezer)",
+            self.paused.clone(),
+        );
+        registry.register(
+            "zcbot_sandboxes_resumed",
+            "Paused sandboxes resumed for a call",
+            self.resumed.clone(),
         );
         registry.register(
             "zcbot_sandboxes_recycled",
@@ -169,6 +189,7 @@ mod tests {
         m.ensures_cold.inc();
         m.ensures_warm.inc_by(3);
         m.reaped.inc();
+        m.paused.inc();
         assert_eq!(
             m.snapshot(),
             PoolStats {
@@ -176,13 +197,17 @@ mod tests {
                 ensures_warm: 3,
                 reaped: 1,
                 orphans_removed: 0,
-                recycled: 0
+                recycled: 0,
+                paused: 1,
+                resumed: 0,
             }
         );
         let text = exposition(&m);
         for line in [
             "zcbot_ensures_total{kind=\"cold\"} 1",
             "zcbot_ensures_total{kind=\"warm\"} 3",
+            "zcbot_sandboxes_paused_total 1",
+            "zcbot_sandboxes_resumed_total 0",
             "zcbot_reaped_total 1",
             "zcbot_orphans_removed_total 0",
             "zcbot_sandboxes_recycled_total 0",

@@ -75,6 +75,9 @@ struct Slot {
 
 struct SlotState {
     live: Option<Sandbox>,
+    /// The live sandbox is paused, or being paused: no lease is handed out warm; the next one
+    /// resumes it under the gate.
+    paused: bool,
     starting: bool,
     in_flight: usize,
     last_active: SystemTime,
@@ -87,6 +90,7 @@ impl Slot {
             gate: Arc::new(tokio::sync::Mutex::new(())),
             state: parking_lot::Mutex::new(SlotState {
                 live: None,
+                paused: false,
                 starting: false,
                 in_flight: 0,
                 last_active,
@@ -390,6 +394,7 @@ impl SandboxPool {
 
     async fn lease_cold(&self, user: &UserId, slot: &Arc<Slot>) -> Result<Lease> {
         let _gate = slot.gate.lock().await;
+        self.resume(user, slot).await?;
         if let Some(lease) = self.try_warm(slot, user) {
             return Ok(lease);
         }
@@ -408,6 +413,7 @@ impl SandboxPool {
         let persist = {
             let mut st = slot.state.lock();
             st.live = Some(sandbox.clone());
+            st.paused = false;
             st.in_flight += 1;
             touch(&mut st)
         };
@@ -538,9 +544,37 @@ impl SandboxPool {
             .clone()
     }
 
+    /// Thaws `user`'s sandbox if it is paused (its gate held by the caller). One the engine no
+    /// longer has is forgotten, for the bring-up to replace.
+    async fn resume(&self, user: &UserId, slot: &Slot) -> Result<()> {
+        let paused = {
+            let st = slot.state.lock();
+            st.live
+                .as_ref()
+                .filter(|_| st.paused)
+                .map(|s| (s.container_id.clone(), s.name.clone()))
+        };
+        let Some((id, name)) = paused else {
+            return Ok(());
+        };
+        let there = self.inner.engine.unpause(&id).await?;
+        let mut st = slot.state.lock();
+        st.paused = false;
+        if there {
+            self.inner.counters.resumed.inc();
+            tracing::info!(user = %user, container = %name, "resumed a paused sandbox");
+        } else {
+            st.live = None;
+        }
+        Ok(())
+    }
+
     fn try_warm(&self, slot: &Arc<Slot>, user: &UserId) -> Option<Lease> {
         let (sandbox, persist) = {
             let mut st = slot.state.lock();
+            if st.paused {
+                return None;
+            }
             let sandbox = st.live.clone()?;
             st.in_flight += 1;
             (sandbox, touch(&mut st))
@@ -575,7 +609,8 @@ impl SandboxPool {
         let _admission = self.inner.admission.lock();
         let max = self.inner.config.max_containers;
         let mut occupied = 0;
-        let mut idle: Vec<(SystemTime, UserId, Arc<Slot>)> = Vec::new();
+        // Paused sandboxes go first, then the least recently used.
+        let mut idle: Vec<((bool, SystemTime), UserId, Arc<Slot>)> = Vec::new();
         for entry in self.inner.slots.iter() {
             if entry.key() == user {
                 continue;
@@ -584,13 +619,17 @@ impl SandboxPool {
             if st.live.is_some() || st.starting {
                 occupied += 1;
                 if st.live.is_some() && !st.starting && st.in_flight == 0 {
-                    idle.push((st.last_active, entry.key().clone(), entry.value().clone()));
+                    idle.push((
+                        (!st.paused, st.last_active),
+                        entry.key().clone(),
+                        entry.value().clone(),
+                    ));
                 }
             }
         }
         let mut victim = None;
         if occupied >= max {
-            idle.sort_by_key(|(at, _, _)| *at);
+            idle.sort_by_key(|(key, _, _)| *key);
             for (_, victim_user, victim_slot) in idle {
                 let Ok(gate) = victim_slot.gate.clone().try_lock_owned() else {
                     continue;
@@ -598,6 +637,7 @@ impl SandboxPool {
                 let mut st = victim_slot.state.lock();
                 if st.in_flight == 0 && !st.starting {
                     if let Some(sb) = st.live.take() {
+                        st.paused = false;
                         victim = Some((victim_user, gate, sb.name));
                         break;
                     }

@@ -75,6 +75,17 @@ impl SandboxPool {
                 Some(user) => self.judge(c, &user, &name).await.map(|f| (user, f)),
             };
             match verdict {
+                // A sandbox an earlier run paused is thawed to be adopted (its entry's ready line
+                // is checked as for any other); the reaper pauses it again once idle. A one-shot
+                // command changes nothing: it leaves it out.
+                Ok(_) if c.state == State::Paused && !remove => continue,
+                Ok((user, folder)) if c.state == State::Paused => {
+                    match self.inner.engine.unpause(&c.id).await {
+                        Ok(_) => to_adopt.push((user, name, folder, c.clone())),
+                        Err(e) => to_remove
+                            .push((name, format!("it is paused and cannot be resumed: {e}"))),
+                    }
+                }
                 Ok((user, folder)) => to_adopt.push((user, name, folder, c.clone())),
                 Err(reason) => to_remove.push((name, reason)),
             }
@@ -141,7 +152,7 @@ impl SandboxPool {
                 self.container_name(user)
             ));
         }
-        if c.state != State::Running {
+        if c.state != State::Running && c.state != State::Paused {
             return Err(format!("it is not running ({})", c.state.as_str()));
         }
         let folder = self
@@ -169,6 +180,7 @@ impl SandboxPool {
         let slot = self.slot(user);
         let mut st = slot.state.lock();
         st.live = Some(sandbox);
+        st.paused = false;
         st.last_active = last;
         st.persisted = Some(last);
     }
@@ -210,6 +222,7 @@ impl SandboxPool {
                         && !st.starting
                         && idle_for(st.last_active, SystemTime::now()) > idle;
                     if still_idle {
+                        st.paused = false;
                         st.live.take()
                     } else {
                         None
@@ -237,15 +250,89 @@ impl SandboxPool {
         Ok(reaped)
     }
 
+    /// Pauses every sandbox idle longer than `after` with no lease held (no call, job or running
+    /// session code); returns their users. The paused flag is set under the slot's state lock
+    /// with the same check a warm lease makes, so a call either got its lease first (and the
+    /// sandbox is not paused) or finds the flag and waits for the gate, which the pause holds,
+    /// then resumes it.
+    pub async fn pause_idle(&self, after: Duration) -> Result<Vec<String>> {
+        let now = SystemTime::now();
+        let idle = |st: &super::SlotState, now| {
+            st.live.is_some()
+                && !st.paused
+                && !st.starting
+                && st.in_flight == 0
+                && idle_for(st.last_active, now) > after
+        };
+        let candidates: Vec<(UserId, Arc<Slot>)> = self
+            .inner
+            .slots
+            .iter()
+            .filter(|e| idle(&e.value().state.lock(), now))
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        let results: Vec<Result<Option<String>>> =
+            futures_util::stream::iter(candidates.into_iter().map(|(user, slot)| async move {
+                let Ok(_gate) = slot.gate.clone().try_lock_owned() else {
+                    return Ok(None);
+                };
+                let target = {
+                    let mut st = slot.state.lock();
+                    if idle(&st, SystemTime::now()) {
+                        st.paused = true;
+                        st.live
+                            .as_ref()
+                            .map(|s| (s.container_id.clone(), s.name.clone()))
+                    } else {
+                        None
+                    }
+                };
+                let Some((id, name)) = target else {
+                    return Ok(None);
+                };
+                match self.inner.engine.pause(&id).await {
+                    Ok(true) => {
+                        self.inner.counters.paused.inc();
+                        tracing::info!(user = %user, container = %name, "paused idle sandbox");
+                        Ok(Some(user.to_string()))
+                    }
+                    Ok(false) => {
+                        // Gone behind our back: the next lease brings up a new one.
+                        let mut st = slot.state.lock();
+                        st.paused = false;
+                        st.live = None;
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        slot.state.lock().paused = false;
+                        Err(e.into())
+                    }
+                }
+            }))
+            .buffer_unordered(REAP_PARALLEL)
+            .collect()
+            .await;
+        let mut paused = Vec::new();
+        for r in results {
+            if let Some(user) = r? {
+                paused.push(user);
+            }
+        }
+        paused.sort();
+        Ok(paused)
+    }
+
     /// Starts the background reaper (on the pool's task tracker): every
-    /// `ZCBOT_SANDBOX_REAP_EVERY` it removes sandboxes idle longer than `ZCBOT_SANDBOX_IDLE` and
-    /// forgets users with nothing left. It stops when the returned handle is dropped, between
+    /// `ZCBOT_SANDBOX_REAP_EVERY` it pauses sandboxes idle longer than `ZCBOT_SANDBOX_PAUSE_AFTER`
+    /// (when that is set and shorter than the idle limit), removes sandboxes idle longer than
+    /// `ZCBOT_SANDBOX_IDLE` and forgets users with nothing left. It stops when the returned handle is dropped, between
     /// passes: a pass under way finishes, so no sandbox is left taken out of service but not
     /// removed.
     pub fn spawn_reaper(&self) -> ReaperHandle {
         let pool = self.clone();
         let every = self.inner.config.reap_every;
         let idle = self.inner.config.idle;
+        let pause_after = self.inner.config.pause_after.filter(|after| *after < idle);
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let task = self.inner.tasks.spawn(async move {
@@ -258,6 +345,11 @@ impl SandboxPool {
                     _ = stopped.cancelled() => return,
                 }
                 pool.firewall().refresh().await;
+                if let Some(after) = pause_after {
+                    if let Err(e) = pool.pause_idle(after).await {
+                        tracing::warn!(error = %e, kind = e.kind(), "pausing idle sandboxes failed; retrying next period");
+                    }
+                }
                 if let Err(e) = pool.reap_idle(idle).await {
                     tracing::warn!(error = %e, kind = e.kind(), "reaper pass failed; retrying next period");
                 }

@@ -283,3 +283,79 @@ async fn recycle_is_by_id_and_spares_a_replacement() {
     assert_eq!(fake.containers(), vec![(new.name.clone(), true)]);
     assert_eq!(pool.stats().recycled, 0);
 }
+
+#[tokio::test]
+async fn idle_sandboxes_are_paused_busy_ones_never_and_a_lease_resumes_them() {
+    let (pool, fake, _dir) = pool(&[]).await;
+    let (idle, busy) = (user("idle"), user("busy"));
+    drop(pool.lease(&idle).await.unwrap());
+    let held = pool.lease(&busy).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let paused = pool.pause_idle(Duration::from_millis(10)).await.unwrap();
+    assert_eq!(paused, vec!["idle".to_owned()]);
+    let running = |name: &str| {
+        fake.containers()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+    };
+    assert!(!running(&pool.container_name(&idle)));
+    assert!(running(&pool.container_name(&busy)));
+    // A paused sandbox is not paused again; the next lease thaws it and says so.
+    drop(held);
+    assert_eq!(
+        pool.pause_idle(Duration::ZERO).await.unwrap(),
+        vec!["busy".to_owned()]
+    );
+    let lease = pool.lease(&idle).await.unwrap();
+    assert!(running(&pool.container_name(&idle)));
+    assert_eq!(pool.stats().resumed, 1);
+    assert_eq!(
+        pool.stats().ensures_cold,
+        2,
+        "resuming is not a new sandbox"
+    );
+    drop(lease);
+    let before = fake.calls();
+    drop(pool.lease(&idle).await.unwrap());
+    assert_eq!(fake.calls(), before, "a resumed sandbox is warm again");
+}
+
+#[tokio::test]
+async fn at_capacity_a_paused_sandbox_is_evicted_before_a_running_idle_one() {
+    let (pool, fake, _dir) = pool(&[("ZCBOT_SANDBOX_MAX", "2")]).await;
+    let (a, b, c) = (user("a"), user("b"), user("c"));
+    drop(pool.lease(&a).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(pool.lease(&b).await.unwrap());
+    // b is the more recently used, but paused: it goes first.
+    assert_eq!(
+        pool.pause_idle(Duration::ZERO).await.unwrap(),
+        vec!["a".to_owned(), "b".to_owned()]
+    );
+    drop(pool.lease(&a).await.unwrap()); // resumed: a runs again
+    let _c = pool.lease(&c).await.unwrap();
+    let names: Vec<String> = fake.containers().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        vec![pool.container_name(&a), pool.container_name(&c)]
+    );
+}
+
+#[tokio::test]
+async fn reconcile_resumes_and_adopts_a_paused_sandbox() {
+    let dir = TempDir::new();
+    let fake = engine();
+    let config = config(&dir, &[]);
+    let first = pool_on(&fake, config.clone()).await;
+    let a = user("a");
+    drop(first.lease(&a).await.unwrap());
+    assert_eq!(first.pause_idle(Duration::ZERO).await.unwrap(), vec!["a"]);
+    drop(first);
+
+    let second = pool_on(&fake, config).await;
+    let report = second.reconcile().await.unwrap();
+    assert_eq!(report.adopted, vec!["a".to_owned()], "{report:?}");
+    assert_eq!(fake.containers(), vec![(second.container_name(&a), true)]);
+}
