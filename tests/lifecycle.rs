@@ -186,4 +186,32 @@ async fn the_daemon_pauses_idle_sandboxes_and_resumes_them_for_the_next_call() {
         !metrics.contains("zcbot_sandboxes_paused_total 0"),
         "{metrics}"
     );
+
+    // A graceful stop with the sandbox paused keeps it, thawed, for the next start (its frozen
+    // channel helper would otherwise not exit, and the sandbox be recycled).
+    let until = Instant::now() + Duration::from_secs(20);
+    while state(&container) != "paused" && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state(&container), "paused");
+    drop(d); // SIGTERM, then waits for the exit
+    assert_eq!(
+        state(&container),
+        "running",
+        "the paused sandbox did not survive the stop"
+    );
+    let d = Daemon::start(&mut t);
+    let (status, r) = d
+        .tool(&user, "shell", json!({"command": "echo three"}))
+        .await;
+    assert_eq!(
+        (status, r["stdout"].as_str()),
+        (200, Some("three\n")),
+        "{r}"
+    );
+    let (_, _, metrics) = http(&d.addr, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("zcbot_ensures_total{kind=\"cold\"} 0"),
+        "recreated: {metrics}"
+    );
 }

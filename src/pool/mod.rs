@@ -469,6 +469,32 @@ impl SandboxPool {
         Ok(removed)
     }
 
+    /// Thaws every sandbox this pool paused (for shutdown: a frozen exec channel helper cannot
+    /// exit when its channel closes, and would be taken for one that will not stop). Returns how
+    /// many were thawed.
+    pub async fn thaw_all(&self) -> usize {
+        let slots: Vec<(UserId, Arc<Slot>)> = self
+            .inner
+            .slots
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        let mut thawed = 0;
+        for (user, slot) in slots {
+            let _gate = slot.gate.lock().await;
+            if !slot.state.lock().paused {
+                continue;
+            }
+            match self.resume(&user, &slot).await {
+                Ok(()) => thawed += 1,
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "could not thaw a paused sandbox")
+                }
+            }
+        }
+        thawed
+    }
+
     /// Removes every container of this pool (known to this process or not). Returns how many.
     pub async fn shutdown_all(&self) -> Result<usize> {
         let listed = self.list_ours().await?;
@@ -557,9 +583,18 @@ impl SandboxPool {
         let Some((id, name)) = paused else {
             return Ok(());
         };
-        let there = self.inner.engine.unpause(&id).await?;
+        let thawed = self.inner.engine.unpause(&id).await;
         let mut st = slot.state.lock();
         st.paused = false;
+        let there = match thawed {
+            Ok(there) => there,
+            Err(e) => {
+                // Forgotten: the next lease's bring-up looks at the container afresh (and thaws
+                // it if it is still paused) instead of every lease failing here.
+                st.live = None;
+                return Err(e.into());
+            }
+        };
         if there {
             self.inner.counters.resumed.inc();
             tracing::info!(user = %user, container = %name, "resumed a paused sandbox");
@@ -694,6 +729,13 @@ impl SandboxPool {
             }
             match status {
                 State::Running => return self.wait_ready(user, &name, &hash, &folder).await,
+                // Paused (by a pool that lost track of it, or another process of this pool):
+                // thawed, not replaced, so what runs in it is kept.
+                State::Paused => {
+                    if engine.unpause(&found.id).await? {
+                        return self.wait_ready(user, &name, &hash, &folder).await;
+                    }
+                }
                 State::Created | State::Exited => {
                     return self.start_and_wait(user, &name, &hash, &folder).await
                 }

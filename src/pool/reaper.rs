@@ -75,10 +75,9 @@ impl SandboxPool {
                 Some(user) => self.judge(c, &user, &name).await.map(|f| (user, f)),
             };
             match verdict {
-                // A sandbox an earlier run paused is thawed to be adopted (its entry's ready line
-                // is checked as for any other); the reaper pauses it again once idle. A one-shot
-                // command changes nothing: it leaves it out.
-                Ok(_) if c.state == State::Paused && !remove => continue,
+                // A sandbox an earlier run (or the daemon, for a one-shot command) paused is
+                // thawed to be adopted: its entry's ready line is checked as for any other, and
+                // the daemon's reaper pauses it again once idle.
                 Ok((user, folder)) if c.state == State::Paused => {
                     match self.inner.engine.unpause(&c.id).await {
                         Ok(_) => to_adopt.push((user, name, folder, c.clone())),
@@ -303,10 +302,10 @@ impl SandboxPool {
                         st.live = None;
                         Ok(None)
                     }
-                    Err(e) => {
-                        slot.state.lock().paused = false;
-                        Err(e.into())
-                    }
+                    // The engine may have frozen it all the same (an answer lost or late): it
+                    // stays marked, and the next lease thaws it (a thaw of a running container
+                    // is no error).
+                    Err(e) => Err(e.into()),
                 }
             }))
             .buffer_unordered(REAP_PARALLEL)

@@ -359,3 +359,48 @@ async fn reconcile_resumes_and_adopts_a_paused_sandbox() {
     assert_eq!(report.adopted, vec!["a".to_owned()], "{report:?}");
     assert_eq!(fake.containers(), vec![(second.container_name(&a), true)]);
 }
+
+#[tokio::test]
+async fn a_pool_that_finds_a_paused_sandbox_thaws_it_rather_than_replacing_it() {
+    let dir = TempDir::new();
+    let fake = engine();
+    let config = config(&dir, &[]);
+    let first = pool_on(&fake, config.clone()).await;
+    let a = user("a");
+    drop(first.lease(&a).await.unwrap());
+    first.pause_idle(Duration::ZERO).await.unwrap();
+    let churn = fake.churn();
+    // A pool that knows nothing of it (a one-shot command) leases it: thawed, same container.
+    let second = pool_on(&fake, config.clone()).await;
+    drop(second.lease(&a).await.unwrap());
+    assert_eq!(fake.churn(), churn, "the paused sandbox was replaced");
+    assert_eq!(fake.containers(), vec![(second.container_name(&a), true)]);
+    // The one-shot load for `reap` adopts a paused sandbox too (thawed), so it can be reaped.
+    second.pause_idle(Duration::ZERO).await.unwrap();
+    let third = pool_on(&fake, config).await;
+    assert_eq!(third.adopt_running().await.unwrap().adopted, vec!["a"]);
+    assert_eq!(
+        third.reap_idle(Duration::ZERO).await.unwrap(),
+        vec!["a".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn a_failed_pause_stays_marked_and_the_next_lease_thaws() {
+    let (pool, fake, _dir) = pool(&[]).await;
+    let a = user("a");
+    drop(pool.lease(&a).await.unwrap());
+    fake.fail(Op::Pause);
+    assert!(pool.pause_idle(Duration::ZERO).await.is_err());
+    fake.heal();
+    let before = fake.calls();
+    drop(pool.lease(&a).await.unwrap());
+    assert!(
+        fake.calls() > before,
+        "the lease did not check the sandbox it may have frozen"
+    );
+    // Shutdown thaws what is paused.
+    pool.pause_idle(Duration::ZERO).await.unwrap();
+    assert_eq!(pool.thaw_all().await, 1);
+    assert_eq!(fake.containers(), vec![(pool.container_name(&a), true)]);
+}

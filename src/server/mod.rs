@@ -222,6 +222,15 @@ impl Server {
             );
         }
         state.reaper.lock().take();
+        if let Some(pool) = state.executor.pool() {
+            let n = pool.thaw_all().await;
+            if n > 0 {
+                tracing::info!(
+                    thawed = n,
+                    "thawed paused sandboxes so their channels can close"
+                );
+            }
+        }
         state.executor.close_channels();
         state.jobs.tasks().close();
         if tokio::time::timeout(settle, state.jobs.tasks().wait())
