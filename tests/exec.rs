@@ -5,22 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{docker, exec_as, TestPool};
+use common::{call, docker, docker_executor, exec_as, TestPool};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
 use zcbot_sandbox::{Config, UserId};
-
-async fn docker_executor(t: &TestPool) -> Executor {
-    let mut cfg = t.config();
-    cfg.backend = zcbot_sandbox::config::Backend::Docker;
-    Executor::from_config(cfg).await.expect("docker executor")
-}
-
-async fn call(ex: &Executor, user: &UserId, tool: &str, args: Value) -> ToolResult {
-    let call = ToolCall::parse(tool, args).unwrap();
-    ex.run(user, call, &CancellationToken::new()).await.unwrap()
-}
 
 async fn sh(ex: &Executor, user: &UserId, command: &str) -> ToolResult {
     call(ex, user, "shell", json!({ "command": command })).await

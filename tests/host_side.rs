@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{http, Daemon, TestPool};
+use common::{docker_executor, http, Daemon, TestPool};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -26,12 +26,6 @@ fn refused_for(s: u16, r: &Value, limit: &str) {
     );
     let message = r["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains(limit), "{limit}: {r}");
-}
-
-async fn executor(t: &TestPool) -> Executor {
-    let mut cfg = t.config();
-    cfg.backend = zcbot_sandbox::config::Backend::Docker;
-    Executor::from_config(cfg).await.expect("docker executor")
 }
 
 async fn run(
@@ -226,7 +220,7 @@ async fn two_tenants_flooding_the_file_tools_do_not_delay_a_third() {
 async fn a_tenant_cannot_write_past_its_quota_and_a_failed_write_loses_nothing() {
     let mut t = TestPool::with_quota("hquota", 512);
     t.set("ZCBOT_SANDBOX_DISK", "64MiB");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let (u, v) = (t.user("u"), t.user("v"));
     let w = run(
         &ex,
@@ -330,7 +324,7 @@ fn as_nobody(argv: &[&str]) -> (bool, String) {
 #[tokio::test]
 async fn a_setuid_file_planted_by_a_tenant_gives_another_host_account_nothing() {
     let t = TestPool::with_quota("hsuid", 256);
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let u = t.user("u");
     let r = sh(
         &ex,
@@ -386,7 +380,7 @@ async fn a_setuid_file_planted_by_a_tenant_gives_another_host_account_nothing() 
 #[tokio::test]
 async fn each_tenant_has_its_own_uid_and_its_own_per_uid_limits() {
     let t = TestPool::new("huid");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let (a, b) = (t.user("a"), t.user("b"));
     let ua = sh(&ex, &a, "id -u").await.stdout;
     let ub = sh(&ex, &b, "id -u").await.stdout;
@@ -425,7 +419,7 @@ async fn a_call_cannot_rewrite_its_supervisor_over_either_transport() {
     for transport in ["exec", "channel"] {
         let mut t = TestPool::new("hmem");
         t.set("ZCBOT_EXEC_TRANSPORT", transport);
-        let ex = executor(&t).await;
+        let ex = docker_executor(&t).await;
         let u = t.user("u");
         let code = "import os, subprocess\nchild = subprocess.Popen(['sleep', '9393'])\ndef tryopen(pid):\n    try:\n        open(f'/proc/{pid}/mem', 'r+b').close(); return 'open'\n    except PermissionError:\n        return 'denied'\nprint(tryopen(os.getppid()), tryopen(child.pid), flush=True)\nimport time; time.sleep(30)";
         let r = run(&ex, &u, "run_python", json!({"code": code, "timeout": 2}))
@@ -464,7 +458,7 @@ async fn a_folder_of_the_old_single_uid_is_migrated_to_the_tenants_own() {
     ] {
         std::os::unix::fs::lchown(&p, Some(1000), Some(1000)).unwrap();
     }
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let r = sh(
         &ex,
         &u,

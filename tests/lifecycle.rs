@@ -7,22 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{docker, http, Daemon, TestPool};
+use common::{call, docker, docker_executor, http, Daemon, TestPool};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
-use zcbot_sandbox::UserId;
-
-async fn executor(t: &TestPool) -> Executor {
-    let mut cfg = t.config();
-    cfg.backend = zcbot_sandbox::config::Backend::Docker;
-    Executor::from_config(cfg).await.expect("docker executor")
-}
-
-async fn call(ex: &Executor, user: &UserId, tool: &str, args: Value) -> ToolResult {
-    let call = ToolCall::parse(tool, args).unwrap();
-    ex.run(user, call, &CancellationToken::new()).await.unwrap()
-}
 
 /// Docker's word for the container's state.
 fn state(container: &str) -> String {
@@ -34,7 +20,7 @@ fn state(container: &str) -> String {
 #[tokio::test]
 async fn a_paused_sandbox_resumes_with_its_channel_and_session() {
     let t = TestPool::new("pause");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let pool = ex.pool().unwrap().clone();
     let user = t.user("u");
     let container = t.container_name(&user);
@@ -80,7 +66,7 @@ async fn a_paused_sandbox_resumes_with_its_channel_and_session() {
 #[tokio::test]
 async fn a_busy_sandbox_is_never_paused_and_calls_racing_pauses_all_run() {
     let t = TestPool::new("pausebusy");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let pool = ex.pool().unwrap().clone();
     let user = t.user("u");
     let container = t.container_name(&user);
@@ -126,7 +112,7 @@ async fn a_restart_adopts_a_paused_sandbox() {
     let user = t.user("u");
     let container = t.container_name(&user);
     {
-        let ex = executor(&t).await;
+        let ex = docker_executor(&t).await;
         call(&ex, &user, "shell", json!({"command": "true"})).await;
         ex.close_channels();
         let pool = ex.pool().unwrap();
@@ -136,7 +122,7 @@ async fn a_restart_adopts_a_paused_sandbox() {
         );
     }
     assert_eq!(state(&container), "paused");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let report = ex.pool().unwrap().reconcile().await.unwrap();
     assert_eq!(report.adopted, vec![user.to_string()], "{report:?}");
     assert_eq!(state(&container), "running");

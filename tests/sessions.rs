@@ -9,17 +9,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{exec_as, tenant_uid, Daemon, TestPool};
+use common::{docker_executor, exec_as, tenant_uid, Daemon, TestPool};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use zcbot_sandbox::exec::{Executor, ToolCall, ToolResult};
 use zcbot_sandbox::{Error, UserId};
-
-async fn executor(t: &TestPool) -> Executor {
-    let mut cfg = t.config();
-    cfg.backend = zcbot_sandbox::config::Backend::Docker;
-    Executor::from_config(cfg).await.expect("docker executor")
-}
 
 async fn try_py(
     ex: &Executor,
@@ -72,7 +66,7 @@ async fn until_gone(container: &str, needle: &str, within: Duration) -> Vec<Stri
 #[tokio::test]
 async fn a_session_keeps_its_state_and_shows_values_and_exceptions() {
     let t = TestPool::new("sstate");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     let first = py(
         &ex,
@@ -165,7 +159,7 @@ async fn a_session_keeps_its_state_and_shows_values_and_exceptions() {
 #[tokio::test]
 async fn a_timeout_or_cancel_interrupts_the_code_and_keeps_the_state() {
     let t = TestPool::new("sintr");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     py(&ex, &user, "s", "import time\nkept = [1, 2]").await;
     let started = Instant::now();
@@ -203,7 +197,7 @@ async fn a_timeout_or_cancel_interrupts_the_code_and_keeps_the_state() {
 #[tokio::test]
 async fn a_runaway_session_is_killed_with_everything_it_started_and_reported() {
     let t = TestPool::new("srun");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     let container = t.container_name(&user);
     py(
@@ -253,7 +247,7 @@ async fn a_runaway_session_is_killed_with_everything_it_started_and_reported() {
 async fn sessions_are_listed_limited_busy_one_at_a_time_and_ended() {
     let mut t = TestPool::new("slist");
     t.set("ZCBOT_PYTHON_SESSIONS_MAX", "2");
-    let ex = std::sync::Arc::new(executor(&t).await);
+    let ex = std::sync::Arc::new(docker_executor(&t).await);
     let user = t.user("u");
     let container = t.container_name(&user);
     py(&ex, &user, "a", "a = bytearray(30 << 20)").await;
@@ -331,7 +325,7 @@ async fn sessions_are_listed_limited_busy_one_at_a_time_and_ended() {
 async fn idle_sessions_are_ended() {
     let mut t = TestPool::new("sidle");
     t.set("ZCBOT_PYTHON_SESSION_IDLE", "1s");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     let container = t.container_name(&user);
     py(&ex, &user, "nap", "x = 1").await;
@@ -356,7 +350,7 @@ async fn idle_sessions_are_ended() {
 #[tokio::test]
 async fn figures_and_rich_objects_come_back_bounded() {
     let t = TestPool::new("srich");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     let plot = py(
         &ex,
@@ -426,7 +420,7 @@ async fn figures_and_rich_objects_come_back_bounded() {
 async fn session_output_is_capped_like_a_calls() {
     let mut t = TestPool::new("scap");
     t.set("ZCBOT_OUTPUT_CAP", "64KiB");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     let r = py(
         &ex,
@@ -523,7 +517,7 @@ async fn sessions_work_over_the_per_call_exec_setting_and_the_http_api() {
 #[tokio::test]
 async fn a_session_whose_supervisor_is_killed_or_whose_child_floods_does_not_stall_the_helper() {
     let t = TestPool::new("ssup");
-    let ex = executor(&t).await;
+    let ex = docker_executor(&t).await;
     let user = t.user("u");
     let container = t.container_name(&user);
     // A child that never stops writing to the session's output: the run still ends, at once.

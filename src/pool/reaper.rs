@@ -239,14 +239,7 @@ impl SandboxPool {
             .buffer_unordered(REAP_PARALLEL)
             .collect()
             .await;
-        let mut reaped = Vec::new();
-        for r in results {
-            if let Some(user) = r? {
-                reaped.push(user);
-            }
-        }
-        reaped.sort();
-        Ok(reaped)
+        users_of(results)
     }
 
     /// Pauses every sandbox idle longer than `after` with no lease held (no call, job or running
@@ -311,14 +304,7 @@ impl SandboxPool {
             .buffer_unordered(REAP_PARALLEL)
             .collect()
             .await;
-        let mut paused = Vec::new();
-        for r in results {
-            if let Some(user) = r? {
-                paused.push(user);
-            }
-        }
-        paused.sort();
-        Ok(paused)
+        users_of(results)
     }
 
     /// Starts the background reaper (on the pool's task tracker): every
@@ -433,6 +419,18 @@ impl Drop for ReaperHandle {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// The users a pass acted on, sorted; the first error if any step failed (every step has run).
+fn users_of(results: Vec<Result<Option<String>>>) -> Result<Vec<String>> {
+    let mut users = Vec::new();
+    for r in results {
+        if let Some(user) = r? {
+            users.push(user);
+        }
+    }
+    users.sort();
+    Ok(users)
 }
 
 fn idle_for(last: SystemTime, now: SystemTime) -> Duration {

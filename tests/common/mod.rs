@@ -537,3 +537,25 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// An executor on the test's pool with the docker backend.
+pub async fn docker_executor(t: &TestPool) -> zcbot_sandbox::exec::Executor {
+    let mut cfg = t.config();
+    cfg.backend = zcbot_sandbox::config::Backend::Docker;
+    zcbot_sandbox::exec::Executor::from_config(cfg)
+        .await
+        .expect("docker executor")
+}
+
+/// One call of `tool` with JSON `args` for `user`, which must not fail as a call.
+pub async fn call(
+    ex: &zcbot_sandbox::exec::Executor,
+    user: &UserId,
+    tool: &str,
+    args: serde_json::Value,
+) -> zcbot_sandbox::exec::ToolResult {
+    let call = zcbot_sandbox::exec::ToolCall::parse(tool, args).unwrap();
+    ex.run(user, call, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap()
+}
