@@ -199,16 +199,9 @@ impl SandboxPool {
     /// A sandbox whose gate is held (being started or removed) is not idle and is skipped.
     pub async fn reap_idle(&self, idle: Duration) -> Result<Vec<String>> {
         let now = SystemTime::now();
-        let candidates: Vec<(UserId, Arc<Slot>)> = self
-            .inner
-            .slots
-            .iter()
-            .filter(|e| {
-                let st = e.value().state.lock();
-                st.live.is_some() && st.in_flight == 0 && idle_for(st.last_active, now) > idle
-            })
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
+        let candidates = self.slots_where(|st| {
+            st.live.is_some() && st.in_flight == 0 && idle_for(st.last_active, now) > idle
+        });
         // Removals run a few at a time: each is ~100 ms of engine work, mostly waiting.
         let results: Vec<Result<Option<String>>> =
             futures_util::stream::iter(candidates.into_iter().map(|(user, slot)| async move {
@@ -256,13 +249,7 @@ impl SandboxPool {
                 && st.in_flight == 0
                 && idle_for(st.last_active, now) > after
         };
-        let candidates: Vec<(UserId, Arc<Slot>)> = self
-            .inner
-            .slots
-            .iter()
-            .filter(|e| idle(&e.value().state.lock(), now))
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
+        let candidates = self.slots_where(|st| idle(st, now));
         let results: Vec<Result<Option<String>>> =
             futures_util::stream::iter(candidates.into_iter().map(|(user, slot)| async move {
                 let Ok(_gate) = slot.gate.clone().try_lock_owned() else {
@@ -418,6 +405,19 @@ impl ReaperHandle {
 impl Drop for ReaperHandle {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+impl SandboxPool {
+    /// The users (and slots) whose state satisfies `pred` now: a pass's candidates, each checked
+    /// again under its gate before anything is done to it.
+    fn slots_where(&self, pred: impl Fn(&super::SlotState) -> bool) -> Vec<(UserId, Arc<Slot>)> {
+        self.inner
+            .slots
+            .iter()
+            .filter(|e| pred(&e.value().state.lock()))
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
     }
 }
 
