@@ -62,6 +62,7 @@ pub(super) fn follow<H: Send + 'static>(
         live,
         cursor: Cursor::default(),
         carry: [Vec::new(), Vec::new()],
+        turn: 1,
         first: Some(first),
         end: Some(end),
         last: None,
@@ -92,6 +93,8 @@ struct Follow<H> {
     cursor: Cursor,
     /// The start of a character cut at the end of the last read, per stream.
     carry: [Vec<u8>; 2],
+    /// The stream read first next time (they alternate).
+    turn: usize,
     first: Option<Event>,
     /// What ends the stream; None once it has resolved into `last`.
     end: Option<BoxFuture<'static, Event>>,
@@ -125,13 +128,16 @@ impl<H> Follow<H> {
         }
     }
 
-    /// What the rings hold past the cursor, for one event (stdout first): the stream, its bytes
+    /// What the rings hold past the cursor, for one event (the streams take turns, so a flood on
+    /// one never starves the other): the stream, its bytes
     /// (a character cut at their end held back until its rest comes; once the end has come, sent
     /// as it is) and how many bytes were missed before them.
     fn read_one(&mut self) -> Option<(Stream, Vec<u8>, u64)> {
         self.changed.borrow_and_update();
         let ended = self.end.is_none();
-        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+        self.turn ^= 1;
+        for i in [self.turn, self.turn ^ 1] {
+            let stream = [Stream::Stdout, Stream::Stderr][i];
             let piece = self.live.read(&mut self.cursor, stream, EVENT_BYTES);
             let mut missed = piece.missed;
             let mut bytes = if missed > 0 {
@@ -180,6 +186,7 @@ mod tests {
             live: live.clone(),
             cursor: Cursor::default(),
             carry: [Vec::new(), Vec::new()],
+            turn: 1,
             first: None,
             end: (!ended).then(|| Box::pin(std::future::pending()) as BoxFuture<'static, Event>),
             last: None,
@@ -212,6 +219,21 @@ mod tests {
         live.push(Stream::Stdout, "xxéabcd".as_bytes()); // 8 bytes: the ring keeps "\xa9abcd"
                                                          // 3 fell out of the ring, and the cut character's last byte is not shown.
         assert_eq!(f.read_one(), Some((Stream::Stdout, b"abcd".to_vec(), 4)));
+    }
+
+    #[test]
+    fn a_flood_on_one_stream_does_not_starve_the_other() {
+        let live = LiveOutput::new(1 << 20);
+        let mut f = follower(&live, true);
+        live.push(Stream::Stdout, &vec![b'y'; 200_000]);
+        live.push(Stream::Stderr, b"err");
+        let first = f.read_one().unwrap();
+        let second = f.read_one().unwrap();
+        assert_eq!(first.0, Stream::Stdout);
+        assert_eq!(
+            (second.0, second.1.as_slice()),
+            (Stream::Stderr, &b"err"[..])
+        );
     }
 
     #[test]
