@@ -140,6 +140,11 @@ impl Job {
         &self.id
     }
 
+    /// The tool it runs.
+    pub fn tool(&self) -> &'static str {
+        self.tool
+    }
+
     /// Its live output, for a follower.
     pub fn live(&self) -> &Arc<LiveOutput> {
         &self.live

@@ -540,10 +540,18 @@ impl Executor {
     /// Validates a call as far as can be done before it runs (arguments, timeout, command, the
     /// environment): what the daemon does before it answers with a stream or a job id, so that a
     /// bad call is refused as one. A `background` call is prepared as a job: its timeout
-    /// defaults to and is bounded by `ZCBOT_JOB_TIMEOUT`.
+    /// defaults to and is bounded by `ZCBOT_JOB_TIMEOUT`; the host backend refuses it
+    /// (`jobs_unavailable`: its processes could outlive the daemon).
     pub fn prepare(&self, call: ToolCall) -> Result<Prepared> {
         let tool = call.tool();
         let job = call.background();
+        if let (true, Executor::Host(_)) = (job, self) {
+            return Err(Error::JobUnavailable {
+                reason: "they need the docker backend (ZCBOT_SANDBOX_BACKEND=docker): on the \
+                         host a job's processes could outlive the daemon"
+                    .into(),
+            });
+        }
         let run = match call {
             ToolCall::Shell(a) => Run::Process(self.spec(
                 tool,
@@ -624,19 +632,6 @@ impl Executor {
         self.run_prepared(user, call, cancel, None).await
     }
 
-    /// Whether jobs can run here: not on the host backend, where a job's processes could
-    /// outlive the daemon.
-    pub fn check_jobs(&self) -> Result<()> {
-        match self {
-            Executor::Host(_) => Err(Error::JobUnavailable {
-                reason: "they need the docker backend (ZCBOT_SANDBOX_BACKEND=docker): on the \
-                         host a job's processes could outlive the daemon"
-                    .into(),
-            }),
-            Executor::Docker(_) => Ok(()),
-        }
-    }
-
     async fn run_prepared(
         &self,
         user: &UserId,
@@ -653,9 +648,6 @@ impl Executor {
                          the call to /v1/users/USER/tools/TOOL; it answers with the job's id)"
                     .into(),
             });
-        }
-        if job {
-            self.check_jobs()?;
         }
         match run {
             Run::Process(mut spec) => {
@@ -994,6 +986,18 @@ mod tests {
             let err = ToolCall::parse(tool, args.clone()).unwrap_err();
             assert_eq!(err.kind(), "bad_call", "{tool} {args}");
         }
+    }
+
+    #[test]
+    fn the_host_backend_refuses_jobs_before_anything_runs() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        let host = Executor::Host(host::HostExecutor::new(config));
+        let job = ToolCall::parse("shell", json!({"command": "true", "background": true}));
+        let err = host.prepare(job.unwrap()).unwrap_err();
+        assert_eq!(err.kind(), "jobs_unavailable");
+        // Positive control: the same call in the foreground is prepared.
+        let call = ToolCall::parse("shell", json!({"command": "true"})).unwrap();
+        assert!(host.prepare(call).is_ok());
     }
 
     #[test]

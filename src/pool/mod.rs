@@ -482,7 +482,11 @@ impl SandboxPool {
         let mut thawed = 0;
         for (user, slot) in slots {
             let _gate = slot.gate.lock().await;
-            if !slot.state.lock().paused {
+            let paused = {
+                let st = slot.state.lock();
+                st.paused && st.live.is_some()
+            };
+            if !paused {
                 continue;
             }
             match self.resume(&user, &slot).await {

@@ -198,10 +198,8 @@ async fn call_tool(
     };
     let call = ToolCall::parse(&tool, args).map_err(|e| counted(st, e))?;
     let background = call.background();
-    if background {
-        st.executor.check_jobs().map_err(|e| counted(st, e))?;
-    }
-    // Refused here as a bad call, before a stream or a job could answer 2xx.
+    // Refused here (a bad call, or a job on the host backend), before a stream or a job could
+    // answer 2xx.
     let call = st.executor.prepare(call).map_err(|e| counted(st, e))?;
     if background {
         return start_job(&state, user, call_id, call);
@@ -378,7 +376,7 @@ async fn get_job(
     let (_, slot) = transfer_slot(&state, user.as_str())?;
     let first = sse::event(
         "started",
-        &json!({ "job_id": job.id(), "tool": job.view(false).tool }),
+        &json!({ "job_id": job.id(), "tool": job.tool() }),
     );
     let live = job.live().clone();
     let end = async move {
