@@ -563,3 +563,81 @@ async fn a_daemon_killed_outright_takes_its_jobs_processes_with_it() {
     );
     assert!(processes(&container, "sleep 4747").is_empty());
 }
+
+/// A tenant flooding the daemon with everything this change gives it (its most jobs, each
+/// printing without end, and followers streaming them) does not stall another tenant: each of
+/// the bystander's calls answers, a streamed one too, within a bound far above a warm call's few
+/// milliseconds (a liveness bound, not a performance claim; BENCH.md has the figures). Positive
+/// control: the flood really ran (megabytes dropped from the jobs' rings).
+#[tokio::test]
+async fn a_tenant_flooding_jobs_and_followers_does_not_stall_another() {
+    let mut t = TestPool::new("jobflood");
+    let d = Daemon::start(&mut t);
+    let (attacker, bystander) = (t.user("a"), t.user("b"));
+    assert_eq!(
+        d.tool(&bystander, "shell", json!({"command": "true"}))
+            .await
+            .0,
+        200
+    );
+    let mut jobs = Vec::new();
+    for _ in 0..4 {
+        jobs.push(job(&d, &attacker, "yes flood-flood-flood-flood").await);
+    }
+    let path = |j: &Value| {
+        format!(
+            "/v1/users/{attacker}/jobs/{}",
+            j["job_id"].as_str().unwrap()
+        )
+    };
+    let mut followers: Vec<Events> = jobs
+        .iter()
+        .take(2)
+        .map(|j| Events::open(&d.addr, &format!("{}?stream=1", path(j)), None))
+        .collect();
+    for f in &mut followers {
+        assert_eq!(f.next().await.unwrap().name, "started");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let started = Instant::now();
+        let (status, r) = d
+            .tool(&bystander, "shell", json!({"command": format!("echo {i}")}))
+            .await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            (status, r["stdout"].as_str()),
+            (200, Some(format!("{i}\n").as_str())),
+            "{r}"
+        );
+    }
+    let mut ev = Events::open(
+        &d.addr,
+        &format!("/v1/users/{bystander}/tools/shell"),
+        Some(json!({"command": "echo live"})),
+    );
+    let events = ev.all().await;
+    assert_eq!(text(&events, "stdout"), "live\n", "{events:?}");
+    eprintln!("slowest bystander call during the flood: {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a bystander's call took {slowest:?} during the flood"
+    );
+
+    let (_, flooded) = get_json(&d, &path(&jobs[0])).await;
+    assert_eq!(flooded["state"], "running", "{}", flooded["state"]);
+    let dropped = flooded["stdout_dropped"].as_u64().unwrap();
+    assert!(
+        dropped > 10 << 20,
+        "the flood did not run: {dropped} bytes dropped"
+    );
+    for j in &jobs {
+        let (status, _, body) = http(&d.addr, "DELETE", &path(j), None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for f in followers {
+        f.close().await;
+    }
+}
