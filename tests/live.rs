@@ -567,11 +567,13 @@ async fn a_daemon_killed_outright_takes_its_jobs_processes_with_it() {
 /// A tenant flooding the daemon with everything this change gives it (its most jobs, each
 /// printing without end, and followers streaming them) does not stall another tenant: each of
 /// the bystander's calls answers, a streamed one too, within a bound far above a warm call's few
-/// milliseconds (a liveness bound, not a performance claim; BENCH.md has the figures). Positive
-/// control: the flood really ran (megabytes dropped from the jobs' rings).
+/// milliseconds (a liveness bound, not a performance claim; BENCH.md has the figures), and the
+/// attacker's followers are bounded by its call slots. Positive control: the flood really ran
+/// (megabytes dropped from the jobs' rings).
 #[tokio::test]
 async fn a_tenant_flooding_jobs_and_followers_does_not_stall_another() {
     let mut t = TestPool::new("jobflood");
+    t.set("ZCBOT_USER_MAX_CALLS", "2");
     let d = Daemon::start(&mut t);
     let (attacker, bystander) = (t.user("a"), t.user("b"));
     assert_eq!(
@@ -598,6 +600,16 @@ async fn a_tenant_flooding_jobs_and_followers_does_not_stall_another() {
     for f in &mut followers {
         assert_eq!(f.next().await.unwrap().name, "started");
     }
+    // Followers hold the attacker's call slots: a third is refused, the bystander's are its own.
+    let (status, _, body) = http(
+        &d.addr,
+        "GET",
+        &format!("{}?stream=1", path(&jobs[2])),
+        None,
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too_many_calls"), "{body}");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut slowest = Duration::ZERO;
