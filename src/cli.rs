@@ -244,7 +244,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 for s in list {
                     println!(
                         "{:<24} {:<14} {:<10} {:>10} {:>9}  {}",
-                        s.user,
+                        if s.spare { "(spare)" } else { &s.user },
                         &s.container_id[..s.container_id.len().min(12)],
                         s.state,
                         humantime::format_duration(Duration::from_secs(s.idle_secs)).to_string(),

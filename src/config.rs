@@ -94,6 +94,9 @@ pub struct Config {
     pub http_max_connections: usize,
     /// `ZCBOT_SANDBOX_MAX`: most containers at once (default 100).
     pub max_containers: usize,
+    /// `ZCBOT_SPARES`: warm spares kept started for new users, within `ZCBOT_SANDBOX_MAX`
+    /// (default 2; 0 makes none).
+    pub spares: usize,
     /// `ZCBOT_PG_IPS`: database addresses the sandbox must never reach (comma or space separated).
     pub pg_ips: Vec<IpNet>,
     /// `ZCBOT_SANDBOX_BLOCK_CIDRS`: more ranges the sandbox must never reach.
@@ -374,6 +377,9 @@ struct SandboxArgs {
     /// Most sandboxes at once.
     #[arg(long, env = "ZCBOT_SANDBOX_MAX", default_value = "100", value_parser = int::<usize>(1, 100_000))]
     max_containers: usize,
+    /// Warm spares kept started for new users (0: none).
+    #[arg(long, env = "ZCBOT_SPARES", default_value = "2", value_parser = int::<usize>(0, 1000))]
+    spares: usize,
     /// UID:GID every tenant runs as when the daemon is not root (root is refused).
     #[arg(long, env = "ZCBOT_SANDBOX_UID", default_value = "1000:1000", value_parser = parse_uid_gid)]
     uid: UidGid,
@@ -755,6 +761,7 @@ impl Settings {
             http_idle_timeout: http.http_idle_timeout,
             http_max_connections: http.http_max_connections,
             max_containers: sandbox.max_containers,
+            spares: sandbox.spares,
             pg_ips: network.pg_ips.map(|l| l.0).unwrap_or_default(),
             block_cidrs: network.block_cidrs.map(|l| l.0).unwrap_or_default(),
             docker_host: engine.docker_host,
@@ -1119,6 +1126,7 @@ mod tests {
         assert_eq!(c.http_idle_timeout, secs(60));
         assert_eq!(c.http_max_connections, 1024);
         assert_eq!(c.max_containers, 100);
+        assert_eq!(c.spares, 2);
         assert!(c.pg_ips.is_empty() && c.block_cidrs.is_empty());
         assert_eq!(c.docker_host, None);
         assert_eq!(c.docker_host_display(), "unix:///var/run/docker.sock");

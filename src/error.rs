@@ -362,6 +362,8 @@ pub enum Op {
     Pause,
     /// Unpause a container.
     Unpause,
+    /// Rename a container.
+    Rename,
     /// List containers.
     List,
     /// Read a container's log.
@@ -394,6 +396,7 @@ impl std::fmt::Display for Op {
             Op::Remove => "remove container",
             Op::Pause => "pause container",
             Op::Unpause => "unpause container",
+            Op::Rename => "rename container",
             Op::List => "list containers",
             Op::ReadLog => "read the log of",
             Op::CreateExec => "create an exec in",

@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 use super::{
     Attached, Chunk, Container, ContainerSpec, Created, DeathStream, Engine, EngineError,
     EngineResult, ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec,
-    Op, Removed, Run, Runtimes, State,
+    Op, Removed, Renamed, Run, Runtimes, State,
 };
 use crate::config::Config;
 
@@ -463,6 +463,32 @@ impl Engine for DockerEngine {
                 {
                     Ok(true)
                 }
+                Err((e, _)) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn rename<'a>(
+        &'a self,
+        container: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, EngineResult<Renamed>> {
+        async move {
+            let options = bollard::query_parameters::RenameContainerOptions {
+                name: name.to_owned(),
+            };
+            match self
+                .call(
+                    Op::Rename,
+                    container,
+                    self.inner.rename_container(container, options),
+                )
+                .await
+            {
+                Ok(()) => Ok(Renamed::Renamed),
+                Err((_, Answer::Conflict)) => Ok(Renamed::NameTaken),
+                Err((_, Answer::NotFound)) => Ok(Renamed::Gone),
                 Err((e, _)) => Err(e),
             }
         }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::{
     Attached, Chunk, Container, ContainerSpec, Created, DeathStream, Engine, EngineError,
     EngineResult, ExecSpec, ExecStart, ExecState, Filter, Listed, LogStream, Network, NetworkSpec,
-    Op, Removed, Run, Runtimes, State,
+    Op, Removed, Renamed, Run, Runtimes, State,
 };
 
 /// What a fake exec does: given its spec, its exit status and output.
@@ -382,6 +382,27 @@ impl Engine for FakeEngine {
             State::Running,
         ))
         .boxed()
+    }
+
+    fn rename<'a>(
+        &'a self,
+        container: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, EngineResult<Renamed>> {
+        let mut w = self.enter();
+        let r = w.fail(Op::Rename, container).map(|()| {
+            if w.containers.iter().any(|c| c.name == name) {
+                return Renamed::NameTaken;
+            }
+            match w.find(container) {
+                Some(i) => {
+                    w.containers[i].name = name.to_owned();
+                    Renamed::Renamed
+                }
+                None => Renamed::Gone,
+            }
+        });
+        futures_util::future::ready(r).boxed()
     }
 
     fn remove<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Removed>> {

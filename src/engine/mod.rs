@@ -45,6 +45,17 @@ pub enum Created {
     NameTaken,
 }
 
+/// What `rename` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renamed {
+    /// It has the new name now.
+    Renamed,
+    /// Another container has that name.
+    NameTaken,
+    /// The container is not there.
+    Gone,
+}
+
 /// What `remove` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removed {
@@ -299,6 +310,13 @@ pub trait Engine: Send + Sync + 'static {
     fn pause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>>;
     /// Thaws a paused container. False when it is not there; not paused is done.
     fn unpause<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<bool>>;
+    /// Gives a container (by name or id) a new name: how a warm spare becomes a user's sandbox
+    /// (labels cannot change after create, a name can).
+    fn rename<'a>(
+        &'a self,
+        container: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, EngineResult<Renamed>>;
     /// Force-removes a container (and its anonymous volumes) by name or id.
     fn remove<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Removed>>;
     /// Every container that matches, in any state.

@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use super::spares::Fallback;
 use super::SandboxPool;
 
 /// The container states `zcbot_containers` always shows (zero when none is in it).
@@ -39,6 +40,11 @@ pub struct PoolStats {
     pub paused: u64,
     /// Paused sandboxes resumed for a call.
     pub resumed: u64,
+    /// New users' sandboxes that were warm spares (`ZCBOT_SPARES`).
+    pub spare_claims: u64,
+    /// New users' sandboxes started cold although spares were asked for (none ready, a failed
+    /// claim, or a daemon that cannot claim).
+    pub spare_fallbacks: u64,
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -53,6 +59,11 @@ pub(crate) struct PoolMetrics {
     pub(crate) recycled: Counter,
     pub(crate) paused: Counter,
     pub(crate) resumed: Counter,
+    pub(crate) spare_claims: Counter,
+    /// Cold starts of new users although spares were asked for, by reason.
+    spare_fallbacks: Family<Labels, Counter>,
+    /// Spares ready to be claimed, set at each scrape.
+    spares_ready: Gauge,
     /// `ensures_cold` and `ensures_warm` as one family by `kind`.
     ensures: Family<Labels, Counter>,
     /// Containers of this pool by Docker's state, set at each scrape.
@@ -75,6 +86,15 @@ impl Default for PoolMetrics {
             recycled: Counter::default(),
             paused: Counter::default(),
             resumed: Counter::default(),
+            spare_claims: Counter::default(),
+            spare_fallbacks: {
+                let f = Family::<Labels, Counter>::default();
+                for reason in Fallback::ALL {
+                    drop(f.get_or_create(&[("reason", reason.as_str())]));
+                }
+                f
+            },
+            spares_ready: Gauge::default(),
             ensures,
             containers,
         }
@@ -92,7 +112,23 @@ impl PoolMetrics {
             recycled: self.recycled.get(),
             paused: self.paused.get(),
             resumed: self.resumed.get(),
+            spare_claims: self.spare_claims.get(),
+            spare_fallbacks: Fallback::ALL
+                .iter()
+                .map(|r| {
+                    self.spare_fallbacks
+                        .get_or_create(&[("reason", r.as_str())])
+                        .get()
+                })
+                .sum(),
         }
+    }
+
+    /// Counts a new user's cold start that a spare could not spare.
+    pub(crate) fn fallback(&self, reason: Fallback) {
+        self.spare_fallbacks
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
     }
 
     /// Sets `zcbot_containers` from the states of the pool's containers (one entry each).
@@ -140,6 +176,21 @@ impl PoolMetrics {
             self.resumed.clone(),
         );
         registry.register(
+            "zcbot_spare_claims",
+            "New users' sandboxes that were warm spares (ZCBOT_SPARES)",
+            self.spare_claims.clone(),
+        );
+        registry.register(
+            "zcbot_spare_fallbacks",
+            "New users' sandboxes started cold although spares were asked for, by reason",
+            self.spare_fallbacks.clone(),
+        );
+        registry.register(
+            "zcbot_spares_ready",
+            "Warm spares ready to be claimed",
+            self.spares_ready.clone(),
+        );
+        registry.register(
             "zcbot_sandboxes_recycled",
             "Sandboxes removed because a call's processes could not be shown stopped in place",
             self.recycled.clone(),
@@ -167,6 +218,10 @@ impl SandboxPool {
         self.inner
             .counters
             .set_containers(list.iter().map(|s| s.state.as_str()));
+        self.inner
+            .counters
+            .spares_ready
+            .set(self.spares_ready() as i64);
     }
 }
 
@@ -200,6 +255,8 @@ mod tests {
                 recycled: 0,
                 paused: 1,
                 resumed: 0,
+                spare_claims: 0,
+                spare_fallbacks: 0,
             }
         );
         let text = exposition(&m);
@@ -211,6 +268,8 @@ mod tests {
             "zcbot_reaped_total 1",
             "zcbot_orphans_removed_total 0",
             "zcbot_sandboxes_recycled_total 0",
+            "zcbot_spare_fallbacks_total{reason=\"none_ready\"} 0",
+            "zcbot_spares_ready 0",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }

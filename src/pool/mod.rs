@@ -10,10 +10,13 @@
 //! gate with no lease out. A warm lease costs no Docker round trip at all.
 
 pub mod activity;
+pub mod claims;
 mod deaths;
 pub mod metrics;
+pub mod mounts;
 pub mod network;
 pub mod reaper;
+mod spares;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -65,6 +68,30 @@ pub struct Sandbox {
     /// installed in.
     #[serde(skip)]
     pub netns: Option<(i32, String)>,
+}
+
+/// A container whose rules are in place.
+struct Ready {
+    /// Docker's id.
+    id: String,
+    /// The host pid of its PID 1.
+    pid: i32,
+    /// Host rules mode: the network namespace its rules were installed in (see [`Sandbox`]).
+    netns: Option<(i32, String)>,
+}
+
+impl Ready {
+    fn sandbox(self, user: &UserId, name: &str, hash: &str, folder: &UserFolder) -> Sandbox {
+        Sandbox {
+            user: user.to_string(),
+            container_id: self.id,
+            name: name.to_owned(),
+            config_hash: hash.to_owned(),
+            uid: folder.uid,
+            gid: folder.gid,
+            netns: self.netns,
+        }
+    }
 }
 
 /// Per-user state. See the module docs for the locking rules.
@@ -119,6 +146,7 @@ struct Inner {
     counters: PoolMetrics,
     tasks: TaskTracker,
     deaths: deaths::DeathWatch,
+    spares: spares::Spares,
 }
 
 /// A call's hold on a user's running sandbox. While it lives, the container is never reaped or
@@ -191,6 +219,7 @@ impl SandboxPool {
     /// state folders. Does not touch existing containers: call [`SandboxPool::reconcile`] for
     /// that.
     pub async fn open(config: Config, engine: SharedEngine, host_firewall: bool) -> Result<Self> {
+        let real_host = host_firewall;
         let image_id =
             engine
                 .image_id(&config.image)
@@ -285,15 +314,18 @@ impl SandboxPool {
             "sandbox pool ready"
         );
         let deaths = deaths::DeathWatch::start(engine.clone(), config.pool_id.clone());
+        let template = SpecTemplate {
+            seccomp: SpecTemplate::seccomp_profile(&config, rules),
+            image_id,
+            blocked,
+            rules,
+        };
+        let spares = spares::Spares::open(&config, template.spare_hash(&config), real_host)?;
         Ok(SandboxPool {
             inner: Arc::new(Inner {
                 deaths,
-                template: SpecTemplate {
-                    seccomp: SpecTemplate::seccomp_profile(&config, rules),
-                    image_id,
-                    blocked,
-                    rules,
-                },
+                spares,
+                template,
                 config,
                 engine,
                 network,
@@ -398,18 +430,24 @@ impl SandboxPool {
         if let Some(lease) = self.try_warm(slot, user) {
             return Ok(lease);
         }
-        let victim = self.admit(user, slot)?;
-        let _starting = StartingGuard(slot);
-        if let Some((victim_user, _victim_gate, name)) = victim {
-            tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
-            self.remove_container(&name).await?;
-            self.inner.activity.forget(&victim_user);
-            self.inner.counters.reaped.inc();
-        }
-        let sandbox = self.bring_up(user).await?;
-        if !user.is_internal() {
-            self.inner.counters.ensures_cold.inc();
-        }
+        let sandbox = match self.try_claim(user, slot).await {
+            Some(sandbox) => sandbox,
+            None => {
+                let victim = self.admit(user, slot)?;
+                let _starting = StartingGuard(slot);
+                if let Some((victim_user, _victim_gate, name)) = victim {
+                    tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
+                    self.remove_container(&name).await?;
+                    self.inner.activity.forget(&victim_user);
+                    self.inner.counters.reaped.inc();
+                }
+                let sandbox = self.bring_up(user).await?;
+                if !user.is_internal() {
+                    self.inner.counters.ensures_cold.inc();
+                }
+                sandbox
+            }
+        };
         let persist = {
             let mut st = slot.state.lock();
             st.live = Some(sandbox.clone());
@@ -516,10 +554,12 @@ impl SandboxPool {
             removed += usize::from(r?);
         }
         for c in &listed {
-            if let Some(user) = summary_user(c) {
+            if let Some(user) = self.owner_of(c) {
                 self.inner.activity.forget(&user);
             }
         }
+        self.inner.spares.forget_ready();
+        self.sweep_slots_except(&[]).await;
         Ok(removed)
     }
 
@@ -647,7 +687,8 @@ impl SandboxPool {
     ) -> Result<Option<(UserId, tokio::sync::OwnedMutexGuard<()>, String)>> {
         let _admission = self.inner.admission.lock();
         let max = self.inner.config.max_containers;
-        let mut occupied = 0;
+        // Spares ready or being made hold their places (a new user claims one before this).
+        let mut occupied = self.inner.spares.held();
         // Paused sandboxes go first, then the least recently used.
         let mut idle: Vec<((bool, SystemTime), UserId, Arc<Slot>)> = Vec::new();
         for entry in self.inner.slots.iter() {
@@ -690,6 +731,18 @@ impl SandboxPool {
         Ok(victim)
     }
 
+    /// Places held by users' sandboxes (live or starting; admission lock held).
+    fn occupied_by_users(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|e| {
+                let st = e.value().state.lock();
+                st.live.is_some() || st.starting
+            })
+            .count()
+    }
+
     /// Brings `user`'s container to running with its rules in place, whatever state Docker has it
     /// in. Idempotent, so a bring-up cancelled half-way is finished by the next one.
     async fn bring_up(&self, user: &UserId) -> Result<Sandbox> {
@@ -726,6 +779,22 @@ impl SandboxPool {
                 });
             }
             let status = found.state;
+            if labels.contains_key(spec::LABEL_SPARE) {
+                // A spare claimed for this user that the pool lost track of: kept if it is
+                // current and still shows the user's folder, else replaced.
+                let claimed = self.inner.spares.claims.user_of(&found.id).as_ref() == Some(user)
+                    && labels.get(LABEL_CONFIG_HASH) == Some(&self.inner.spares.hash)
+                    && matches!(status, State::Running | State::Paused);
+                if claimed && (status == State::Running || engine.unpause(&found.id).await?) {
+                    let ready = self.wait_rules(user.as_str(), &name).await?;
+                    if Self::claimed_shows(&ready, &folder) {
+                        return Ok(ready.sandbox(user, &name, &self.inner.spares.hash, &folder));
+                    }
+                }
+                tracing::info!(user = %user, container = %name, "a claimed spare that cannot be kept: recreating");
+                self.remove_container(&name).await?;
+                continue;
+            }
             if labels.get(LABEL_CONFIG_HASH) != Some(&hash) {
                 tracing::info!(user = %user, container = %name, "config changed: recreating sandbox");
                 self.remove_container(&name).await?;
@@ -783,6 +852,13 @@ impl SandboxPool {
         hash: &str,
         folder: &UserFolder,
     ) -> Result<Sandbox> {
+        let ready = self.wait_rules(user.as_str(), name).await?;
+        Ok(ready.sandbox(user, name, hash, folder))
+    }
+
+    /// [`SandboxPool::wait_ready`] for any container of the pool (`who` names it in errors: a
+    /// user, or a spare).
+    async fn wait_rules(&self, who: &str, name: &str) -> Result<Ready> {
         let engine = &self.inner.engine;
         let timeout = self.inner.config.start_timeout;
         let mut log = String::new();
@@ -790,7 +866,7 @@ impl SandboxPool {
         if self.inner.template.rules == RulesMode::Host {
             if let Some(run) = started {
                 return self
-                    .install_rules_from_host(user, name, hash, folder, run.0, run.1.pid)
+                    .install_rules_from_host(who, name, run.0, run.1.pid)
                     .await;
             }
         }
@@ -835,14 +911,10 @@ impl SandboxPool {
         };
         let reason = match outcome {
             Ok(Ok(true)) => match self.inspect_run(name).await? {
-                Some((id, _)) => {
-                    return Ok(Sandbox {
-                        user: user.to_string(),
-                        container_id: id,
-                        name: name.to_owned(),
-                        config_hash: hash.to_owned(),
-                        uid: folder.uid,
-                        gid: folder.gid,
+                Some((id, run)) => {
+                    return Ok(Ready {
+                        id,
+                        pid: run.pid,
                         netns: None,
                     })
                 }
@@ -856,18 +928,18 @@ impl SandboxPool {
             ),
         };
         Err(self
-            .fail_start(user, name, reason, tail(&log, LOG_TAIL_BYTES))
+            .fail_start(who, name, reason, tail(&log, LOG_TAIL_BYTES))
             .await)
     }
 
     /// A sandbox that did not come up: removed, so nothing half-started is left behind; what went
     /// wrong (and the log's tail) goes into the error instead.
-    async fn fail_start(&self, user: &UserId, name: &str, reason: String, log: String) -> Error {
+    async fn fail_start(&self, who: &str, name: &str, reason: String, log: String) -> Error {
         if let Err(e) = self.remove_container(name).await {
             tracing::warn!(container = %name, error = %e, "could not remove a failed sandbox");
         }
         Error::SandboxStart {
-            user: user.to_string(),
+            user: who.to_owned(),
             container: name.to_owned(),
             reason,
             log,
@@ -879,13 +951,11 @@ impl SandboxPool {
     /// so every call can check in microseconds that it is still the one with the rules.
     async fn install_rules_from_host(
         &self,
-        user: &UserId,
+        who: &str,
         name: &str,
-        hash: &str,
-        folder: &UserFolder,
         container_id: String,
         pid: i32,
-    ) -> Result<Sandbox> {
+    ) -> Result<Ready> {
         let egress = self.inner.config.egress;
         let blocked = self.inner.template.blocked.clone();
         let netns = crate::firewall::netns_id(pid);
@@ -896,13 +966,9 @@ impl SandboxPool {
         .unwrap_or_else(|e| Err(crate::firewall::FirewallError::Worker(e.to_string())));
         match (applied, netns) {
             (Ok(()), Some(ns)) if crate::firewall::netns_id(pid).as_ref() == Some(&ns) => {
-                Ok(Sandbox {
-                    user: user.to_string(),
-                    container_id,
-                    name: name.to_owned(),
-                    config_hash: hash.to_owned(),
-                    uid: folder.uid,
-                    gid: folder.gid,
+                Ok(Ready {
+                    id: container_id,
+                    pid,
                     netns: Some((pid, ns)),
                 })
             }
@@ -911,7 +977,7 @@ impl SandboxPool {
                     Err(e) => format!("its egress rules could not be installed from the host: {e}"),
                     Ok(()) => "it restarted while its rules were being installed".to_owned(),
                 };
-                Err(self.fail_start(user, name, reason, String::new()).await)
+                Err(self.fail_start(who, name, reason, String::new()).await)
             }
         }
     }
@@ -1005,6 +1071,21 @@ pub(crate) async fn blocking<T: Send + 'static>(
             std::io::Error::other(e.to_string()),
         ))
     })
+}
+
+impl SandboxPool {
+    /// Whose container `c` is: its user label, or for a claimed spare its claim record (with the
+    /// user's name, which the claim's last step gives it).
+    fn owner_of(&self, c: &Listed) -> Option<UserId> {
+        if !c.labels.contains_key(spec::LABEL_SPARE) {
+            return summary_user(c);
+        }
+        self.inner
+            .spares
+            .claims
+            .user_of(&c.id)
+            .filter(|user| c.name == self.container_name(user))
+    }
 }
 
 fn summary_user(c: &Listed) -> Option<UserId> {

@@ -26,6 +26,16 @@ pub struct ReconcileReport {
     pub removed: Vec<(String, String)>,
     /// Containers with our name prefix but without our labels: reported, left alone.
     pub foreign: Vec<String>,
+    /// Unclaimed warm spares adopted as spares.
+    pub spares: usize,
+}
+
+/// What a container with a spare's label is.
+enum SpareKind {
+    /// Claimed by this user, whose folder is ready.
+    Claimed(UserId, crate::users_root::UserFolder),
+    /// Not claimed: a spare in this slot.
+    Unclaimed(String),
 }
 
 /// One sandbox as `ps` and `GET /v1/sandboxes` show it.
@@ -46,6 +56,8 @@ pub struct SandboxStatus {
     /// Whether its config hash matches the pool's current config (false: stale, recreated on the
     /// next ensure or removed at the next reconcile).
     pub config_current: bool,
+    /// A warm spare no user has claimed yet (`user` is empty; `idle_secs` counts from its start).
+    pub spare: bool,
 }
 
 impl SandboxPool {
@@ -68,8 +80,21 @@ impl SandboxPool {
         let ours = self.list_ours().await?;
         let mut to_adopt = Vec::new();
         let mut to_remove = Vec::new();
+        let mut spares = Vec::new();
         for c in &ours {
             let name = c.name.clone();
+            if c.labels.contains_key(spec::LABEL_SPARE) {
+                match self.judge_spare(c).await {
+                    Ok(SpareKind::Claimed(user, folder)) => {
+                        to_adopt.push((user, name, folder, c.clone()))
+                    }
+                    // A one-shot command leaves unclaimed spares to the daemon.
+                    Ok(SpareKind::Unclaimed(_)) if !remove => {}
+                    Ok(SpareKind::Unclaimed(token)) => spares.push((name, token, c.clone())),
+                    Err(reason) => to_remove.push((name, reason)),
+                }
+                continue;
+            }
             let verdict = match summary_user(c) {
                 None => Err("its user label is missing or invalid".to_owned()),
                 Some(user) => self.judge(c, &user, &name).await.map(|f| (user, f)),
@@ -94,7 +119,11 @@ impl SandboxPool {
         let checked: Vec<_> = futures_util::stream::iter(to_adopt)
             .map(|(user, name, folder, c)| async move {
                 let hash = label(&c, LABEL_CONFIG_HASH).unwrap_or_default();
-                let res = self.wait_ready(&user, &name, &hash, &folder).await;
+                let res = if c.labels.contains_key(spec::LABEL_SPARE) {
+                    self.ready_claimed(&user, &name, &hash, &folder, &c).await
+                } else {
+                    self.wait_ready(&user, &name, &hash, &folder).await
+                };
                 (user, name, c, res)
             })
             .buffer_unordered(16)
@@ -107,6 +136,32 @@ impl SandboxPool {
                     report.adopted.push(user.to_string());
                 }
                 // wait_ready already removed it.
+                Err(e) => report.removed.push((name, e.to_string())),
+            }
+        }
+
+        // Unclaimed spares: adopted while current, untouched and wanted, up to ZCBOT_SPARES.
+        let wanted = self.inner.config.spares;
+        for (name, token, c) in spares {
+            if report.spares >= wanted {
+                to_remove.push((name, "more spares than ZCBOT_SPARES".to_owned()));
+                continue;
+            }
+            if c.state == State::Paused && self.inner.engine.unpause(&c.id).await.is_err() {
+                to_remove.push((name, "it is paused and cannot be resumed".to_owned()));
+                continue;
+            }
+            match self.wait_rules("a warm spare", &name).await {
+                Ok(ready) => {
+                    if self.adopt_spare(name.clone(), token, ready) {
+                        report.spares += 1;
+                    } else {
+                        to_remove.push((
+                            name,
+                            "its workspace slot is not as a spare leaves it, or this pool cannot claim spares".to_owned(),
+                        ));
+                    }
+                }
                 Err(e) => report.removed.push((name, e.to_string())),
             }
         }
@@ -126,6 +181,12 @@ impl SandboxPool {
                 self.inner.counters.orphans_removed.inc();
                 report.removed.push((name, reason));
             }
+        }
+
+        if remove {
+            // Slots and claim records of containers that are gone (this run made none yet).
+            let listed = self.list_ours().await?;
+            self.sweep_slots_except(&listed).await;
         }
 
         for name in self.foreign_containers().await? {
@@ -165,6 +226,63 @@ impl SandboxPool {
             );
         }
         Ok(folder)
+    }
+
+    /// What a container with a spare's label is, or why it must go. A spare claimed for a user
+    /// has the claim record and the user's name; one with a record but not the name was cut
+    /// short half way through its claim, and may have a user's folder: never a spare again.
+    async fn judge_spare(&self, c: &Listed) -> std::result::Result<SpareKind, String> {
+        let token = label(c, spec::LABEL_SPARE).unwrap_or_default();
+        if !super::mounts::valid_token(&token) {
+            return Err("its spare label does not name a workspace slot".into());
+        }
+        if label(c, LABEL_CONFIG_HASH).as_deref() != Some(self.inner.spares.hash.as_str()) {
+            return Err("its config hash is stale (image, limits, mounts or rules changed)".into());
+        }
+        if c.state != State::Running && c.state != State::Paused {
+            return Err(format!("it is not running ({})", c.state.as_str()));
+        }
+        match self.inner.spares.claims.user_of(&c.id) {
+            Some(user) if c.name == self.container_name(&user) => {
+                let folder = self
+                    .prepare_workspace(&user)
+                    .await
+                    .map_err(|e| format!("its user folder cannot be prepared: {e}"))?;
+                Ok(SpareKind::Claimed(user, folder))
+            }
+            Some(_) => Err("its claim was cut short (it may hold a user's folder)".into()),
+            None if c.name == spec::spare_name(&self.inner.config.pool_id, &token) => {
+                Ok(SpareKind::Unclaimed(token))
+            }
+            None => Err("a spare renamed without a claim record".into()),
+        }
+    }
+
+    /// A claimed spare an earlier run left, ready for adoption: thawed, its rules confirmed, and
+    /// showing its user's folder at `/workspace` (else removed, as a failed start is).
+    async fn ready_claimed(
+        &self,
+        user: &UserId,
+        name: &str,
+        hash: &str,
+        folder: &crate::users_root::UserFolder,
+        c: &Listed,
+    ) -> Result<Sandbox> {
+        if c.state == State::Paused {
+            self.inner.engine.unpause(&c.id).await?;
+        }
+        let ready = self.wait_rules(user.as_str(), name).await?;
+        if !Self::claimed_shows(&ready, folder) {
+            return Err(self
+                .fail_start(
+                    user.as_str(),
+                    name,
+                    "a claimed spare that no longer shows its user's folder".into(),
+                    String::new(),
+                )
+                .await);
+        }
+        Ok(ready.sandbox(user, name, hash, folder))
     }
 
     fn adopt(&self, user: &UserId, sandbox: Sandbox, c: &Listed) {
@@ -297,9 +415,9 @@ impl SandboxPool {
     /// Starts the background reaper (on the pool's task tracker): every
     /// `ZCBOT_SANDBOX_REAP_EVERY` it pauses sandboxes idle longer than `ZCBOT_SANDBOX_PAUSE_AFTER`
     /// (when that is set and shorter than the idle limit), removes sandboxes idle longer than
-    /// `ZCBOT_SANDBOX_IDLE` and forgets users with nothing left. It stops when the returned handle is dropped, between
-    /// passes: a pass under way finishes, so no sandbox is left taken out of service but not
-    /// removed.
+    /// `ZCBOT_SANDBOX_IDLE` and forgets users with nothing left. Beside it runs the spare maker
+    /// (`ZCBOT_SPARES`). Both stop when the returned handle is dropped, between passes: a pass
+    /// under way finishes, so no sandbox is left taken out of service but not removed.
     pub fn spawn_reaper(&self) -> ReaperHandle {
         let pool = self.clone();
         let every = self.inner.config.reap_every;
@@ -307,6 +425,13 @@ impl SandboxPool {
         let pause_after = self.inner.config.pause_after.filter(|after| *after < idle);
         let stop = CancellationToken::new();
         let stopped = stop.clone();
+        {
+            let pool = self.clone();
+            let stop = stop.clone();
+            self.inner
+                .tasks
+                .spawn(async move { pool.run_spare_maker(stop).await });
+        }
         let task = self.inner.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -339,7 +464,24 @@ impl SandboxPool {
             .await?
             .iter()
             .filter_map(|c| {
-                let user = summary_user(c)?;
+                let spare_hash = self.inner.spares.hash.as_str();
+                let is_spare = c.labels.contains_key(spec::LABEL_SPARE);
+                let Some(user) = self.owner_of(c) else {
+                    // An unclaimed spare (or one cut short in its claim): no user yet.
+                    let created = label(c, LABEL_CREATED_AT)
+                        .and_then(|s| humantime::parse_rfc3339_weak(&s).ok())
+                        .unwrap_or(now);
+                    return is_spare.then(|| SandboxStatus {
+                        user: String::new(),
+                        name: c.name.clone(),
+                        container_id: c.id.clone(),
+                        state: c.state.as_str().to_owned(),
+                        idle_secs: idle_for(created, now).as_secs(),
+                        in_flight: 0,
+                        config_current: label(c, LABEL_CONFIG_HASH).as_deref() == Some(spare_hash),
+                        spare: true,
+                    });
+                };
                 let name = c.name.clone();
                 let (in_flight, last) = self
                     .inner
@@ -373,6 +515,11 @@ impl SandboxPool {
                     .inner
                     .template
                     .build(&self.inner.config, &user, &folder);
+                let hash = if is_spare {
+                    spare_hash.to_owned()
+                } else {
+                    hash
+                };
                 Some(SandboxStatus {
                     user: user.to_string(),
                     name,
@@ -381,6 +528,7 @@ impl SandboxPool {
                     idle_secs: idle_for(last, now).as_secs(),
                     in_flight,
                     config_current: label(c, LABEL_CONFIG_HASH).as_deref() == Some(hash.as_str()),
+                    spare: false,
                 })
             })
             .collect();

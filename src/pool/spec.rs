@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, HostConfigCgroupnsModeEnum,
-    HostConfigLogConfig, Mount, MountType, NetworkingConfig,
+    HostConfigLogConfig, Mount, MountBindOptions, MountBindOptionsPropagationEnum, MountType,
+    NetworkingConfig,
 };
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -30,6 +31,12 @@ pub const LABEL_USER: &str = "io.zcbot.user";
 pub const LABEL_CONFIG_HASH: &str = "io.zcbot.config-hash";
 /// Label with the tenant's `uid:gid` (in the hash: a new uid means a new container).
 pub const LABEL_UID: &str = "io.zcbot.uid";
+/// Label of a warm spare (a sandbox made before its user is known), with the name of its
+/// workspace slot (see [`super::mounts`]). It stays after a claim: labels cannot change.
+pub const LABEL_SPARE: &str = "io.zcbot.spare";
+/// Prefix of a warm spare's name before its claim: not [`NAME_PREFIX`], so no spare name can
+/// ever be a user's.
+pub const SPARE_NAME_PREFIX: &str = "zcbot-spare-";
 /// Label with the creation time (RFC 3339, UTC).
 pub const LABEL_CREATED_AT: &str = "io.zcbot.created-at";
 /// Prefix of every sandbox container's name.
@@ -82,6 +89,14 @@ pub fn container_name(pool_id: &str, user: &UserId) -> String {
         format!("{NAME_PREFIX}{pool_id}.{user}")
     }
 }
+
+/// The name of pool `pool_id`'s spare in workspace slot `token` until its claim.
+pub fn spare_name(pool_id: &str, token: &str) -> String {
+    format!("{SPARE_NAME_PREFIX}{pool_id}.{token}")
+}
+
+/// What stands for a spare's slot path in its config hash: every spare of a config has one hash.
+const SLOT_IN_HASH: &str = "<workspace slot>";
 
 /// The full blocklist: the defaults, the host's own addresses not already covered, then
 /// `ZCBOT_PG_IPS` and `ZCBOT_SANDBOX_BLOCK_CIDRS`. Sorted and without duplicates, so the config
@@ -178,15 +193,6 @@ impl SpecTemplate {
         user: &UserId,
         folder: &UserFolder,
     ) -> (ContainerCreateBody, String) {
-        let workspace = &folder.path;
-        let mut cmd = vec!["--egress".to_owned(), config.egress.as_str().to_owned()];
-        if self.rules == RulesMode::Host {
-            cmd.push("--rules-by-host".to_owned());
-        }
-        for net in &self.blocked {
-            cmd.push("--block".to_owned());
-            cmd.push(net.to_string());
-        }
         let labels = HashMap::from([
             (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
             (LABEL_POOL.to_owned(), config.pool_id.clone()),
@@ -196,19 +202,68 @@ impl SpecTemplate {
                 format!("{}:{}", folder.uid, folder.gid),
             ),
         ]);
+        let body = self.body(config, labels, workspace_mount(&folder.path, None));
+        let hash = config_hash(&body);
+        (body, hash)
+    }
+
+    /// The config hash every spare of this config has (and keeps once claimed).
+    pub fn spare_hash(&self, config: &Config) -> String {
+        self.build_spare(config, std::path::Path::new(SLOT_IN_HASH), "")
+            .1
+    }
+
+    /// The create body of a warm spare whose `/workspace` is the host folder `slot`, received
+    /// `rslave`: a user folder the host later binds onto the slot appears inside, and nothing
+    /// mounted inside reaches the host. Its hash leaves out the slot and the token, so all
+    /// spares of a config share it.
+    pub fn build_spare(
+        &self,
+        config: &Config,
+        slot: &std::path::Path,
+        token: &str,
+    ) -> (ContainerCreateBody, String) {
+        let labels = HashMap::from([
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (LABEL_POOL.to_owned(), config.pool_id.clone()),
+        ]);
+        let propagation = Some(MountBindOptionsPropagationEnum::RSLAVE);
+        let mut body = self.body(
+            config,
+            labels,
+            workspace_mount(std::path::Path::new(SLOT_IN_HASH), propagation),
+        );
+        let hash = config_hash(&body);
+        if let Some(hc) = body.host_config.as_mut() {
+            hc.mounts = Some(vec![workspace_mount(slot, propagation)]);
+        }
+        if let Some(labels) = body.labels.as_mut() {
+            labels.insert(LABEL_SPARE.to_owned(), token.to_owned());
+        }
+        (body, hash)
+    }
+
+    fn body(
+        &self,
+        config: &Config,
+        labels: HashMap<String, String>,
+        workspace: Mount,
+    ) -> ContainerCreateBody {
+        let mut cmd = vec!["--egress".to_owned(), config.egress.as_str().to_owned()];
+        if self.rules == RulesMode::Host {
+            cmd.push("--rules-by-host".to_owned());
+        }
+        for net in &self.blocked {
+            cmd.push("--block".to_owned());
+            cmd.push(net.to_string());
+        }
         let host_config = HostConfig {
             readonly_rootfs: Some(true),
             tmpfs: Some(HashMap::from([(
                 "/tmp".to_owned(),
                 format!("rw,nosuid,nodev,size={},mode=1777", config.tmpfs_bytes),
             )])),
-            mounts: Some(vec![Mount {
-                target: Some(WORKSPACE.to_owned()),
-                source: Some(workspace.display().to_string()),
-                typ: Some(MountType::BIND),
-                read_only: Some(false),
-                ..Default::default()
-            }]),
+            mounts: Some(vec![workspace]),
             // No capability when the host installs the rules; otherwise only NET_ADMIN, which the
             // entry (root) needs. Every exec names the unprivileged user, whose sets are empty.
             cap_drop: Some(vec!["ALL".to_owned()]),
@@ -243,7 +298,7 @@ impl SpecTemplate {
             }),
             ..Default::default()
         };
-        let body = ContainerCreateBody {
+        ContainerCreateBody {
             image: Some(self.image_id.clone()),
             cmd: Some(cmd),
             hostname: Some("sandbox".to_owned()),
@@ -257,9 +312,25 @@ impl SpecTemplate {
                 )])),
             }),
             ..Default::default()
-        };
-        let hash = config_hash(&body);
-        (body, hash)
+        }
+    }
+}
+
+/// The `/workspace` bind mount of `source`.
+fn workspace_mount(
+    source: &std::path::Path,
+    propagation: Option<MountBindOptionsPropagationEnum>,
+) -> Mount {
+    Mount {
+        target: Some(WORKSPACE.to_owned()),
+        source: Some(source.display().to_string()),
+        typ: Some(MountType::BIND),
+        read_only: Some(false),
+        bind_options: propagation.map(|p| MountBindOptions {
+            propagation: Some(p),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

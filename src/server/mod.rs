@@ -110,6 +110,7 @@ impl Server {
             let report = pool.reconcile().await?;
             tracing::info!(
                 adopted = report.adopted.len(),
+                spares = report.spares,
                 removed = report.removed.len(),
                 foreign = report.foreign.len(),
                 "reconciled the sandboxes an earlier run left"

@@ -111,6 +111,9 @@ impl TestPool {
             root.join("state").display().to_string(),
         );
         vars.insert("ZCBOT_DOCKER_TIMEOUT".into(), "60s".into());
+        // Warm spares only where a test asks for them (tests/spares.rs): they are containers
+        // the other tests would have to wait for and count.
+        vars.insert("ZCBOT_SPARES".into(), "0".into());
         vars.insert("ZCBOT_SANDBOX_START_TIMEOUT".into(), "60s".into());
         // scripts/test.sh runs the executor and attack tests a second time under gVisor.
         for var in ["ZCBOT_SANDBOX_IMAGE", "ZCBOT_SANDBOX_RUNTIME"] {
@@ -216,6 +219,14 @@ impl Drop for TestPool {
         }
         for image in &self.extra_images {
             docker_try(&["rmi", "-f", image]);
+        }
+        // Spares' workspace slots hold user folders mounted: unmounted before anything is
+        // deleted (and before a quota file system is unmounted).
+        if let Ok(slots) = zcbot_sandbox::pool::mounts::WorkspaceSlots::open(
+            &self.root.join("state"),
+            &self.pool_id,
+        ) {
+            slots.release_all();
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }

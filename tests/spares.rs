@@ -1,0 +1,371 @@
+//! Warm spares against the real Docker Engine: a new user's first call claims a started spare,
+//! which shows that user's folder and no other, before or after; a claim that fails half way
+//! leaves no container and no mount; spares and claimed sandboxes survive a restart, a claim cut
+//! short does not; a config change replaces them; claims racing the reaper each see their own
+//! files; spares count against `ZCBOT_SANDBOX_MAX`. Witnesses: the docker CLI, the host's mount
+//! table.
+
+mod common;
+
+use std::os::unix::fs::chown;
+use std::time::{Duration, Instant};
+
+use common::{call, docker, docker_executor, docker_try, exec_as, TestPool};
+use serde_json::json;
+use zcbot_sandbox::pool::SandboxPool;
+use zcbot_sandbox::user::UserId;
+
+/// Waits until the pool has `n` spares ready.
+async fn wait_spares(pool: &SandboxPool, n: usize) {
+    let until = Instant::now() + Duration::from_secs(90);
+    while pool.spares_ready() != n {
+        assert!(
+            Instant::now() < until,
+            "{} spares ready, not {n}",
+            pool.spares_ready()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The names of this pool's unclaimed spares, as the engine lists them.
+fn spare_names(t: &TestPool) -> Vec<String> {
+    let mut v: Vec<String> = t
+        .containers()
+        .into_iter()
+        .filter(|n| n.starts_with("zcbot-spare-"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn id_of(container: &str) -> String {
+    docker(&["inspect", "-f", "{{.Id}}", container])
+        .trim()
+        .to_owned()
+}
+
+/// Gives `user` a folder holding `me` with the user's id (owned by the tenant's uid).
+async fn plant(pool: &SandboxPool, user: &UserId) {
+    let folder = pool.prepare_workspace(user).await.unwrap();
+    let file = folder.path.join("me");
+    std::fs::write(&file, user.as_str()).unwrap();
+    chown(&file, Some(folder.uid), Some(folder.gid)).unwrap();
+}
+
+/// Host mounts whose mount point is in this pool's workspace slots and whose source is `user`'s
+/// folder.
+fn slot_mounts_of(t: &TestPool, user: &UserId) -> usize {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let slots = format!("/zcbot-test-{}/state/", t.pool_id);
+    let folder = format!("/users/{user}");
+    table
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f[4].contains(&slots) && f[3].ends_with(&folder)
+        })
+        .count()
+}
+
+const SHOW: &str = "cat /workspace/me; echo; ls -A /workspace";
+
+#[tokio::test]
+async fn a_claimed_spare_shows_its_users_files_and_no_one_elses() {
+    let mut t = TestPool::new("spare");
+    t.set("ZCBOT_SPARES", "2")
+        .set("ZCBOT_SANDBOX_REAP_EVERY", "1s");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let reaper = pool.spawn_reaper();
+    wait_spares(&pool, 2).await;
+    let spares = spare_names(&t);
+    assert_eq!(spares.len(), 2, "{spares:?}");
+    let spare_ids: Vec<String> = spares.iter().map(|s| id_of(s)).collect();
+    // Before any claim a spare's /workspace is empty (and root's own view says so too).
+    for s in &spares {
+        let (ok, out, err) = exec_as(s, "root", "ls -A /workspace | wc -l");
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), "0", "{s}");
+    }
+
+    let (a, b) = (t.user("a"), t.user("b"));
+    plant(&pool, &a).await;
+    plant(&pool, &b).await;
+    let ra = call(&ex, &a, "shell", json!({"command": SHOW})).await;
+    assert_eq!(ra.stdout, format!("{a}\nme\n"), "{ra:?}");
+    let rb = call(&ex, &b, "shell", json!({"command": SHOW})).await;
+    assert_eq!(rb.stdout, format!("{b}\nme\n"), "{rb:?}");
+    // Both ran on the spares (renamed), none was created for them.
+    let (ida, idb) = (id_of(&t.container_name(&a)), id_of(&t.container_name(&b)));
+    assert!(spare_ids.contains(&ida) && spare_ids.contains(&idb) && ida != idb);
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.spare_claims, stats.ensures_cold),
+        (2, 0),
+        "{stats:?}"
+    );
+    // What the tenant writes lands in its own folder on the host, as its own uid.
+    let r = call(
+        &ex,
+        &a,
+        "shell",
+        json!({"command": "echo hi > /workspace/new; id -u"}),
+    )
+    .await;
+    let folder = pool.prepare_workspace(&a).await.unwrap();
+    assert_eq!(r.stdout.trim(), folder.uid.to_string());
+    assert_eq!(
+        std::fs::read_to_string(folder.path.join("new")).unwrap(),
+        "hi\n"
+    );
+
+    // Replacements are made in the background, fresh and empty.
+    wait_spares(&pool, 2).await;
+    let fresh = spare_names(&t);
+    for s in &fresh {
+        assert!(
+            !spare_ids.contains(&id_of(s)),
+            "a claimed spare is a spare again: {s}"
+        );
+        let (_, out, _) = exec_as(s, "root", "ls -A /workspace | wc -l");
+        assert_eq!(out.trim(), "0", "{s}");
+    }
+
+    // Removing a's sandbox releases its slot: a's folder is mounted nowhere any more.
+    assert_eq!(
+        slot_mounts_of(&t, &a),
+        1,
+        "the claim's mount is in the host's table"
+    );
+    assert!(pool.remove(&a).await.unwrap());
+    let until = Instant::now() + Duration::from_secs(20);
+    while slot_mounts_of(&t, &a) != 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        slot_mounts_of(&t, &a),
+        0,
+        "a's folder is still mounted in a slot"
+    );
+    assert_eq!(slot_mounts_of(&t, &b), 1);
+    // The next call of a claims a new spare and still sees a's files.
+    let ra = call(&ex, &a, "shell", json!({"command": SHOW})).await;
+    assert_eq!(ra.stdout, format!("{a}\nme\nnew\n"), "{ra:?}");
+    ex.close_channels();
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn a_claim_failing_half_way_leaves_no_container_and_no_mount() {
+    let mut t = TestPool::new("sparefail");
+    t.set("ZCBOT_SPARES", "1");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let reaper = pool.spawn_reaper();
+    wait_spares(&pool, 1).await;
+    let spare = spare_names(&t).remove(0);
+    // Killed behind the pool's back (the maker looks again only every minute here): the claim
+    // mounts the user's folder, then finds the container does not show it.
+    docker(&["kill", &spare]);
+    let user = t.user("u");
+    plant(&pool, &user).await;
+    let r = call(&ex, &user, "shell", json!({"command": SHOW})).await;
+    assert_eq!(r.stdout, format!("{user}\nme\n"), "{r:?}");
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.spare_claims,
+            stats.spare_fallbacks,
+            stats.ensures_cold
+        ),
+        (0, 1, 1),
+        "{stats:?}"
+    );
+    // The spare is gone, its claim record and its mount too; the user's sandbox is a new one.
+    let (there, _, _) = docker_try(&["inspect", &spare]);
+    assert!(!there, "the failed spare is still there");
+    assert_eq!(slot_mounts_of(&t, &user), 0);
+    let claims = t.root.join("state").join(&t.pool_id).join("claims");
+    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
+    let labels = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"io.zcbot.user\"}}",
+        &t.container_name(&user),
+    ]);
+    assert_eq!(labels.trim(), user.as_str());
+    ex.close_channels();
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn spares_and_claimed_spares_survive_a_restart_but_a_cut_claim_does_not() {
+    let mut t = TestPool::new("sparerestart");
+    t.set("ZCBOT_SPARES", "2");
+    let user = t.user("a");
+    let claimed_id;
+    let cut;
+    {
+        let ex = docker_executor(&t).await;
+        let pool = ex.pool().unwrap().clone();
+        let reaper = pool.spawn_reaper();
+        wait_spares(&pool, 2).await;
+        plant(&pool, &user).await;
+        let r = call(&ex, &user, "shell", json!({"command": SHOW})).await;
+        assert_eq!(r.stdout, format!("{user}\nme\n"));
+        claimed_id = id_of(&t.container_name(&user));
+        wait_spares(&pool, 2).await;
+        ex.close_channels();
+        drop(reaper);
+        // A crash between a claim's record and its rename: the record names a user, the spare
+        // still has its spare name.
+        cut = spare_names(&t).remove(0);
+        let claims = t.root.join("state").join(&t.pool_id).join("claims");
+        std::fs::write(claims.join(id_of(&cut)), t.user("c").as_str()).unwrap();
+    }
+    let kept = spare_names(&t).into_iter().find(|s| *s != cut).unwrap();
+    let kept_id = id_of(&kept);
+
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let report = pool.reconcile().await.unwrap();
+    assert_eq!(report.adopted, vec![user.to_string()], "{report:?}");
+    assert_eq!(report.spares, 1, "{report:?}");
+    assert!(
+        report
+            .removed
+            .iter()
+            .any(|(n, why)| *n == cut && why.contains("cut short")),
+        "{report:?}"
+    );
+    assert!(
+        !docker_try(&["inspect", &cut]).0,
+        "the cut claim's spare is still there"
+    );
+    // The claimed sandbox is the same container, with the user's files; the adopted spare
+    // serves the next new user.
+    let r = call(&ex, &user, "shell", json!({"command": SHOW})).await;
+    assert_eq!(r.stdout, format!("{user}\nme\n"));
+    assert_eq!(id_of(&t.container_name(&user)), claimed_id);
+    let reaper = pool.spawn_reaper();
+    let other = t.user("d");
+    plant(&pool, &other).await;
+    let r = call(&ex, &other, "shell", json!({"command": SHOW})).await;
+    assert_eq!(r.stdout, format!("{other}\nme\n"));
+    assert_eq!(id_of(&t.container_name(&other)), kept_id);
+    ex.close_channels();
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn a_config_change_replaces_spares_and_claimed_spares() {
+    let mut t = TestPool::new("sparedrift");
+    t.set("ZCBOT_SPARES", "1");
+    let user = t.user("a");
+    let (old_spare, old_claimed);
+    {
+        let ex = docker_executor(&t).await;
+        let pool = ex.pool().unwrap().clone();
+        let reaper = pool.spawn_reaper();
+        wait_spares(&pool, 1).await;
+        let r = call(&ex, &user, "shell", json!({"command": "true"})).await;
+        assert_eq!(r.exit_code, Some(0));
+        old_claimed = id_of(&t.container_name(&user));
+        wait_spares(&pool, 1).await;
+        old_spare = id_of(&spare_names(&t)[0]);
+        ex.close_channels();
+        drop(reaper);
+    }
+    t.set("ZCBOT_SANDBOX_MEMORY", "300MiB");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let report = pool.reconcile().await.unwrap();
+    assert!(report.adopted.is_empty(), "{report:?}");
+    assert_eq!(report.spares, 0, "{report:?}");
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert!(
+        report.removed.iter().all(|(_, why)| why.contains("stale")),
+        "{report:?}"
+    );
+    let reaper = pool.spawn_reaper();
+    wait_spares(&pool, 1).await;
+    let spare = spare_names(&t).remove(0);
+    assert_ne!(id_of(&spare), old_spare);
+    let memory = docker(&["inspect", "-f", "{{.HostConfig.Memory}}", &spare]);
+    assert_eq!(memory.trim(), (300u64 << 20).to_string());
+    let r = call(&ex, &user, "shell", json!({"command": "true"})).await;
+    assert_eq!(r.exit_code, Some(0));
+    assert_ne!(id_of(&t.container_name(&user)), old_claimed);
+    ex.close_channels();
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn claims_racing_the_reaper_each_see_their_own_files() {
+    let mut t = TestPool::new("sparerace");
+    t.set("ZCBOT_SPARES", "3")
+        .set("ZCBOT_SANDBOX_IDLE", "1s")
+        .set("ZCBOT_SANDBOX_REAP_EVERY", "1s")
+        .set("ZCBOT_SANDBOX_PAUSE_AFTER", "0");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let reaper = pool.spawn_reaper();
+    wait_spares(&pool, 3).await;
+    let users: Vec<UserId> = (0..4).map(|i| t.user(&format!("r{i}"))).collect();
+    for u in &users {
+        plant(&pool, u).await;
+    }
+    for round in 0..3 {
+        let outs = futures_util::future::join_all(
+            users
+                .iter()
+                .map(|u| call(&ex, u, "shell", json!({"command": "cat /workspace/me"}))),
+        )
+        .await;
+        for (u, r) in users.iter().zip(outs) {
+            assert_eq!(r.stdout, u.as_str(), "round {round}: {r:?}");
+        }
+        // Idle past the limit: the reaper removes them while the maker replaces spares.
+        tokio::time::sleep(Duration::from_millis(1500 + 500 * round)).await;
+    }
+    assert!(pool.stats().spare_claims >= 3, "{:?}", pool.stats());
+    assert!(pool.stats().reaped >= 4, "{:?}", pool.stats());
+    // Once every user's sandbox is gone, no user's folder stays mounted in a slot.
+    let until = Instant::now() + Duration::from_secs(30);
+    while users.iter().any(|u| slot_mounts_of(&t, u) != 0) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for u in &users {
+        assert_eq!(slot_mounts_of(&t, u), 0, "{u} still mounted");
+    }
+    ex.close_channels();
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn spares_count_against_the_pool_limit() {
+    let mut t = TestPool::new("sparemax");
+    t.set("ZCBOT_SPARES", "2").set("ZCBOT_SANDBOX_MAX", "2");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let reaper = pool.spawn_reaper();
+    wait_spares(&pool, 2).await;
+    let (a, b, c) = (t.user("a"), t.user("b"), t.user("c"));
+    for u in [&a, &b] {
+        let r = call(&ex, u, "shell", json!({"command": "true"})).await;
+        assert_eq!(r.exit_code, Some(0));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(t.containers().len() <= 2, "{:?}", t.containers());
+    }
+    // Both places are users' now: no spare is made, and a third user evicts an idle one.
+    assert_eq!(pool.spares_ready(), 0);
+    let r = call(&ex, &c, "shell", json!({"command": "true"})).await;
+    assert_eq!(r.exit_code, Some(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.containers().len(), 2, "{:?}", t.containers());
+    let stats = pool.stats();
+    assert_eq!((stats.spare_claims, stats.reaped), (2, 1), "{stats:?}");
+    ex.close_channels();
+    drop(reaper);
+}
