@@ -238,6 +238,9 @@ impl Bench {
             // The library's pools and the in-process daemon's share these containers: no reaper
             // may pause one behind the others' backs (10 pauses by hand).
             ("ZCBOT_SANDBOX_PAUSE_AFTER", "0".to_owned()),
+            // Spares only where 11 measures them (its own pool): elsewhere a new user's first
+            // call is the cold path these scenarios measure.
+            ("ZCBOT_SPARES", "0".to_owned()),
         ];
         let config = Config::from_lookup(|k| {
             vars.iter()
@@ -725,6 +728,11 @@ async fn main() {
     row("baseline: a warm `true`", &warm_call, None);
     results.insert("staged_idle".into(), json!({ "after_pause": summary(&after_pause), "warm": summary(&warm_call), "cold_ensure": summary(&cold) }));
 
+    // 11. Warm spares, on a pool of their own.
+    println!("\n11. warm spares: a new user's first call");
+    let column = spares_column(&executor, &b, &image_id, n_cold).await;
+    results.insert("warm_spares".into(), column);
+
     // 5. Scale: many warm containers.
     println!("\n5. scale: {n_scale} warm containers");
     for u in &users {
@@ -778,6 +786,174 @@ async fn main() {
         .unwrap();
         println!("results: {path}");
     }
+}
+
+/// Busy CPU jiffies of the whole host (every core: user, nice, system, irq, softirq, steal).
+fn host_busy_jiffies() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    f.iter().take(8).sum::<u64>() - f[3] - f[4]
+}
+
+/// Host CPU (in cores, from /proc/stat) over `secs` seconds of doing nothing here.
+async fn host_cpu_over(secs: u64) -> f64 {
+    let hz = 100.0; // USER_HZ
+    let before = host_busy_jiffies();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    (host_busy_jiffies() - before) as f64 / hz / secs as f64
+}
+
+/// Scenario 11: warm spares (`ZCBOT_SPARES`) on a pool of their own, against `docker run -d` with
+/// the same flags and against the cold path of `cold_ex` (spares off), interleaved; then 20 new
+/// users at once with 20 spares vs with none; then the host memory and CPU of 20 spares, and of
+/// 20 users' sandboxes running idle vs paused.
+async fn spares_column(cold_ex: &Executor, b: &Bench, image_id: &str, n: usize) -> Value {
+    let w = Bench::new("w", "runc");
+    let mut cfg = w.config.clone();
+    cfg.spares = 20;
+    cfg.max_containers = 1000;
+    let ex = Executor::from_config(cfg).await.unwrap();
+    let pool = ex.pool().unwrap().clone();
+    let cold_pool = cold_ex.pool().unwrap().clone();
+    let wait_ready = |want: usize| {
+        let pool = pool.clone();
+        async move {
+            let until = Instant::now() + Duration::from_secs(300);
+            while pool.spares_ready() < want && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(pool.spares_ready() >= want, "spares did not come up");
+        }
+    };
+    // Host memory and CPU with no spare, then with 20 (settled).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem0 = mem_available_kib();
+    let cpu0 = host_cpu_over(5).await;
+    let t = Instant::now();
+    let reaper = pool.spawn_reaper();
+    wait_ready(20).await;
+    let fill_s = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem20 = mem_available_kib();
+    let cpu20 = host_cpu_over(5).await;
+    let mib_per_spare = (mem0.saturating_sub(mem20)) as f64 / 1024.0 / 20.0;
+    println!("  20 spares made in {fill_s:.1} s; host memory {mib_per_spare:.1} MiB each; host CPU idle with 0: {cpu0:.3} cores, with 20 spares: {cpu20:.3} cores");
+
+    // First call of a brand-new user: spare vs docker run -d vs the cold path, interleaved.
+    let (mut spare, mut run, mut cold) = (hist(), hist(), hist());
+    for i in 0..n {
+        wait_ready(20).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let u = UserId::parse(&format!("new{i}")).unwrap();
+        let t = call_true(&ex, &u).await;
+        record(&mut spare, t);
+        pool.remove(&u).await.unwrap();
+        let name = format!("zcbot-baseline-{}-s{i}", b.id);
+        let t = Instant::now();
+        assert!(docker_cli(
+            &b.docker_run_args(&name, image_id)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        ));
+        record(&mut run, t);
+        docker_cli(&["rm", "-f", &name]);
+        let u = UserId::parse(&format!("coldnew{i}")).unwrap();
+        let t = call_true(cold_ex, &u).await;
+        record(&mut cold, t);
+        cold_pool.remove(&u).await.unwrap();
+    }
+    let claims = pool.stats().spare_claims;
+    assert_eq!(
+        claims as usize, n,
+        "every first call should have claimed a spare"
+    );
+    row(
+        "first `true` of a new user, spare ready",
+        &spare,
+        Some(&run),
+    );
+    row(
+        "first `true` of a new user, spare vs cold path",
+        &spare,
+        Some(&cold),
+    );
+    row(
+        "cold path: first `true` of a new user, no spare",
+        &cold,
+        Some(&run),
+    );
+    row("baseline: docker run -d (CLI), same flags", &run, None);
+
+    // 20 new users at once: 20 spares vs none.
+    wait_ready(20).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (with, with_users) = burst(&ex, "burst").await;
+    let (without, without_users) = burst(cold_ex, "coldburst").await;
+    row("20 new users at once, 20 spares", &with, Some(&without));
+    row("baseline: 20 new users at once, no spare", &without, None);
+
+    // 20 users' sandboxes (the burst's, channels open) running idle vs paused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem_running = mem_available_kib();
+    let cpu_running = host_cpu_over(5).await;
+    let paused = pool.pause_idle(Duration::ZERO).await.unwrap().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem_paused = mem_available_kib();
+    let cpu_paused = host_cpu_over(5).await;
+    println!("  {paused} users' sandboxes (plus 20 spares) idle: host CPU running {cpu_running:.3} cores, paused {cpu_paused:.3}; MemAvailable running {} MiB, paused {} MiB", mem_running / 1024, mem_paused / 1024);
+
+    drop(reaper);
+    ex.close_channels();
+    for u in &without_users {
+        cold_pool.remove(u).await.unwrap();
+    }
+    drop(with_users);
+    pool.shutdown_all().await.unwrap();
+    remove_network(&w.network).await;
+    let _ = std::fs::remove_dir_all(&w.root);
+    json!({
+        "first_call_spare": summary(&spare),
+        "first_call_cold": summary(&cold),
+        "docker_run_baseline": summary(&run),
+        "burst20_spares": summary(&with),
+        "burst20_no_spares": summary(&without),
+        "spares_fill_s": fill_s,
+        "host_mib_per_spare": mib_per_spare,
+        "host_cpu_cores_no_spares": cpu0,
+        "host_cpu_cores_20_spares": cpu20,
+        "idle_sandboxes": paused,
+        "host_cpu_cores_idle_running": cpu_running,
+        "host_cpu_cores_idle_paused": cpu_paused,
+        "mem_available_kib_running": mem_running,
+        "mem_available_kib_paused": mem_paused,
+    })
+}
+
+/// 20 new users' first calls at once: each call's time from the common start.
+async fn burst(ex: &Executor, prefix: &str) -> (Histogram<u64>, Vec<UserId>) {
+    let users: Vec<UserId> = (0..20)
+        .map(|i| UserId::parse(&format!("{prefix}{i}")).unwrap())
+        .collect();
+    let mut h = hist();
+    let started = Instant::now();
+    let outs = futures_util::future::join_all(users.iter().map(|u| async move {
+        call_true(ex, u).await;
+        started.elapsed()
+    }))
+    .await;
+    for d in outs {
+        h.record(d.as_micros().max(1) as u64).unwrap();
+    }
+    (h, users)
 }
 
 /// Makes a warm container for each of `users` as production holds it (one call made: its

@@ -10,7 +10,7 @@ mod common;
 use std::os::unix::fs::chown;
 use std::time::{Duration, Instant};
 
-use common::{call, docker, docker_executor, docker_try, exec_as, TestPool};
+use common::{call, docker, docker_executor, docker_try, exec_as, Daemon, TestPool};
 use serde_json::json;
 use zcbot_sandbox::pool::SandboxPool;
 use zcbot_sandbox::user::UserId;
@@ -37,6 +37,19 @@ fn spare_names(t: &TestPool) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// What the container shows at `/workspace`, read from the host through its PID 1's root (a
+/// spare's slot is mode 000: the container's own root, without capabilities, cannot list it).
+fn workspace_of(container: &str) -> Vec<String> {
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", container]);
+    let dir = format!("/proc/{}/root/workspace", pid.trim());
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
 }
 
 fn id_of(container: &str) -> String {
@@ -82,11 +95,11 @@ async fn a_claimed_spare_shows_its_users_files_and_no_one_elses() {
     let spares = spare_names(&t);
     assert_eq!(spares.len(), 2, "{spares:?}");
     let spare_ids: Vec<String> = spares.iter().map(|s| id_of(s)).collect();
-    // Before any claim a spare's /workspace is empty (and root's own view says so too).
+    // Before any claim a spare's /workspace is empty, and closed even to its own root.
     for s in &spares {
-        let (ok, out, err) = exec_as(s, "root", "ls -A /workspace | wc -l");
-        assert!(ok, "{err}");
-        assert_eq!(out.trim(), "0", "{s}");
+        assert_eq!(workspace_of(s), Vec::<String>::new(), "{s}");
+        let (ok, _, err) = exec_as(s, "root", "ls -A /workspace");
+        assert!(!ok && err.contains("Permission denied"), "{err}");
     }
 
     let (a, b) = (t.user("a"), t.user("b"));
@@ -97,6 +110,8 @@ async fn a_claimed_spare_shows_its_users_files_and_no_one_elses() {
     let rb = call(&ex, &b, "shell", json!({"command": SHOW})).await;
     assert_eq!(rb.stdout, format!("{b}\nme\n"), "{rb:?}");
     // Both ran on the spares (renamed), none was created for them.
+    // The same witness shows each claimed spare with its user's folder (the positive control).
+    assert_eq!(workspace_of(&t.container_name(&a)), vec!["me".to_owned()]);
     let (ida, idb) = (id_of(&t.container_name(&a)), id_of(&t.container_name(&b)));
     assert!(spare_ids.contains(&ida) && spare_ids.contains(&idb) && ida != idb);
     let stats = pool.stats();
@@ -128,8 +143,7 @@ async fn a_claimed_spare_shows_its_users_files_and_no_one_elses() {
             !spare_ids.contains(&id_of(s)),
             "a claimed spare is a spare again: {s}"
         );
-        let (_, out, _) = exec_as(s, "root", "ls -A /workspace | wc -l");
-        assert_eq!(out.trim(), "0", "{s}");
+        assert_eq!(workspace_of(s), Vec::<String>::new(), "{s}");
     }
 
     // Removing a's sandbox releases its slot: a's folder is mounted nowhere any more.
@@ -176,11 +190,11 @@ async fn a_claim_failing_half_way_leaves_no_container_and_no_mount() {
     assert_eq!(
         (
             stats.spare_claims,
-            stats.spare_fallbacks,
+            stats.spare_claims_failed,
             stats.ensures_cold
         ),
         (0, 1, 1),
-        "{stats:?}"
+        "the claim did not fail half way: {stats:?}"
     );
     // The spare is gone, its claim record and its mount too; the user's sandbox is a new one.
     let (there, _, _) = docker_try(&["inspect", &spare]);
@@ -220,9 +234,30 @@ async fn spares_and_claimed_spares_survive_a_restart_but_a_cut_claim_does_not() 
         drop(reaper);
         // A crash between a claim's record and its rename: the record names a user, the spare
         // still has its spare name.
+        // The crash came after the mount: the user's folder is in the spare's slot.
         cut = spare_names(&t).remove(0);
+        let victim = t.user("c");
+        plant(&pool, &victim).await;
         let claims = t.root.join("state").join(&t.pool_id).join("claims");
-        std::fs::write(claims.join(id_of(&cut)), t.user("c").as_str()).unwrap();
+        std::fs::write(claims.join(id_of(&cut)), victim.as_str()).unwrap();
+        let token = cut.rsplit('.').next().unwrap();
+        let slot = t
+            .root
+            .join("state")
+            .join(&t.pool_id)
+            .join("slots")
+            .join(token);
+        let folder = pool.prepare_workspace(&victim).await.unwrap().path;
+        let out = std::process::Command::new("mount")
+            .args(["--bind", folder.to_str().unwrap(), slot.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            workspace_of(&cut),
+            vec!["me".to_owned()],
+            "the mount did not arrive"
+        );
     }
     let kept = spare_names(&t).into_iter().find(|s| *s != cut).unwrap();
     let kept_id = id_of(&kept);
@@ -242,6 +277,11 @@ async fn spares_and_claimed_spares_survive_a_restart_but_a_cut_claim_does_not() 
     assert!(
         !docker_try(&["inspect", &cut]).0,
         "the cut claim's spare is still there"
+    );
+    assert_eq!(
+        slot_mounts_of(&t, &t.user("c")),
+        0,
+        "the cut claim's mount is still there"
     );
     // The claimed sandbox is the same container, with the user's files; the adopted spare
     // serves the next new user.
@@ -316,21 +356,29 @@ async fn claims_racing_the_reaper_each_see_their_own_files() {
     for u in &users {
         plant(&pool, u).await;
     }
-    for round in 0..3 {
-        let outs = futures_util::future::join_all(
-            users
-                .iter()
-                .map(|u| call(&ex, u, "shell", json!({"command": "cat /workspace/me"}))),
-        )
-        .await;
-        for (u, r) in users.iter().zip(outs) {
-            assert_eq!(r.stdout, u.as_str(), "round {round}: {r:?}");
+    // Each user calls again and again for 8 s, waiting about as long as the idle limit between
+    // calls: its sandbox is reaped now and then, and its next call claims a spare, while the
+    // reaper removes other users' sandboxes and the maker makes spares.
+    let until = Instant::now() + Duration::from_secs(8);
+    let outs = futures_util::future::join_all(users.iter().enumerate().map(|(i, u)| {
+        let ex = &ex;
+        async move {
+            let mut calls = 0;
+            while Instant::now() < until {
+                let r = call(ex, u, "shell", json!({"command": "cat /workspace/me"})).await;
+                assert_eq!(r.stdout, u.as_str(), "{r:?}");
+                calls += 1;
+                tokio::time::sleep(Duration::from_millis(900 + 200 * i as u64)).await;
+            }
+            calls
         }
-        // Idle past the limit: the reaper removes them while the maker replaces spares.
-        tokio::time::sleep(Duration::from_millis(1500 + 500 * round)).await;
-    }
-    assert!(pool.stats().spare_claims >= 3, "{:?}", pool.stats());
-    assert!(pool.stats().reaped >= 4, "{:?}", pool.stats());
+    }))
+    .await;
+    assert!(outs.iter().all(|n| *n >= 3), "{outs:?}");
+    // Claims after the first four: sandboxes were reaped between calls and claimed again.
+    let stats = pool.stats();
+    assert!(stats.spare_claims >= 6, "{stats:?}");
+    assert!(stats.reaped >= 2, "{stats:?}");
     // Once every user's sandbox is gone, no user's folder stays mounted in a slot.
     let until = Instant::now() + Duration::from_secs(30);
     while users.iter().any(|u| slot_mounts_of(&t, u) != 0) && Instant::now() < until {
@@ -368,4 +416,41 @@ async fn spares_count_against_the_pool_limit() {
     assert_eq!((stats.spare_claims, stats.reaped), (2, 1), "{stats:?}");
     ex.close_channels();
     drop(reaper);
+}
+
+/// A restart with the pool full of spares: the startup self-check (whose probe never claims a
+/// spare) takes a spare's place instead of finding the pool full.
+#[tokio::test]
+async fn a_restart_at_the_limit_gives_a_spares_place_to_the_self_check() {
+    let mut t = TestPool::new("sparefull");
+    t.set("ZCBOT_SPARES", "2")
+        .set("ZCBOT_SANDBOX_MAX", "2")
+        .set("ZCBOT_SANDBOX_BACKEND", "docker")
+        .set("ZCBOT_LISTEN", "127.0.0.1:0")
+        .set("ZCBOT_SELF_CHECK", "1");
+    for start in 0..2 {
+        let (child, addr) = common::spawn_daemon(t.env());
+        let d = Daemon { child, addr };
+        let until = Instant::now() + Duration::from_secs(90);
+        loop {
+            let (_, _, body) = common::http(&d.addr, "GET", "/v1/sandboxes", None).await;
+            let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let spares = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["spare"] == true)
+                .count();
+            if spares == 2 {
+                break;
+            }
+            assert!(Instant::now() < until, "start {start}: {list}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if start == 1 {
+            let user = t.user("a");
+            let (status, r) = d.tool(&user, "shell", json!({"command": "echo hi"})).await;
+            assert_eq!((status, r["stdout"].as_str()), (200, Some("hi\n")), "{r}");
+        }
+    }
 }

@@ -45,6 +45,8 @@ pub struct PoolStats {
     /// New users' sandboxes started cold although spares were asked for (none ready, a failed
     /// claim, or a daemon that cannot claim).
     pub spare_fallbacks: u64,
+    /// Of those, claims that failed half way (the spare removed).
+    pub spare_claims_failed: u64,
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -121,6 +123,10 @@ impl PoolMetrics {
                         .get()
                 })
                 .sum(),
+            spare_claims_failed: self
+                .spare_fallbacks
+                .get_or_create(&[("reason", Fallback::ClaimFailed.as_str())])
+                .get(),
         }
     }
 
@@ -257,6 +263,7 @@ mod tests {
                 resumed: 0,
                 spare_claims: 0,
                 spare_fallbacks: 0,
+                spare_claims_failed: 0,
             }
         );
         let text = exposition(&m);

@@ -197,6 +197,14 @@ fn touch(st: &mut SlotState) -> Option<SystemTime> {
     }
 }
 
+/// What [`SandboxPool::admit`] takes out of service to make room.
+enum Victim {
+    /// An idle user's sandbox: the user, its gate (held), the container's name.
+    User(UserId, tokio::sync::OwnedMutexGuard<()>, String),
+    /// A ready spare.
+    Spare(spares::Spare),
+}
+
 /// Resets a slot's `starting` flag however bring-up ends (error, cancel, panic).
 struct StartingGuard<'a>(&'a Slot);
 
@@ -425,33 +433,44 @@ impl SandboxPool {
     }
 
     async fn lease_cold(&self, user: &UserId, slot: &Arc<Slot>) -> Result<Lease> {
-        let _gate = slot.gate.lock().await;
+        let gate = slot.gate.clone().lock_owned().await;
         self.resume(user, slot).await?;
         if let Some(lease) = self.try_warm(slot, user) {
             return Ok(lease);
         }
-        let sandbox = match self.try_claim(user, slot).await {
+        // A claimed spare is already the slot's live sandbox (the claim's task put it there, so
+        // a caller that goes away loses nothing); the gate comes back either way.
+        let (claimed, _gate) = self.try_claim(user, slot, gate).await;
+        let sandbox = match claimed {
             Some(sandbox) => sandbox,
             None => {
                 let victim = self.admit(user, slot)?;
                 let _starting = StartingGuard(slot);
-                if let Some((victim_user, _victim_gate, name)) = victim {
-                    tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
-                    self.remove_container(&name).await?;
-                    self.inner.activity.forget(&victim_user);
-                    self.inner.counters.reaped.inc();
+                match victim {
+                    Some(Victim::User(victim_user, _victim_gate, name)) => {
+                        tracing::info!(user = %victim_user, container = %name, "evicting least recently used idle sandbox: pool is at ZCBOT_SANDBOX_MAX");
+                        self.remove_container(&name).await?;
+                        self.inner.activity.forget(&victim_user);
+                        self.inner.counters.reaped.inc();
+                    }
+                    Some(Victim::Spare(spare)) => {
+                        tracing::info!(user = %user, "removing a warm spare: pool is at ZCBOT_SANDBOX_MAX");
+                        self.discard_spare(spare).await;
+                    }
+                    None => {}
                 }
                 let sandbox = self.bring_up(user).await?;
                 if !user.is_internal() {
                     self.inner.counters.ensures_cold.inc();
                 }
+                let mut st = slot.state.lock();
+                st.live = Some(sandbox.clone());
+                st.paused = false;
                 sandbox
             }
         };
         let persist = {
             let mut st = slot.state.lock();
-            st.live = Some(sandbox.clone());
-            st.paused = false;
             st.in_flight += 1;
             touch(&mut st)
         };
@@ -559,7 +578,7 @@ impl SandboxPool {
             }
         }
         self.inner.spares.forget_ready();
-        self.sweep_slots_except(&[]).await;
+        self.sweep_slots().await;
         Ok(removed)
     }
 
@@ -676,15 +695,11 @@ impl SandboxPool {
         }
     }
 
-    /// Takes a place in the pool for `user` (marking its slot `starting`). At capacity, picks the
-    /// least recently used idle sandbox whose gate is free, takes it out of service and returns it
-    /// (user, its gate held, container name) for removal; with none idle, the pool is full.
-    #[allow(clippy::type_complexity)]
-    fn admit(
-        &self,
-        user: &UserId,
-        slot: &Slot,
-    ) -> Result<Option<(UserId, tokio::sync::OwnedMutexGuard<()>, String)>> {
+    /// Takes a place in the pool for `user` (marking its slot `starting`). At capacity, takes a
+    /// ready spare (a user who cannot claim one, or found a container of its own, needs its
+    /// place), else the least recently used idle sandbox whose gate is free, out of service and
+    /// returns it for removal; with neither, the pool is full.
+    fn admit(&self, user: &UserId, slot: &Slot) -> Result<Option<Victim>> {
         let _admission = self.inner.admission.lock();
         let max = self.inner.config.max_containers;
         // Spares ready or being made hold their places (a new user claims one before this).
@@ -709,6 +724,10 @@ impl SandboxPool {
         }
         let mut victim = None;
         if occupied >= max {
+            if let Some(spare) = self.inner.spares.take_ready() {
+                slot.state.lock().starting = true;
+                return Ok(Some(Victim::Spare(spare)));
+            }
             idle.sort_by_key(|(key, _, _)| *key);
             for (_, victim_user, victim_slot) in idle {
                 let Ok(gate) = victim_slot.gate.clone().try_lock_owned() else {
@@ -718,7 +737,7 @@ impl SandboxPool {
                 if st.in_flight == 0 && !st.starting {
                     if let Some(sb) = st.live.take() {
                         st.paused = false;
-                        victim = Some((victim_user, gate, sb.name));
+                        victim = Some(Victim::User(victim_user, gate, sb.name));
                         break;
                     }
                 }
@@ -787,7 +806,7 @@ impl SandboxPool {
                     && matches!(status, State::Running | State::Paused);
                 if claimed && (status == State::Running || engine.unpause(&found.id).await?) {
                     let ready = self.wait_rules(user.as_str(), &name).await?;
-                    if Self::claimed_shows(&ready, &folder) {
+                    if Self::claimed_shows(&ready, &folder).await {
                         return Ok(ready.sandbox(user, &name, &self.inner.spares.hash, &folder));
                     }
                 }

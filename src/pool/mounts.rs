@@ -35,7 +35,9 @@ pub struct WorkspaceSlots {
 const MAX_STACKED: usize = 8;
 
 impl WorkspaceSlots {
-    /// Opens (creating if needed) pool `pool_id`'s slot folder under `state_dir`.
+    /// Opens (creating if needed) pool `pool_id`'s slot folder under `state_dir` and makes it a
+    /// private mount of itself (once), so a slot's mounts never propagate to other mount
+    /// namespaces. The path is made canonical: the mount table names mount points by it.
     pub fn open(state_dir: &Path, pool_id: &str) -> Result<Self> {
         let dir = state_dir.join(pool_id).join("slots");
         fs::DirBuilder::new()
@@ -43,11 +45,22 @@ impl WorkspaceSlots {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| Error::io("create the workspace slots folder", &dir, e))?;
-        Ok(WorkspaceSlots { dir })
+        let dir = fs::canonicalize(&dir)
+            .map_err(|e| Error::io("resolve the workspace slots folder", &dir, e))?;
+        let slots = WorkspaceSlots { dir };
+        slots.make_private()?;
+        Ok(slots)
     }
 
-    /// Makes the slot folder a private mount of itself (once), so a slot's mounts never
-    /// propagate to other mount namespaces.
+    /// The slot folder of pool `pool_id` as it is, made or mounted by nothing (to release what
+    /// is there).
+    pub fn existing(state_dir: &Path, pool_id: &str) -> Self {
+        let dir = state_dir.join(pool_id).join("slots");
+        WorkspaceSlots {
+            dir: fs::canonicalize(&dir).unwrap_or(dir),
+        }
+    }
+
     fn make_private(&self) -> Result<()> {
         let dir = &self.dir;
         if mounts_at(dir) == 0 {
@@ -78,7 +91,6 @@ impl WorkspaceSlots {
     /// Makes a fresh, empty slot named `token` ([`new_token`]): a folder no one but root may
     /// enter, bound on itself in a peer group of its own.
     pub fn create(&self, token: &str) -> Result<()> {
-        self.make_private()?;
         let path = self.path(token);
         fs::DirBuilder::new()
             .mode(0o000)

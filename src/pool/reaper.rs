@@ -140,11 +140,20 @@ impl SandboxPool {
             }
         }
 
-        // Unclaimed spares: adopted while current, untouched and wanted, up to ZCBOT_SPARES.
-        let wanted = self.inner.config.spares;
+        // Unclaimed spares: adopted while current, untouched and wanted, up to ZCBOT_SPARES and
+        // within ZCBOT_SANDBOX_MAX beside the users' sandboxes adopted.
+        let wanted = self.inner.config.spares.min(
+            self.inner
+                .config
+                .max_containers
+                .saturating_sub(report.adopted.len()),
+        );
         for (name, token, c) in spares {
             if report.spares >= wanted {
-                to_remove.push((name, "more spares than ZCBOT_SPARES".to_owned()));
+                to_remove.push((
+                    name,
+                    "more spares than ZCBOT_SPARES (or room under ZCBOT_SANDBOX_MAX)".to_owned(),
+                ));
                 continue;
             }
             if c.state == State::Paused && self.inner.engine.unpause(&c.id).await.is_err() {
@@ -153,7 +162,7 @@ impl SandboxPool {
             }
             match self.wait_rules("a warm spare", &name).await {
                 Ok(ready) => {
-                    if self.adopt_spare(name.clone(), token, ready) {
+                    if self.adopt_spare(name.clone(), token, ready).await {
                         report.spares += 1;
                     } else {
                         to_remove.push((
@@ -272,7 +281,7 @@ impl SandboxPool {
             self.inner.engine.unpause(&c.id).await?;
         }
         let ready = self.wait_rules(user.as_str(), name).await?;
-        if !Self::claimed_shows(&ready, folder) {
+        if !Self::claimed_shows(&ready, folder).await {
             return Err(self
                 .fail_start(
                     user.as_str(),

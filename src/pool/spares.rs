@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use super::claims::ClaimLog;
@@ -93,6 +94,9 @@ struct SpareState {
     making: usize,
     /// Slots whose container is being created: none is swept before its container can exist.
     making_slots: HashSet<String>,
+    /// Spares to remove whose removal failed (the engine answered an error): retried by the
+    /// maker, and counted in the pool until gone.
+    discards: Vec<Spare>,
 }
 
 /// What [`SandboxPool::sweep_slots`] read before listing the containers.
@@ -155,6 +159,11 @@ impl Spares {
         self.state.lock().ready.len()
     }
 
+    /// Takes a ready spare out (for its place in the pool).
+    pub(crate) fn take_ready(&self) -> Option<Spare> {
+        self.state.lock().ready.pop()
+    }
+
     /// Forgets the ready spares (their containers were removed).
     pub(crate) fn forget_ready(&self) {
         self.state.lock().ready.clear();
@@ -163,7 +172,7 @@ impl Spares {
     /// Spares ready or being made (they count against `ZCBOT_SANDBOX_MAX`).
     pub(crate) fn held(&self) -> usize {
         let st = self.state.lock();
-        st.ready.len() + st.making
+        st.ready.len() + st.making + st.discards.len()
     }
 }
 
@@ -188,10 +197,19 @@ impl SandboxPool {
                 None => spares.target.store(wanted, Ordering::Relaxed),
             }
         }
+        let mut swept: Option<std::time::Instant> = None;
         loop {
+            let retry = std::mem::take(&mut spares.state.lock().discards);
+            for spare in retry {
+                self.discard_spare(spare).await;
+            }
             self.drop_dead_spares().await;
             self.fill_spares().await;
-            self.sweep_slots().await;
+            // Every claim wakes the maker; the sweep (a listing) runs once a period.
+            if swept.is_none_or(|at| at.elapsed() >= self.inner.config.reap_every) {
+                self.sweep_slots().await;
+                swept = Some(std::time::Instant::now());
+            }
             tokio::select! {
                 _ = spares.wake.notified() => {}
                 _ = tokio::time::sleep(self.inner.config.reap_every) => {}
@@ -260,7 +278,7 @@ impl SandboxPool {
                 st.ready.swap_remove(i)
             };
             tracing::info!(container = %spare.name, "a warm spare died: replacing it");
-            self.discard_spare(&spare).await;
+            self.discard_spare(spare).await;
         }
     }
 
@@ -353,17 +371,26 @@ impl SandboxPool {
     }
 
     /// A new user's sandbox from a spare, if one is ready and the claim works (the caller holds
-    /// `user`'s gate; its slot has no sandbox). None: bring one up cold.
-    pub(super) async fn try_claim(&self, user: &UserId, slot: &Arc<Slot>) -> Option<Sandbox> {
+    /// `user`'s gate, passed in; its slot has no sandbox). The claim runs as a task of its own
+    /// that holds the gate and the slot's `starting` mark, and makes a claimed spare the slot's
+    /// live sandbox itself: a caller that goes away (a dropped request) can stop neither the
+    /// claim half way nor lose its result. Returns the sandbox (None: bring one up cold) and the
+    /// gate.
+    pub(super) async fn try_claim(
+        &self,
+        user: &UserId,
+        slot: &Arc<Slot>,
+        gate: OwnedMutexGuard<()>,
+    ) -> (Option<Sandbox>, OwnedMutexGuard<()>) {
         let spares = &self.inner.spares;
         if user.is_internal() {
-            return None;
+            return (None, gate);
         }
         if spares.target.load(Ordering::Relaxed) == 0 {
             if spares.counting_unsupported.load(Ordering::Relaxed) {
                 self.inner.counters.fallback(Fallback::Unsupported);
             }
-            return None;
+            return (None, gate);
         }
         let spare = {
             let _admission = self.inner.admission.lock();
@@ -374,35 +401,51 @@ impl SandboxPool {
             }
             spare
         };
-        spares.wake.notify_one();
         let Some(spare) = spare else {
             self.inner.counters.fallback(Fallback::NoneReady);
-            return None;
+            return (None, gate);
         };
-        let _starting = StartingGuard(slot);
-        // Its own task: a caller that goes away (a dropped request) does not stop a claim
-        // between the mount and the rename.
+        spares.wake.notify_one();
         let pool = self.clone();
-        let task_user = user.clone();
-        let claimed = self
+        let (task_user, task_slot) = (user.clone(), slot.clone());
+        let joined = self
             .inner
             .tasks
-            .spawn(async move { pool.claim(&task_user, spare).await })
-            .await
-            .unwrap_or_else(|e| {
-                Claim::Failed(Error::io(
+            .spawn(async move {
+                let _starting = StartingGuard(&task_slot);
+                let claim = pool.claim(&task_user, spare).await;
+                if let Claim::Claimed(sandbox) = &claim {
+                    let persist = {
+                        let mut st = task_slot.state.lock();
+                        st.live = Some(sandbox.clone());
+                        st.paused = false;
+                        super::touch(&mut st)
+                    };
+                    pool.persist(&task_user, persist);
+                }
+                (claim, gate)
+            })
+            .await;
+        let (claimed, gate) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                // The task panicked (its gate dropped with it): take the gate again.
+                let gate = slot.gate.clone().lock_owned().await;
+                let e = Error::io(
                     "claim a warm spare",
                     "-",
                     std::io::Error::other(e.to_string()),
-                ))
-            });
+                );
+                (Claim::Failed(e), gate)
+            }
+        };
         match claimed {
-            Claim::Claimed(sandbox) => Some(sandbox),
-            Claim::NotUsed => None,
+            Claim::Claimed(sandbox) => (Some(sandbox), gate),
+            Claim::NotUsed => (None, gate),
             Claim::Failed(e) => {
                 tracing::warn!(user = %user, error = %e, "claiming a warm spare failed; starting a sandbox cold");
                 self.inner.counters.fallback(Fallback::ClaimFailed);
-                None
+                (None, gate)
             }
         }
     }
@@ -477,7 +520,7 @@ impl SandboxPool {
             Err(e) => Some(e),
         };
         if let Some(e) = failure {
-            self.discard_spare(&spare).await;
+            self.discard_spare(spare).await;
             return Claim::Failed(e);
         }
         self.inner.counters.spare_claims.inc();
@@ -491,10 +534,12 @@ impl SandboxPool {
     }
 
     /// Removes a spare that may have seen a user's folder: the container first (by id), then its
-    /// claim record and its slot.
-    async fn discard_spare(&self, spare: &Spare) {
+    /// claim record and its slot. One the engine would not remove is kept on a list the maker
+    /// retries (and counted in the pool meanwhile).
+    pub(super) async fn discard_spare(&self, spare: Spare) {
         if let Err(e) = self.remove_container(&spare.id).await {
-            tracing::warn!(container = %spare.name, error = %e, "could not remove a spare whose claim failed");
+            tracing::warn!(container = %spare.name, error = %e, "could not remove a spare; retrying at the maker's next pass");
+            self.inner.spares.state.lock().discards.push(spare);
             return;
         }
         self.inner.spares.claims.forget(&spare.id);
@@ -573,12 +618,17 @@ impl SandboxPool {
     }
 
     /// Adopts a spare an earlier run left, if its slot is untouched (else it is removed).
-    pub(super) fn adopt_spare(&self, name: String, token: String, ready: Ready) -> bool {
+    pub(super) async fn adopt_spare(&self, name: String, token: String, ready: Ready) -> bool {
         let spares = &self.inner.spares;
-        let pristine = spares
-            .slots
-            .as_ref()
-            .is_some_and(|s| s.is_pristine(&token, ready.pid));
+        let pristine = match spares.slots.clone() {
+            Some(slots) => {
+                let (token, pid) = (token.clone(), ready.pid);
+                blocking(move || Ok(slots.is_pristine(&token, pid)))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
         if pristine && spares.unsupported.is_none() {
             spares.state.lock().ready.push(Spare {
                 id: ready.id,
@@ -592,7 +642,10 @@ impl SandboxPool {
     }
 
     /// Whether a claimed spare adopted at startup (or found by a bring-up) shows `folder`.
-    pub(super) fn claimed_shows(ready: &Ready, folder: &UserFolder) -> bool {
-        WorkspaceSlots::shows(ready.pid, &folder.path)
+    pub(super) async fn claimed_shows(ready: &Ready, folder: &UserFolder) -> bool {
+        let (pid, path) = (ready.pid, folder.path.clone());
+        blocking(move || Ok(WorkspaceSlots::shows(pid, &path)))
+            .await
+            .unwrap_or(false)
     }
 }

@@ -222,12 +222,11 @@ impl Drop for TestPool {
         }
         // Spares' workspace slots hold user folders mounted: unmounted before anything is
         // deleted (and before a quota file system is unmounted).
-        if let Ok(slots) = zcbot_sandbox::pool::mounts::WorkspaceSlots::open(
+        zcbot_sandbox::pool::mounts::WorkspaceSlots::existing(
             &self.root.join("state"),
             &self.pool_id,
-        ) {
-            slots.release_all();
-        }
+        )
+        .release_all();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
