@@ -848,8 +848,16 @@ async fn spares_column(cold_ex: &Executor, b: &Bench, image_id: &str, n: usize) 
     println!("  20 spares made in {fill_s:.1} s; host memory {mib_per_spare:.1} MiB each; host CPU idle with 0: {cpu0:.3} cores, with 20 spares: {cpu20:.3} cores");
 
     // First call of a brand-new user: spare vs docker run -d vs the cold path, interleaved.
-    let (mut spare, mut run, mut cold) = (hist(), hist(), hist());
+    let (mut spare, mut run, mut cold, mut claim) = (hist(), hist(), hist(), hist());
     for i in 0..n {
+        // The claim alone: a new user's sandbox ready (ensure), no call yet.
+        wait_ready(20).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let u = UserId::parse(&format!("claim{i}")).unwrap();
+        let t = Instant::now();
+        pool.ensure(&u).await.unwrap();
+        record(&mut claim, t);
+        pool.remove(&u).await.unwrap();
         wait_ready(20).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let u = UserId::parse(&format!("new{i}")).unwrap();
@@ -873,8 +881,14 @@ async fn spares_column(cold_ex: &Executor, b: &Bench, image_id: &str, n: usize) 
     }
     let claims = pool.stats().spare_claims;
     assert_eq!(
-        claims as usize, n,
-        "every first call should have claimed a spare"
+        claims as usize,
+        2 * n,
+        "every new user should have claimed a spare"
+    );
+    row(
+        "claim: a new user's sandbox from a spare",
+        &claim,
+        Some(&run),
     );
     row(
         "first `true` of a new user, spare ready",
@@ -921,6 +935,7 @@ async fn spares_column(cold_ex: &Executor, b: &Bench, image_id: &str, n: usize) 
     remove_network(&w.network).await;
     let _ = std::fs::remove_dir_all(&w.root);
     json!({
+        "claim": summary(&claim),
         "first_call_spare": summary(&spare),
         "first_call_cold": summary(&cold),
         "docker_run_baseline": summary(&run),

@@ -282,7 +282,7 @@ mod tests {
     #[test]
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape(r"/a\040b"), b"/a b");
-        assert_eq!(unescape(r"/a\\"), b"/a\\");
+        assert_eq!(unescape(r"/a\134"), b"/a\\");
         assert_eq!(unescape("/plain"), b"/plain");
         assert_eq!(unescape(r"/x\04"), b"/x\\04");
     }
