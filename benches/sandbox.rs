@@ -932,6 +932,8 @@ async fn spares_column(cold_ex: &Executor, b: &Bench, image_id: &str, n: usize) 
     }
     drop(with_users);
     pool.shutdown_all().await.unwrap();
+    zcbot_sandbox::pool::mounts::WorkspaceSlots::existing(&w.root.join("state"), &w.id)
+        .release_all();
     remove_network(&w.network).await;
     let _ = std::fs::remove_dir_all(&w.root);
     json!({

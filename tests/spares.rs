@@ -454,3 +454,25 @@ async fn a_restart_at_the_limit_gives_a_spares_place_to_the_self_check() {
         }
     }
 }
+
+/// A pool that makes no spare (`ZCBOT_SPARES=0`) leaves no mount on the host: the slot folder
+/// becomes a mount only before a first slot.
+#[tokio::test]
+async fn a_pool_without_spares_mounts_nothing() {
+    let t = TestPool::new("nospare");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let reaper = pool.spawn_reaper();
+    let user = t.user("a");
+    let r = call(&ex, &user, "shell", json!({"command": "echo hi"})).await;
+    assert_eq!(r.stdout, "hi\n");
+    assert_eq!(pool.spares_ready(), 0);
+    let state = format!("/zcbot-test-{}/", t.pool_id);
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !table.lines().any(|l| l.contains(&state)),
+        "a mount of this pool's state is on the host:\n{table}"
+    );
+    ex.close_channels();
+    drop(reaper);
+}

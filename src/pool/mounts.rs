@@ -28,6 +28,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct WorkspaceSlots {
     dir: PathBuf,
+    /// Whether the folder is a private mount of itself yet: made so before its first slot (a
+    /// pool that never makes a spare leaves no mount behind), once, under this lock.
+    private: std::sync::Arc<parking_lot::Mutex<bool>>,
 }
 
 /// Most mounts one release takes off a slot (the user's folder, then the slot's own bind);
@@ -35,9 +38,8 @@ pub struct WorkspaceSlots {
 const MAX_STACKED: usize = 8;
 
 impl WorkspaceSlots {
-    /// Opens (creating if needed) pool `pool_id`'s slot folder under `state_dir` and makes it a
-    /// private mount of itself (once), so a slot's mounts never propagate to other mount
-    /// namespaces. The path is made canonical: the mount table names mount points by it.
+    /// Opens (creating if needed) pool `pool_id`'s slot folder under `state_dir`. The path is
+    /// made canonical: the mount table names mount points by it.
     pub fn open(state_dir: &Path, pool_id: &str) -> Result<Self> {
         let dir = state_dir.join(pool_id).join("slots");
         fs::DirBuilder::new()
@@ -47,9 +49,10 @@ impl WorkspaceSlots {
             .map_err(|e| Error::io("create the workspace slots folder", &dir, e))?;
         let dir = fs::canonicalize(&dir)
             .map_err(|e| Error::io("resolve the workspace slots folder", &dir, e))?;
-        let slots = WorkspaceSlots { dir };
-        slots.make_private()?;
-        Ok(slots)
+        Ok(WorkspaceSlots {
+            dir,
+            private: Default::default(),
+        })
     }
 
     /// The slot folder of pool `pool_id` as it is, made or mounted by nothing (to release what
@@ -58,10 +61,18 @@ impl WorkspaceSlots {
         let dir = state_dir.join(pool_id).join("slots");
         WorkspaceSlots {
             dir: fs::canonicalize(&dir).unwrap_or(dir),
+            private: Default::default(),
         }
     }
 
+    /// Makes the folder a private mount of itself, once (also across processes and restarts:
+    /// an existing mount there is kept), so a slot's mounts never propagate to other mount
+    /// namespaces.
     fn make_private(&self) -> Result<()> {
+        let mut done = self.private.lock();
+        if *done {
+            return Ok(());
+        }
         let dir = &self.dir;
         if mounts_at(dir) == 0 {
             mount_err(
@@ -80,7 +91,9 @@ impl WorkspaceSlots {
             ),
             "make the workspace slots folder private",
             dir,
-        )
+        )?;
+        *done = true;
+        Ok(())
     }
 
     /// The host path of slot `token`.
@@ -91,6 +104,7 @@ impl WorkspaceSlots {
     /// Makes a fresh, empty slot named `token` ([`new_token`]): a folder no one but root may
     /// enter, bound on itself in a peer group of its own.
     pub fn create(&self, token: &str) -> Result<()> {
+        self.make_private()?;
         let path = self.path(token);
         fs::DirBuilder::new()
             .mode(0o000)
