@@ -292,7 +292,7 @@ impl SandboxPool {
         let _admission = self.inner.admission.lock();
         let users = self.occupied_by_users();
         let mut st = spares.state.lock();
-        let held = st.ready.len() + st.making;
+        let held = st.ready.len() + st.making + st.discards.len();
         let room = self
             .inner
             .config
