@@ -23,8 +23,11 @@ pub struct ClaimLog {
 /// Whether `id` is a container id as the engine gives them (64 lowercase hex digits): checked
 /// before it names a path.
 fn valid_id(id: &str) -> bool {
-    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    super::is_lower_hex(id, ID_LEN)
 }
+
+/// The length of a container id.
+const ID_LEN: usize = 64;
 
 impl ClaimLog {
     /// Opens (creating if needed) the claims folder of pool `pool_id` under `state_dir`.
@@ -73,13 +76,7 @@ impl ClaimLog {
 
     /// The container ids with a record.
     pub fn ids(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|id| valid_id(id))
-            .collect()
+        super::hex_names_in(&self.dir, ID_LEN)
     }
 }
 

@@ -804,10 +804,12 @@ impl SandboxPool {
                 let claimed = self.inner.spares.claims.user_of(&found.id).as_ref() == Some(user)
                     && labels.get(LABEL_CONFIG_HASH) == Some(&self.inner.spares.hash)
                     && matches!(status, State::Running | State::Paused);
-                if claimed && (status == State::Running || engine.unpause(&found.id).await?) {
-                    let ready = self.wait_rules(user.as_str(), &name).await?;
-                    if Self::claimed_shows(&ready, &folder).await {
-                        return Ok(ready.sandbox(user, &name, &self.inner.spares.hash, &folder));
+                if claimed {
+                    let kept = self
+                        .resume_claimed(user, &name, &folder, &found.id, status)
+                        .await?;
+                    if let Some(sandbox) = kept {
+                        return Ok(sandbox);
                     }
                 }
                 tracing::info!(user = %user, container = %name, "a claimed spare that cannot be kept: recreating");
@@ -1105,6 +1107,23 @@ impl SandboxPool {
             .user_of(&c.id)
             .filter(|user| c.name == self.container_name(user))
     }
+}
+
+/// Whether `name` is `len` lowercase hex digits: a name the pool made (a slot token, a container
+/// id), checked before it names a path.
+pub(crate) fn is_lower_hex(name: &str, len: usize) -> bool {
+    name.len() == len && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The names in `dir` that are `len` lowercase hex digits (none if it cannot be read).
+pub(crate) fn hex_names_in(dir: &std::path::Path, len: usize) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| is_lower_hex(name, len))
+        .collect()
 }
 
 fn summary_user(c: &Listed) -> Option<UserId> {

@@ -182,11 +182,7 @@ impl WorkspaceSlots {
             return;
         }
         let path = self.path(token);
-        for _ in 0..MAX_STACKED {
-            if umount2(&path, MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
+        unmount_all(&path);
         if let Err(e) = fs::remove_dir(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(slot = %path.display(), error = %e, "could not remove a workspace slot");
@@ -200,32 +196,32 @@ impl WorkspaceSlots {
         for token in self.tokens() {
             self.release(&token);
         }
-        for _ in 0..MAX_STACKED {
-            if mounts_at(&self.dir) == 0 || umount2(&self.dir, MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
+        unmount_all(&self.dir);
     }
 
     /// The tokens of every slot on disk.
     pub fn tokens(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|t| valid_token(t))
-            .collect()
+        super::hex_names_in(&self.dir, TOKEN_LEN)
     }
 }
+
+/// Unmounts (detached) every mount stacked at `path`, up to [`MAX_STACKED`]: it stops at the
+/// first refusal (`EINVAL` once nothing is mounted there).
+fn unmount_all(path: &Path) {
+    for _ in 0..MAX_STACKED {
+        if umount2(path, MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+    }
+}
+
+/// The length of a slot token (16 bytes in hex).
+const TOKEN_LEN: usize = 32;
 
 /// Whether `token` is one this module makes (32 lowercase hex digits): a label read back from
 /// the engine is checked before it names a path.
 pub fn valid_token(token: &str) -> bool {
-    token.len() == 32
-        && token
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    super::is_lower_hex(token, TOKEN_LEN)
 }
 
 /// `/workspace` as the container of PID 1 `pid` sees it, from the host.

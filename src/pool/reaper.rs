@@ -120,7 +120,7 @@ impl SandboxPool {
             .map(|(user, name, folder, c)| async move {
                 let hash = label(&c, LABEL_CONFIG_HASH).unwrap_or_default();
                 let res = if c.labels.contains_key(spec::LABEL_SPARE) {
-                    self.ready_claimed(&user, &name, &hash, &folder, &c).await
+                    self.adopt_claimed(&user, &name, &folder, &c).await
                 } else {
                     self.wait_ready(&user, &name, &hash, &folder).await
                 };
@@ -267,31 +267,29 @@ impl SandboxPool {
         }
     }
 
-    /// A claimed spare an earlier run left, ready for adoption: thawed, its rules confirmed, and
-    /// showing its user's folder at `/workspace` (else removed, as a failed start is).
-    async fn ready_claimed(
+    /// A claimed spare an earlier run left, ready for adoption (see
+    /// [`SandboxPool::resume_claimed`]); one that cannot be is removed, as a failed start is.
+    async fn adopt_claimed(
         &self,
         user: &UserId,
         name: &str,
-        hash: &str,
         folder: &crate::users_root::UserFolder,
         c: &Listed,
     ) -> Result<Sandbox> {
-        if c.state == State::Paused {
-            self.inner.engine.unpause(&c.id).await?;
-        }
-        let ready = self.wait_rules(user.as_str(), name).await?;
-        if !Self::claimed_shows(&ready, folder).await {
-            return Err(self
+        match self
+            .resume_claimed(user, name, folder, &c.id, c.state)
+            .await?
+        {
+            Some(sandbox) => Ok(sandbox),
+            None => Err(self
                 .fail_start(
                     user.as_str(),
                     name,
-                    "a claimed spare that no longer shows its user's folder".into(),
+                    "a claimed spare that is gone or no longer shows its user's folder".into(),
                     String::new(),
                 )
-                .await);
+                .await),
         }
-        Ok(ready.sandbox(user, name, hash, folder))
     }
 
     fn adopt(&self, user: &UserId, sandbox: Sandbox, c: &Listed) {

@@ -26,7 +26,7 @@ use super::mounts::WorkspaceSlots;
 use super::spec::{self, LABEL_CONFIG_HASH, LABEL_CREATED_AT};
 use super::{blocking, Ready, Sandbox, SandboxPool, Slot, StartingGuard};
 use crate::config::{Config, Runtime};
-use crate::engine::{Created, Renamed};
+use crate::engine::{Created, Renamed, State};
 use crate::error::{Error, Result};
 use crate::user::UserId;
 use crate::users_root::UserFolder;
@@ -97,6 +97,13 @@ struct SpareState {
     /// Spares to remove whose removal failed (the engine answered an error): retried by the
     /// maker, and counted in the pool until gone.
     discards: Vec<Spare>,
+}
+
+impl SpareState {
+    /// Spares ready, being made or awaiting removal: places in the pool.
+    fn held(&self) -> usize {
+        self.ready.len() + self.making + self.discards.len()
+    }
 }
 
 /// What [`SandboxPool::sweep_slots`] read before listing the containers.
@@ -171,8 +178,7 @@ impl Spares {
 
     /// Spares ready or being made (they count against `ZCBOT_SANDBOX_MAX`).
     pub(crate) fn held(&self) -> usize {
-        let st = self.state.lock();
-        st.ready.len() + st.making + st.discards.len()
+        self.state.lock().held()
     }
 }
 
@@ -292,7 +298,7 @@ impl SandboxPool {
         let _admission = self.inner.admission.lock();
         let users = self.occupied_by_users();
         let mut st = spares.state.lock();
-        let held = st.ready.len() + st.making + st.discards.len();
+        let held = st.held();
         let room = self
             .inner
             .config
@@ -641,11 +647,26 @@ impl SandboxPool {
         pristine
     }
 
-    /// Whether a claimed spare adopted at startup (or found by a bring-up) shows `folder`.
-    pub(super) async fn claimed_shows(ready: &Ready, folder: &UserFolder) -> bool {
+    /// A claimed spare of `user` that the pool finds (at startup, or in a bring-up that lost
+    /// track of it) as its sandbox again: thawed if paused, its rules confirmed, and still showing
+    /// the user's `folder` at `/workspace`. None if it is gone or shows anything else (the caller
+    /// removes it).
+    pub(super) async fn resume_claimed(
+        &self,
+        user: &UserId,
+        name: &str,
+        folder: &UserFolder,
+        id: &str,
+        state: State,
+    ) -> Result<Option<Sandbox>> {
+        if state == State::Paused && !self.inner.engine.unpause(id).await? {
+            return Ok(None);
+        }
+        let ready = self.wait_rules(user.as_str(), name).await?;
         let (pid, path) = (ready.pid, folder.path.clone());
-        blocking(move || Ok(WorkspaceSlots::shows(pid, &path)))
+        let shows = blocking(move || Ok(WorkspaceSlots::shows(pid, &path)))
             .await
-            .unwrap_or(false)
+            .unwrap_or(false);
+        Ok(shows.then(|| ready.sandbox(user, name, &self.inner.spares.hash, folder)))
     }
 }
