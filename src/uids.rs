@@ -9,7 +9,15 @@
 //! exclusive, so the `by-uid` link *is* the claim: two users can never hold one uid, even across
 //! a crash between the two links (the next allocation of that user finds its own claim again,
 //! because candidates are probed in the same order each time: from a hash of the user id). A
-//! claim is never released: a uid is never reused.
+//! claim of a user is never released: a uid a tenant has had is never reused.
+//!
+//! A warm spare holds a uid of its own until a claim: `by-uid/<uid> -> spare:<pool>.<token>` and
+//! `by-spare/<pool>.<token> -> <uid>` (a name no user can have: user ids hold no `:` or `.`). The
+//! spare's exec channel helper is started as that uid in advance; a brand-new user that claims
+//! the spare is given the uid (its `by-uid` link is replaced by one naming the user, atomically),
+//! so the helper is already the user's. A reservation no user took is released when its spare
+//! is gone: no tenant code ever ran as that uid (only the idle helper did, which cannot write
+//! anywhere that outlives the container), so it may serve again.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -36,7 +44,7 @@ impl UidMap {
     /// Opens (creating) the map under `state_dir`.
     pub fn open(state_dir: &Path, range: UidRange) -> Result<Self> {
         let dir = state_dir.join("uids");
-        for sub in ["by-uid", "by-user"] {
+        for sub in ["by-uid", "by-user", "by-spare"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(|e| Error::io("create the uid map", &p, e))?;
         }
@@ -55,8 +63,10 @@ impl UidMap {
     }
 
     /// The uid of `user`, allocating one if it has none. `hint` is a uid the user's folder is
-    /// already owned by (from a lost map, say): it is claimed for this user if nobody else holds it.
-    pub fn uid_of(&self, user: &UserId, hint: Option<u32>) -> Result<u32> {
+    /// already owned by (from a lost map, say): it is claimed for this user if nobody else holds
+    /// it. `offer` is the tag of a spare being claimed: a user without a uid (and without a
+    /// usable hint) is given that spare's reserved uid.
+    pub fn uid_of(&self, user: &UserId, hint: Option<u32>, offer: Option<&str>) -> Result<u32> {
         if let Some(uid) = self.cache.get(user) {
             return Ok(*uid);
         }
@@ -69,27 +79,21 @@ impl UidMap {
             let h = Sha256::digest(user.as_str().as_bytes());
             u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % self.range.len()
         };
-        let candidates = hint.filter(|h| self.range.contains(*h)).into_iter().chain(
-            (0..self.range.len())
-                .map(|i| self.range.first + ((start + i) % self.range.len()) as u32),
-        );
+        if let Some(h) = hint.filter(|h| self.range.contains(*h)) {
+            if self.claim(h, user)? {
+                return self.record_user(user, h);
+            }
+        }
+        if let Some(tag) = offer {
+            if let Some(uid) = self.take_reserved(tag, user)? {
+                return self.record_user(user, uid);
+            }
+        }
+        let candidates = (0..self.range.len())
+            .map(|i| self.range.first + ((start + i) % self.range.len()) as u32);
         for uid in candidates {
             if self.claim(uid, user)? {
-                let link = self.dir.join("by-user").join(user.as_str());
-                match std::os::unix::fs::symlink(uid.to_string(), &link) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        let _ = std::fs::remove_file(&link);
-                        std::os::unix::fs::symlink(uid.to_string(), &link)
-                            .map_err(|e| Error::io("record a uid", &link, e))?;
-                    }
-                    Err(e) => return Err(Error::io("record a uid", &link, e)),
-                }
-                sync_dir(&self.dir.join("by-uid"));
-                sync_dir(&self.dir.join("by-user"));
-                tracing::info!(user = %user, uid, "allocated a host uid for the user");
-                self.cache.insert(user.clone(), uid);
-                return Ok(uid);
+                return self.record_user(user, uid);
             }
         }
         Err(Error::Config {
@@ -100,6 +104,111 @@ impl UidMap {
                 self.range.len()
             ),
         })
+    }
+
+    /// Writes `by-user/<user> -> uid` (its `by-uid` claim is made) and caches it.
+    fn record_user(&self, user: &UserId, uid: u32) -> Result<u32> {
+        let link = self.dir.join("by-user").join(user.as_str());
+        replace_link(&uid.to_string(), &link).map_err(|e| Error::io("record a uid", &link, e))?;
+        sync_dir(&self.dir.join("by-uid"));
+        sync_dir(&self.dir.join("by-user"));
+        tracing::info!(user = %user, uid, "allocated a host uid for the user");
+        self.cache.insert(user.clone(), uid);
+        Ok(uid)
+    }
+
+    /// Reserves a uid for the spare `tag` (`<pool>.<token>`), or finds its reservation again.
+    pub fn reserve(&self, tag: &str) -> Result<u32> {
+        check_tag(tag)?;
+        let _one = self.alloc.lock();
+        if let Some(uid) = self.reserved(tag)? {
+            return Ok(uid);
+        }
+        let holder = spare_holder(tag);
+        let start = {
+            let h = Sha256::digest(tag.as_bytes());
+            u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % self.range.len()
+        };
+        for i in 0..self.range.len() {
+            let uid = self.range.first + ((start + i) % self.range.len()) as u32;
+            if self.claim_for(uid, &holder)? {
+                let link = self.dir.join("by-spare").join(tag);
+                replace_link(&uid.to_string(), &link)
+                    .map_err(|e| Error::io("record a spare's uid", &link, e))?;
+                sync_dir(&self.dir.join("by-uid"));
+                sync_dir(&self.dir.join("by-spare"));
+                return Ok(uid);
+            }
+        }
+        Err(Error::Config {
+            var: "ZCBOT_SANDBOX_UID_RANGE",
+            value: self.range.to_string(),
+            reason: "every uid of the range is taken (by users and warm spares): give a larger \
+                     range"
+                .into(),
+        })
+    }
+
+    /// The uid reserved for the spare `tag`, if its reservation is whole (both links agree; a
+    /// reservation a user took names that user in `by-uid`).
+    pub fn reserved(&self, tag: &str) -> Result<Option<u32>> {
+        check_tag(tag)?;
+        let Some(target) = read_link(&self.dir.join("by-spare").join(tag))? else {
+            return Ok(None);
+        };
+        let Some(uid) = target.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            return Ok(None);
+        };
+        let back = read_link(&self.dir.join("by-uid").join(uid.to_string()))?;
+        Ok((back.as_deref() == Some(spare_holder(tag).as_ref())).then_some(uid))
+    }
+
+    /// Gives the spare `tag`'s reserved uid to `user`: the `by-uid` link is replaced in one
+    /// rename, so the uid is the spare's or the user's at every instant, never free.
+    fn take_reserved(&self, tag: &str, user: &UserId) -> Result<Option<u32>> {
+        let Some(uid) = self.reserved(tag)? else {
+            return Ok(None);
+        };
+        let by_uid = self.dir.join("by-uid");
+        let tmp = by_uid.join(format!(".{uid}.taking"));
+        let link = by_uid.join(uid.to_string());
+        replace_link(user.as_str(), &tmp).map_err(|e| Error::io("give a spare's uid", &tmp, e))?;
+        std::fs::rename(&tmp, &link).map_err(|e| Error::io("give a spare's uid", &link, e))?;
+        let _ = std::fs::remove_file(self.dir.join("by-spare").join(tag));
+        Ok(Some(uid))
+    }
+
+    /// Lets go of the spare `tag`'s uid, unless a user took it (then only the spare's own link
+    /// goes). For a spare that is gone.
+    pub fn release(&self, tag: &str) -> Result<()> {
+        check_tag(tag)?;
+        let _one = self.alloc.lock();
+        if let Some(uid) = self.reserved(tag)? {
+            let link = self.dir.join("by-uid").join(uid.to_string());
+            match std::fs::remove_file(&link) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("release a spare's uid", &link, e)),
+            }
+        }
+        let link = self.dir.join("by-spare").join(tag);
+        match std::fs::remove_file(&link) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("release a spare's uid", &link, e)),
+        }
+    }
+
+    /// The tags of spares of pool `pool` holding a reservation (for the sweep).
+    pub fn reservations(&self, pool: &str) -> Vec<String> {
+        let prefix = format!("{pool}.");
+        std::fs::read_dir(self.dir.join("by-spare"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix) && check_tag(n).is_ok())
+            .collect()
     }
 
     /// The uid recorded for `user`, if its record is whole (both links agree).
@@ -123,14 +232,60 @@ impl UidMap {
 
     /// Claims `uid` for `user`: true if it is now (or already was) this user's.
     fn claim(&self, uid: u32, user: &UserId) -> Result<bool> {
+        self.claim_for(uid, user.as_str())
+    }
+
+    /// Claims `uid` for `holder` (a user id, or a spare's `spare:<tag>`).
+    fn claim_for(&self, uid: u32, holder: &str) -> Result<bool> {
         let link = self.dir.join("by-uid").join(uid.to_string());
-        match std::os::unix::fs::symlink(user.as_str(), &link) {
+        match std::os::unix::fs::symlink(holder, &link) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Ok(read_link(&link)?.as_deref() == Some(user.as_str().as_ref()))
+                Ok(read_link(&link)?.as_deref() == Some(holder.as_ref()))
             }
             Err(e) => Err(Error::io("claim a uid", &link, e)),
         }
+    }
+}
+
+/// What a spare's `by-uid` link names.
+fn spare_holder(tag: &str) -> String {
+    format!("spare:{tag}")
+}
+
+/// A spare's tag is `<pool>.<token>`: a pool id and 32 lowercase hex digits, nothing that could
+/// name another path.
+fn check_tag(tag: &str) -> Result<()> {
+    let ok = tag.split_once('.').is_some_and(|(pool, token)| {
+        !pool.is_empty()
+            && pool.len() <= 32
+            && pool
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && token.len() == 32
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::io(
+            "name a spare's uid",
+            tag,
+            std::io::Error::other("not a spare's tag (<pool>.<32 hex digits>)"),
+        ))
+    }
+}
+
+/// Points `link` at `target`, replacing whatever link was there.
+fn replace_link(target: &str, link: &Path) -> std::io::Result<()> {
+    match std::os::unix::fs::symlink(target, link) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(link)?;
+            std::os::unix::fs::symlink(target, link)
+        }
+        other => other,
     }
 }
 
@@ -229,19 +384,24 @@ mod tests {
         let users: Vec<UserId> = (0..10)
             .map(|i| UserId::parse(&format!("u{i}")).unwrap())
             .collect();
-        let uids: Vec<u32> = users.iter().map(|u| m.uid_of(u, None).unwrap()).collect();
+        let uids: Vec<u32> = users
+            .iter()
+            .map(|u| m.uid_of(u, None, None).unwrap())
+            .collect();
         let mut distinct = uids.clone();
         distinct.sort();
         distinct.dedup();
         assert_eq!(distinct.len(), 10, "ten users, ten uids: {uids:?}");
         assert!(uids.iter().all(|u| (300_000..=300_009).contains(u)));
         // The range is full now.
-        let err = m.uid_of(&UserId::parse("late").unwrap(), None).unwrap_err();
+        let err = m
+            .uid_of(&UserId::parse("late").unwrap(), None, None)
+            .unwrap_err();
         assert!(err.to_string().contains("every uid of the range is taken"));
         // A new process (empty cache) reads the same answers.
         let again = map(&dir, 300_000, 300_009);
         for (u, uid) in users.iter().zip(&uids) {
-            assert_eq!(again.uid_of(u, None).unwrap(), *uid);
+            assert_eq!(again.uid_of(u, None, None).unwrap(), *uid);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -252,18 +412,75 @@ mod tests {
         let m = map(&dir, 400_000, 400_001);
         let a = UserId::parse("alice").unwrap();
         let b = UserId::parse("bob").unwrap();
-        let ua = m.uid_of(&a, None).unwrap();
+        let ua = m.uid_of(&a, None, None).unwrap();
         // A crash after the claim, before the by-user link: alice's claim stands.
         std::fs::remove_file(dir.join("uids/by-user/alice")).unwrap();
         let m = map(&dir, 400_000, 400_001);
         // Bob asks for alice's uid as a hint: refused, he gets the other one.
-        let ub = m.uid_of(&b, Some(ua)).unwrap();
+        let ub = m.uid_of(&b, Some(ua), None).unwrap();
         assert_ne!(ua, ub);
         assert_eq!(
-            m.uid_of(&a, None).unwrap(),
+            m.uid_of(&a, None, None).unwrap(),
             ua,
             "alice finds her claim again"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_spare_uid_goes_to_a_brand_new_user_only_and_is_released_if_nobody_took_it() {
+        let dir = tempdir("uids-spare");
+        let m = map(&dir, 500_000, 500_002);
+        let (t1, t2) = (
+            format!("p.{}", "a".repeat(32)),
+            format!("p.{}", "b".repeat(32)),
+        );
+        let r1 = m.reserve(&t1).unwrap();
+        assert_eq!(m.reserve(&t1).unwrap(), r1, "a reservation is found again");
+        let r2 = m.reserve(&t2).unwrap();
+        assert_ne!(r1, r2);
+        // A user with a uid keeps it: the offer is not taken.
+        let old = UserId::parse("old").unwrap();
+        let u_old = m.uid_of(&old, None, None).unwrap();
+        assert!(![r1, r2].contains(&u_old));
+        assert_eq!(m.uid_of(&old, None, Some(&t1)).unwrap(), u_old);
+        assert_eq!(m.reserved(&t1).unwrap(), Some(r1));
+        // A brand-new user takes the offered uid; the reservation is gone, and a new process
+        // reads the user's record.
+        let new = UserId::parse("new").unwrap();
+        assert_eq!(m.uid_of(&new, None, Some(&t1)).unwrap(), r1);
+        assert_eq!(m.reserved(&t1).unwrap(), None);
+        assert_eq!(
+            map(&dir, 500_000, 500_002)
+                .uid_of(&new, None, None)
+                .unwrap(),
+            r1
+        );
+        // Releasing a taken reservation leaves the user's uid alone.
+        m.release(&t1).unwrap();
+        assert_eq!(
+            map(&dir, 500_000, 500_002)
+                .uid_of(&new, None, None)
+                .unwrap(),
+            r1
+        );
+        // The range is full (old, new, spare 2): nobody else gets a uid until spare 2 lets go.
+        let late = UserId::parse("late").unwrap();
+        assert!(m.uid_of(&late, None, None).is_err());
+        assert_eq!(m.reservations("p"), vec![t2.clone()]);
+        assert!(m.reservations("other").is_empty());
+        m.release(&t2).unwrap();
+        assert!(m.reservations("p").is_empty());
+        assert_eq!(m.uid_of(&late, None, None).unwrap(), r2);
+        // Tags are checked before they name a path.
+        for bad in [
+            "../x",
+            "p.abc",
+            "p/../x.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "",
+        ] {
+            assert!(m.reserve(bad).is_err(), "{bad:?}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

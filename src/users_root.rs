@@ -143,6 +143,39 @@ impl UsersRoot {
         })
     }
 
+    /// The `uid:gid` a warm spare `tag` (`<pool>.<token>`) runs its helper as: a uid reserved for
+    /// it (see [`crate::uids`]), or the one uid every tenant shares.
+    pub fn spare_ids(&self, tag: &str) -> Result<(u32, u32)> {
+        match &self.owners {
+            Owners::PerTenant(map) => map.reserve(tag).map(|uid| (uid, uid)),
+            Owners::Shared { uid, gid, .. } => Ok((*uid, *gid)),
+        }
+    }
+
+    /// The `uid:gid` still reserved for the spare `tag` (None: a user took it, or it is gone).
+    pub fn spare_ids_held(&self, tag: &str) -> Result<Option<(u32, u32)>> {
+        match &self.owners {
+            Owners::PerTenant(map) => Ok(map.reserved(tag)?.map(|uid| (uid, uid))),
+            Owners::Shared { uid, gid, .. } => Ok(Some((*uid, *gid))),
+        }
+    }
+
+    /// Lets go of the spare `tag`'s uid (its container is gone), unless a user took it.
+    pub fn release_spare_ids(&self, tag: &str) -> Result<()> {
+        match &self.owners {
+            Owners::PerTenant(map) => map.release(tag),
+            Owners::Shared { .. } => Ok(()),
+        }
+    }
+
+    /// The tags of pool `pool`'s spares that hold a uid.
+    pub fn spare_reservations(&self, pool: &str) -> Vec<String> {
+        match &self.owners {
+            Owners::PerTenant(map) => map.reservations(pool),
+            Owners::Shared { .. } => Vec::new(),
+        }
+    }
+
     /// The folder of `user` (which may not exist yet).
     pub fn folder_path(&self, user: &UserId) -> PathBuf {
         self.path.join(user.as_str())
@@ -152,6 +185,12 @@ impl UsersRoot {
     /// enforced), owned by the tenant's uid (migrating an older owner's files), mode 0700.
     /// Cached: the work is done once per user and process.
     pub fn prepare(&self, user: &UserId) -> Result<UserFolder> {
+        self.prepare_offered(user, None)
+    }
+
+    /// [`UsersRoot::prepare`] for a user claiming the warm spare `offer` (its tag): a user
+    /// without a uid is given the spare's, so the helper already running in it is the user's.
+    pub fn prepare_offered(&self, user: &UserId, offer: Option<&str>) -> Result<UserFolder> {
         if let Some(f) = self.prepared.get(user) {
             return Ok(f.clone());
         }
@@ -160,7 +199,7 @@ impl UsersRoot {
             let _one = lock.lock();
             match self.prepared.get(user) {
                 Some(f) => Ok(f.clone()),
-                None => self.prepare_now(user),
+                None => self.prepare_now(user, offer),
             }
         };
         drop(lock);
@@ -169,7 +208,7 @@ impl UsersRoot {
         done
     }
 
-    fn prepare_now(&self, user: &UserId) -> Result<UserFolder> {
+    fn prepare_now(&self, user: &UserId, offer: Option<&str>) -> Result<UserFolder> {
         let path = self.folder_path(user);
         let root = open_dir(&self.path)?;
         let name = CString::new(user.as_str()).expect("user ids hold no NUL");
@@ -232,7 +271,7 @@ impl UsersRoot {
                 tracing::warn!(user = %user, path = %path.display(), "this user's folder predates the disk quota (a plain folder, not a subvolume): it has NO quota until converted (RUN.md)");
             }
         }
-        let (uid, gid) = self.give(user, &fd, &path)?;
+        let (uid, gid) = self.give(user, &fd, &path, offer)?;
         nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700))
             .map_err(|e| Error::io("restrict the user folder", &path, e.into()))?;
         let folder = UserFolder { path, uid, gid };
@@ -241,14 +280,20 @@ impl UsersRoot {
     }
 
     /// Gives the folder open at `fd` to the tenant's uid, migrating what an earlier owner left.
-    fn give(&self, user: &UserId, fd: &OwnedFd, path: &Path) -> Result<(u32, u32)> {
+    fn give(
+        &self,
+        user: &UserId,
+        fd: &OwnedFd,
+        path: &Path,
+        offer: Option<&str>,
+    ) -> Result<(u32, u32)> {
         let st =
             fstat(fd.as_raw_fd()).map_err(|e| Error::io("inspect user folder", path, e.into()))?;
         let (uid, gid) = match &self.owners {
             Owners::Shared { uid, gid, .. } => (*uid, *gid),
             Owners::PerTenant(map) => {
                 let hint = map.range().contains(st.st_uid).then_some(st.st_uid);
-                let uid = map.uid_of(user, hint)?;
+                let uid = map.uid_of(user, hint, offer)?;
                 (uid, uid)
             }
         };

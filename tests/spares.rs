@@ -170,6 +170,118 @@ async fn a_claimed_spare_shows_its_users_files_and_no_one_elses() {
     drop(reaper);
 }
 
+/// The exec channel helpers running in `container`, as (uid, host pid), from the host's view of
+/// its processes.
+fn helpers_in(container: &str) -> Vec<(u32, u32)> {
+    docker(&["top", container, "-eo", "uid,pid,args"])
+        .lines()
+        .filter(|l| l.contains("zcbot-supervise --serve"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap())
+        })
+        .collect()
+}
+
+/// Whether the uid map holds `uid` for anyone (a user or a spare).
+fn uid_held(t: &TestPool, uid: u32) -> bool {
+    t.root
+        .join("state/uids/by-uid")
+        .join(uid.to_string())
+        .symlink_metadata()
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_brand_new_users_first_call_runs_on_the_helper_waiting_in_its_spare() {
+    let mut t = TestPool::new("sparewarm");
+    t.set("ZCBOT_SPARES", "1")
+        .set("ZCBOT_SANDBOX_REAP_EVERY", "1s");
+    let ex = docker_executor(&t).await;
+    let pool = ex.pool().unwrap().clone();
+    let stats = ex.transport_stats().unwrap().clone();
+    let reaper = pool.spawn_reaper();
+    wait_spares(&pool, 1).await;
+    // The spare waits with one helper, as a uid of its own that no user has yet.
+    let spare = spare_names(&t).remove(0);
+    let waiting = helpers_in(&spare);
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let (spare_uid, helper_pid) = waiting[0];
+    assert!(uid_held(&t, spare_uid), "the spare's uid is in the uid map");
+    assert_eq!(stats.warmed.get(), 1);
+
+    // A brand-new user's first call: the user is given the spare's uid, and the call runs on
+    // the helper that was waiting (no other helper is started).
+    let fresh = t.user("fresh");
+    let r = call(
+        &ex,
+        &fresh,
+        "shell",
+        json!({"command": "id -u; pwd; echo hi > f; ls -A"}),
+    )
+    .await;
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{spare_uid}
+/workspace
+f
+"
+        ),
+        "{r:?}"
+    );
+    let name = t.container_name(&fresh);
+    assert_eq!(helpers_in(&name), vec![(spare_uid, helper_pid)]);
+    assert_eq!((stats.warm_taken.get(), stats.opens.get()), (1, 1));
+    let folder = pool.prepare_workspace(&fresh).await.unwrap();
+    assert_eq!((folder.uid, folder.gid), (spare_uid, spare_uid));
+    let owner = std::fs::metadata(folder.path.join("f")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), spare_uid);
+
+    // A returning user (a uid of its own already) claims the next spare: the helper waiting
+    // there runs as another uid, so it is ended and the user's own is started.
+    wait_spares(&pool, 1).await;
+    let spare = spare_names(&t).remove(0);
+    let (other_uid, _) = helpers_in(&spare)[0];
+    assert_ne!(other_uid, spare_uid);
+    let back = t.user("back");
+    plant(&pool, &back).await;
+    let back_uid = pool.prepare_workspace(&back).await.unwrap().uid;
+    let r = call(&ex, &back, "shell", json!({"command": "id -u; cat me"})).await;
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{back_uid}
+{back}"
+        ),
+        "{r:?}"
+    );
+    let name = t.container_name(&back);
+    let until = Instant::now() + Duration::from_secs(10);
+    while helpers_in(&name).len() != 1 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now: Vec<u32> = helpers_in(&name).into_iter().map(|(u, _)| u).collect();
+    assert_eq!(now, vec![back_uid], "the spare's own helper is gone");
+    assert_eq!((stats.warm_taken.get(), stats.opens.get()), (1, 2));
+    // Once that container is gone, the uid no user took is let go; the one a user took is not.
+    assert!(uid_held(&t, other_uid));
+    assert!(pool.remove(&back).await.unwrap());
+    let until = Instant::now() + Duration::from_secs(20);
+    while uid_held(&t, other_uid) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !uid_held(&t, other_uid),
+        "the unused spare uid is still held"
+    );
+    assert!(pool.remove(&fresh).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(uid_held(&t, spare_uid), "a uid a user had is never let go");
+    ex.close_channels();
+    drop(reaper);
+}
+
 #[tokio::test]
 async fn a_claim_failing_half_way_leaves_no_container_and_no_mount() {
     let mut t = TestPool::new("sparefail");
@@ -262,6 +374,8 @@ async fn spares_and_claimed_spares_survive_a_restart_but_a_cut_claim_does_not() 
     let kept = spare_names(&t).into_iter().find(|s| *s != cut).unwrap();
     let kept_id = id_of(&kept);
 
+    // One spare wanted now: the adopted one, and no new one to take its turn.
+    t.set("ZCBOT_SPARES", "1");
     let ex = docker_executor(&t).await;
     let pool = ex.pool().unwrap().clone();
     let report = pool.reconcile().await.unwrap();
@@ -289,11 +403,19 @@ async fn spares_and_claimed_spares_survive_a_restart_but_a_cut_claim_does_not() 
     assert_eq!(r.stdout, format!("{user}\nme\n"));
     assert_eq!(id_of(&t.container_name(&user)), claimed_id);
     let reaper = pool.spawn_reaper();
+    // The adopted spare gets its helper before it is offered; a brand-new user runs on it.
+    let until = Instant::now() + Duration::from_secs(30);
+    while helpers_in(&kept).is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (kept_uid, _) = helpers_in(&kept)[0];
+    // It is offered again once prepared.
+    wait_spares(&pool, 1).await;
     let other = t.user("d");
-    plant(&pool, &other).await;
-    let r = call(&ex, &other, "shell", json!({"command": SHOW})).await;
-    assert_eq!(r.stdout, format!("{other}\nme\n"));
+    let r = call(&ex, &other, "shell", json!({"command": "id -u; ls -A"})).await;
+    assert_eq!(r.stdout, format!("{kept_uid}\n"), "{r:?}");
     assert_eq!(id_of(&t.container_name(&other)), kept_id);
+    assert_eq!(ex.transport_stats().unwrap().warm_taken.get(), 1);
     ex.close_channels();
     drop(reaper);
 }

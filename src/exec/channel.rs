@@ -41,7 +41,7 @@ use super::transport::{
 use super::{ProcessOutcome, ProcessSpec};
 use crate::engine::{Attached, Chunk, ExecStart, Input, Output, SharedEngine};
 use crate::error::Error;
-use crate::pool::{Lease, SandboxPool};
+use crate::pool::{Lease, SandboxPool, SpareWarmer, WarmSpare};
 use crate::user::UserId;
 
 /// How long a container whose channel failed to open is served by per-call exec instead.
@@ -55,6 +55,10 @@ const HELPER_STDERR: usize = 2048;
 const SESSION_BACKSTOP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A session being ended gets this long between SIGTERM and SIGKILL: its state is lost either way.
 const SESSION_KILL_GRACE: Duration = Duration::from_millis(100);
+/// Where a call runs unless it names a folder under it.
+const WORKSPACE: &str = "/workspace";
+/// A warm spare's helper older than this is dropped if the pool no longer holds its container.
+const WARM_PRUNE_AFTER: Duration = Duration::from_secs(60);
 /// How often a channel looks for idle sessions.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
@@ -62,7 +66,20 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 pub(crate) struct Channels {
     pool: SandboxPool,
     slots: DashMap<UserId, Arc<tokio::sync::Mutex<Slot>>>,
+    /// Helpers started in warm spares (by container id), as the spare's reserved uid: the first
+    /// call of the user that claims one takes it, if that user's uid is the spare's.
+    warm: DashMap<String, (Instant, parking_lot::Mutex<Helper>)>,
     stats: Arc<TransportStats>,
+}
+
+/// A helper that greeted, not yet serving any user (its frames are read once it is a channel).
+struct Helper {
+    uid: String,
+    exec_id: String,
+    channel_id: String,
+    output: Output,
+    input: Input,
+    decoder: Decoder,
 }
 
 #[derive(Default)]
@@ -87,12 +104,46 @@ impl Transport for Channels {
     }
 }
 
+impl SpareWarmer for Channels {
+    fn warm(&self, spare: WarmSpare) -> BoxFuture<'_, ()> {
+        self.warm_spare(spare).boxed()
+    }
+}
+
 impl Channels {
     pub(crate) fn new(pool: SandboxPool, stats: Arc<TransportStats>) -> Self {
         Channels {
             pool,
             slots: DashMap::new(),
+            warm: DashMap::new(),
             stats,
+        }
+    }
+
+    /// Starts a helper in a warm spare, as its reserved uid, for the first call of the user that
+    /// claims it. At most one per container; one that cannot start is logged and left (the first
+    /// call then opens a channel as usual).
+    async fn warm_spare(&self, spare: WarmSpare) {
+        // Each is taken by a first call or dropped with its container's death; these are the
+        // ones a lost death event left (a claim in flight is neither ready nor live for a moment:
+        // only old ones go).
+        self.warm.retain(|id, (started, _)| {
+            started.elapsed() < WARM_PRUNE_AFTER || self.pool.holds_container(id)
+        });
+        let uid = format!("{}:{}", spare.uid, spare.gid);
+        let target = spare.container_id.clone();
+        match Helper::start(self.pool.engine(), &target, &uid).await {
+            Ok(Some(helper)) => {
+                self.stats.warmed.inc();
+                self.warm.insert(
+                    spare.container_id,
+                    (Instant::now(), parking_lot::Mutex::new(helper)),
+                );
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(container = %target, error = %e, "could not start a warm spare's helper; its first call opens one")
+            }
         }
     }
 
@@ -120,6 +171,21 @@ impl Channels {
             );
         }
         self.prune();
+        if let Some((_, (_, helper))) = self.warm.remove(container_id) {
+            let helper = helper.into_inner();
+            let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
+            if helper.uid == uid {
+                self.stats.opens.inc();
+                self.stats.warm_taken.inc();
+                let ch = Channel::assemble(&self.pool, lease, helper, self.stats.clone());
+                st.failed = None;
+                st.channel = Some(ch.clone());
+                return Ok(ch);
+            }
+            // A returning user (a uid of its own): the spare's helper ends with its input.
+            tracing::debug!(user = %user, "the claimed spare's helper runs as another uid; opening the user's own");
+            drop(helper);
+        }
         match Channel::open(&self.pool, lease, self.stats.clone()).await {
             Ok(Some(ch)) => {
                 self.stats.opens.inc();
@@ -216,6 +282,7 @@ impl Channels {
     /// The container `container_id` died: its channel dies too, ending its calls and closing its
     /// exec stream (which the engine may leave open under gVisor).
     pub(crate) async fn container_gone(&self, container_id: &str) {
+        self.warm.remove(container_id);
         let slots: Vec<_> = self.slots.iter().map(|s| s.value().clone()).collect();
         for slot in slots {
             let mut st = slot.lock().await;
@@ -233,6 +300,7 @@ impl Channels {
 
     /// Closes every channel (the daemon is stopping): each helper stops its calls and exits.
     pub(crate) fn close_all(&self) {
+        self.warm.clear();
         for slot in self.slots.iter() {
             if let Ok(mut st) = slot.try_lock() {
                 if let Some(ch) = st.channel.take() {
@@ -373,21 +441,76 @@ impl Channel {
         lease: &Lease,
         stats: Arc<TransportStats>,
     ) -> Result<Option<Arc<Channel>>, Error> {
-        let engine = pool.engine().clone();
-        let container = lease.sandbox().name.clone();
         let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
+        let Some(helper) = Helper::start(pool.engine(), &lease.sandbox().name, &uid).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Channel::assemble(pool, lease, helper, stats)))
+    }
+
+    /// The channel of `lease`'s user over a helper that greeted; its frames are read from now.
+    fn assemble(
+        pool: &SandboxPool,
+        lease: &Lease,
+        helper: Helper,
+        stats: Arc<TransportStats>,
+    ) -> Arc<Channel> {
+        let container = lease.sandbox().name.clone();
+        let Helper {
+            uid,
+            exec_id,
+            channel_id,
+            output,
+            input,
+            decoder,
+        } = helper;
+        let channel = Arc::new(Channel {
+            user: lease.user().clone(),
+            container: container.clone(),
+            container_id: lease.sandbox().container_id.clone(),
+            uid,
+            exec_id,
+            channel_id,
+            engine: pool.engine().clone(),
+            pool: pool.clone(),
+            stats,
+            writer: tokio::sync::Mutex::new(Some(input)),
+            calls: parking_lot::Mutex::new(HashMap::new()),
+            sessions: parking_lot::Mutex::new(Sessions::default()),
+            dead: CancellationToken::new(),
+            reason: parking_lot::Mutex::new(None),
+            cleaned: CancellationToken::new(),
+        });
+        tracing::debug!(user = %channel.user, container = %container, "exec channel open");
+        pool.tasks()
+            .spawn(channel.clone().read_loop(output, decoder));
+        channel
+    }
+}
+
+impl Helper {
+    /// Starts `zcbot-supervise --serve` as `uid` in `container` (a name or an id) and waits for
+    /// its greeting. None: the container is not running.
+    async fn start(
+        engine: &SharedEngine,
+        container: &str,
+        uid: &str,
+    ) -> Result<Option<Helper>, Error> {
         let channel_id = super::new_call_id();
         let cmd = vec![
             SUPERVISOR.to_owned(),
             "--serve".to_owned(),
             channel_id.clone(),
         ];
-        let spec = exec_spec(cmd, &uid, super::base_env(&Default::default()), true);
+        let mut spec = exec_spec(cmd, uid, super::base_env(&Default::default()), true);
+        // Not `/workspace`: a warm spare's is closed (mode 000) until a claim mounts the user's
+        // folder on it, and a helper sitting in it would keep the covered slot as its directory.
+        spec.workdir = "/".to_owned();
         let Attached {
             id: exec_id,
             mut output,
             input,
-        } = match engine.exec(&container, spec).await? {
+        } = match engine.exec(container, spec).await? {
             ExecStart::Attached(a) => a,
             ExecStart::ContainerGone => return Ok(None),
         };
@@ -433,31 +556,20 @@ impl Channel {
             } else {
                 format!("{reason}; it said: {said}")
             };
-            return Err(helper_error(&container, &reason));
+            return Err(helper_error(container, &reason));
         }
-        let channel = Arc::new(Channel {
-            user: lease.user().clone(),
-            container: container.clone(),
-            container_id: lease.sandbox().container_id.clone(),
-            uid,
+        Ok(Some(Helper {
+            uid: uid.to_owned(),
             exec_id,
             channel_id,
-            engine,
-            pool: pool.clone(),
-            stats,
-            writer: tokio::sync::Mutex::new(Some(input)),
-            calls: parking_lot::Mutex::new(HashMap::new()),
-            sessions: parking_lot::Mutex::new(Sessions::default()),
-            dead: CancellationToken::new(),
-            reason: parking_lot::Mutex::new(None),
-            cleaned: CancellationToken::new(),
-        });
-        tracing::debug!(user = %channel.user, container = %container, "exec channel open");
-        pool.tasks()
-            .spawn(channel.clone().read_loop(output, decoder));
-        Ok(Some(channel))
+            output,
+            input,
+            decoder,
+        }))
     }
+}
 
+impl Channel {
     /// Routes the helper's frames to the calls until the stream ends or breaks the protocol.
     async fn read_loop(self: Arc<Self>, mut output: Output, mut decoder: Decoder) {
         let mut stderr = Vec::new();
@@ -720,9 +832,11 @@ impl Channel {
             } else {
                 cfg.output_cap as u64
             },
+            // Always named: the helper's own directory is `/` (a warm spare's helper started
+            // before the user's folder was on `/workspace`), so a call resolves it afresh.
             workdir: workdir_path(spec)
-                .map(String::into_bytes)
-                .unwrap_or_default(),
+                .unwrap_or_else(|| WORKSPACE.to_owned())
+                .into_bytes(),
             argv: spec.argv.iter().map(|a| a.clone().into_bytes()).collect(),
             env: super::base_env(&spec.env)
                 .into_iter()
@@ -863,7 +977,7 @@ impl Channel {
                 timeout_ms: SESSION_BACKSTOP.as_millis() as u64,
                 grace_ms: SESSION_KILL_GRACE.as_millis() as u64,
                 cap: cfg.output_cap as u64,
-                workdir: Vec::new(),
+                workdir: WORKSPACE.as_bytes().to_vec(),
                 argv: vec![b"python3".to_vec()],
                 env: env.into_iter().map(String::into_bytes).collect(),
                 program: Some(session::KERNEL.as_bytes().to_vec()),

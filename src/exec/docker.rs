@@ -76,6 +76,11 @@ impl DockerExecutor {
         let stats = Arc::new(TransportStats::default());
         let channels = Arc::new(Channels::new(pool.clone(), stats.clone()));
         let cfg = pool.config();
+        if cfg.transport == TransportSetting::Channel {
+            let warmer: std::sync::Weak<dyn crate::pool::SpareWarmer> =
+                Arc::downgrade(&channels) as _;
+            pool.set_spare_warmer(warmer);
+        }
         DockerExecutor {
             files: FileRunner::new(cfg.file_workers, cfg.file_timeout, cfg.file_max_entries),
             transport: cfg.transport,

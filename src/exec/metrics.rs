@@ -37,6 +37,10 @@ pub struct TransportStats {
     pub deaths: Counter,
     /// Calls served by per-call exec although the channel transport is configured.
     pub fallbacks: Counter,
+    /// Helpers started in warm spares ahead of a claim.
+    pub warmed: Counter,
+    /// Channels made of a warm spare's helper (a brand-new user's first call without an exec).
+    pub warm_taken: Counter,
     /// Wall time of process calls served over the channel.
     pub channel: Histogram,
     /// Wall time of process calls served by per-call exec.
@@ -54,6 +58,8 @@ impl Default for TransportStats {
             opens: Counter::default(),
             deaths: Counter::default(),
             fallbacks: Counter::default(),
+            warmed: Counter::default(),
+            warm_taken: Counter::default(),
             channel: duration.get_or_create_owned(&[("transport", "channel")]),
             exec: duration.get_or_create_owned(&[("transport", "exec")]),
             duration,
@@ -89,6 +95,16 @@ impl TransportStats {
             "zcbot_channel_fallbacks",
             "Process calls served by per-call exec because the channel could not be used",
             self.fallbacks.clone(),
+        );
+        registry.register(
+            "zcbot_channel_warm_started",
+            "Exec channel helpers started in warm spares ahead of a claim",
+            self.warmed.clone(),
+        );
+        registry.register(
+            "zcbot_channel_warm_taken",
+            "Exec channels made of a warm spare's helper (a new user's first call without an exec)",
+            self.warm_taken.clone(),
         );
         registry.register(
             "zcbot_transport_duration_seconds",

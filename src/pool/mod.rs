@@ -41,6 +41,7 @@ use activity::ActivityLog;
 use metrics::PoolMetrics;
 pub use metrics::PoolStats;
 use network::SandboxNetwork;
+pub use spares::{SpareWarmer, WarmSpare};
 pub use spec::RulesMode;
 use spec::{SpecTemplate, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY, LABEL_POOL};
 

@@ -15,8 +15,10 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
+
+use futures_util::future::BoxFuture;
 
 use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,30 @@ pub(crate) struct Spare {
     token: String,
     pid: i32,
     netns: Option<(i32, String)>,
+    /// The uid and gid reserved for it (given to a brand-new user at the claim).
+    uid: u32,
+    gid: u32,
+    /// Whether the warmer (if any) has seen it.
+    warmed: bool,
+}
+
+/// A spare about to be offered, for the layer above the pool to prepare what a first call needs.
+#[derive(Debug, Clone)]
+pub struct WarmSpare {
+    /// Docker's id (a claim renames the container; the id stays).
+    pub container_id: String,
+    /// The uid and gid reserved for the spare: a brand-new user that claims it runs as them.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+}
+
+/// What the exec layer does to each spare before it is offered: start the exec channel's helper
+/// as the spare's uid, so a brand-new user's first call skips that exec. The pool holds it weakly
+/// (the exec layer holds the pool) and calls it from the spare maker, never from a claim.
+pub trait SpareWarmer: Send + Sync {
+    /// Prepares `spare`; failures are the warmer's to log (a cold first call follows).
+    fn warm(&self, spare: WarmSpare) -> BoxFuture<'_, ()>;
 }
 
 /// Why a new user's first call did not run on a spare (`zcbot_spare_fallbacks{reason}`).
@@ -86,6 +112,8 @@ pub(crate) struct Spares {
     counting_unsupported: AtomicBool,
     /// The config hash every current spare carries.
     pub(crate) hash: String,
+    /// What prepares each spare before it is offered (the exec channels), if anything.
+    warmer: parking_lot::Mutex<Option<Weak<dyn SpareWarmer>>>,
 }
 
 #[derive(Default)]
@@ -109,6 +137,8 @@ impl SpareState {
 /// What [`SandboxPool::sweep_slots`] read before listing the containers.
 struct OnDisk {
     tokens: Vec<String>,
+    /// Tokens of spares holding a uid.
+    reserved: Vec<String>,
     claim_ids: Vec<String>,
     making: HashSet<String>,
 }
@@ -158,6 +188,7 @@ impl Spares {
             target: AtomicUsize::new(0),
             counting_unsupported: AtomicBool::new(false),
             hash,
+            warmer: parking_lot::Mutex::new(None),
         })
     }
 
@@ -182,7 +213,83 @@ impl Spares {
     }
 }
 
+/// A spare's tag in the uid map: `<pool>.<token>`.
+fn uid_tag(pool: &str, token: &str) -> String {
+    format!("{pool}.{token}")
+}
+
 impl SandboxPool {
+    /// Sets what prepares each spare before it is offered (replacing an earlier one). Spares
+    /// already ready are prepared at the maker's next pass.
+    pub fn set_spare_warmer(&self, warmer: Weak<dyn SpareWarmer>) {
+        *self.inner.spares.warmer.lock() = Some(warmer);
+        self.inner.spares.wake.notify_one();
+    }
+
+    /// Has the warmer, if one is set, prepare `spare`; true if one was set.
+    async fn warm(&self, spare: &Spare) -> bool {
+        let warmer = self
+            .inner
+            .spares
+            .warmer
+            .lock()
+            .as_ref()
+            .and_then(Weak::upgrade);
+        let Some(warmer) = warmer else {
+            return false;
+        };
+        warmer
+            .warm(WarmSpare {
+                container_id: spare.id.clone(),
+                uid: spare.uid,
+                gid: spare.gid,
+            })
+            .await;
+        true
+    }
+
+    /// Prepares ready spares the warmer has not seen (adopted at startup, or made before it was
+    /// set). They are out of the ready list meanwhile (counted as being made), so no claim takes
+    /// one half prepared.
+    async fn warm_ready(&self) {
+        let spares = &self.inner.spares;
+        if spares.warmer.lock().is_none() {
+            return;
+        }
+        let cold: Vec<Spare> = {
+            let mut st = spares.state.lock();
+            let (cold, warm) = std::mem::take(&mut st.ready)
+                .into_iter()
+                .partition(|s: &Spare| !s.warmed);
+            st.ready = warm;
+            st.making += cold.len();
+            cold
+        };
+        for mut spare in cold {
+            spare.warmed = self.warm(&spare).await;
+            let mut st = spares.state.lock();
+            st.making -= 1;
+            st.ready.push(spare);
+        }
+    }
+
+    /// Whether the container `id` is a ready spare or a user's live sandbox here.
+    pub fn holds_container(&self, id: &str) -> bool {
+        {
+            let st = self.inner.spares.state.lock();
+            if st.ready.iter().chain(&st.discards).any(|s| s.id == id) {
+                return true;
+            }
+        }
+        self.inner.slots.iter().any(|slot| {
+            slot.state
+                .lock()
+                .live
+                .as_ref()
+                .is_some_and(|s| s.container_id == id)
+        })
+    }
+
     /// Spares ready to be claimed now.
     pub fn spares_ready(&self) -> usize {
         self.inner.spares.ready()
@@ -210,6 +317,7 @@ impl SandboxPool {
                 self.discard_spare(spare).await;
             }
             self.drop_dead_spares().await;
+            self.warm_ready().await;
             self.fill_spares().await;
             // Every claim wakes the maker; the sweep (a listing) runs once a period.
             if swept.is_none_or(|at| at.elapsed() >= self.inner.config.reap_every) {
@@ -326,10 +434,22 @@ impl SandboxPool {
             let (slots, token) = (slots.clone(), token.clone());
             blocking(move || slots.create(&token)).await
         };
-        if let Err(e) = created {
-            spares.state.lock().making_slots.remove(&token);
-            return Err(e);
-        }
+        let tag = uid_tag(&self.inner.config.pool_id, &token);
+        let ids = match created {
+            Ok(()) => {
+                let (users, tag) = (self.inner.users.clone(), tag.clone());
+                blocking(move || users.spare_ids(&tag)).await
+            }
+            Err(e) => Err(e),
+        };
+        let (uid, gid) = match ids {
+            Ok(ids) => ids,
+            Err(e) => {
+                spares.state.lock().making_slots.remove(&token);
+                self.release_slot(&token).await;
+                return Err(e);
+            }
+        };
         let (mut body, hash) =
             self.inner
                 .template
@@ -361,13 +481,20 @@ impl SandboxPool {
         }
         .await;
         match made {
-            Ok(Ready { id, pid, netns }) => Ok(Spare {
-                id,
-                name,
-                token,
-                pid,
-                netns,
-            }),
+            Ok(Ready { id, pid, netns }) => {
+                let mut spare = Spare {
+                    id,
+                    name,
+                    token,
+                    pid,
+                    netns,
+                    uid,
+                    gid,
+                    warmed: false,
+                };
+                spare.warmed = self.warm(&spare).await;
+                Ok(spare)
+            }
             Err(e) => {
                 let _ = self.remove_container(&name).await;
                 self.release_slot(&token).await;
@@ -460,18 +587,33 @@ impl SandboxPool {
     async fn claim(&self, user: &UserId, spare: Spare) -> Claim {
         let spares = &self.inner.spares;
         let name = self.container_name(user);
-        let not_used = |spare: Spare| {
-            spares.state.lock().ready.push(spare);
+        let tag = uid_tag(&self.inner.config.pool_id, &spare.token);
+        // A spare goes back only while its uid is still its own: a brand-new user takes it in
+        // the preparation, and the spare's helper then runs as that user's uid.
+        let not_used = |spare: Spare| async {
+            let held = {
+                let (users, tag) = (self.inner.users.clone(), tag.clone());
+                blocking(move || users.spare_ids_held(&tag)).await
+            };
+            if matches!(held, Ok(Some(ids)) if ids == (spare.uid, spare.gid)) {
+                spares.state.lock().ready.push(spare);
+            } else {
+                self.discard_spare(spare).await;
+            }
             Claim::NotUsed
         };
-        let Ok(folder) = self.prepare_workspace(user).await else {
-            return not_used(spare);
-        };
         if !matches!(self.inner.engine.inspect(&name).await, Ok(None)) {
-            return not_used(spare);
+            return not_used(spare).await;
         }
+        let folder = {
+            let (users, user, tag) = (self.inner.users.clone(), user.clone(), tag.clone());
+            blocking(move || users.prepare_offered(&user, Some(&tag))).await
+        };
+        let Ok(folder) = folder else {
+            return not_used(spare).await;
+        };
         let Some(slots) = spares.slots.clone() else {
-            return not_used(spare);
+            return not_used(spare).await;
         };
         let recorded = {
             let (claims, id, user) = (spares.claims.clone(), spare.id.clone(), user.clone());
@@ -480,7 +622,7 @@ impl SandboxPool {
         if let Err(e) = recorded {
             spares.claims.forget(&spare.id);
             tracing::warn!(error = %e, "could not record a claim; starting a sandbox cold");
-            return not_used(spare);
+            return not_used(spare).await;
         }
         let mounted = {
             let (token, path, pid) = (spare.token.clone(), folder.path.clone(), spare.pid);
@@ -530,7 +672,8 @@ impl SandboxPool {
             return Claim::Failed(e);
         }
         self.inner.counters.spare_claims.inc();
-        tracing::info!(user = %user, container = %name, spare = %spare.name, "claimed a warm spare");
+        let own_uid = folder.uid == spare.uid;
+        tracing::info!(user = %user, container = %name, spare = %spare.name, own_uid, "claimed a warm spare");
         let ready = Ready {
             id: spare.id,
             pid: spare.pid,
@@ -552,6 +695,7 @@ impl SandboxPool {
         self.release_slot(&spare.token).await;
     }
 
+    /// Releases a spare's slot and its uid (unless a user took that uid).
     async fn release_slot(&self, token: &str) {
         let spares = &self.inner.spares;
         if let Some(slots) = spares.slots.clone() {
@@ -561,6 +705,13 @@ impl SandboxPool {
                 Ok(())
             })
             .await;
+        }
+        let (users, tag) = (
+            self.inner.users.clone(),
+            uid_tag(&self.inner.config.pool_id, token),
+        );
+        if let Err(e) = blocking(move || users.release_spare_ids(&tag)).await {
+            tracing::warn!(error = %e, "could not release a spare's uid");
         }
     }
 
@@ -592,13 +743,25 @@ impl SandboxPool {
     async fn on_disk(&self) -> OnDisk {
         let spares = &self.inner.spares;
         let (slots, claims) = (spares.slots.clone(), spares.claims.clone());
-        let (tokens, claim_ids) =
-            blocking(move || Ok((slots.map(|s| s.tokens()).unwrap_or_default(), claims.ids())))
-                .await
-                .unwrap_or_default();
+        let (users, pool) = (self.inner.users.clone(), self.inner.config.pool_id.clone());
+        let (tokens, claim_ids, reserved) = blocking(move || {
+            let reserved = users
+                .spare_reservations(&pool)
+                .into_iter()
+                .filter_map(|tag| Some(tag.strip_prefix(&format!("{pool}."))?.to_owned()))
+                .collect();
+            Ok((
+                slots.map(|s| s.tokens()).unwrap_or_default(),
+                claims.ids(),
+                reserved,
+            ))
+        })
+        .await
+        .unwrap_or_default();
         let making = spares.state.lock().making_slots.clone();
         OnDisk {
             tokens,
+            reserved,
             claim_ids,
             making,
         }
@@ -616,35 +779,60 @@ impl SandboxPool {
                 spares.claims.forget(&id);
             }
         }
+        let mut released = HashSet::new();
         for token in seen.tokens {
             if !live_tokens.contains(token.as_str()) && !seen.making.contains(&token) {
+                self.release_slot(&token).await;
+                released.insert(token);
+            }
+        }
+        // Uids of spares whose slot went first (a crash between the two).
+        for token in seen.reserved {
+            if !live_tokens.contains(token.as_str())
+                && !seen.making.contains(&token)
+                && !released.contains(&token)
+            {
                 self.release_slot(&token).await;
             }
         }
     }
 
-    /// Adopts a spare an earlier run left, if its slot is untouched (else it is removed).
+    /// Adopts a spare an earlier run left, if its slot is untouched and its uid still reserved
+    /// for it (else it is removed).
     pub(super) async fn adopt_spare(&self, name: String, token: String, ready: Ready) -> bool {
         let spares = &self.inner.spares;
-        let pristine = match spares.slots.clone() {
+        let found = match spares.slots.clone() {
             Some(slots) => {
                 let (token, pid) = (token.clone(), ready.pid);
-                blocking(move || Ok(slots.is_pristine(&token, pid)))
-                    .await
-                    .unwrap_or(false)
+                let (users, tag) = (
+                    self.inner.users.clone(),
+                    uid_tag(&self.inner.config.pool_id, &token),
+                );
+                blocking(move || {
+                    Ok(match slots.is_pristine(&token, pid) {
+                        true => users.spare_ids_held(&tag)?,
+                        false => None,
+                    })
+                })
+                .await
+                .unwrap_or(None)
             }
-            None => false,
+            None => None,
         };
-        if pristine && spares.unsupported.is_none() {
-            spares.state.lock().ready.push(Spare {
-                id: ready.id,
-                name,
-                token,
-                pid: ready.pid,
-                netns: ready.netns,
-            });
-        }
-        pristine
+        let Some((uid, gid)) = found.filter(|_| spares.unsupported.is_none()) else {
+            return false;
+        };
+        spares.state.lock().ready.push(Spare {
+            id: ready.id,
+            name,
+            token,
+            pid: ready.pid,
+            netns: ready.netns,
+            uid,
+            gid,
+            warmed: false,
+        });
+        true
     }
 
     /// A claimed spare of `user` that the pool finds (at startup, or in a bring-up that lost
