@@ -124,22 +124,29 @@ impl UidMap {
         if let Some(uid) = self.reserved(tag)? {
             return Ok(uid);
         }
+        let _all = self.lock_across()?;
         let holder = spare_holder(tag);
         let start = {
             let h = Sha256::digest(tag.as_bytes());
             u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % self.range.len()
         };
+        let link = self.dir.join("by-spare").join(tag);
         for i in 0..self.range.len() {
             let uid = self.range.first + ((start + i) % self.range.len()) as u32;
+            if self.by_uid(uid).symlink_metadata().is_ok() {
+                continue;
+            }
+            // The spare's link first, then the claim: a crash between the two leaves a link
+            // that the sweep finds (and drops), never a claim nothing names.
+            replace_link(&uid.to_string(), &link)
+                .map_err(|e| Error::io("record a spare's uid", &link, e))?;
             if self.claim_for(uid, &holder)? {
-                let link = self.dir.join("by-spare").join(tag);
-                replace_link(&uid.to_string(), &link)
-                    .map_err(|e| Error::io("record a spare's uid", &link, e))?;
-                sync_dir(&self.dir.join("by-uid"));
                 sync_dir(&self.dir.join("by-spare"));
+                sync_dir(&self.dir.join("by-uid"));
                 return Ok(uid);
             }
         }
+        let _ = std::fs::remove_file(&link);
         Err(Error::Config {
             var: "ZCBOT_SANDBOX_UID_RANGE",
             value: self.range.to_string(),
@@ -152,6 +159,15 @@ impl UidMap {
     /// The uid reserved for the spare `tag`, if its reservation is whole (both links agree; a
     /// reservation a user took names that user in `by-uid`).
     pub fn reserved(&self, tag: &str) -> Result<Option<u32>> {
+        // One from an earlier range is not handed to a new user (the host's accounts were
+        // checked against this range only): its spare is not adopted, and it is released.
+        Ok(self
+            .reservation(tag)?
+            .filter(|uid| self.range.contains(*uid)))
+    }
+
+    /// [`UidMap::reserved`], whatever the range.
+    fn reservation(&self, tag: &str) -> Result<Option<u32>> {
         check_tag(tag)?;
         let Some(target) = read_link(&self.dir.join("by-spare").join(tag))? else {
             return Ok(None);
@@ -165,17 +181,38 @@ impl UidMap {
 
     /// Gives the spare `tag`'s reserved uid to `user`: the `by-uid` link is replaced in one
     /// rename, so the uid is the spare's or the user's at every instant, never free.
+    ///
+    /// The user's `by-user` link is written first: a crash before the rename leaves a record
+    /// that is not whole (the uid still the spare's), which the user's next allocation replaces.
     fn take_reserved(&self, tag: &str, user: &UserId) -> Result<Option<u32>> {
+        let _all = self.lock_across()?;
         let Some(uid) = self.reserved(tag)? else {
             return Ok(None);
         };
-        let by_uid = self.dir.join("by-uid");
-        let tmp = by_uid.join(format!(".{uid}.taking"));
-        let link = by_uid.join(uid.to_string());
+        let mine = self.dir.join("by-user").join(user.as_str());
+        replace_link(&uid.to_string(), &mine).map_err(|e| Error::io("record a uid", &mine, e))?;
+        let tmp = self.dir.join("by-uid").join(format!(".{uid}.taking"));
+        let link = self.by_uid(uid);
         replace_link(user.as_str(), &tmp).map_err(|e| Error::io("give a spare's uid", &tmp, e))?;
         std::fs::rename(&tmp, &link).map_err(|e| Error::io("give a spare's uid", &link, e))?;
         let _ = std::fs::remove_file(self.dir.join("by-spare").join(tag));
         Ok(Some(uid))
+    }
+
+    /// `by-uid/<uid>`.
+    fn by_uid(&self, uid: u32) -> PathBuf {
+        self.dir.join("by-uid").join(uid.to_string())
+    }
+
+    /// Holds the map against other processes (a one-shot CLI command beside the daemon) while
+    /// a spare's uid is reserved, taken or released: the steps that replace or remove a claim
+    /// must not interleave (a release that read "the spare's" before a take renamed it to a
+    /// user's would then remove the user's claim).
+    fn lock_across(&self) -> Result<nix::fcntl::Flock<std::fs::File>> {
+        let file = std::fs::File::open(&self.dir)
+            .map_err(|e| Error::io("lock the uid map", &self.dir, e))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::io("lock the uid map", &self.dir, e.into()))
     }
 
     /// Lets go of the spare `tag`'s uid, unless a user took it (then only the spare's own link
@@ -183,7 +220,8 @@ impl UidMap {
     pub fn release(&self, tag: &str) -> Result<()> {
         check_tag(tag)?;
         let _one = self.alloc.lock();
-        if let Some(uid) = self.reserved(tag)? {
+        let _all = self.lock_across()?;
+        if let Some(uid) = self.reservation(tag)? {
             let link = self.dir.join("by-uid").join(uid.to_string());
             match std::fs::remove_file(&link) {
                 Ok(()) => {}
@@ -481,6 +519,41 @@ mod tests {
         ] {
             assert!(m.reserve(bad).is_err(), "{bad:?}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cut_take_keeps_the_uid_the_spares_and_an_old_ranges_reservation_is_never_offered() {
+        let dir = tempdir("uids-spare-crash");
+        let m = map(&dir, 600_000, 600_009);
+        let tag = format!("p.{}", "c".repeat(32));
+        let r = m.reserve(&tag).unwrap();
+        // A crash after the user's by-user link, before the rename.
+        std::os::unix::fs::symlink(r.to_string(), dir.join("uids/by-user/cut")).unwrap();
+        let m = map(&dir, 600_000, 600_009);
+        let cut = UserId::parse("cut").unwrap();
+        let u = m.uid_of(&cut, None, None).unwrap();
+        assert_ne!(
+            u, r,
+            "the user's record was not whole: it gets a uid of its own"
+        );
+        assert_eq!(
+            m.reserved(&tag).unwrap(),
+            Some(r),
+            "the spare keeps its uid"
+        );
+        // The range moved: the old reservation is neither offered nor adopted, and is released.
+        let m = map(&dir, 700_000, 700_009);
+        assert_eq!(m.reserved(&tag).unwrap(), None);
+        let new = UserId::parse("new").unwrap();
+        let got = m.uid_of(&new, None, Some(&tag)).unwrap();
+        assert!((700_000..=700_009).contains(&got), "{got}");
+        m.release(&tag).unwrap();
+        assert!(dir
+            .join(format!("uids/by-uid/{r}"))
+            .symlink_metadata()
+            .is_err());
+        assert!(m.reservations("p").is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -183,13 +183,11 @@ fn helpers_in(container: &str) -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// Whether the uid map holds `uid` for anyone (a user or a spare).
-fn uid_held(t: &TestPool, uid: u32) -> bool {
-    t.root
-        .join("state/uids/by-uid")
-        .join(uid.to_string())
-        .symlink_metadata()
-        .is_ok()
+/// Whom the uid map gives `uid` to (a user, or `spare:<pool>.<token>`), if anyone.
+fn uid_holder(t: &TestPool, uid: u32) -> Option<String> {
+    std::fs::read_link(t.root.join("state/uids/by-uid").join(uid.to_string()))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
 #[tokio::test]
@@ -207,7 +205,8 @@ async fn a_brand_new_users_first_call_runs_on_the_helper_waiting_in_its_spare() 
     let waiting = helpers_in(&spare);
     assert_eq!(waiting.len(), 1, "{waiting:?}");
     let (spare_uid, helper_pid) = waiting[0];
-    assert!(uid_held(&t, spare_uid), "the spare's uid is in the uid map");
+    let holder = uid_holder(&t, spare_uid).unwrap_or_default();
+    assert!(holder.starts_with("spare:"), "{holder}");
     assert_eq!(stats.warmed.get(), 1);
 
     // A brand-new user's first call: the user is given the spare's uid, and the call runs on
@@ -265,19 +264,24 @@ f
     assert_eq!(now, vec![back_uid], "the spare's own helper is gone");
     assert_eq!((stats.warm_taken.get(), stats.opens.get()), (1, 2));
     // Once that container is gone, the uid no user took is let go; the one a user took is not.
-    assert!(uid_held(&t, other_uid));
+    assert!(uid_holder(&t, other_uid).is_some_and(|h| h.starts_with("spare:")));
     assert!(pool.remove(&back).await.unwrap());
     let until = Instant::now() + Duration::from_secs(20);
-    while uid_held(&t, other_uid) && Instant::now() < until {
+    while uid_holder(&t, other_uid).is_some() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        !uid_held(&t, other_uid),
+    assert_eq!(
+        uid_holder(&t, other_uid),
+        None,
         "the unused spare uid is still held"
     );
     assert!(pool.remove(&fresh).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(uid_held(&t, spare_uid), "a uid a user had is never let go");
+    assert_eq!(
+        uid_holder(&t, spare_uid).as_deref(),
+        Some(fresh.as_str()),
+        "a uid a user had is never let go"
+    );
     ex.close_channels();
     drop(reaper);
 }
@@ -403,14 +407,20 @@ async fn spares_and_claimed_spares_survive_a_restart_but_a_cut_claim_does_not() 
     assert_eq!(r.stdout, format!("{user}\nme\n"));
     assert_eq!(id_of(&t.container_name(&user)), claimed_id);
     let reaper = pool.spawn_reaper();
-    // The adopted spare gets its helper before it is offered; a brand-new user runs on it.
+    // The adopted spare gets a helper of this run before it is offered again (the earlier
+    // run's ended with it); a brand-new user runs on it.
+    let stats = ex.transport_stats().unwrap().clone();
     let until = Instant::now() + Duration::from_secs(30);
-    while helpers_in(&kept).is_empty() && Instant::now() < until {
+    while stats.warmed.get() == 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.warmed.get(), 1, "the adopted spare got no helper");
+    wait_spares(&pool, 1).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while helpers_in(&kept).len() != 1 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (kept_uid, _) = helpers_in(&kept)[0];
-    // It is offered again once prepared.
-    wait_spares(&pool, 1).await;
     let other = t.user("d");
     let r = call(&ex, &other, "shell", json!({"command": "id -u; ls -A"})).await;
     assert_eq!(r.stdout, format!("{kept_uid}\n"), "{r:?}");

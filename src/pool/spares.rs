@@ -125,6 +125,8 @@ struct SpareState {
     /// Spares to remove whose removal failed (the engine answered an error): retried by the
     /// maker, and counted in the pool until gone.
     discards: Vec<Spare>,
+    /// Containers of claims under way (neither ready nor a user's yet).
+    claiming: HashSet<String>,
 }
 
 impl SpareState {
@@ -253,7 +255,12 @@ impl SandboxPool {
     /// one half prepared.
     async fn warm_ready(&self) {
         let spares = &self.inner.spares;
-        if spares.warmer.lock().is_none() {
+        let gone = spares
+            .warmer
+            .lock()
+            .as_ref()
+            .is_none_or(|w| w.strong_count() == 0);
+        if gone {
             return;
         }
         let cold: Vec<Spare> = {
@@ -265,19 +272,21 @@ impl SandboxPool {
             st.making += cold.len();
             cold
         };
-        for mut spare in cold {
+        futures_util::future::join_all(cold.into_iter().map(|mut spare| async move {
             spare.warmed = self.warm(&spare).await;
             let mut st = spares.state.lock();
             st.making -= 1;
             st.ready.push(spare);
-        }
+        }))
+        .await;
     }
 
-    /// Whether the container `id` is a ready spare or a user's live sandbox here.
+    /// Whether the container `id` is a ready spare, one being claimed, or a user's live sandbox
+    /// here.
     pub fn holds_container(&self, id: &str) -> bool {
         {
             let st = self.inner.spares.state.lock();
-            if st.ready.iter().chain(&st.discards).any(|s| s.id == id) {
+            if st.claiming.contains(id) || st.ready.iter().chain(&st.discards).any(|s| s.id == id) {
                 return true;
             }
         }
@@ -527,7 +536,12 @@ impl SandboxPool {
         }
         let spare = {
             let _admission = self.inner.admission.lock();
-            let spare = spares.state.lock().ready.pop();
+            let mut st = spares.state.lock();
+            let spare = st.ready.pop();
+            if let Some(s) = &spare {
+                st.claiming.insert(s.id.clone());
+            }
+            drop(st);
             if spare.is_some() {
                 // Counted as this user's from now on, as it stops counting as a spare.
                 slot.state.lock().starting = true;
@@ -546,6 +560,7 @@ impl SandboxPool {
             .tasks
             .spawn(async move {
                 let _starting = StartingGuard(&task_slot);
+                let id = spare.id.clone();
                 let claim = pool.claim(&task_user, spare).await;
                 if let Claim::Claimed(sandbox) = &claim {
                     let persist = {
@@ -556,6 +571,7 @@ impl SandboxPool {
                     };
                     pool.persist(&task_user, persist);
                 }
+                pool.inner.spares.state.lock().claiming.remove(&id);
                 (claim, gate)
             })
             .await;
