@@ -86,7 +86,8 @@ impl UidMap {
         }
         if let Some(tag) = offer {
             if let Some(uid) = self.take_reserved(tag, user)? {
-                return self.record_user(user, uid);
+                // Its by-user link is written already (before the rename).
+                return self.remember(user, uid);
             }
         }
         let candidates = (0..self.range.len())
@@ -110,6 +111,11 @@ impl UidMap {
     fn record_user(&self, user: &UserId, uid: u32) -> Result<u32> {
         let link = self.dir.join("by-user").join(user.as_str());
         replace_link(&uid.to_string(), &link).map_err(|e| Error::io("record a uid", &link, e))?;
+        self.remember(user, uid)
+    }
+
+    /// Syncs a user's new record and caches it.
+    fn remember(&self, user: &UserId, uid: u32) -> Result<u32> {
         sync_dir(&self.dir.join("by-uid"));
         sync_dir(&self.dir.join("by-user"));
         tracing::info!(user = %user, uid, "allocated a host uid for the user");

@@ -136,6 +136,16 @@ impl SpareState {
     }
 }
 
+/// A claim under way of the spare with this container id, in [`SpareState`]'s `claiming` until
+/// dropped.
+struct Claiming<'a>(&'a Spares, String);
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().claiming.remove(&self.1);
+    }
+}
+
 /// What [`SandboxPool::sweep_slots`] read before listing the containers.
 struct OnDisk {
     tokens: Vec<String>,
@@ -560,7 +570,9 @@ impl SandboxPool {
             .tasks
             .spawn(async move {
                 let _starting = StartingGuard(&task_slot);
-                let id = spare.id.clone();
+                // Out of the claiming set however the task ends (its spare is then ready again,
+                // a user's, or removed).
+                let _claiming = Claiming(&pool.inner.spares, spare.id.clone());
                 let claim = pool.claim(&task_user, spare).await;
                 if let Claim::Claimed(sandbox) = &claim {
                     let persist = {
@@ -571,7 +583,6 @@ impl SandboxPool {
                     };
                     pool.persist(&task_user, persist);
                 }
-                pool.inner.spares.state.lock().claiming.remove(&id);
                 (claim, gate)
             })
             .await;
