@@ -75,10 +75,6 @@ impl UidMap {
             self.cache.insert(user.clone(), uid);
             return Ok(uid);
         }
-        let start = {
-            let h = Sha256::digest(user.as_str().as_bytes());
-            u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % self.range.len()
-        };
         if let Some(h) = hint.filter(|h| self.range.contains(*h)) {
             if self.claim(h, user)? {
                 return self.record_user(user, h);
@@ -90,9 +86,7 @@ impl UidMap {
                 return self.remember(user, uid);
             }
         }
-        let candidates = (0..self.range.len())
-            .map(|i| self.range.first + ((start + i) % self.range.len()) as u32);
-        for uid in candidates {
+        for uid in self.probe_order(user.as_str()) {
             if self.claim(uid, user)? {
                 return self.record_user(user, uid);
             }
@@ -105,6 +99,15 @@ impl UidMap {
                 self.range.len()
             ),
         })
+    }
+
+    /// Every uid of the range, from a point a hash of `key` picks: the same order each time, so
+    /// an allocation cut short by a crash meets its own claim first when it runs again.
+    fn probe_order(&self, key: &str) -> impl Iterator<Item = u32> {
+        let h = Sha256::digest(key.as_bytes());
+        let start = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % self.range.len();
+        let (first, len) = (self.range.first, self.range.len());
+        (0..len).map(move |i| first + ((start + i) % len) as u32)
     }
 
     /// Writes `by-user/<user> -> uid` (its `by-uid` claim is made) and caches it.
@@ -132,13 +135,8 @@ impl UidMap {
         }
         let _all = self.lock_across()?;
         let holder = spare_holder(tag);
-        let start = {
-            let h = Sha256::digest(tag.as_bytes());
-            u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % self.range.len()
-        };
         let link = self.dir.join("by-spare").join(tag);
-        for i in 0..self.range.len() {
-            let uid = self.range.first + ((start + i) % self.range.len()) as u32;
+        for uid in self.probe_order(tag) {
             if self.by_uid(uid).symlink_metadata().is_ok() {
                 continue;
             }

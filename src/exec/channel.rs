@@ -130,7 +130,7 @@ impl Channels {
         self.warm.retain(|id, (started, _)| {
             started.elapsed() < WARM_PRUNE_AFTER || self.pool.holds_container(id)
         });
-        let uid = format!("{}:{}", spare.uid, spare.gid);
+        let uid = ids(spare.uid, spare.gid);
         let target = spare.container_id.clone();
         match Helper::start(self.pool.engine(), &target, &uid).await {
             Ok(Some(helper)) => {
@@ -173,7 +173,7 @@ impl Channels {
         self.prune();
         if let Some((_, (_, helper))) = self.warm.remove(container_id) {
             let helper = helper.into_inner();
-            let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
+            let uid = ids(lease.sandbox().uid, lease.sandbox().gid);
             if helper.uid == uid {
                 self.stats.opens.inc();
                 self.stats.warm_taken.inc();
@@ -441,7 +441,7 @@ impl Channel {
         lease: &Lease,
         stats: Arc<TransportStats>,
     ) -> Result<Option<Arc<Channel>>, Error> {
-        let uid = format!("{}:{}", lease.sandbox().uid, lease.sandbox().gid);
+        let uid = ids(lease.sandbox().uid, lease.sandbox().gid);
         let Some(helper) = Helper::start(pool.engine(), &lease.sandbox().name, &uid).await? else {
             return Ok(None);
         };
@@ -1287,6 +1287,11 @@ impl CallStop for ChannelCall {
         }
         .boxed()
     }
+}
+
+/// `uid:gid`, as an exec names the user it runs as.
+fn ids(uid: u32, gid: u32) -> String {
+    format!("{uid}:{gid}")
 }
 
 fn helper_error(container: &str, reason: &str) -> Error {
