@@ -85,6 +85,24 @@ else
     fi
 fi
 
+# The tests written in Python (tests/python): the Python client against a real daemon, the API
+# under schemathesis against its OpenAPI document, and the MCP endpoint through the official MCP
+# client. scripts/test-python.sh installs the client and the pinned tools into target/python-venv.
+echo "test.sh: the Python tests (client, OpenAPI fuzzer, MCP)" >&2
+cargo build --quiet --bin zcbot-sandbox
+py_log=$(mktemp)
+trap 'rm -f "$log" "${runsc_log:-}" "$py_log"' EXIT
+set +e
+scripts/test-python.sh 2>&1 | tee "$py_log"
+status=${PIPESTATUS[0]}
+set -e
+# pytest's last line: "=== 40 passed, 1 failed in 99.1s ===".
+py_summary=$(grep -E '(passed|failed|error).* in [0-9.]+s' "$py_log" | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ in [0-9.]*s.*$//')
+if [ "$status" != 0 ]; then
+    echo "tests: $summary; under runsc: $runsc_summary; Python: ${py_summary:-did not run}"
+    exit "$status"
+fi
+
 # The tests clean up after themselves; say so loudly if any of their containers survived.
 # Test pools have ids starting with 't', so their containers are named zcbot-sandbox-t<id>.<user>.
 left=$(docker ps -a --filter label=io.zcbot.managed-by=zcbot-sandbox --format '{{.Names}}' |
@@ -92,7 +110,7 @@ left=$(docker ps -a --filter label=io.zcbot.managed-by=zcbot-sandbox --format '{
 if [ -n "$left" ]; then
     echo "test.sh: test containers were left behind:" >&2
     echo "$left" >&2
-    echo "tests: $summary; under runsc: $runsc_summary; but containers were left behind"
+    echo "tests: $summary; under runsc: $runsc_summary; Python: $py_summary; but containers were left behind"
     exit 1
 fi
-echo "tests: $summary; under runsc: $runsc_summary"
+echo "tests: $summary; under runsc: $runsc_summary; Python: $py_summary"

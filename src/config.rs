@@ -285,7 +285,7 @@ impl std::fmt::Display for Listen {
 }
 
 /// Where tool calls run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// On the host, as the daemon's user: for development; isolates nothing.

@@ -75,7 +75,7 @@ pub struct Listing {
 }
 
 /// What `read_file` returns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileRead {
     /// The bytes read, as UTF-8 text (U+FFFD for invalid sequences).
     pub content: String,
@@ -93,7 +93,7 @@ pub struct FileRead {
 }
 
 /// One entry of `list_dir`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DirEntry {
     /// The entry's name (lossy UTF-8).
     pub name: String,

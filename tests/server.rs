@@ -575,6 +575,50 @@ async fn a_client_that_disconnects_takes_its_processes_with_it() {
         left.is_empty(),
         "left behind after the client went away: {left:?}"
     );
+    // The operator sees it: counted with the cancels (the first call, which finished, is not).
+    let (_, _, metrics) = raw(&d.addr, "GET", "/metrics", None, &[]).await;
+    assert!(metrics.contains("zcbot_cancels_total 1\n"), "{metrics}");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cancel_sent_just_before_its_call_still_stops_it() {
+    let t = TestPool::new("searly");
+    let d = Daemon::start(&t).await;
+    let user = t.user("u");
+    let path = format!("/v1/users/{user}/tools/shell");
+    let (s, _) = d.req("POST", &path, Some(json!({"command": "true"}))).await;
+    assert_eq!(s, 200);
+    // What RUN.md shows, with the cancel overtaking the call: it waits for the call.
+    let cancel_path = format!("/v1/users/{user}/calls/early");
+    let cancel = d.req("DELETE", &cancel_path, None);
+    let call = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        d.req(
+            "POST",
+            &path,
+            Some(json!({"command": "sleep 7101", "call_id": "early", "timeout": 60})),
+        )
+        .await
+    };
+    let started = Instant::now();
+    let ((sc, rc), (s, r)) = tokio::join!(cancel, call);
+    assert_eq!((sc, rc["cancelled"].as_str()), (202, Some("early")), "{rc}");
+    assert_eq!((s, r["cancelled"].as_bool()), (200, Some(true)), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the call ran on"
+    );
+    // A positive control: a cancel for a call that never comes is still a 404, after the wait.
+    let started = Instant::now();
+    let (s, r) = d
+        .req("DELETE", &format!("/v1/users/{user}/calls/never"), None)
+        .await;
+    assert_eq!(
+        (s, r["error"]["kind"].as_str()),
+        (404, Some("unknown_call"))
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
     d.shutdown().await;
 }
 

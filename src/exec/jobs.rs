@@ -30,7 +30,7 @@ const KEEP_ENDED: usize = 256;
 const KEEP_FOR: Duration = Duration::from_secs(3600);
 
 /// How a job's state reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Its process is running.
@@ -70,7 +70,7 @@ impl JobState {
 
 /// A job as the API shows it. `stdout`/`stderr` are present when one job is asked for (not in
 /// the listing): the latest bytes of each stream, after `*_dropped` bytes that were not kept.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     /// Its id.
     pub job_id: String,
@@ -89,6 +89,7 @@ pub struct JobView {
     pub duration_ms: u64,
     /// Why a failed job could not run: `{kind, message}` as the API's errors.
     #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(value_type = Option<Object>)]
     pub error: Option<serde_json::Value>,
     /// The latest standard output (UTF-8; see `stdout_base64`).
     #[serde(skip_serializing_if = "Option::is_none", default)]

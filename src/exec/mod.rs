@@ -6,6 +6,7 @@
 //! confined by [`crate::files`]. Results have one serde shape, shared by the library, the HTTP API
 //! and the CLI's `--json`.
 
+pub mod catalog;
 pub mod channel;
 pub mod docker;
 pub mod file_calls;
@@ -67,7 +68,7 @@ const MAX_ENV: usize = 256;
 const MAX_ENV_BYTES: usize = 64 * 1024;
 
 /// A timeout as JSON gives it: seconds (`30`, `0.5`) or a duration string (`"90s"`, `"2m"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TimeoutArg {
     /// Seconds.
@@ -80,13 +81,14 @@ pub enum TimeoutArg {
 // cannot be combined with `deny_unknown_fields`, and unknown fields must be refused.
 
 /// Arguments of `shell`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShellArgs {
     /// Run as `sh -c command`.
     pub command: String,
     /// The call's timeout; default `ZCBOT_EXEC_TIMEOUT`, at most `ZCBOT_EXEC_TIMEOUT_MAX`.
     #[serde(default)]
+    #[schema(inline)]
     pub timeout: Option<TimeoutArg>,
     /// Working directory under `/workspace` (relative, or absolute under `/workspace`).
     #[serde(default)]
@@ -104,13 +106,14 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Arguments of `run_python`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PythonArgs {
     /// The program, run by python3 (fed through stdin; no file is written anywhere).
     pub code: String,
     /// As for `shell`.
     #[serde(default)]
+    #[schema(inline)]
     pub timeout: Option<TimeoutArg>,
     /// As for `shell`.
     #[serde(default)]
@@ -123,6 +126,7 @@ pub struct PythonArgs {
     /// has its own working directory and environment (`os.chdir`, `os.environ`): `workdir` and
     /// `env` are refused with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9_-]{1,32}$")]
     pub session: Option<String>,
     /// As for `shell` (not with `session`).
     #[serde(default, skip_serializing_if = "is_false")]
@@ -130,7 +134,7 @@ pub struct PythonArgs {
 }
 
 /// Arguments of `read_file`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadFileArgs {
     /// The file, relative to the workspace or absolute under `/workspace`.
@@ -144,7 +148,7 @@ pub struct ReadFileArgs {
 }
 
 /// Arguments of `write_file`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WriteFileArgs {
     /// The file; missing parent folders are created.
@@ -186,7 +190,7 @@ fn decode_base64(text: &str) -> std::result::Result<Vec<u8>, base64::DecodeError
 }
 
 /// Arguments of `list_dir` and `delete_path`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PathArgs {
     /// The folder or file.
@@ -283,8 +287,17 @@ impl ToolCall {
     }
 }
 
+/// Whether the tool of that name is a file tool: run on the host against the user's folder, in
+/// both backends, never in the sandbox.
+pub fn is_file_tool(name: &str) -> bool {
+    matches!(
+        name,
+        "read_file" | "write_file" | "list_dir" | "delete_path"
+    )
+}
+
 /// Which output streams lost bytes to the cap.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Truncated {
     /// Standard output.
     pub stdout: bool,
@@ -293,7 +306,7 @@ pub struct Truncated {
 }
 
 /// What a file tool returns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ToolData {
     /// `read_file`.
@@ -320,7 +333,7 @@ pub enum ToolData {
 }
 
 /// The result of one call. Stable JSON: the HTTP API and the CLI's `--json` print exactly this.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ToolResult {
     /// The tool that ran.
     pub tool: String,
@@ -350,7 +363,9 @@ pub struct ToolResult {
     pub data: Option<ToolData>,
     /// What a call in a Python session adds: the final expression's value, the exception, rich
     /// results, whether the session started or was restarted.
+    // The schema shows the fields with none required: a result outside a session has none.
     #[serde(flatten, skip_serializing_if = "Option::is_none", default)]
+    #[schema(value_type = session::SessionOutcome)]
     pub session: Option<session::SessionOutcome>,
 }
 

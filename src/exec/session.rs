@@ -48,7 +48,7 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 /// An exception a session's code raised (its traceback is in `stderr`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PythonError {
     /// The exception's class name, e.g. `ZeroDivisionError`; `KeyboardInterrupt` after a timeout
     /// or cancel.
@@ -58,7 +58,7 @@ pub struct PythonError {
 }
 
 /// One rich result: a figure, or a form an object offers (`_repr_png_`, `_repr_html_`, ...).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RichResult {
     /// `image/png`, `image/jpeg`, `image/svg+xml`, `text/html` or `text/markdown`.
     pub mime: String,
@@ -67,7 +67,7 @@ pub struct RichResult {
 }
 
 /// What a session call adds to its [`super::ToolResult`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionOutcome {
     /// The `repr` of the code's final expression, when it is one whose value is not None (at
     /// most 64 KiB of it).
@@ -83,10 +83,12 @@ pub struct SessionOutcome {
     #[serde(skip_serializing_if = "is_zero", default)]
     pub results_dropped: u32,
     /// This call started the session's interpreter: nothing of an earlier one is in it.
+    #[schema(required = false)]
     pub session_started: bool,
     /// The session's interpreter died during this call (its code did not stop within the grace
     /// after a timeout or cancel and was killed, or it exited): its state is lost, and the next
     /// call starts a new one.
+    #[schema(required = false)]
     pub session_restarted: bool,
 }
 
@@ -141,7 +143,7 @@ impl SessionOutcome {
 }
 
 /// A session as `GET /v1/users/{user}/sessions` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     /// Its name.
     pub name: String,

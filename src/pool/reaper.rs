@@ -39,7 +39,7 @@ enum SpareKind {
 }
 
 /// One sandbox as `ps` and `GET /v1/sandboxes` show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SandboxStatus {
     /// The user.
     pub user: String,

@@ -120,6 +120,11 @@ impl Metrics {
         );
     }
 
+    /// A call stopped because its client went away (it never reaches `observe_call`).
+    pub fn client_gone(&self) {
+        self.cancels.inc();
+    }
+
     /// A call finished (any outcome that produced a result).
     pub fn observe_call(
         &self,

@@ -10,8 +10,11 @@
 //! (mode 0600) by default, refuses a non-loopback address without `ZCBOT_API_TOKEN`, and with a
 //! token checks `Authorization: Bearer` on every request in constant time.
 
+mod bodies;
+mod calls;
 mod connections;
 pub mod metrics;
+mod openapi;
 mod routes;
 mod sse;
 #[cfg(test)]
@@ -54,18 +57,12 @@ pub struct ServeOptions {
     pub remove_on_exit: bool,
 }
 
-/// A call in flight, findable by its user and id.
-struct CallEntry {
-    cancel: CancellationToken,
-}
-
 /// Shared by every request.
 pub(crate) struct AppState {
     executor: Executor,
     token_hash: Option<[u8; 32]>,
-    /// Calls in flight by (user, call id): ids are per user, so one user can neither find nor
-    /// cancel another's call, and two users may use the same id at once.
-    calls: DashMap<(UserId, String), CallEntry>,
+    /// Calls in flight by (user, call id).
+    calls: calls::Calls,
     per_user: DashMap<UserId, usize>,
     metrics: Metrics,
     reaper: Mutex<Option<ReaperHandle>>,
@@ -140,7 +137,7 @@ impl Server {
             state: Arc::new(AppState {
                 executor,
                 token_hash,
-                calls: DashMap::new(),
+                calls: calls::Calls::default(),
                 per_user: DashMap::new(),
                 metrics,
                 reaper: Mutex::new(reaper),
@@ -299,6 +296,7 @@ fn bind_unix(path: &std::path::Path) -> crate::Result<tokio::net::UnixListener> 
 }
 
 /// The API's error body: `{ "error": { "kind": "...", "message": "..." } }`.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
     kind: String,
@@ -375,6 +373,14 @@ impl ApiError {
     pub(crate) fn body(&self) -> serde_json::Value {
         serde_json::json!({ "error": { "kind": self.kind, "message": self.message } })
     }
+
+    /// The body of an event stream's `error` event: the JSON body with the status the same error
+    /// answers with outside a stream (the stream's own status is already 200).
+    pub(crate) fn stream_body(&self) -> serde_json::Value {
+        let mut body = self.body();
+        body["status"] = self.status.as_u16().into();
+        body
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -397,12 +403,18 @@ pub(crate) async fn auth(State(state): State<Arc<AppState>>, req: Request, next:
         let ok = given.is_some_and(|g| bool::from(g.as_slice().ct_eq(expected.as_slice())));
         if !ok {
             state.metrics.error("unauthorized");
-            return ApiError::new(
+            let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "missing or wrong token: send Authorization: Bearer <ZCBOT_API_TOKEN>",
             )
             .into_response();
+            // RFC 9110: a 401 names the scheme it wants.
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"zcbot-sandbox\""),
+            );
+            return resp;
         }
     }
     next.run(req).await

@@ -15,11 +15,24 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use super::{auth, sse, ApiError, AppState, CallEntry};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::bodies::{
+    Cancelled, Ended, Health, Jobs, Readiness, Reaped, Removed, Sessions, Tools, Uploaded,
+};
+use super::calls::CANCEL_WAIT;
+use super::openapi::{
+    ApiDoc, ErrorBody, PathCall, PythonCall, ReadFileCall, ShellCall, StreamQuery, UserPath,
+    WriteFileCall,
+};
+use super::sse::StreamEvent;
+use super::{auth, sse, ApiError, AppState};
 use crate::check::Check;
-use crate::exec::jobs::{JobRun, JobState};
+use crate::exec::jobs::{JobRun, JobState, JobView};
 use crate::exec::live::LiveOutput;
-use crate::exec::{new_call_id, Prepared, ToolCall};
+use crate::exec::{new_call_id, Prepared, ToolCall, ToolResult};
+use crate::pool::reaper::SandboxStatus;
 use crate::user::UserId;
 
 type ApiResult<T = Response> = Result<T, ApiError>;
@@ -27,11 +40,53 @@ type ApiResult<T = Response> = Result<T, ApiError>;
 /// How long a DELETE of a job waits past the kill grace for its processes to be gone.
 const KILL_WAIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The documented routes: each handler's `#[utoipa::path]` is both its route and its operation
+/// in the document, so neither can be changed without the other.
+fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi as _;
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(shell))
+        .routes(routes!(run_python))
+        .routes(routes!(read_file))
+        .routes(routes!(write_file))
+        .routes(routes!(list_dir))
+        .routes(routes!(delete_path))
+        .routes(routes!(cancel_call))
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job, kill_job))
+        .routes(routes!(list_sessions))
+        .routes(routes!(end_session))
+        .routes(routes!(list_sandboxes))
+        .routes(routes!(get_sandbox, remove_sandbox))
+        .routes(routes!(reap))
+        .routes(routes!(list_tools))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .split_for_parts()
+}
+
+/// The document as this daemon serves it (the bearer scheme only when it has a token).
+pub(super) fn document(token: bool) -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    let (_, mut doc) = api();
+    // The files routes take a path of any depth, which an OpenAPI path template cannot say: they
+    // are routed by hand below and documented from their handlers here.
+    doc.merge(FilesDoc::openapi());
+    super::openapi::finish(doc, token)
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(get_file, put_file))]
+struct FilesDoc;
+
 pub(super) fn router(state: Arc<AppState>) -> Router {
     let max_body = state.executor_config().max_body;
-    Router::new()
-        .route("/v1/users/{user}/tools/{tool}", post(call_tool))
-        .route("/v1/users/{user}/calls/{call_id}", delete(cancel_call))
+    let (documented, _) = api();
+    documented
+        // Only an unknown tool gets here (each tool has its route above): its own 404.
+        .route("/v1/users/{user}/tools/{tool}", post(unknown_tool))
         .route("/v1/calls/{call_id}", delete(cancel_call_moved))
         .route(
             "/v1/users/{user}/files/{*path}",
@@ -41,24 +96,18 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
                 // limit) and bounds it by ZCBOT_MAX_FILE as it arrives; said here for the reader.
                 .layer(DefaultBodyLimit::disable()),
         )
-        .route("/v1/users/{user}/sessions", get(list_sessions))
-        .route("/v1/users/{user}/jobs", get(list_jobs))
-        .route("/v1/users/{user}/jobs/{id}", get(get_job).delete(kill_job))
-        .route("/v1/users/{user}/sessions/{name}", delete(end_session))
-        .route("/v1/sandboxes", get(list_sandboxes))
-        .route(
-            "/v1/users/{user}/sandbox",
-            get(get_sandbox).delete(remove_sandbox),
-        )
-        .route("/v1/reap", post(reap))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see RUN.md for the API",
+                "no such route: GET /openapi.json lists them (RUN.md explains them)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method: GET /openapi.json lists each route's methods",
             )
         })
         .layer(DefaultBodyLimit::max(max_body))
@@ -121,7 +170,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(id) = self.call_id.take() {
-            self.state.calls.remove(&(self.user.clone(), id));
+            self.state.calls.remove(&self.user, &id);
         }
         if !self.counted {
             return;
@@ -134,30 +183,156 @@ impl Drop for InFlight {
     }
 }
 
-async fn call_tool(
+/// What each tool route takes and answers (the body differs; the rest is common).
+type ToolRequest = (
+    State<Arc<AppState>>,
+    Path<String>,
+    RawQuery,
+    HeaderMap,
+    Result<Bytes, BytesRejection>,
+);
+
+/// Declares one tool's route: its operation in the document and a handler that runs the tool.
+macro_rules! tool_route {
+    ($handler:ident, $tool:tt, $path:tt, $body:ident, $summary:tt, [$($extra:tt)*]) => {
+        #[utoipa::path(
+            post, path = $path, tag = "tools", summary = $summary,
+            params(UserPath, StreamQuery),
+            request_body(content = $body, description = "The tool's arguments, and `call_id`"),
+            responses(
+                (status = 200, description = "The result; with `stream` or `Accept: \
+                    text/event-stream`, Server-Sent Events (`started`, `stdout`, `stderr`) that \
+                    end in `result` carrying it (or `error`)", content(
+                    (ToolResult = "application/json"), (StreamEvent = "text/event-stream")),
+                    headers(("x-zcbot-call-id" = String, description = "The call's id"))),
+                $($extra)*
+                (status = 400, description = "Bad arguments, JSON, user id or path, or a file \
+                    call over a limit (`bad_call`, `bad_json`, `invalid_user`, `file`, \
+                    `file_limit`)", body = ErrorBody),
+                (status = 403, description = "The path leaves the workspace (`path_refused`)",
+                    body = ErrorBody),
+                (status = 404, description = "A file, folder or session that is not there",
+                    body = ErrorBody),
+                (status = 409, description = "`call_id_in_use`, `session_busy`, \
+                    `file_conflict`", body = ErrorBody),
+                (status = 413, description = "The body is over ZCBOT_MAX_BODY \
+                    (`body_too_large`)", body = ErrorBody),
+                (status = 429, description = "The user's calls, sessions or jobs are at their \
+                    limit (`too_many_calls`, `too_many_sessions`, `too_many_jobs`)",
+                    body = ErrorBody),
+                (status = 507, description = "The user's folder is at its quota (`disk_full`)",
+                    body = ErrorBody),
+            )
+        )]
+        async fn $handler(
+            state: State<Arc<AppState>>,
+            Path(user): Path<String>,
+            query: RawQuery,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> ApiResult {
+            call_tool((state, Path(user), query, headers, body), $tool).await
+        }
+    };
+}
+
+tool_route!(
+    shell,
+    "shell",
+    "/v1/users/{user}/tools/shell",
+    ShellCall,
+    "Run a shell command in the user's sandbox",
+    [(
+        status = 202,
+        description = "`background`: the job started; follow it at Location",
+        body = JobView,
+        headers(("location" = String, description = "The job's route"))
+    ),]
+);
+tool_route!(
+    run_python,
+    "run_python",
+    "/v1/users/{user}/tools/run_python",
+    PythonCall,
+    "Run Python code in the user's sandbox, in a session or afresh",
+    [(
+        status = 202,
+        description = "`background`: the job started; follow it at Location",
+        body = JobView,
+        headers(("location" = String, description = "The job's route"))
+    ),]
+);
+tool_route!(
+    read_file,
+    "read_file",
+    "/v1/users/{user}/tools/read_file",
+    ReadFileCall,
+    "Read (part of) a file of the user's folder",
+    []
+);
+tool_route!(
+    write_file,
+    "write_file",
+    "/v1/users/{user}/tools/write_file",
+    WriteFileCall,
+    "Write a file of the user's folder, from text or base64",
+    []
+);
+tool_route!(
+    list_dir,
+    "list_dir",
+    "/v1/users/{user}/tools/list_dir",
+    PathCall,
+    "List a folder of the user's folder",
+    []
+);
+tool_route!(
+    delete_path,
+    "delete_path",
+    "/v1/users/{user}/tools/delete_path",
+    PathCall,
+    "Delete a file or a folder tree of the user's folder",
+    []
+);
+
+/// `POST /v1/users/{user}/tools/{tool}` for a tool that does not exist.
+async fn unknown_tool(
     State(state): State<Arc<AppState>>,
     Path((user, tool)): Path<(String, String)>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let e = ToolCall::parse(&tool, json!({})).err().map(ApiError::from);
+    Err(counted(
+        &state,
+        e.unwrap_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_tool", "no such tool")),
+    ))
+}
+
+async fn call_tool(request: ToolRequest, tool: &str) -> ApiResult {
+    let (State(state), Path(user), RawQuery(query), headers, body) = request;
     let st = &*state;
     let body = body.map_err(|r| {
-        let kind = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
-        } else {
-            "bad_body"
-        };
-        counted(
-            st,
+        let e = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 r.status(),
-                kind,
-                format!("{} (ZCBOT_MAX_BODY)", r.body_text()),
-            ),
-        )
+                "body_too_large",
+                format!(
+                    "the body is over ZCBOT_MAX_BODY ({} bytes): write large or binary files \
+                     with PUT /v1/users/{{user}}/files/{{path}}, which streams them",
+                    st.executor_config().max_body
+                ),
+            )
+        } else {
+            ApiError::new(
+                r.status(),
+                "bad_body",
+                format!("the body could not be read: {}", r.body_text()),
+            )
+        };
+        counted(st, e)
     })?;
     let user = UserId::parse(&user).map_err(|e| counted(st, e))?;
+    let streamed = sse::wanted(&headers, query.as_deref()).map_err(|e| counted(st, e))?;
     let mut args: Value = if body.is_empty() {
         json!({})
     } else {
@@ -196,7 +371,7 @@ async fn call_tool(
             ))
         }
     };
-    let call = ToolCall::parse(&tool, args).map_err(|e| counted(st, e))?;
+    let call = ToolCall::parse(tool, args).map_err(|e| counted(st, e))?;
     let background = call.background();
     // Refused here (a bad call, or a job on the host backend), before a stream or a job could
     // answer 2xx.
@@ -208,22 +383,15 @@ async fn call_tool(
     // The registry (a duplicate id is a conflict whatever the load), then the per-user limit;
     // the guard undoes what was done.
     let cancel = st.all_calls.child_token();
-    match st.calls.entry((user.clone(), call_id.clone())) {
-        dashmap::Entry::Occupied(_) => {
-            return Err(counted(
-                st,
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "call_id_in_use",
-                    format!("user {user} already has a call with id {call_id} in flight"),
-                ),
-            ));
-        }
-        dashmap::Entry::Vacant(v) => {
-            v.insert(CallEntry {
-                cancel: cancel.clone(),
-            });
-        }
+    if !st.calls.insert(&user, &call_id, cancel.clone()) {
+        return Err(counted(
+            st,
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "call_id_in_use",
+                format!("user {user} already has a call with id {call_id} in flight"),
+            ),
+        ));
     }
     let mut in_flight = InFlight {
         state: state.clone(),
@@ -233,7 +401,7 @@ async fn call_tool(
     };
     in_flight.take_slot()?;
 
-    if sse::wanted(&headers, query.as_deref()) {
+    if streamed {
         return Ok(stream_call(
             state.clone(),
             user,
@@ -245,13 +413,55 @@ async fn call_tool(
     }
     let started = Instant::now();
     let tool = call.tool();
+    let gone = ClientGone::armed(st, &user, &call_id, tool);
     let result = st.executor.run_prepared_call(&user, call, &cancel).await;
+    gone.disarm();
     let r = finished(st, &user, &call_id, tool, started, result)?;
     let mut resp = Json(r).into_response();
     if let Ok(v) = HeaderValue::from_str(&call_id) {
         resp.headers_mut().insert("x-zcbot-call-id", v);
     }
     Ok(resp)
+}
+
+/// Says so when a call ends because its client went away: dropped with the request (or the event
+/// stream's body), which stops the call and kills its processes, before its answer was ready.
+struct ClientGone<'a> {
+    state: &'a AppState,
+    user: &'a UserId,
+    call_id: &'a str,
+    tool: &'static str,
+    started: Instant,
+    armed: bool,
+}
+
+impl<'a> ClientGone<'a> {
+    fn armed(state: &'a AppState, user: &'a UserId, call_id: &'a str, tool: &'static str) -> Self {
+        ClientGone {
+            state,
+            user,
+            call_id,
+            tool,
+            started: Instant::now(),
+            armed: true,
+        }
+    }
+
+    /// The call ran to its end (whatever it answers).
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ClientGone<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.metrics.client_gone();
+            tracing::info!(user = %self.user, tool = self.tool, call_id = %self.call_id,
+                after_ms = self.started.elapsed().as_millis() as u64,
+                "call cancelled: the client went away before its answer");
+        }
+    }
 }
 
 /// Counts and logs a call's end; the result, or the error as the API answers it.
@@ -263,7 +473,9 @@ fn finished(
     started: Instant,
     result: crate::Result<crate::exec::ToolResult>,
 ) -> Result<crate::exec::ToolResult, ApiError> {
+    // Where it ran: the file tools run on the host whatever the backend.
     let backend_name = match st.executor.backend() {
+        _ if crate::exec::is_file_tool(tool) => "host",
         crate::config::Backend::Host => "host",
         crate::config::Backend::Docker => "docker",
     };
@@ -310,10 +522,12 @@ fn stream_call(
     let end = async move {
         let started = Instant::now();
         let st = &*state;
+        let gone = ClientGone::armed(st, &user, &call_id, tool);
         let result = st.executor.run_live(&user, call, &cancel, live).await;
+        gone.disarm();
         match finished(st, &user, &call_id, tool, started, result) {
             Ok(r) => sse::event("result", &json!(r)),
-            Err(e) => sse::event("error", &e.body()),
+            Err(e) => sse::event("error", &e.stream_body()),
         }
     };
     sse::follow(follower, first, Box::pin(end), in_flight)
@@ -352,15 +566,37 @@ fn start_job(state: &Arc<AppState>, user: UserId, id: String, call: Prepared) ->
     Ok(resp)
 }
 
+/// `GET /v1/users/{user}/jobs`.
+#[utoipa::path(get, path = "/v1/users/{user}/jobs", tag = "jobs", params(UserPath),
+    summary = "The user's background jobs, oldest first, without their output",
+    responses(
+        (status = 200, body = Jobs),
+        (status = 400, description = "A bad user id (`invalid_user`)", body = ErrorBody),
+    ))]
 async fn list_jobs(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
     let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
-    Ok(Json(json!({ "jobs": state.jobs.list(&user) })).into_response())
+    Ok(Json(Jobs {
+        jobs: state.jobs.list(&user),
+    })
+    .into_response())
 }
 
 /// `GET /v1/users/{user}/jobs/{id}`: the job with its latest output; as events with `stream=1`
 /// (or `Accept: text/event-stream`): what its rings hold, then its output as it comes, then
 /// `result` with the job once it has ended. Following never affects the job; a follower takes
 /// one of the user's call slots.
+#[utoipa::path(get, path = "/v1/users/{user}/jobs/{id}", tag = "jobs",
+    params(UserPath, ("id" = String, Path, description = "The job's id"), StreamQuery),
+    summary = "One job with its latest output, or its output as events until it ends",
+    responses(
+        (status = 200, description = "The job; with `stream`, Server-Sent Events ending in \
+            `result` with it", content((JobView = "application/json"),
+            (StreamEvent = "text/event-stream"))),
+        (status = 400, description = "A bad user id or `stream` value", body = ErrorBody),
+        (status = 404, description = "No such job (`no_such_job`)", body = ErrorBody),
+        (status = 429, description = "A follower needs one of the user's call slots",
+            body = ErrorBody),
+    ))]
 async fn get_job(
     State(state): State<Arc<AppState>>,
     Path((user, id)): Path<(String, String)>,
@@ -368,8 +604,9 @@ async fn get_job(
     headers: HeaderMap,
 ) -> ApiResult {
     let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let streamed = sse::wanted(&headers, query.as_deref()).map_err(|e| counted(&state, e))?;
     let job = state.jobs.get(&user, &id).map_err(|e| counted(&state, e))?;
-    if !sse::wanted(&headers, query.as_deref()) {
+    if !streamed {
         return Ok(Json(job.view(true)).into_response());
     }
     // A follower holds one of the user's call slots while it follows: followers are bounded.
@@ -389,6 +626,16 @@ async fn get_job(
 /// `DELETE /v1/users/{user}/jobs/{id}`: kills a running job's whole process tree and answers
 /// once it has ended (202 if it has not within the kill grace and a margin); forgets an ended
 /// job.
+#[utoipa::path(delete, path = "/v1/users/{user}/jobs/{id}", tag = "jobs",
+    params(UserPath, ("id" = String, Path, description = "The job's id")),
+    summary = "Kill a running job's whole process tree, or forget an ended one",
+    responses(
+        (status = 200, description = "The job, ended", body = JobView),
+        (status = 202, description = "Still running after the kill grace: the kill goes on",
+            body = JobView),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+        (status = 404, description = "No such job (`no_such_job`)", body = ErrorBody),
+    ))]
 async fn kill_job(
     State(state): State<Arc<AppState>>,
     Path((user, id)): Path<(String, String)>,
@@ -426,6 +673,25 @@ fn transfer_slot(state: &Arc<AppState>, user: &str) -> Result<(UserId, InFlight)
 
 /// `PUT /v1/users/{user}/files/{path}`: the raw body becomes the file (see `exec::transfer`).
 /// Takes one of the user's call slots while it runs.
+#[utoipa::path(put, path = "/v1/users/{user}/files/{path}", tag = "files",
+    params(UserPath, ("path" = String, Path,
+        description = "The file, under the user's folder (any depth)")),
+    summary = "Write the raw body to a file, streamed, replacing it only once whole",
+    request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream",
+        description = "The file's bytes (none: an empty file)"),
+    responses(
+        (status = 200, body = Uploaded),
+        (status = 400, description = "A bad user id or path, or the body broke off or was \
+            too slow (`bad_body`)", body = ErrorBody),
+        (status = 403, description = "The path leaves the workspace (`path_refused`)",
+            body = ErrorBody),
+        (status = 404, description = "Not there", body = ErrorBody),
+        (status = 409, description = "The tree changed under the call", body = ErrorBody),
+        (status = 413, description = "Over ZCBOT_MAX_FILE (`file_too_large`)", body = ErrorBody),
+        (status = 429, description = "The user's call slots are all taken", body = ErrorBody),
+        (status = 507, description = "The user's folder is at its quota (`disk_full`)",
+            body = ErrorBody),
+    ))]
 async fn put_file(
     State(state): State<Arc<AppState>>,
     Path((user, path)): Path<(String, String)>,
@@ -449,13 +715,31 @@ async fn put_file(
             counted(st, e)
         })?;
     tracing::info!(user = %user, bytes = written, duration_ms = started.elapsed().as_millis() as u64, "file uploaded");
-    Ok(Json(json!({ "path": path, "bytes_written": written })).into_response())
+    Ok(Json(Uploaded {
+        path,
+        bytes_written: written,
+    })
+    .into_response())
 }
 
 /// `GET /v1/users/{user}/files/{path}`: the file's bytes, streamed, with a content type guessed
 /// from its name. Served as an attachment that a browser will neither sniff nor run: the bytes
 /// are the tenant's. Holds one of the user's call slots until the body is sent or dropped, and
 /// ends the body at `ZCBOT_TRANSFER_TIMEOUT` (the client then sees it short of its length).
+#[utoipa::path(get, path = "/v1/users/{user}/files/{path}", tag = "files",
+    params(UserPath, ("path" = String, Path,
+        description = "The file, under the user's folder (any depth)")),
+    summary = "Stream a file back, as an attachment typed by its name",
+    responses(
+        (status = 200, description = "The file's bytes", content((Vec<u8> = "*/*"))),
+        (status = 400, description = "A bad user id or path", body = ErrorBody),
+        (status = 403, description = "The path leaves the workspace or is not a regular file",
+            body = ErrorBody),
+        (status = 404, description = "Not there", body = ErrorBody),
+        (status = 409, description = "The tree changed under the call", body = ErrorBody),
+        (status = 413, description = "Over ZCBOT_MAX_FILE (`file_too_large`)", body = ErrorBody),
+        (status = 429, description = "The user's call slots are all taken", body = ErrorBody),
+    ))]
 async fn get_file(
     State(state): State<Arc<AppState>>,
     Path((user, path)): Path<(String, String)>,
@@ -540,27 +824,45 @@ fn attachment(name: &str) -> String {
     format!("attachment; filename*=UTF-8''{encoded}")
 }
 
+/// `DELETE /v1/users/{user}/calls/{call_id}`.
+#[utoipa::path(delete, path = "/v1/users/{user}/calls/{call_id}", tag = "tools",
+    params(UserPath, ("call_id" = String, Path, description = "The call's `call_id`")),
+    summary = "Cancel a call in flight: every process it started is killed",
+    responses(
+        (status = 202, description = "Cancelled; the call answers `cancelled: true`",
+            body = Cancelled),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+        (status = 404, description = "The user has no such call in flight (`unknown_call`), \
+            nor did one start within a moment", body = ErrorBody),
+    ))]
 async fn cancel_call(
     State(state): State<Arc<AppState>>,
     Path((user, call_id)): Path<(String, String)>,
 ) -> ApiResult {
     let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
-    let cancel = state
-        .calls
-        .get(&(user.clone(), call_id.clone()))
-        .map(|e| e.cancel.clone());
+    // A call sent just before its cancel may not be registered yet: wait a moment for it (no
+    // call can have an id that breaks the rule, so those are not waited for).
+    let cancel = if valid_call_id(&call_id) {
+        state.calls.find(&user, &call_id, CANCEL_WAIT).await
+    } else {
+        None
+    };
     match cancel {
         Some(cancel) => {
             cancel.cancel();
             tracing::info!(call_id = %call_id, user = %user, "call cancelled through the API");
-            Ok((StatusCode::ACCEPTED, Json(json!({ "cancelled": call_id }))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(Cancelled { cancelled: call_id })).into_response())
         }
         None => Err(counted(
             &state,
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_call",
-                format!("user {user} has no call {call_id} in flight"),
+                format!(
+                    "user {user} has no call {call_id} in flight, nor did one arrive within {} \
+                     (it may have ended already)",
+                    humantime::format_duration(CANCEL_WAIT)
+                ),
             ),
         )),
     }
@@ -578,12 +880,29 @@ async fn cancel_call_moved(State(state): State<Arc<AppState>>) -> ApiResult {
     ))
 }
 
+/// `GET /v1/users/{user}/sessions`.
+#[utoipa::path(get, path = "/v1/users/{user}/sessions", tag = "sessions", params(UserPath),
+    summary = "The user's Python sessions",
+    responses(
+        (status = 200, body = Sessions),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+    ))]
 async fn list_sessions(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
     let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
     let sessions = state.executor.sessions(&user).await;
-    Ok(Json(json!({ "sessions": sessions })).into_response())
+    Ok(Json(Sessions { sessions }).into_response())
 }
 
+/// `DELETE /v1/users/{user}/sessions/{name}`.
+#[utoipa::path(delete, path = "/v1/users/{user}/sessions/{name}", tag = "sessions",
+    params(UserPath, ("name" = String, Path, description = "The session's name",
+        pattern = "^[a-z0-9_-]{1,32}$")),
+    summary = "End a session: its interpreter and every process it started are killed",
+    responses(
+        (status = 200, body = Ended),
+        (status = 400, description = "A bad user id or session name", body = ErrorBody),
+        (status = 404, description = "No such session (`no_such_session`)", body = ErrorBody),
+    ))]
 async fn end_session(
     State(state): State<Arc<AppState>>,
     Path((user, name)): Path<(String, String)>,
@@ -595,9 +914,13 @@ async fn end_session(
         .await
         .map_err(|e| counted(&state, e))?;
     tracing::info!(user = %user, session = %name, "Python session ended through the API");
-    Ok(Json(json!({ "ended": name })).into_response())
+    Ok(Json(Ended { ended: name }).into_response())
 }
 
+/// `GET /v1/sandboxes`.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    summary = "The pool's containers: users' sandboxes and warm spares",
+    responses((status = 200, body = Vec<SandboxStatus>)))]
 async fn list_sandboxes(State(state): State<Arc<AppState>>) -> ApiResult {
     let Some(pool) = state.executor.pool() else {
         return Ok(Json(json!([])).into_response());
@@ -606,6 +929,14 @@ async fn list_sandboxes(State(state): State<Arc<AppState>>) -> ApiResult {
     Ok(Json(list).into_response())
 }
 
+/// `GET /v1/users/{user}/sandbox`.
+#[utoipa::path(get, path = "/v1/users/{user}/sandbox", tag = "sandboxes", params(UserPath),
+    summary = "One user's sandbox",
+    responses(
+        (status = 200, body = SandboxStatus),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+        (status = 404, description = "The user has no sandbox (`no_sandbox`)", body = ErrorBody),
+    ))]
 async fn get_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
     let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
     let no_sandbox = || {
@@ -625,6 +956,14 @@ async fn get_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<String
     }
 }
 
+/// `DELETE /v1/users/{user}/sandbox`.
+#[utoipa::path(delete, path = "/v1/users/{user}/sandbox", tag = "sandboxes", params(UserPath),
+    summary = "Remove a user's sandbox now (its folder stays)",
+    responses(
+        (status = 200, body = Removed),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+        (status = 404, description = "The user has no sandbox (`no_sandbox`)", body = ErrorBody),
+    ))]
 async fn remove_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
     let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
     let Some(pool) = state.executor.pool() else {
@@ -639,7 +978,10 @@ async fn remove_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<Str
     };
     if pool.remove(&user).await.map_err(|e| counted(&state, e))? {
         tracing::info!(user = %user, "sandbox removed through the API");
-        Ok(Json(json!({ "removed": pool.container_name(&user) })).into_response())
+        Ok(Json(Removed {
+            removed: pool.container_name(&user),
+        })
+        .into_response())
     } else {
         Err(counted(
             &state,
@@ -652,25 +994,99 @@ async fn remove_sandbox(State(state): State<Arc<AppState>>, Path(user): Path<Str
     }
 }
 
+/// `POST /v1/reap`.
+#[utoipa::path(post, path = "/v1/reap", tag = "sandboxes",
+    summary = "Remove the sandboxes idle for ZCBOT_SANDBOX_IDLE now",
+    responses((status = 200, body = Reaped)))]
 async fn reap(State(state): State<Arc<AppState>>) -> ApiResult {
     let Some(pool) = state.executor.pool() else {
-        return Ok(Json(json!({ "reaped": [] })).into_response());
+        return Ok(Json(Reaped { reaped: Vec::new() }).into_response());
     };
     let reaped = pool
         .reap_idle(pool.config().idle)
         .await
         .map_err(|e| counted(&state, e))?;
-    Ok(Json(json!({ "reaped": reaped })).into_response())
+    Ok(Json(Reaped { reaped }).into_response())
 }
 
+/// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", tag = "service", summary = "The process answers",
+    responses((status = 200, body = Health)))]
 async fn healthz() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
+    Json(Health { status: "ok" }).into_response()
+}
+
+/// `GET /openapi.json`: this document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    summary = "This API's OpenAPI 3.1 document",
+    responses((status = 200, description = "The document", content_type = "application/json",
+        body = Object)))]
+async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
+    Json(document(state.token_hash.is_some())).into_response()
+}
+
+/// Which shape `GET /v1/tools` answers in.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ToolsQuery {
+    /// `openai` (the default: Chat Completions' `tools`), `anthropic` (Messages' `tools`) or
+    /// `mcp` (MCP's `tools/list`).
+    #[param(inline)]
+    format: Option<ToolFormat>,
+}
+
+#[derive(serde::Deserialize, utoipa::ToSchema, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum ToolFormat {
+    #[default]
+    Openai,
+    Anthropic,
+    Mcp,
+}
+
+/// `GET /v1/tools`: the tools with a JSON Schema of their arguments, ready to hand to a model.
+#[utoipa::path(get, path = "/v1/tools", tag = "tools", params(ToolsQuery),
+    summary = "The tools and their arguments' JSON Schemas, in a model API's shape",
+    responses(
+        (status = 200, body = Tools),
+        (status = 400, description = "An unknown `format` (`bad_query`)", body = ErrorBody),
+    ))]
+async fn list_tools(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> ApiResult {
+    let q: ToolsQuery =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or("")).map_err(|e| {
+            counted(
+                &state,
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    format!("{e}: format is openai, anthropic or mcp"),
+                ),
+            )
+        })?;
+    let tools = crate::exec::catalog::tools(state.executor_config())
+        .into_iter()
+        .map(|t| match q.format.unwrap_or_default() {
+            ToolFormat::Openai => json!({"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}}),
+            ToolFormat::Anthropic => json!({
+                "name": t.name, "description": t.description, "input_schema": t.parameters}),
+            ToolFormat::Mcp => json!({
+                "name": t.name, "description": t.description, "inputSchema": t.parameters}),
+        })
+        .collect();
+    Ok(Json(Tools { tools }).into_response())
 }
 
 /// Ready: Docker answers, the image is present, the network is there and internal, the host
 /// firewall (from its cache: no iptables here), the users root, the self-check, the reaper runs.
 /// Each check is reported; 503 exactly when one of them failed (a protection not enforced by
 /// choice is reported, not failing).
+#[utoipa::path(get, path = "/readyz", tag = "service",
+    summary = "Whether the daemon can serve, check by check",
+    responses(
+        (status = 200, description = "Every check is ok or degraded", body = Readiness),
+        (status = 503, description = "A check failed", body = Readiness),
+    ))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let mut checks: BTreeMap<&str, Check> = BTreeMap::new();
     if let Some(pool) = state.executor.pool() {
@@ -764,11 +1180,21 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let checks: BTreeMap<&str, String> = checks.iter().map(|(k, c)| (*k, c.to_string())).collect();
     (
         status,
-        Json(json!({ "ready": ready, "backend": backend, "checks": checks, "states": states })),
+        Json(Readiness {
+            ready,
+            backend,
+            checks,
+            states,
+        }),
     )
         .into_response()
 }
 
+/// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    summary = "Prometheus metrics (OpenMetrics when Accept asks for it)",
+    responses((status = 200, description = "The exposition", content(
+        (String = "text/plain"), (String = "application/openmetrics-text")))))]
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Some(pool) = state.executor.pool() {
         pool.observe_containers().await;

@@ -11,13 +11,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{self, Stream as FutStream};
 use serde_json::{json, Value};
 
+use super::ApiError;
 use crate::exec::live::{Cursor, LiveOutput, Stream};
 
 /// How often an idle stream sends a comment.
@@ -25,19 +26,45 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// The most bytes one output event carries.
 const EVENT_BYTES: usize = 32 << 10;
 
-/// Whether the request asks for an event stream: `Accept: text/event-stream`, or `stream=1`
-/// (or `true`) in the query.
-pub(super) fn wanted(headers: &HeaderMap, query: Option<&str>) -> bool {
+/// Whether the request asks for an event stream: `Accept: text/event-stream`, or `stream=true`
+/// (or `1`) in the query. Any other value of `stream` than those and `false`/`0` is refused, so
+/// a typo does not quietly answer the other way.
+pub(super) fn wanted(headers: &HeaderMap, query: Option<&str>) -> Result<bool, ApiError> {
     let accept = headers
         .get_all(axum::http::header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.to_ascii_lowercase().contains("text/event-stream"));
-    let asked = query.is_some_and(|q| {
-        q.split('&')
-            .any(|kv| matches!(kv, "stream=1" | "stream=true"))
-    });
-    accept || asked
+    let mut asked = false;
+    for kv in query.unwrap_or("").split('&') {
+        let Some(value) = kv.strip_prefix("stream=") else {
+            continue;
+        };
+        asked = match value {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    "stream is true or false (1 or 0)",
+                ))
+            }
+        };
+    }
+    Ok(accept || asked)
+}
+
+/// One event of a stream, as the document describes it: its name and its JSON as text.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct StreamEvent {
+    /// `started`, `stdout`, `stderr`, then `result` or `error`.
+    #[schema(pattern = "^(started|stdout|stderr|result|error)$")]
+    pub(super) event: String,
+    /// The event's JSON: `{call_id, tool}` or `{job_id, tool}`; `{text, base64?, missed?}`; the
+    /// result (a tool result, or the job); `{error: {kind, message}, status}` (the status the
+    /// same error has outside a stream).
+    pub(super) data: String,
 }
 
 /// An event named `name` carrying `data` as JSON.
@@ -248,13 +275,30 @@ mod tests {
     #[test]
     fn the_header_or_the_query_asks_for_a_stream() {
         let mut h = HeaderMap::new();
+        let wanted = |h: &HeaderMap, q| wanted(h, q).unwrap();
         assert!(!wanted(&h, None));
         assert!(wanted(&h, Some("a=1&stream=1")));
+        assert!(wanted(&h, Some("stream=true")));
         assert!(!wanted(&h, Some("stream=0")));
+        assert!(!wanted(&h, Some("stream=false")));
         h.insert(
             axum::http::header::ACCEPT,
             "application/json, Text/Event-Stream".parse().unwrap(),
         );
         assert!(wanted(&h, None));
+    }
+
+    #[test]
+    fn a_stream_value_that_is_neither_yes_nor_no_is_refused() {
+        let h = HeaderMap::new();
+        for q in [
+            "stream=yes",
+            "stream=",
+            "stream=null&stream=null",
+            "a=1&stream=2",
+        ] {
+            let e = wanted(&h, Some(q)).unwrap_err();
+            assert_eq!(e.kind, "bad_query", "{q}");
+        }
     }
 }

@@ -53,7 +53,7 @@ async fn api() -> Api {
     let state = Arc::new(AppState {
         executor,
         token_hash: Some(Sha256::digest(TOKEN.as_bytes()).into()),
-        calls: DashMap::new(),
+        calls: Default::default(),
         per_user: DashMap::new(),
         metrics,
         reaper: Mutex::new(Some(reaper)),
