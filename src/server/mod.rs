@@ -13,6 +13,7 @@
 mod bodies;
 mod calls;
 mod connections;
+mod mcp;
 pub mod metrics;
 mod openapi;
 mod routes;

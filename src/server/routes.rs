@@ -85,6 +85,9 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
     let max_body = state.executor_config().max_body;
     let (documented, _) = api();
     documented
+        // MCP (streamable HTTP), outside the document: the MCP specification describes it, and
+        // its errors are JSON-RPC's.
+        .route_service("/v1/users/{user}/mcp", super::mcp::service(state.clone()))
         // Only an unknown tool gets here (each tool has its route above): its own 404.
         .route("/v1/users/{user}/tools/{tool}", post(unknown_tool))
         .route("/v1/calls/{call_id}", delete(cancel_call_moved))
@@ -115,7 +118,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn counted(state: &AppState, e: impl Into<ApiError>) -> ApiError {
+pub(super) fn counted(state: &AppState, e: impl Into<ApiError>) -> ApiError {
     let e = e.into();
     state.metrics.error(&e.kind);
     e
@@ -131,7 +134,7 @@ fn valid_call_id(id: &str) -> bool {
 /// Holds one of the user's call slots and the call's registry entry; releases both however the
 /// request ends (finished, failed, or dropped because the client went away). Owned, so that a
 /// download's body can hold its slot until the last byte is sent.
-struct InFlight {
+pub(super) struct InFlight {
     state: Arc<AppState>,
     user: UserId,
     call_id: Option<String>,
@@ -426,7 +429,7 @@ async fn call_tool(request: ToolRequest, tool: &str) -> ApiResult {
 
 /// Says so when a call ends because its client went away: dropped with the request (or the event
 /// stream's body), which stops the call and kills its processes, before its answer was ready.
-struct ClientGone<'a> {
+pub(super) struct ClientGone<'a> {
     state: &'a AppState,
     user: &'a UserId,
     call_id: &'a str,
@@ -436,7 +439,12 @@ struct ClientGone<'a> {
 }
 
 impl<'a> ClientGone<'a> {
-    fn armed(state: &'a AppState, user: &'a UserId, call_id: &'a str, tool: &'static str) -> Self {
+    pub(super) fn armed(
+        state: &'a AppState,
+        user: &'a UserId,
+        call_id: &'a str,
+        tool: &'static str,
+    ) -> Self {
         ClientGone {
             state,
             user,
@@ -448,7 +456,7 @@ impl<'a> ClientGone<'a> {
     }
 
     /// The call ran to its end (whatever it answers).
-    fn disarm(mut self) {
+    pub(super) fn disarm(mut self) {
         self.armed = false;
     }
 }
@@ -465,7 +473,7 @@ impl Drop for ClientGone<'_> {
 }
 
 /// Counts and logs a call's end; the result, or the error as the API answers it.
-fn finished(
+pub(super) fn finished(
     st: &AppState,
     user: &UserId,
     call_id: &str,
@@ -659,7 +667,10 @@ async fn kill_job(
 }
 
 /// The user a transfer is for, and one of its call slots, held while the transfer runs.
-fn transfer_slot(state: &Arc<AppState>, user: &str) -> Result<(UserId, InFlight), ApiError> {
+pub(super) fn transfer_slot(
+    state: &Arc<AppState>,
+    user: &str,
+) -> Result<(UserId, InFlight), ApiError> {
     let user = UserId::parse(user).map_err(|e| counted(state, e))?;
     let mut slot = InFlight {
         state: state.clone(),

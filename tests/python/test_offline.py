@@ -76,6 +76,18 @@ def test_an_error_event_raises_after_the_output_before_it() -> None:
     assert (e.value.kind, e.value.status) == ("not_found", 404)
 
 
+def test_an_error_event_says_its_own_status() -> None:
+    # A kind the client's table does not know: the status the event carries picks the class.
+    body = (
+        b'event: started\ndata: {"call_id":"c","tool":"shell"}\n\n'
+        b'event: error\ndata: {"error":{"kind":"sandbox_gone","message":"removed"},"status":503}\n\n'
+    )
+    with _mock(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)) as c:
+        with pytest.raises(Unavailable) as e:
+            list(c.user("u").stream_shell("x"))
+    assert (e.value.kind, e.value.status) == ("sandbox_gone", 503)
+
+
 def test_a_stream_cut_before_its_result_raises() -> None:
     body = b'event: started\ndata: {"call_id":"c","tool":"shell"}\n\n'
     with _mock(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)) as c:

@@ -35,8 +35,9 @@ class SandboxError(Exception):
     """An error the daemon answered (or, for ``ProtocolError``, an answer that broke the API).
 
     ``status`` is the HTTP status. For an ``error`` event inside an event stream (the stream itself
-    was a 200), it is the status the same error has as a plain answer, from ``KIND_STATUS``, so that
-    a streamed call and a plain one raise the same class.
+    was a 200), it is the status the same error has as a plain answer, which the event carries
+    (``KIND_STATUS`` guesses it for a daemon too old to say), so that a streamed call and a plain
+    one raise the same class.
     """
 
     def __init__(self, kind: str, message: str, status: Optional[int] = None) -> None:
@@ -185,7 +186,9 @@ def from_error_body(body: Any, status: Optional[int]) -> Optional[SandboxError]:
     kind = err["kind"]
     message = err.get("message")
     if status is None:
-        status = KIND_STATUS.get(kind)
+        # A stream's error event says its status; older daemons did not (then the table guesses).
+        given = body.get("status")
+        status = given if isinstance(given, int) and not isinstance(given, bool) else KIND_STATUS.get(kind)
     return make_error(kind, message if isinstance(message, str) else "", status)
 
 
