@@ -126,7 +126,7 @@ async fn remove_network(network: &str) {
 /// One HTTP/1.1 request over a fresh loopback connection, as a client without keep-alive would.
 async fn http_post(addr: &str, path: &str, body: &str) -> u16 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("POST {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
@@ -151,7 +151,7 @@ impl KeepAlive {
 
     async fn post(&mut self, path: &str, body: &str) -> u16 {
         use tokio::io::AsyncBufReadExt;
-        let req = format!("POST {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let req = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         self.s.get_mut().write_all(req.as_bytes()).await.unwrap();
         let (mut status, mut len) = (0u16, 0usize);
         let mut line = String::new();
@@ -179,7 +179,7 @@ impl KeepAlive {
 async fn sse_call(addr: &str, path: &str, body: &str) -> (Duration, Duration, usize) {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("POST {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let t = Instant::now();
     s.write_all(req.as_bytes()).await.unwrap();
     let (mut first, mut total) = (None, 0usize);
@@ -205,7 +205,7 @@ async fn sse_call(addr: &str, path: &str, body: &str) -> (Duration, Duration, us
 async fn get_body(addr: &str, path: &str) -> String {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();

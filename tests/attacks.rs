@@ -469,7 +469,7 @@ async fn an_output_flood_does_not_grow_the_daemons_memory() {
             let post = |command: &str| -> Value {
                 let body = json!({ "command": command, "timeout": 60 }).to_string();
                 let mut s = std::net::TcpStream::connect(&addr).unwrap();
-                write!(s, "POST /v1/users/{user}/tools/shell HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+                write!(s, "POST /v1/users/{user}/tools/shell HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
                 let mut resp = String::new();
                 s.read_to_string(&mut resp).unwrap();
                 serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()

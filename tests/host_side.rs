@@ -506,7 +506,7 @@ async fn slow_idle_and_surplus_connections_are_cut_but_a_long_call_is_not() {
     }
     // Slow headers: half a request line, then nothing.
     let mut slow = connect().await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     let t0 = Instant::now();
@@ -521,7 +521,7 @@ async fn slow_idle_and_surplus_connections_are_cut_but_a_long_call_is_not() {
     );
     // Idle keep-alive: one request answered, then the connection is closed after the idle time.
     let mut idle = connect().await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut buf = vec![0u8; 4096];
@@ -540,7 +540,7 @@ async fn slow_idle_and_surplus_connections_are_cut_but_a_long_call_is_not() {
     // A body declared and never sent: an error once ZCBOT_HTTP_BODY_TIMEOUT passes, not a hang.
     let mut mute = connect().await.unwrap();
     let head = format!(
-        "POST /v1/users/{u}/tools/shell HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"comm"
+        "POST /v1/users/{u}/tools/shell HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"comm"
     );
     mute.write_all(head.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 4096];

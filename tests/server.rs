@@ -558,7 +558,7 @@ async fn a_client_that_disconnects_takes_its_processes_with_it() {
     assert_eq!(s, 200);
     let container = t.container_name(&user);
     let body = json!({"command": "setsid sleep 6001 & sleep 6002"}).to_string();
-    let req = format!("POST /v1/users/{user}/tools/shell HTTP/1.1\r\nHost: z\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req = format!("POST /v1/users/{user}/tools/shell HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let mut conn = tokio::net::TcpStream::connect(d.addr.trim_start_matches("http://"))
         .await
         .unwrap();

@@ -48,7 +48,7 @@ async fn put_with(addr: &str, path: &str, body: &[u8], chunked: bool, extra: &st
         format!("Content-Length: {}", body.len())
     };
     s.write_all(
-        format!("PUT {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{extra}{length}\r\n\r\n")
+        format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}{length}\r\n\r\n")
             .as_bytes(),
     )
     .await
@@ -90,7 +90,7 @@ async fn put_with(addr: &str, path: &str, body: &[u8], chunked: bool, extra: &st
 async fn part_of_an_upload(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let head =
-        "PUT /v1/users/u/files/keep.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 524288\r\n\r\n";
+        "PUT /v1/users/u/files/keep.txt HTTP/1.1\r\nHost: localhost\r\nContent-Length: 524288\r\n\r\n";
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&vec![b'z'; 100 << 10]).await.unwrap();
     s
@@ -102,7 +102,8 @@ async fn get(addr: &str, path: &str) -> (u16, String, u64, String) {
     let mut s = BufReader::new(TcpStream::connect(addr).await.unwrap());
     s.get_mut()
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .unwrap();
@@ -461,7 +462,7 @@ async fn the_image_runs_a_data_task_and_its_plot_comes_back_as_a_png() {
     let mut s = BufReader::new(TcpStream::connect(&d.addr).await.unwrap());
     s.get_mut()
         .write_all(
-            b"GET /v1/users/u/files/plot.png HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"GET /v1/users/u/files/plot.png HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         )
         .await
         .unwrap();

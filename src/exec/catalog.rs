@@ -7,7 +7,7 @@ use serde_json::Value;
 use utoipa::PartialSchema;
 
 use super::{PathArgs, PythonArgs, ReadFileArgs, ShellArgs, WriteFileArgs};
-use crate::config::{Config, Egress};
+use crate::config::{Backend, Config, Egress};
 
 /// One tool: what `GET /v1/tools` and MCP's `tools/list` describe.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +31,16 @@ pub fn tools(cfg: &Config) -> Vec<ToolSpec> {
         Egress::None => "no network at all",
         Egress::Public => "public internet addresses only (no private ranges, no host)",
     };
+    // The model is told the truth about where its commands run.
+    let place = match cfg.backend {
+        Backend::Docker => format!(
+            "in this user's own Linux sandbox: Debian with Python 3 and common tools, an \
+             unprivileged user, {network}"
+        ),
+        Backend::Host => "on the daemon's own machine (a development setup: NOT isolated, \
+                          with its network)"
+            .to_owned(),
+    };
     let timeouts = format!(
         "timeout: seconds or a duration such as \"2m\"; default {}, at most {}",
         humantime::format_duration(cfg.exec_timeout),
@@ -40,10 +50,8 @@ pub fn tools(cfg: &Config) -> Vec<ToolSpec> {
         ToolSpec {
             name: "shell",
             description: format!(
-                "Run a shell command (sh -c COMMAND) in this user's own Linux sandbox: Debian with \
-                 Python 3 and common tools, an unprivileged user, {network}. The working folder \
-                 is /workspace, whose files persist between calls and are the ones the file tools \
-                 see. Answers exit_code, stdout and stderr (each at most {cap}: the middle of \
+                "Run a shell command (sh -c COMMAND) {place}. The working folder is /workspace, \
+                 whose files persist between calls and are the ones the file tools see. Answers exit_code, stdout and stderr (each at most {cap}: the middle of \
                  longer output is dropped) and timed_out. {timeouts}."
             ),
             parameters: schema(ShellArgs::schema()),
@@ -191,7 +199,21 @@ mod tests {
             "{}",
             shell.description
         );
-        assert!(shell.description.contains("no network"));
+        // The default backend is the host: the model is not told it is sandboxed.
+        assert!(
+            shell.description.contains("NOT isolated"),
+            "{}",
+            shell.description
+        );
+        let docker =
+            Config::from_lookup(|k| (k == "ZCBOT_SANDBOX_BACKEND").then(|| "docker".into()))
+                .unwrap();
+        let sandboxed = tool(&docker, "shell").unwrap();
+        assert!(
+            sandboxed.description.contains("no network"),
+            "{}",
+            sandboxed.description
+        );
         assert_eq!(human_bytes(65536), "64 KiB");
         assert_eq!(human_bytes(3 << 20), "3 MiB");
         assert_eq!(human_bytes(1000), "1000 bytes");

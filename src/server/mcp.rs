@@ -35,17 +35,26 @@ use crate::user::UserId;
 const PROGRESS_BYTES: usize = 16 << 10;
 /// The least time between two progress notifications of one call.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// How often an idle response stream sends a keep-alive.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// The largest progress token (as JSON) the output is sent with: it is copied into every
+/// notification, so a huge one would multiply the traffic; a call with a larger one just runs
+/// without progress.
+const MAX_PROGRESS_TOKEN: usize = 256;
 
 /// The tower service the router mounts at `/v1/users/{user}/mcp`.
 pub(super) fn service(
     state: Arc<AppState>,
 ) -> StreamableHttpService<McpTools, NeverSessionManager> {
     let cfg = state.executor_config();
+    // The SDK's own token is left alone: at the end of the shutdown grace the calls are
+    // cancelled (`all_calls`) and each answers `cancelled` on its stream, which then ends; cutting
+    // the streams instead would lose those answers.
     let mut config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
         .with_max_request_body_bytes(cfg.max_body)
-        // Shutdown ends the streams once the calls have had their grace (as for the API).
-        .with_cancellation_token(state.all_calls.child_token());
+        // As the API's event streams: a client that vanished shows up within seconds.
+        .with_sse_keep_alive(Some(KEEP_ALIVE));
     if state.token_hash.is_some() {
         // The bearer token already stands between a browser and this route: the SDK's check of
         // `Host` against loopback names (against DNS rebinding) would only refuse a daemon
@@ -120,7 +129,8 @@ impl ServerHandler for McpTools {
         // The SDK moves a request's `_meta` into its context; the params keep it in some versions.
         let progress = request
             .progress_token()
-            .or_else(|| context.meta.get_progress_token());
+            .or_else(|| context.meta.get_progress_token())
+            .filter(|t| serde_json::to_string(t).map_or(0, |s| s.len()) <= MAX_PROGRESS_TOKEN);
         let name = request.name.to_string();
         let args = Value::Object(request.arguments.unwrap_or_default());
         Ok(
@@ -288,7 +298,8 @@ impl Progress {
 /// the whole result as structured content. A process that failed, timed out or was cancelled is
 /// an error result, so that the model is told.
 fn result(r: ToolResult) -> CallToolResult {
-    let failed = r.timed_out || r.cancelled || r.exit_code.is_some_and(|c| c != 0);
+    // A process that did not exit 0 (a session whose interpreter was lost has no exit code).
+    let failed = r.timed_out || r.cancelled || (r.data.is_none() && r.exit_code != Some(0));
     let text = render(&r);
     let structured = serde_json::to_value(&r).unwrap_or(Value::Null);
     let mut out = if failed {

@@ -208,7 +208,9 @@ impl Server {
         all_calls_at_end.cancel();
         // Calls cancelled at the end of the grace stop within the kill grace; make sure they did.
         let drained = tokio::time::timeout(settle, async {
-            while !state.calls.is_empty() || state.jobs.running() > 0 {
+            // `per_user` counts every call slot held: API and MCP calls, transfers, followers.
+            while !state.calls.is_empty() || !state.per_user.is_empty() || state.jobs.running() > 0
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -266,6 +268,50 @@ impl AppState {
             Executor::Docker(d) => d.pool().config(),
         }
     }
+}
+
+/// Without a token, a daemon on loopback trusts whoever can connect: its own machine. A web page
+/// in a browser on that machine can connect too, by a cross-site request (a form's POST needs no
+/// preflight) or by rebinding its own name to 127.0.0.1; browsers say so in `Origin` and `Host`.
+/// Such requests are refused: an `Origin` that is not a loopback one, a `Host` that is not a
+/// loopback name or address. (With a token none of this can happen: a page cannot send it.)
+fn browser_refusal(headers: &axum::http::HeaderMap) -> Option<ApiError> {
+    let value = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
+    if let Some(origin) = value(axum::http::header::ORIGIN) {
+        let host = origin.split_once("://").map_or("", |(_, rest)| rest);
+        if !loopback_authority(host) {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                "a request from a web page of another origin (its Origin header) is refused by a \
+                 daemon without a token: set ZCBOT_API_TOKEN to serve browsers' backends",
+            ));
+        }
+    }
+    if let Some(host) = value(axum::http::header::HOST) {
+        if !loopback_authority(host) {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "bad_host",
+                "a daemon without a token answers only loopback names (Host: localhost or \
+                 127.0.0.1): set ZCBOT_API_TOKEN to be reached by another name",
+            ));
+        }
+    }
+    None
+}
+
+/// Whether `host[:port]` names this machine's loopback: `localhost`, `127.0.0.0/8`, `[::1]`.
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let host = host.trim_end_matches('.');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Binds a unix socket with mode 0600. A stale socket file (nobody listening) is replaced; a live
@@ -394,6 +440,12 @@ impl IntoResponse for ApiError {
 /// With a token configured, every request needs `Authorization: Bearer <token>`. Hashing both
 /// sides first makes the comparison constant-time in content and length.
 pub(crate) async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.token_hash.is_none() && matches!(state.executor_config().listen, Listen::Tcp(_)) {
+        if let Some(refusal) = browser_refusal(req.headers()) {
+            state.metrics.error(refusal.kind.as_str());
+            return refusal.into_response();
+        }
+    }
     if let Some(expected) = &state.token_hash {
         let given = req
             .headers()

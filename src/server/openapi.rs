@@ -83,7 +83,8 @@ fn call_id_schema() -> Object {
         .max_length(Some(64))
         .pattern(Some(r"^[A-Za-z0-9._-]{1,64}$"))
         .description(Some(
-            "Your id for the call (unique among the user's calls in flight): cancel it with \
+            "Your id for the call (unique: a cancel for an id that just ended waits a moment and \
+             would stop the next call to take it): cancel it with \
              DELETE /v1/users/{user}/calls/{call_id} (a cancel waits a moment for a call still \
              on its way), or, with background, the job's id. A new one is made when it is missing.",
         ))

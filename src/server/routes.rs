@@ -304,11 +304,16 @@ async fn unknown_tool(
     Path((user, tool)): Path<(String, String)>,
 ) -> ApiResult {
     UserId::parse(&user).map_err(|e| counted(&state, e))?;
-    let e = ToolCall::parse(&tool, json!({})).err().map(ApiError::from);
-    Err(counted(
-        &state,
-        e.unwrap_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_tool", "no such tool")),
-    ))
+    let e = match ToolCall::parse(&tool, json!({})) {
+        Err(e) if e.kind() == "unknown_tool" => e.into(),
+        // A known name that reached this route was written another way (percent-encoded).
+        _ => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_tool",
+            format!("no route for the tool as written: name it plainly, POST /v1/users/{user}/tools/{tool}"),
+        ),
+    };
+    Err(counted(&state, e))
 }
 
 async fn call_tool(request: ToolRequest, tool: &str) -> ApiResult {
@@ -463,7 +468,8 @@ impl<'a> ClientGone<'a> {
 
 impl Drop for ClientGone<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        // A panic unwinding through the call is not a client that went away.
+        if self.armed && !std::thread::panicking() {
             self.state.metrics.client_gone();
             tracing::info!(user = %self.user, tool = self.tool, call_id = %self.call_id,
                 after_ms = self.started.elapsed().as_millis() as u64,
@@ -1033,7 +1039,16 @@ async fn healthz() -> Response {
     responses((status = 200, description = "The document", content_type = "application/json",
         body = Object)))]
 async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
-    Json(document(state.token_hash.is_some())).into_response()
+    static WITH_TOKEN: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    static WITHOUT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let token = state.token_hash.is_some();
+    let cell = if token { &WITH_TOKEN } else { &WITHOUT };
+    let body = cell.get_or_init(|| {
+        serde_json::to_vec(&document(token))
+            .unwrap_or_default()
+            .into()
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
 }
 
 /// Which shape `GET /v1/tools` answers in.

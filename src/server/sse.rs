@@ -26,23 +26,23 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// The most bytes one output event carries.
 const EVENT_BYTES: usize = 32 << 10;
 
-/// Whether the request asks for an event stream: `Accept: text/event-stream`, or `stream=true`
-/// (or `1`) in the query. Any other value of `stream` than those and `false`/`0` is refused, so
-/// a typo does not quietly answer the other way.
+/// Whether the request asks for an event stream: `stream=true` (or `1`) in the query, or, without
+/// `stream`, `Accept: text/event-stream`; `stream=false` (or `0`) answers JSON whatever `Accept`
+/// says. Any other value of `stream` is refused, so a typo does not quietly answer the other way.
 pub(super) fn wanted(headers: &HeaderMap, query: Option<&str>) -> Result<bool, ApiError> {
     let accept = headers
         .get_all(axum::http::header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.to_ascii_lowercase().contains("text/event-stream"));
-    let mut asked = false;
+    let mut asked = None;
     for kv in query.unwrap_or("").split('&') {
         let Some(value) = kv.strip_prefix("stream=") else {
             continue;
         };
         asked = match value {
-            "1" | "true" => true,
-            "0" | "false" => false,
+            "1" | "true" => Some(true),
+            "0" | "false" => Some(false),
             _ => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -52,7 +52,7 @@ pub(super) fn wanted(headers: &HeaderMap, query: Option<&str>) -> Result<bool, A
             }
         };
     }
-    Ok(accept || asked)
+    Ok(asked.unwrap_or(accept))
 }
 
 /// One event of a stream, as the document describes it: its name and its JSON as text.
@@ -286,6 +286,10 @@ mod tests {
             "application/json, Text/Event-Stream".parse().unwrap(),
         );
         assert!(wanted(&h, None));
+        assert!(
+            !wanted(&h, Some("stream=false")),
+            "an explicit no wins over Accept"
+        );
     }
 
     #[test]

@@ -269,3 +269,59 @@ async fn metrics_show_what_the_pool_transports_and_routes_did() {
     assert!(text.contains("# TYPE zcbot_reaped counter\n"), "{text}");
     assert!(text.ends_with("# EOF\n"), "{text}");
 }
+
+#[test]
+fn without_a_token_browsers_pages_are_refused_and_local_callers_are_not() {
+    use axum::http::HeaderMap;
+    let refusal = |pairs: &[(&'static str, &str)]| {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        super::browser_refusal(&h).map(|e| e.kind)
+    };
+    // What a backend on this machine (curl, httpx) sends: served.
+    for host in [
+        "127.0.0.1:8787",
+        "localhost:8787",
+        "[::1]:8787",
+        "127.0.0.2",
+        "LOCALHOST.",
+    ] {
+        assert_eq!(refusal(&[("host", host)]), None, "{host}");
+    }
+    assert_eq!(refusal(&[]), None, "an HTTP/1.0 request without Host");
+    assert_eq!(
+        refusal(&[
+            ("host", "127.0.0.1:8787"),
+            ("origin", "http://localhost:3000")
+        ]),
+        None,
+        "a page served from this machine"
+    );
+    // A page of another site posting to the daemon (a form needs no preflight).
+    assert_eq!(
+        refusal(&[
+            ("host", "127.0.0.1:8787"),
+            ("origin", "https://evil.example")
+        ])
+        .as_deref(),
+        Some("cross_origin")
+    );
+    assert_eq!(
+        refusal(&[("host", "127.0.0.1:8787"), ("origin", "null")]).as_deref(),
+        Some("cross_origin")
+    );
+    // A page that rebound its own name to 127.0.0.1: same origin, but its Host is its name.
+    for host in [
+        "evil.example:8787",
+        "127.0.0.1.evil.example",
+        "localhost.evil.example",
+    ] {
+        assert_eq!(
+            refusal(&[("host", host)]).as_deref(),
+            Some("bad_host"),
+            "{host}"
+        );
+    }
+}

@@ -428,7 +428,7 @@ pub async fn http_with(
     body: Option<String>,
     headers: &[(&str, &str)],
 ) -> (u16, String, String) {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: zcbot\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

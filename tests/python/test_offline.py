@@ -149,3 +149,26 @@ def test_a_background_call_is_not_streamed() -> None:
     with _mock(lambda r: httpx.Response(500)) as c:
         with pytest.raises(ValueError):
             c.user("u").stream("shell", {"command": "x", "background": True})
+
+
+def test_a_long_event_line_cut_into_many_reads_is_parsed_in_linear_time() -> None:
+    import time
+
+    line = b'event: result\ndata: {"stdout": "' + b"\\u0001" * (2 << 20) + b'"}\n\n'
+    p = SSEParser()
+    started = time.monotonic()
+    events = []
+    for i in range(0, len(line), 4096):
+        events += p.feed(line[i : i + 4096])
+    took = time.monotonic() - started
+    assert len(events) == 1 and events[0][0] == "result" and len(events[0][1]) > 12 << 20
+    # Quadratic rescanning took tens of seconds here; one pass over 12 MiB takes well under one.
+    assert took < 5, f"{took:.1f} s"
+
+
+def test_line_ends_split_across_reads() -> None:
+    p = SSEParser()
+    got = []
+    for piece in [b"event: a\r", b"\ndata: 1\r", b"\r", b"event: b\n", b"data: 2\n", b"\n"]:
+        got += p.feed(piece)
+    assert got == [("a", "1"), ("b", "2")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 from typing import Any, Dict, List, Optional, Tuple, Union
 from urllib.parse import quote
 
@@ -58,11 +59,17 @@ def short_timeout(timeout: Union[float, httpx.Timeout, None]) -> httpx.Timeout:
     return httpx.Timeout(timeout)
 
 
+#: How long a tool call may go without a byte of its answer: far past any call the daemon lets
+#: run (its ZCBOT_EXEC_TIMEOUT_MAX is 10 minutes by default, plus a sandbox start), so it only
+#: ends a wait on a connection that died without closing (a host gone, a NAT that forgot it).
+CALL_SILENCE = 1800.0
+
+
 def call_timeout(short: httpx.Timeout) -> httpx.Timeout:
-    """For a tool call: no read timeout. A call may rightly run for its whole timeout (up to the
-    daemon's ZCBOT_EXEC_TIMEOUT_MAX, minutes) plus a sandbox start, and the daemon bounds it
-    itself; connecting, sending and waiting for a pooled connection keep their limits."""
-    return httpx.Timeout(connect=short.connect, read=None, write=short.write, pool=short.pool)
+    """For a tool call: a read timeout of CALL_SILENCE. A call may rightly run for its whole
+    timeout plus a sandbox start, and the daemon bounds it itself; connecting, sending and waiting
+    for a pooled connection keep their limits."""
+    return httpx.Timeout(connect=short.connect, read=CALL_SILENCE, write=short.write, pool=short.pool)
 
 
 def stream_timeout(short: httpx.Timeout) -> httpx.Timeout:
@@ -170,13 +177,23 @@ def is_event_stream(resp: httpx.Response) -> bool:
     return ctype.split(";")[0].strip().lower() == EVENT_STREAM
 
 
+#: A line end in an event stream: CRLF, LF or CR.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+#: The longest event line accepted: a result with both output streams at the daemon's largest cap,
+#: every byte escaped, and a session's rich results, fit well within it.
+MAX_EVENT_LINE = 256 << 20
+
+
 class SSEParser:
     """Server-Sent Events, per the HTML spec: lines end with CRLF, LF or CR; ``event`` and
     ``data`` fields; a blank line dispatches; comment lines (``:``) are keep-alives. Fed raw
     bytes as they arrive, so a line or a character split across reads is handled."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        # The pieces of a line not yet ended, joined once it ends: each byte is looked at once,
+        # however the line is cut into reads (a result event is one line of megabytes).
+        self._partial: List[bytes] = []
+        self._partial_len = 0
         self._event = ""
         self._data: List[str] = []
         self._has_data = False
@@ -184,24 +201,27 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> List[Tuple[str, str]]:
         out: List[Tuple[str, str]] = []
-        buf = self._buf + chunk
         start = 0
-        n = len(buf)
-        i = 0
-        while i < n:
-            c = buf[i]
-            if self._skip_lf:
-                self._skip_lf = False
-                if c == 0x0A:
-                    start = i + 1
-                    i += 1
-                    continue
-            if c == 0x0A or c == 0x0D:
-                self._line(buf[start:i], out)
-                self._skip_lf = c == 0x0D
-                start = i + 1
-            i += 1
-        self._buf = buf[start:]
+        if self._skip_lf and chunk:
+            # A CR ended the last read: a LF opening this one belongs to it.
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                start = 1
+        for m in _LINE_END.finditer(chunk, start):
+            self._partial.append(chunk[start : m.start()])
+            self._line(b"".join(self._partial), out)
+            self._partial, self._partial_len = [], 0
+            start = m.end()
+            if m.group() == b"\r" and start == len(chunk):
+                self._skip_lf = True
+        rest = chunk[start:]
+        if rest:
+            self._partial.append(rest)
+            self._partial_len += len(rest)
+            if self._partial_len > MAX_EVENT_LINE:
+                raise ProtocolError(
+                    "protocol", f"an event line longer than {MAX_EVENT_LINE} bytes: not the daemon's stream"
+                )
         return out
 
     def _line(self, raw: bytes, out: List[Tuple[str, str]]) -> None:
