@@ -310,7 +310,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             argv,
         } => {
             let user = UserId::parse(&user)?;
-            let executor = Executor::from_config(Config::from_env()?).await?;
+            let config = Config::from_env()?;
+            warn_if_host_backend(&config);
+            let executor = Executor::from_config(config).await?;
             let result = with_ctrl_c(|cancel| async move {
                 executor
                     .run_argv(&user, argv, timeout, workdir, &cancel)
@@ -338,7 +340,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 args["timeout"] = serde_json::json!(t.as_secs_f64());
             }
             let call = ToolCall::parse("run_python", args)?;
-            let executor = Executor::from_config(Config::from_env()?).await?;
+            let config = Config::from_env()?;
+            warn_if_host_backend(&config);
+            let executor = Executor::from_config(config).await?;
             let result =
                 with_ctrl_c(|cancel| async move { executor.run(&user, call, &cancel).await })
                     .await?;
@@ -362,6 +366,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `exec` and `python` on the host backend (the default) run the command right here, as whoever
+/// runs the CLI (often root): a user who expected a sandbox must not learn that from its effects.
+fn warn_if_host_backend(config: &Config) {
+    if config.backend != zcbot_sandbox::config::Backend::Host {
+        return;
+    }
+    let uid = nix::unistd::geteuid();
+    let who = if uid.is_root() {
+        "root".to_owned()
+    } else {
+        format!("uid {uid}")
+    };
+    eprintln!(
+        "zcbot-sandbox: WARNING: ZCBOT_SANDBOX_BACKEND is host (the default when unset): this runs \
+         on this host as {who}, NOT isolated (development only). Set ZCBOT_SANDBOX_BACKEND=docker \
+         to run it in the user's sandbox."
+    );
 }
 
 /// Runs `f` with a token that Ctrl-C cancels (the call's processes are killed, not orphaned).

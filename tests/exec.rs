@@ -726,3 +726,56 @@ async fn a_container_restarted_behind_the_pools_back_gets_its_rules_before_the_n
         "the call ran without the rules back in place"
     );
 }
+
+#[tokio::test]
+async fn the_cli_says_loudly_when_exec_and_python_run_on_the_host() {
+    let t = TestPool::new("xhostcli");
+    let run = |args: &[&str], backend: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"));
+        cmd.args(args)
+            .envs(t.env())
+            .env_remove("ZCBOT_SANDBOX_BACKEND")
+            .stdin(std::process::Stdio::null());
+        if let Some(b) = backend {
+            cmd.env("ZCBOT_SANDBOX_BACKEND", b);
+        }
+        cmd.output().unwrap()
+    };
+    let user = t.user("u");
+    for args in [
+        vec!["exec", "--user", user.as_str(), "--", "echo", "ran"],
+        vec!["python", "--user", user.as_str(), "-"],
+    ] {
+        let out = run(&args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("NOT isolated") && stderr.contains("ZCBOT_SANDBOX_BACKEND=docker"),
+            "{args:?} ran on the host without a word: {stderr}"
+        );
+    }
+    // The warning is on stderr only: --json output stays machine-readable.
+    let out = run(
+        &[
+            "exec",
+            "--user",
+            user.as_str(),
+            "--json",
+            "--",
+            "echo",
+            "ran",
+        ],
+        Some("host"),
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["stdout"], "ran\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT isolated"));
+    // The docker backend says nothing of the kind.
+    let out = run(
+        &["exec", "--user", user.as_str(), "--", "echo", "ran"],
+        Some("docker"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n", "{stderr}");
+    assert!(!stderr.contains("NOT isolated"), "{stderr}");
+}
