@@ -816,6 +816,49 @@ async fn startup_fails_with_the_reason_and_never_serves_half_initialised() {
 }
 
 #[tokio::test]
+async fn a_daemon_on_a_busy_port_fails_fast_and_touches_no_sandbox() {
+    let mut t = TestPool::new("sbusy");
+    // A sandbox an earlier run left stopped: a start that got as far as its reconcile removes it.
+    let user = t.user("u");
+    t.pool().await.ensure(&user).await.unwrap();
+    let name = t.container_name(&user);
+    docker(&["stop", "-t", "0", &name]);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    t.set("ZCBOT_SANDBOX_BACKEND", "docker")
+        .set("ZCBOT_LISTEN", &addr);
+    let started = Instant::now();
+    let env = t.env();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .arg("serve")
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listen on {addr}"))
+            && stderr.contains("Address already in use")
+            && stderr.contains("ZCBOT_LISTEN"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+    assert!(!stderr.contains("reconciled"), "{stderr}");
+    // Untouched: the stopped sandbox is still there, and no probe sandbox was made.
+    assert_eq!(t.containers(), vec![name.clone()]);
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Status}}", &name]),
+        "exited"
+    );
+    drop(busy);
+}
+
+#[tokio::test]
 async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
     let mut t = TestPool::new("sbin");
     t.set("ZCBOT_SANDBOX_BACKEND", "docker")
