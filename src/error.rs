@@ -1,6 +1,12 @@
 //! The library's error type: one variant per failure a caller can tell apart and act on.
 //!
 //! Every message says what happened and, where there is one, what to do about it.
+//!
+//! **Each error's text includes its cause, and no error reports a `source()` as well**: the API,
+//! the logs and the CLI all print `to_string()`, and a printer that also walks the source chain
+//! (anyhow's `{:#}`) would print the cause twice ("Address already in use (os error 98): Address
+//! already in use (os error 98)"). A foreign error is turned into text with
+//! [`crate::text::error_chain`], which keeps its causes once.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -268,15 +274,14 @@ pub enum Error {
     },
 
     /// A host file or folder operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {error}")]
     Io {
         /// What was being done.
         op: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error (in the text, so not a `source()`: see the module docs).
+        error: std::io::Error,
     },
 }
 
@@ -324,11 +329,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
-            source,
+            error,
         }
     }
 }
@@ -460,5 +465,22 @@ impl EngineError {
     /// Whether the engine is unavailable (unreachable or hung), as opposed to refusing a request.
     pub fn is_unavailable(&self) -> bool {
         !matches!(self, EngineError::Failed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printer_of_the_whole_chain_shows_an_os_error_once() {
+        let busy = std::io::Error::from_raw_os_error(98);
+        let err = Error::io("listen on", "127.0.0.1:8787", busy);
+        let printed = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(printed.matches("os error 98").count(), 1, "{printed}");
+        assert!(
+            printed.starts_with("listen on 127.0.0.1:8787: "),
+            "{printed}"
+        );
     }
 }

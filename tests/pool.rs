@@ -531,6 +531,33 @@ async fn an_unreachable_daemon_is_named_with_the_fix() {
         msg.contains("unix:///nonexistent/docker.sock") && msg.contains("is dockerd running"),
         "{msg}"
     );
+    // As the CLI prints it: the cause once. A socket nobody listens on says so (the client's
+    // own text hides the errno).
+    let dead = t.root.join("dead.sock");
+    std::fs::create_dir_all(&t.root).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+    for (host, cause) in [
+        (
+            "unix:///nonexistent/docker.sock".to_owned(),
+            "Socket not found",
+        ),
+        (format!("unix://{}", dead.display()), "Connection refused"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .arg("ps")
+            .envs(t.env())
+            .env("DOCKER_HOST", &host)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(stderr.matches(cause).count(), 1, "{host}: {stderr}");
+        assert_eq!(
+            stderr.matches("not reachable").count(),
+            1,
+            "{host}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -847,6 +847,11 @@ async fn a_daemon_on_a_busy_port_fails_fast_and_touches_no_sandbox() {
             && stderr.contains("ZCBOT_LISTEN"),
         "{stderr}"
     );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "the cause is printed once: {stderr}"
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
     assert!(!stderr.contains("reconciled"), "{stderr}");
     // Untouched: the stopped sandbox is still there, and no probe sandbox was made.
