@@ -132,8 +132,8 @@ pub struct Config {
     /// `ZCBOT_JOB_TIMEOUT`: a background job's timeout when it gives none, and the longest it
     /// may ask for (default 24h).
     pub job_timeout: Duration,
-    /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT`, or a unix socket as an absolute path or
-    /// `unix:PATH` (default `127.0.0.1:8787`).
+    /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT` (a host name resolved once, here), or a
+    /// unix socket as an absolute path or `unix:PATH` (default `127.0.0.1:8787`).
     pub listen: Listen,
     /// `ZCBOT_API_TOKEN`: when set, every request needs `Authorization: Bearer <token>`. A secret:
     /// its `Debug` prints `[REDACTED]`, so logging the config never leaks it.
@@ -460,7 +460,7 @@ struct FilesArgs {
 struct HttpArgs {
     /// HOST:PORT, or a unix socket path (/path or unix:/path).
     #[arg(long, env = "ZCBOT_LISTEN", default_value = "127.0.0.1:8787", value_parser = parse_listen)]
-    listen: Listen,
+    listen: ListenSpec,
     /// Every request needs `Authorization: Bearer <token>`. A variable only: `hide` marks it so
     /// ([`Variable::env_only`]), and `serve` refuses the flag.
     #[arg(long, env = "ZCBOT_API_TOKEN", hide = true, value_parser = parse_token)]
@@ -711,17 +711,7 @@ impl Settings {
                 reason: format!("must not hold ZCBOT_SANDBOX_UID ({uid})"),
             });
         }
-        if let Listen::Tcp(addr) = &http.listen {
-            if !addr.ip().is_loopback() && http.api_token.is_none() {
-                return Err(Error::Config {
-                    var: "ZCBOT_LISTEN",
-                    value: addr.to_string(),
-                    reason: "anyone who reaches the API can run code as any user: listening \
-                             beyond loopback needs ZCBOT_API_TOKEN"
-                        .into(),
-                });
-            }
-        }
+        let listen = http.listen.check(http.api_token.is_some())?;
         if http
             .api_token
             .as_ref()
@@ -777,7 +767,7 @@ impl Settings {
             python_session_idle: exec.python_session_idle,
             user_max_jobs: exec.user_max_jobs,
             job_timeout: exec.job_timeout,
-            listen: http.listen,
+            listen,
             api_token: http.api_token,
             max_body: http.max_body,
             user_max_calls: http.user_max_calls,
@@ -888,17 +878,77 @@ fn parse_bool(v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-fn parse_listen(v: &str) -> std::result::Result<Listen, String> {
+/// `ZCBOT_LISTEN` as written, a host name already resolved: which address to bind is decided
+/// with the token in view ([`ListenSpec::check`]).
+#[derive(Debug, Clone)]
+enum ListenSpec {
+    /// `HOST:PORT` as written, and every address it resolves to (one for an IP).
+    Tcp(String, Vec<std::net::SocketAddr>),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl ListenSpec {
+    /// The address to bind: the first IPv4 one a name resolves to, else its first. Every address
+    /// the name resolves to must be loopback unless a token is set: the same name may resolve
+    /// otherwise tomorrow, or for the client.
+    fn check(self, token: bool) -> Result<Listen> {
+        let (text, addrs) = match self {
+            ListenSpec::Unix(path) => return Ok(Listen::Unix(path)),
+            ListenSpec::Tcp(text, addrs) => (text, addrs),
+        };
+        if let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            if !token {
+                return Err(Error::Config {
+                    var: "ZCBOT_LISTEN",
+                    value: text,
+                    reason: format!(
+                        "anyone who reaches the API can run code as any user: listening beyond \
+                         loopback ({} is not loopback) needs ZCBOT_API_TOKEN",
+                        open.ip()
+                    ),
+                });
+            }
+        }
+        let first = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .expect("a resolved name has an address");
+        Ok(Listen::Tcp(first))
+    }
+}
+
+fn parse_listen(v: &str) -> std::result::Result<ListenSpec, String> {
     let v = v.trim();
     if let Some(path) = v.strip_prefix("unix:") {
-        return parse_abs_path(path).map(Listen::Unix);
+        return parse_abs_path(path).map(ListenSpec::Unix);
     }
     if v.starts_with('/') {
-        return parse_abs_path(v).map(Listen::Unix);
+        return parse_abs_path(v).map(ListenSpec::Unix);
     }
-    v.parse()
-        .map(Listen::Tcp)
-        .map_err(|_| "write HOST:PORT (e.g. 127.0.0.1:8787) or a unix socket path".into())
+    const HOW: &str = "write HOST:PORT (127.0.0.1:8787, [::1]:8787 or localhost:8787) or a unix \
+                       socket path";
+    if let Ok(addr) = v.parse::<std::net::SocketAddr>() {
+        return Ok(ListenSpec::Tcp(v.to_owned(), vec![addr]));
+    }
+    let (host, port) = v.rsplit_once(':').ok_or(HOW)?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("bad port {port:?}: {HOW}"))?;
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':') {
+        return Err(HOW.into());
+    }
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("the host name {host} does not resolve ({e}): {HOW}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!(
+            "the host name {host} resolves to no address: {HOW}"
+        ));
+    }
+    Ok(ListenSpec::Tcp(v.to_owned(), addrs))
 }
 
 /// Every duration: humantime's spellings (`500ms`, `90s`, `5m`, `1h 30m`), never zero.
@@ -1198,6 +1248,45 @@ mod tests {
         assert!(
             err.contains("ZCBOT_API_TOKEN") && !err.contains("short"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_host_name_is_resolved_and_every_address_it_has_must_be_loopback_without_a_token() {
+        let c = cfg(&[("ZCBOT_LISTEN", "localhost:8913")]).unwrap();
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8913".parse().unwrap()));
+        let err = cfg(&[("ZCBOT_LISTEN", "no-such-host.invalid:8913")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ZCBOT_LISTEN") && err.contains("does not resolve"),
+            "{err}"
+        );
+        for bad in ["localhost", "localhost:http", ":8913"] {
+            let err = cfg(&[("ZCBOT_LISTEN", bad)]).unwrap_err().to_string();
+            assert!(err.contains("HOST:PORT"), "{bad}: {err}");
+        }
+        // A name with one address beyond loopback needs the token, whichever address is bound.
+        let addrs = vec![
+            "127.0.0.1:8913".parse().unwrap(),
+            "10.1.2.3:8913".parse().unwrap(),
+        ];
+        let spec = ListenSpec::Tcp("both:8913".into(), addrs);
+        let err = spec.clone().check(false).unwrap_err().to_string();
+        assert!(
+            err.contains("10.1.2.3") && err.contains("ZCBOT_API_TOKEN"),
+            "{err}"
+        );
+        assert_eq!(
+            spec.check(true).unwrap(),
+            Listen::Tcp("127.0.0.1:8913".parse().unwrap())
+        );
+        let v6_first = vec!["[::1]:1".parse().unwrap(), "127.0.0.1:1".parse().unwrap()];
+        assert_eq!(
+            ListenSpec::Tcp("l:1".into(), v6_first)
+                .check(false)
+                .unwrap(),
+            Listen::Tcp("127.0.0.1:1".parse().unwrap())
         );
     }
 
