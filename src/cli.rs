@@ -81,8 +81,8 @@ enum Command {
     /// Remove sandboxes idle longer than --idle (default ZCBOT_SANDBOX_IDLE). Calls in flight in a
     /// running daemon are invisible here: while a daemon serves the pool, use its API instead.
     Reap {
-        /// Idle time, e.g. 90s or 5m.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Idle time: seconds (90) or with a unit (90s, 5m).
+        #[arg(long, value_parser = zcbot_sandbox::config::parse_duration)]
         idle: Option<Duration>,
     },
     /// Run a command for a user through the configured backend (ZCBOT_SANDBOX_BACKEND), as that
@@ -92,8 +92,8 @@ enum Command {
         /// The user id.
         #[arg(long)]
         user: String,
-        /// Timeout, e.g. 30s (default ZCBOT_EXEC_TIMEOUT).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Timeout: seconds (30) or with a unit (30s, 2m) (default ZCBOT_EXEC_TIMEOUT).
+        #[arg(long, value_parser = zcbot_sandbox::config::parse_duration)]
         timeout: Option<Duration>,
         /// Working directory under /workspace.
         #[arg(long)]
@@ -110,8 +110,8 @@ enum Command {
         /// The user id.
         #[arg(long)]
         user: String,
-        /// Timeout, e.g. 30s (default ZCBOT_EXEC_TIMEOUT).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Timeout: seconds (30) or with a unit (30s, 2m) (default ZCBOT_EXEC_TIMEOUT).
+        #[arg(long, value_parser = zcbot_sandbox::config::parse_duration)]
         timeout: Option<Duration>,
         /// Print the result as JSON instead of the streams.
         #[arg(long)]

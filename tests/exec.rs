@@ -779,3 +779,44 @@ async fn the_cli_says_loudly_when_exec_and_python_run_on_the_host() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n", "{stderr}");
     assert!(!stderr.contains("NOT isolated"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_bare_number_is_seconds_in_the_api_and_the_cli_alike() {
+    // The host backend: what is tested is the reading of the timeout, not the sandbox.
+    let t = TestPool::new("xsecs");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    let user = t.user("u");
+    for timeout in [json!(1), json!("1"), json!("1s"), json!("1000ms")] {
+        let started = Instant::now();
+        let r = call(
+            &ex,
+            &user,
+            "shell",
+            json!({"command": "sleep 5", "timeout": timeout}),
+        )
+        .await;
+        assert!(r.timed_out, "{timeout}: {r:?}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{timeout}");
+    }
+    for timeout in ["1", "1s"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .args(["exec", "--user", user.as_str(), "--timeout", timeout])
+            .args(["--", "sleep", "5"])
+            .envs(t.env())
+            .env_remove("ZCBOT_SANDBOX_BACKEND")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(124),
+            "--timeout {timeout}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And a variable: ZCBOT_EXEC_TIMEOUT=1 is the default timeout of one second.
+    let mut t = t;
+    t.set("ZCBOT_EXEC_TIMEOUT", "1");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    let r = call(&ex, &user, "shell", json!({"command": "sleep 5"})).await;
+    assert!(r.timed_out, "{r:?}");
+}

@@ -787,7 +787,7 @@ impl Executor {
                     "timeout {s} is not a positive number of seconds"
                 )))
             }
-            Some(TimeoutArg::Text(t)) => humantime::parse_duration(&t)
+            Some(TimeoutArg::Text(t)) => crate::config::parse_duration(&t)
                 .ok()
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| bad(format!("timeout {t:?} is not a duration such as 30s or 2m")))?,
