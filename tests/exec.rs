@@ -820,3 +820,44 @@ async fn a_bare_number_is_seconds_in_the_api_and_the_cli_alike() {
     let r = call(&ex, &user, "shell", json!({"command": "sleep 5"})).await;
     assert!(r.timed_out, "{r:?}");
 }
+
+#[tokio::test]
+async fn a_bad_timeout_says_what_a_timeout_is_and_its_bound_in_a_line() {
+    let mut t = TestPool::new("xbadtime");
+    t.set("ZCBOT_EXEC_TIMEOUT_MAX", "10m");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    for timeout in [
+        json!(true),
+        json!([30]),
+        json!({"secs": 30}),
+        json!(1e308),
+        json!(-1),
+        json!(0),
+        json!(601),
+        json!("11m"),
+        json!("forever"),
+        json!("x".repeat(10_000)),
+    ] {
+        let err = ToolCall::parse("shell", json!({"command": "true", "timeout": timeout}))
+            .and_then(|call| ex.prepare(call).map(|_| ()))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.kind(), "bad_call", "{timeout}: {msg}");
+        assert!(
+            msg.contains("seconds") && msg.contains("duration string"),
+            "{timeout}: {msg}"
+        );
+        assert!(msg.contains("ZCBOT_EXEC_TIMEOUT_MAX"), "{timeout}: {msg}");
+        assert!(
+            !msg.contains("TimeoutArg") && !msg.contains("untagged"),
+            "{msg}"
+        );
+        assert!(msg.len() < 240, "{timeout}: {} bytes: {msg}", msg.len());
+    }
+    // Where the value's type was right, the bound is the configured one.
+    let err = ToolCall::parse("shell", json!({"command": "true", "timeout": 1e308}))
+        .and_then(|call| ex.prepare(call).map(|_| ()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1e308") && err.contains("10m"), "{err}");
+}
