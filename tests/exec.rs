@@ -169,8 +169,40 @@ async fn workdir_is_confined_to_workspace(transport: &str) {
         json!({"command": "pwd", "workdir": "missing"}),
     )
     .await;
-    assert_ne!(r.exit_code, Some(0));
-    assert!(r.stderr.contains("working directory"), "{r:?}");
+    assert_eq!(r.exit_code, Some(126), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("working directory /workspace/missing: no such folder"),
+        "{r:?}"
+    );
+    let r = call(
+        &ex,
+        &user,
+        "run_python",
+        json!({"code": "print(1)", "workdir": "sub/dir/f.txt"}),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(126), "{r:?}");
+    assert!(
+        r.stderr.contains("/workspace/sub/dir/f.txt: not a folder"),
+        "{r:?}"
+    );
+    // A PATH of the call's own that holds no sh or python3: the call says so, naming it.
+    for (tool, args, program) in [
+        ("shell", json!({"command": "true"}), "sh"),
+        ("run_python", json!({"code": "print(1)"}), "python3"),
+    ] {
+        let mut args = args;
+        args["env"] = json!({"PATH": "/nowhere:/workspace"});
+        let r = call(&ex, &user, tool, args).await;
+        assert_eq!(r.exit_code, Some(127), "{r:?}");
+        assert!(
+            r.stderr.contains(&format!(
+                "cannot run {program}: not found on the call's PATH (/nowhere:/workspace)"
+            )),
+            "{tool}: {r:?}"
+        );
+    }
 }
 
 async fn a_timeout_kills_every_process_of_the_call_even_escaped_ones(transport: &str) {
@@ -674,6 +706,19 @@ async fn host_backend_keeps_the_guarantees_that_need_no_container() {
     assert!(!r.stdout.contains("must-not-leak"), "{}", r.stdout);
     let r = call(&ex, &user, "run_python", json!({"code": "print(6*7)"})).await;
     assert_eq!(r.stdout, "42\n");
+    let r = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": "true", "env": {"PATH": "/nowhere"}}),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(127), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("cannot run sh: not found on the call's PATH (/nowhere)"),
+        "{r:?}"
+    );
     let marker = format!("zcbot-host-{}", t.pool_id);
     let r = call(
         &ex,
