@@ -277,7 +277,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("removed {n} sandbox(es)");
             } else if let Some(user) = user {
                 let user = UserId::parse(&user)?;
-                if pool.remove(&user).await? {
+                if pool
+                    .remove_by(&user, zcbot_sandbox::pool::Remover::Operator)
+                    .await?
+                {
                     println!("removed {}", pool.container_name(&user));
                 } else {
                     println!("{} had no sandbox", user);

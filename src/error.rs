@@ -185,7 +185,12 @@ pub enum Error {
 
     /// The exec channel to the sandbox died while the call ran (helper killed, container removed
     /// or restarted, stream error). The call's processes were killed; nothing of it is left.
-    #[error("the exec channel to sandbox {container} of user {user} died while the call was running ({reason}); its processes were killed: run the call again")]
+    /// When someone removed the sandbox on purpose it says who, and not to run the call again
+    /// blindly: the removal was meant, and the call may have done part of its work.
+    #[error("{}", match removed_by {
+        Some(by) => format!("sandbox {container} of user {user} was removed {by} while the call was running; its processes went with it. What the call did before that stands: check before running it again (the next call gets a fresh sandbox)"),
+        None => format!("the exec channel to sandbox {container} of user {user} died while the call was running ({reason}); its processes were killed: run the call again"),
+    })]
     ChannelLost {
         /// The user whose call it was.
         user: String,
@@ -193,6 +198,8 @@ pub enum Error {
         container: String,
         /// Why the channel died.
         reason: String,
+        /// Who removed the sandbox, when that is why (see [`crate::pool::Remover`]).
+        removed_by: Option<String>,
     },
 
     /// A Python session is running other code; the call did not run.
@@ -316,6 +323,10 @@ impl Error {
             Error::UploadBroken { .. } => "bad_body",
             Error::DiskQuota { .. } => "disk_quota",
             Error::Io { .. } => "io",
+            Error::ChannelLost {
+                removed_by: Some(_),
+                ..
+            } => "sandbox_removed",
             Error::ChannelLost { .. } => "channel_lost",
             Error::CallStart { .. } => "call_start",
             Error::SessionBusy { .. } => "session_busy",

@@ -864,6 +864,65 @@ async fn a_daemon_on_a_busy_port_fails_fast_and_touches_no_sandbox() {
 }
 
 #[tokio::test]
+async fn a_call_whose_sandbox_is_removed_says_who_removed_it_and_not_to_just_retry() {
+    for transport in ["channel", "exec"] {
+        let mut t = TestPool::new("sremoved");
+        t.set("ZCBOT_EXEC_TRANSPORT", transport);
+        let d = Daemon::start(&t).await;
+        let user = t.user("u");
+        let container = t.container_name(&user);
+        for (how, said) in [
+            ("api", "was removed through the API"),
+            ("cli", "was removed by an operator (zcbot-sandbox rm)"),
+        ] {
+            let path = format!("/v1/users/{user}/tools/shell");
+            let call = {
+                let (addr, path) = (d.addr.clone(), path.clone());
+                tokio::spawn(async move {
+                    let body = json!({"command": "sleep 7301"}).to_string();
+                    raw(&addr, "POST", &path, Some(body), &[]).await
+                })
+            };
+            let until = Instant::now() + Duration::from_secs(30);
+            while sleepers(&container, "sleep 7301").is_empty() {
+                assert!(Instant::now() < until, "the call never started");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if how == "api" {
+                let (s, body) = d
+                    .req("DELETE", &format!("/v1/users/{user}/sandbox"), None)
+                    .await;
+                assert_eq!(s, 200, "{body}");
+            } else {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+                    .args(["rm", "--user", user.as_str()])
+                    .envs(t.env())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+            }
+            let (_, _, body) = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .expect("the call ends with its sandbox")
+                .unwrap();
+            let body: Value = serde_json::from_str(&body).unwrap();
+            let msg = body["error"]["message"].as_str().unwrap_or_default();
+            assert_eq!(
+                body["error"]["kind"], "sandbox_removed",
+                "{transport} {how}: {body}"
+            );
+            assert!(msg.contains(said), "{transport} {how}: {msg}");
+            assert!(
+                msg.contains("check before running it again")
+                    && !msg.contains("run the call again"),
+                "{transport} {how}: {msg}"
+            );
+        }
+        d.shutdown().await;
+    }
+}
+
+#[tokio::test]
 async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
     let mut t = TestPool::new("sbin");
     t.set("ZCBOT_SANDBOX_BACKEND", "docker")

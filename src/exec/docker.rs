@@ -201,8 +201,27 @@ impl DockerExecutor {
                     per_call = true;
                     self.stats.fallbacks.inc();
                 }
-                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Failed(e)) => return Err(self.said_removed(e, &container_id)),
             }
+        }
+    }
+
+    /// A channel that died because its sandbox was removed on purpose says so (the engine's
+    /// event of the death may come after the channel's end).
+    fn said_removed(&self, e: Error, container_id: &str) -> Error {
+        match e {
+            Error::ChannelLost {
+                user,
+                container,
+                reason,
+                removed_by: None,
+            } => Error::ChannelLost {
+                user,
+                container,
+                reason,
+                removed_by: self.pool.removed_by(container_id),
+            },
+            e => e,
         }
     }
 
@@ -221,13 +240,14 @@ impl DockerExecutor {
         let mut retried = false;
         loop {
             let lease = self.pool.lease(user).await?;
+            let container_id = lease.sandbox().container_id.clone();
             let attempt = self
                 .channels
                 .run_session(lease, name, code, timeout, tap, cancel)
                 .await;
             match attempt {
                 Ok(done) => return Ok(done),
-                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Failed(e)) => return Err(self.said_removed(e, &container_id)),
                 Err(Attempt::Gone(container_id)) if !retried => {
                     self.pool.invalidate(user, &container_id);
                     retried = true;
@@ -265,10 +285,16 @@ impl DockerExecutor {
         self.channels.container_gone(container_id).await;
         self.pool.invalidate(user, container_id);
         let container = self.pool.container_name(user);
-        let (oom, exit) = match self.pool.engine().inspect(container_id).await {
+        // Removed on purpose (by this process or another): the call says by whom.
+        let removed_by = self.pool.removed_by(container_id);
+        let inspected = self.pool.engine().inspect(container_id).await;
+        let gone = matches!(inspected, Ok(None));
+        let (oom, exit) = match inspected {
             // The engine keeps OOMKilled set once any process of the container was OOM-killed:
             // only a death by SIGKILL (137) is the OOM killer's.
-            Ok(Some(c)) => (c.oom_killed && c.exit_code == Some(137), c.exit_code),
+            Ok(Some(c)) if removed_by.is_none() => {
+                (c.oom_killed && c.exit_code == Some(137), c.exit_code)
+            }
             _ => (false, None),
         };
         tracing::warn!(user = %user, container = %container, oom, exit, "the sandbox died during a call");
@@ -298,6 +324,8 @@ impl DockerExecutor {
                 container,
                 reason: "the sandbox stopped during the call (stopped or killed from outside)"
                     .into(),
+                removed_by: removed_by
+                    .or_else(|| gone.then(|| "from outside zcbot-sandbox (docker rm?)".to_owned())),
             });
         };
         let mut stderr = Capture::new(cfg.output_cap);
