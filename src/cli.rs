@@ -139,9 +139,15 @@ enum Command {
 }
 
 /// Logs go to stderr: human format on a terminal, JSON with ZCBOT_LOG_FORMAT=json; RUST_LOG filters.
-pub fn init_logging() {
+/// The daemon logs at info by default; a one-shot command at warn, since its output is the
+/// answer and an info line per step is noise there.
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Serve { .. } => "zcbot_sandbox=info",
+        _ => "zcbot_sandbox=warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("zcbot_sandbox=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -520,6 +520,26 @@ async fn bad_user_ids_are_refused_before_any_docker_call() {
 }
 
 #[tokio::test]
+async fn cli_commands_log_warnings_only_unless_rust_log_says_otherwise() {
+    let t = TestPool::new("quiet");
+    let ps = |rust_log: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"));
+        cmd.arg("ps").envs(t.env()).env_remove("RUST_LOG");
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let quiet = ps(None);
+    assert!(!quiet.contains(" INFO "), "{quiet}");
+    // Control: the same command at info says what it did ("sandbox pool ready", ...).
+    let chatty = ps(Some("zcbot_sandbox=info"));
+    assert!(chatty.contains(" INFO "), "{chatty}");
+}
+
+#[tokio::test]
 async fn an_unreachable_daemon_is_named_with_the_fix() {
     let t = TestPool::new("down");
     let mut cfg = t.config();
