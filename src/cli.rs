@@ -69,10 +69,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove one user's sandbox, or every sandbox of this pool.
+    /// Remove one user's sandbox (--user U), or every sandbox of this pool (--all).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["user", "all"])))]
     Rm {
         /// The user whose sandbox to remove.
-        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        #[arg(long)]
         user: Option<String>,
         /// Remove every sandbox of this pool.
         #[arg(long)]

@@ -539,6 +539,21 @@ async fn cli_commands_log_warnings_only_unless_rust_log_says_otherwise() {
     assert!(chatty.contains(" INFO "), "{chatty}");
 }
 
+#[test]
+fn rm_without_a_target_names_both_targets() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+        .arg("rm")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--user") && stderr.contains("--all"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_daemon_is_named_with_the_fix() {
     let t = TestPool::new("down");
