@@ -79,6 +79,10 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Tear the pool down: remove its sandboxes (any state), its network if the pool made it,
+    /// and that network's host firewall chains. Stop the pool's daemon first (it would make them
+    /// again for the next call).
+    Down,
     /// Remove sandboxes idle longer than --idle (default ZCBOT_SANDBOX_IDLE). Calls in flight in a
     /// running daemon are invisible here: while a daemon serves the pool, use its API instead.
     Reap {
@@ -294,6 +298,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             } else {
                 bail!("say --user U or --all");
+            }
+        }
+        Command::Down => {
+            let config = Config::from_env()?;
+            let report = zcbot_sandbox::pool::down::down(&config).await?;
+            println!(
+                "removed {} sandbox(es) of pool {}",
+                report.containers, config.pool_id
+            );
+            for line in report.lines {
+                println!("{line}");
             }
         }
         Command::Reap { idle } => {

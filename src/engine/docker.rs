@@ -230,6 +230,7 @@ fn network(n: bollard::models::Network) -> Network {
             .filter_map(|c| Some((c.subnet?, c.gateway)))
             .collect(),
         created: time(n.created.as_deref()),
+        labels: n.labels.unwrap_or_default(),
     }
 }
 

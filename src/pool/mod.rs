@@ -12,6 +12,7 @@
 pub mod activity;
 pub mod claims;
 mod deaths;
+pub mod down;
 pub mod metrics;
 pub mod mounts;
 pub mod network;
@@ -261,6 +262,7 @@ impl SandboxPool {
             engine.as_ref(),
             &config.network_name(),
             config.egress == crate::config::Egress::None,
+            &config.pool_id,
         )
         .await?;
         let blocked = spec::blocklist(&config, &spec::host_addresses());
