@@ -50,7 +50,51 @@ over_both_transports!(
     a_container_removed_behind_the_pools_back_is_recreated_and_the_call_retried,
     a_killed_supervisor_leaves_no_orphans,
     a_container_restarted_behind_the_pools_back_gets_its_rules_before_the_next_call,
+    a_python_traceback_names_the_callers_code_not_a_descriptor,
 );
+
+/// What a failing stateless program prints, on an executor: the traceback names `<run_python>`
+/// with the failing line, and nothing of the way the program was fed.
+async fn python_tracebacks_name_the_program(ex: &Executor, user: &UserId) {
+    let code = "import sys\n\ndef f():\n    return 1 / 0\n\nf()\n";
+    let r = call(ex, user, "run_python", json!({ "code": code })).await;
+    assert_eq!(r.exit_code, Some(1), "{r:?}");
+    let tb = &r.stderr;
+    assert!(
+        tb.contains("File \"<run_python>\", line 6, in <module>")
+            && tb.contains("File \"<run_python>\", line 4, in f")
+            && tb.contains("return 1 / 0")
+            && tb.contains("ZeroDivisionError"),
+        "{tb}"
+    );
+    assert!(
+        !tb.contains("/proc/self/fd") && !tb.contains("<string>") && !tb.contains("<stdin>"),
+        "{tb}"
+    );
+    let r = call(ex, user, "run_python", json!({"code": "x = 1\ny = (\n"})).await;
+    assert_eq!(r.exit_code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("File \"<run_python>\", line 2") && r.stderr.contains("SyntaxError"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("<string>"), "{r:?}");
+    // The program's own names only: nothing of the way it was started leaks into them.
+    let r = call(
+        ex,
+        user,
+        "run_python",
+        json!({"code": "print(sorted(k for k in globals() if not k.startswith('__')), __name__)"}),
+    )
+    .await;
+    assert_eq!(r.stdout, "[] __main__\n", "{r:?}");
+}
+
+async fn a_python_traceback_names_the_callers_code_not_a_descriptor(transport: &str) {
+    let mut t = TestPool::new("xtb");
+    t.set("ZCBOT_EXEC_TRANSPORT", transport);
+    let ex = docker_executor(&t).await;
+    python_tracebacks_name_the_program(&ex, &t.user("u")).await;
+}
 
 /// The sandbox user's processes other than `ps` itself, as the docker CLI sees them.
 fn user_processes(container: &str) -> Vec<String> {
@@ -524,10 +568,10 @@ async fn run_python_writes_nothing_on_the_host_even_with_planted_links(transport
         &ex,
         &user,
         "run_python",
-        json!({"code": "import sys\nprint('ran', sys.argv[0].startswith('/proc/'))"}),
+        json!({"code": "import sys\nprint('ran', sys.argv[0])"}),
     )
     .await;
-    assert_eq!(r.stdout, "ran True\n", "{r:?}");
+    assert_eq!(r.stdout, "ran <run_python>\n", "{r:?}");
     let after: Vec<_> = std::fs::read_dir(&ws)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -706,6 +750,7 @@ async fn host_backend_keeps_the_guarantees_that_need_no_container() {
     assert!(!r.stdout.contains("must-not-leak"), "{}", r.stdout);
     let r = call(&ex, &user, "run_python", json!({"code": "print(6*7)"})).await;
     assert_eq!(r.stdout, "42\n");
+    python_tracebacks_name_the_program(&ex, &user).await;
     let r = call(
         &ex,
         &user,

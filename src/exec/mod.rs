@@ -57,6 +57,10 @@ pub(crate) fn base_env(extra: &BTreeMap<String, String>) -> Vec<String> {
 /// Makes a user's [`Workspace`] on the blocking pool.
 type MakeWorkspace = Box<dyn FnOnce() -> Result<Workspace> + Send>;
 
+/// What a stateless `run_python` runs: the program (the path of its memfd or `-`, appended by
+/// the transport) under the name `<run_python>`, so a traceback names the caller's code.
+const RUN_PYTHON: &str = include_str!("run_python.py");
+
 /// The largest command (all arguments together) and the largest program a call may carry: what
 /// fits a channel frame and the in-container supervisor's own bound.
 const MAX_COMMAND_BYTES: usize = 1 << 20;
@@ -626,7 +630,7 @@ impl Executor {
             }
             ToolCall::RunPython(a) => Run::Process(self.spec(
                 tool,
-                vec!["python3".into()],
+                vec!["python3".into(), "-c".into(), RUN_PYTHON.into()],
                 Some(a.code.into_bytes()),
                 a.timeout,
                 a.workdir,
