@@ -17,7 +17,22 @@
 #                         $PIP_CERT, else $SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt)
 #   DEBIAN_MIRROR         mirror for debootstrap                (debootstrap's default)
 #   PULL_TIMEOUT          seconds to wait for a pull            (60)
+#
+# --if-changed: do nothing when the image exists and was built from the same inputs (this
+# Dockerfile and entry, the supervisor's sources, the requirements, the uid, the CA bundle, this
+# script) on the same base, which labels on the image record; scripts/run.sh starts with it, so a
+# start neither rebuilds nor retags an image others may be using.
 set -euo pipefail
+
+if_changed=0
+case "${1:-}" in
+--if-changed) if_changed=1 ;;
+"") ;;
+*)
+    echo "build-image: unknown argument '$1' (the only one is --if-changed)" >&2
+    exit 2
+    ;;
+esac
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 base_image=${BASE_IMAGE:-python:3.11-slim}
@@ -38,6 +53,30 @@ docker info >/dev/null 2>&1 || die "Docker daemon not reachable (DOCKER_HOST=${D
 [[ $uid =~ ^[0-9]+$ && $gid =~ ^[0-9]+$ && $uid -gt 0 ]] || die "ZCBOT_SANDBOX_UID must be UID:GID with a non-zero uid, got '$uidgid'"
 requirements=${ZCBOT_SANDBOX_REQUIREMENTS:-$here/deploy/sandbox/requirements.txt}
 [ -f "$requirements" ] && [ -r "$requirements" ] || die "ZCBOT_SANDBOX_REQUIREMENTS: cannot read '$requirements' (a pip requirements file)"
+build_ca=${ZCBOT_BUILD_CA:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
+
+# Everything the image is made of but its base, as one hash (the label io.zcbot.inputs).
+inputs=$(
+    cd "$here"
+    {
+        cat scripts/build-image.sh deploy/sandbox/Dockerfile deploy/sandbox/entry.sh Cargo.lock
+        find supervisor -path supervisor/target -prune -o -type f \( -name '*.rs' -o -name Cargo.toml \) -print |
+            LC_ALL=C sort | xargs cat
+        cat "$requirements"
+        echo "uid:gid $uid:$gid"
+        if [ -f "$build_ca" ]; then cat "$build_ca"; fi
+    } | sha256sum | cut -d' ' -f1
+)
+label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
+if [ "$if_changed" = 1 ] && docker image inspect "$image" >/dev/null 2>&1; then
+    built_base=$(label "$image" io.zcbot.base)
+    if [ "$(label "$image" io.zcbot.inputs)" = "$inputs" ] && [ -n "$built_base" ] &&
+        [ "$(docker image inspect -f '{{.Id}}' "$built_base" 2>/dev/null)" = "$(label "$image" io.zcbot.base-id)" ]; then
+        say "$image is up to date (same sources, same base $built_base): not rebuilt"
+        exit 0
+    fi
+    say "$image was built from other sources or another base: rebuilding it"
+fi
 
 make_local_base() {
     say "making local base $local_base with debootstrap (once; reused afterwards)"
@@ -94,7 +133,6 @@ trap "rm -rf '$context' '$context.log'" EXIT
 cp "$here/deploy/sandbox/Dockerfile" "$here/deploy/sandbox/entry.sh" "$context/"
 cp "$here/target/supervisor/$triple/release/zcbot-supervise" "$context/zcbot-supervise"
 cp "$requirements" "$context/requirements.txt"
-build_ca=${ZCBOT_BUILD_CA:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 if [ -f "$build_ca" ]; then cp "$build_ca" "$context/build-ca.pem"; else : >"$context/build-ca.pem"; fi
 
 say "building $image from base $base (sandbox uid:gid $uid:$gid; Python packages from $requirements)"
@@ -104,8 +142,13 @@ docker build \
     --build-arg "BASE_IMAGE=$base" \
     --build-arg "SANDBOX_UID=$uid" \
     --build-arg "SANDBOX_GID=$gid" \
+    --label "io.zcbot.inputs=$inputs" \
+    --label "io.zcbot.base=$base" \
+    --label "io.zcbot.base-id=$(docker image inspect -f '{{.Id}}' "$base")" \
     -t "$image" "$context" >"$context.log" 2>&1 || {
-    tail -n 40 "$context.log" >&2
+    # Without the engine's notice that its legacy builder is deprecated: not why it failed.
+    awk '/^DEPRECATED: The legacy builder/ { skip = 1; next } skip && /^ / { next } { skip = 0; print }' \
+        "$context.log" | tail -n 40 >&2
     rm -f "$context.log"
     die "docker build failed (the end of its log is above)"
 }

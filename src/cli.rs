@@ -69,20 +69,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove one user's sandbox, or every sandbox of this pool.
+    /// Remove one user's sandbox (--user U), or every sandbox of this pool (--all).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["user", "all"])))]
     Rm {
         /// The user whose sandbox to remove.
-        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        #[arg(long)]
         user: Option<String>,
         /// Remove every sandbox of this pool.
         #[arg(long)]
         all: bool,
     },
+    /// Tear the pool down: remove its sandboxes (any state), its network if the pool made it,
+    /// and that network's host firewall chains. Stop the pool's daemon first (it would make them
+    /// again for the next call).
+    Down,
     /// Remove sandboxes idle longer than --idle (default ZCBOT_SANDBOX_IDLE). Calls in flight in a
     /// running daemon are invisible here: while a daemon serves the pool, use its API instead.
     Reap {
-        /// Idle time, e.g. 90s or 5m.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Idle time: seconds (90) or with a unit (90s, 5m).
+        #[arg(long, value_parser = zcbot_sandbox::config::parse_duration)]
         idle: Option<Duration>,
     },
     /// Run a command for a user through the configured backend (ZCBOT_SANDBOX_BACKEND), as that
@@ -92,8 +97,8 @@ enum Command {
         /// The user id.
         #[arg(long)]
         user: String,
-        /// Timeout, e.g. 30s (default ZCBOT_EXEC_TIMEOUT).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Timeout: seconds (30) or with a unit (30s, 2m) (default ZCBOT_EXEC_TIMEOUT).
+        #[arg(long, value_parser = zcbot_sandbox::config::parse_duration)]
         timeout: Option<Duration>,
         /// Working directory under /workspace.
         #[arg(long)]
@@ -110,8 +115,8 @@ enum Command {
         /// The user id.
         #[arg(long)]
         user: String,
-        /// Timeout, e.g. 30s (default ZCBOT_EXEC_TIMEOUT).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Timeout: seconds (30) or with a unit (30s, 2m) (default ZCBOT_EXEC_TIMEOUT).
+        #[arg(long, value_parser = zcbot_sandbox::config::parse_duration)]
         timeout: Option<Duration>,
         /// Print the result as JSON instead of the streams.
         #[arg(long)]
@@ -139,9 +144,15 @@ enum Command {
 }
 
 /// Logs go to stderr: human format on a terminal, JSON with ZCBOT_LOG_FORMAT=json; RUST_LOG filters.
-pub fn init_logging() {
+/// The daemon logs at info by default; a one-shot command at warn, since its output is the
+/// answer and an info line per step is noise there.
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Serve { .. } => "zcbot_sandbox=info",
+        _ => "zcbot_sandbox=warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("zcbot_sandbox=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -277,13 +288,27 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("removed {n} sandbox(es)");
             } else if let Some(user) = user {
                 let user = UserId::parse(&user)?;
-                if pool.remove(&user).await? {
+                if pool
+                    .remove_by(&user, zcbot_sandbox::pool::Remover::Operator)
+                    .await?
+                {
                     println!("removed {}", pool.container_name(&user));
                 } else {
                     println!("{} had no sandbox", user);
                 }
             } else {
                 bail!("say --user U or --all");
+            }
+        }
+        Command::Down => {
+            let config = Config::from_env()?;
+            let report = zcbot_sandbox::pool::down::down(&config).await?;
+            println!(
+                "removed {} sandbox(es) of pool {}",
+                report.containers, config.pool_id
+            );
+            for line in report.lines {
+                println!("{line}");
             }
         }
         Command::Reap { idle } => {
@@ -310,7 +335,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             argv,
         } => {
             let user = UserId::parse(&user)?;
-            let executor = Executor::from_config(Config::from_env()?).await?;
+            let config = Config::from_env()?;
+            warn_if_host_backend(&config);
+            let executor = Executor::from_config(config).await?;
             let result = with_ctrl_c(|cancel| async move {
                 executor
                     .run_argv(&user, argv, timeout, workdir, &cancel)
@@ -338,7 +365,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 args["timeout"] = serde_json::json!(t.as_secs_f64());
             }
             let call = ToolCall::parse("run_python", args)?;
-            let executor = Executor::from_config(Config::from_env()?).await?;
+            let config = Config::from_env()?;
+            warn_if_host_backend(&config);
+            let executor = Executor::from_config(config).await?;
             let result =
                 with_ctrl_c(|cancel| async move { executor.run(&user, call, &cancel).await })
                     .await?;
@@ -362,6 +391,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `exec` and `python` on the host backend (the default) run the command right here, as whoever
+/// runs the CLI (often root): a user who expected a sandbox must not learn that from its effects.
+fn warn_if_host_backend(config: &Config) {
+    if config.backend != zcbot_sandbox::config::Backend::Host {
+        return;
+    }
+    let uid = nix::unistd::geteuid();
+    let who = if uid.is_root() {
+        "root".to_owned()
+    } else {
+        format!("uid {uid}")
+    };
+    eprintln!(
+        "zcbot-sandbox: WARNING: ZCBOT_SANDBOX_BACKEND is host (the default when unset): this runs \
+         on this host as {who}, NOT isolated (development only). Set ZCBOT_SANDBOX_BACKEND=docker \
+         to run it in the user's sandbox."
+    );
 }
 
 /// Runs `f` with a token that Ctrl-C cancels (the call's processes are killed, not orphaned).

@@ -132,8 +132,8 @@ pub struct Config {
     /// `ZCBOT_JOB_TIMEOUT`: a background job's timeout when it gives none, and the longest it
     /// may ask for (default 24h).
     pub job_timeout: Duration,
-    /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT`, or a unix socket as an absolute path or
-    /// `unix:PATH` (default `127.0.0.1:8787`).
+    /// `ZCBOT_LISTEN`: where `serve` listens: `HOST:PORT` (a host name resolved once, here), or a
+    /// unix socket as an absolute path or `unix:PATH` (default `127.0.0.1:8787`).
     pub listen: Listen,
     /// `ZCBOT_API_TOKEN`: when set, every request needs `Authorization: Bearer <token>`. A secret:
     /// its `Debug` prints `[REDACTED]`, so logging the config never leaks it.
@@ -339,10 +339,10 @@ struct EngineArgs {
     #[arg(long, env = "DOCKER_HOST", value_parser = parse_docker_host)]
     docker_host: Option<String>,
     /// Deadline of every single Docker call.
-    #[arg(long, env = "ZCBOT_DOCKER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_DOCKER_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     docker_timeout: Duration,
     /// How long a new sandbox may take to report its rules in place.
-    #[arg(long, env = "ZCBOT_SANDBOX_START_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_SANDBOX_START_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     start_timeout: Duration,
     /// Separates pools on one host; a pool touches only containers labelled with its id.
     #[arg(long, env = "ZCBOT_POOL_ID", default_value = "default", value_parser = parse_pool_id)]
@@ -354,10 +354,10 @@ struct EngineArgs {
 #[command(next_help_heading = "Sandbox limits")]
 struct SandboxArgs {
     /// A sandbox idle this long is reaped.
-    #[arg(long, env = "ZCBOT_SANDBOX_IDLE", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_SANDBOX_IDLE", default_value = "5m", value_parser = positive_duration)]
     idle: Duration,
     /// How often the reaper looks.
-    #[arg(long, env = "ZCBOT_SANDBOX_REAP_EVERY", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_SANDBOX_REAP_EVERY", default_value = "60s", value_parser = positive_duration)]
     reap_every: Duration,
     /// A sandbox idle this long is paused until its next call (0: never).
     #[arg(long, env = "ZCBOT_SANDBOX_PAUSE_AFTER", default_value = "60s", value_parser = parse_duration_or_off)]
@@ -438,7 +438,7 @@ struct FilesArgs {
     #[arg(long, env = "ZCBOT_STATE_DIR", default_value = "/var/lib/zcbot-sandbox/state", value_parser = parse_abs_path)]
     state_dir: PathBuf,
     /// The deadline of one file tool call.
-    #[arg(long, env = "ZCBOT_FILE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_FILE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     file_timeout: Duration,
     /// Folder entries one file call may visit.
     #[arg(long, env = "ZCBOT_FILE_MAX_ENTRIES", default_value = "1000000", value_parser = int::<u64>(100, 1 << 40))]
@@ -450,7 +450,7 @@ struct FilesArgs {
     #[arg(long, env = "ZCBOT_MAX_FILE", default_value = "256MiB", value_parser = bytes::<u64>(1024))]
     max_file: u64,
     /// How long one file upload or download may take in all.
-    #[arg(long, env = "ZCBOT_TRANSFER_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_TRANSFER_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
     transfer_timeout: Duration,
 }
 
@@ -460,7 +460,7 @@ struct FilesArgs {
 struct HttpArgs {
     /// HOST:PORT, or a unix socket path (/path or unix:/path).
     #[arg(long, env = "ZCBOT_LISTEN", default_value = "127.0.0.1:8787", value_parser = parse_listen)]
-    listen: Listen,
+    listen: ListenSpec,
     /// Every request needs `Authorization: Bearer <token>`. A variable only: `hide` marks it so
     /// ([`Variable::env_only`]), and `serve` refuses the flag.
     #[arg(long, env = "ZCBOT_API_TOKEN", hide = true, value_parser = parse_token)]
@@ -472,16 +472,16 @@ struct HttpArgs {
     #[arg(long, env = "ZCBOT_USER_MAX_CALLS", default_value = "4", value_parser = int::<usize>(1, 10_000))]
     user_max_calls: usize,
     /// How long calls in flight may finish after SIGTERM.
-    #[arg(long, env = "ZCBOT_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_SHUTDOWN_GRACE", default_value = "30s", value_parser = positive_duration)]
     shutdown_grace: Duration,
     /// How long a client may take to send a request's headers.
-    #[arg(long, env = "ZCBOT_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     http_header_timeout: Duration,
     /// How long a client may take to send a request's body, once its headers are in.
-    #[arg(long, env = "ZCBOT_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     http_body_timeout: Duration,
     /// How long a kept-alive connection may sit idle between requests.
-    #[arg(long, env = "ZCBOT_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
     http_idle_timeout: Duration,
     /// Open connections at most; more are refused at once with 503.
     #[arg(long, env = "ZCBOT_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = int::<usize>(1, 1_000_000))]
@@ -499,28 +499,28 @@ struct ExecArgs {
     #[arg(long, env = "ZCBOT_EXEC_TRANSPORT", default_value = "channel", value_parser = one_of(&[("exec", Transport::Exec), ("channel", Transport::Channel)]))]
     transport: Transport,
     /// A call's timeout when the caller gives none.
-    #[arg(long, env = "ZCBOT_EXEC_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_EXEC_TIMEOUT", default_value = "120s", value_parser = positive_duration)]
     exec_timeout: Duration,
     /// The longest timeout a caller may ask for.
-    #[arg(long, env = "ZCBOT_EXEC_TIMEOUT_MAX", default_value = "600s", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_EXEC_TIMEOUT_MAX", default_value = "600s", value_parser = positive_duration)]
     exec_timeout_max: Duration,
     /// Bytes kept per output stream, head and tail.
     #[arg(long, env = "ZCBOT_OUTPUT_CAP", default_value = "1MiB", value_parser = bytes::<usize>(1024))]
     output_cap: usize,
     /// Time between SIGTERM and SIGKILL when a call is stopped.
-    #[arg(long, env = "ZCBOT_KILL_GRACE", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_KILL_GRACE", default_value = "500ms", value_parser = positive_duration)]
     kill_grace: Duration,
     /// Python sessions one user may have at once.
     #[arg(long, env = "ZCBOT_PYTHON_SESSIONS_MAX", default_value = "4", value_parser = int::<usize>(1, 64))]
     python_sessions_max: usize,
     /// A Python session that ran no code this long is ended.
-    #[arg(long, env = "ZCBOT_PYTHON_SESSION_IDLE", default_value = "30m", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_PYTHON_SESSION_IDLE", default_value = "30m", value_parser = positive_duration)]
     python_session_idle: Duration,
     /// Background jobs one user may have running at once.
     #[arg(long, env = "ZCBOT_USER_MAX_JOBS", default_value = "4", value_parser = int::<usize>(1, 256))]
     user_max_jobs: usize,
     /// A background job's default and longest timeout.
-    #[arg(long, env = "ZCBOT_JOB_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "ZCBOT_JOB_TIMEOUT", default_value = "24h", value_parser = positive_duration)]
     job_timeout: Duration,
 }
 
@@ -711,17 +711,7 @@ impl Settings {
                 reason: format!("must not hold ZCBOT_SANDBOX_UID ({uid})"),
             });
         }
-        if let Listen::Tcp(addr) = &http.listen {
-            if !addr.ip().is_loopback() && http.api_token.is_none() {
-                return Err(Error::Config {
-                    var: "ZCBOT_LISTEN",
-                    value: addr.to_string(),
-                    reason: "anyone who reaches the API can run code as any user: listening \
-                             beyond loopback needs ZCBOT_API_TOKEN"
-                        .into(),
-                });
-            }
-        }
+        let listen = http.listen.check(http.api_token.is_some())?;
         if http
             .api_token
             .as_ref()
@@ -777,7 +767,7 @@ impl Settings {
             python_session_idle: exec.python_session_idle,
             user_max_jobs: exec.user_max_jobs,
             job_timeout: exec.job_timeout,
-            listen: http.listen,
+            listen,
             api_token: http.api_token,
             max_body: http.max_body,
             user_max_calls: http.user_max_calls,
@@ -888,23 +878,101 @@ fn parse_bool(v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-fn parse_listen(v: &str) -> std::result::Result<Listen, String> {
-    let v = v.trim();
-    if let Some(path) = v.strip_prefix("unix:") {
-        return parse_abs_path(path).map(Listen::Unix);
-    }
-    if v.starts_with('/') {
-        return parse_abs_path(v).map(Listen::Unix);
-    }
-    v.parse()
-        .map(Listen::Tcp)
-        .map_err(|_| "write HOST:PORT (e.g. 127.0.0.1:8787) or a unix socket path".into())
+/// `ZCBOT_LISTEN` as written, a host name already resolved: which address to bind is decided
+/// with the token in view ([`ListenSpec::check`]).
+#[derive(Debug, Clone)]
+enum ListenSpec {
+    /// `HOST:PORT` as written, and every address it resolves to (one for an IP).
+    Tcp(String, Vec<std::net::SocketAddr>),
+    /// A unix socket path.
+    Unix(PathBuf),
 }
 
-/// Every duration: humantime's spellings (`500ms`, `90s`, `5m`, `1h 30m`), never zero.
-fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
-    let d = humantime::parse_duration(v.trim())
-        .map_err(|e| format!("{e}; write a duration such as 90s, 5m or 1h"))?;
+impl ListenSpec {
+    /// The address to bind: the first IPv4 one a name resolves to, else its first. Every address
+    /// the name resolves to must be loopback unless a token is set: the same name may resolve
+    /// otherwise tomorrow, or for the client.
+    fn check(self, token: bool) -> Result<Listen> {
+        let (text, addrs) = match self {
+            ListenSpec::Unix(path) => return Ok(Listen::Unix(path)),
+            ListenSpec::Tcp(text, addrs) => (text, addrs),
+        };
+        if let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            if !token {
+                return Err(Error::Config {
+                    var: "ZCBOT_LISTEN",
+                    value: text,
+                    reason: format!(
+                        "anyone who reaches the API can run code as any user: listening beyond \
+                         loopback ({} is not loopback) needs ZCBOT_API_TOKEN",
+                        open.ip()
+                    ),
+                });
+            }
+        }
+        let first = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .expect("a resolved name has an address");
+        Ok(Listen::Tcp(first))
+    }
+}
+
+fn parse_listen(v: &str) -> std::result::Result<ListenSpec, String> {
+    let v = v.trim();
+    if let Some(path) = v.strip_prefix("unix:") {
+        return parse_abs_path(path).map(ListenSpec::Unix);
+    }
+    if v.starts_with('/') {
+        return parse_abs_path(v).map(ListenSpec::Unix);
+    }
+    const HOW: &str = "write HOST:PORT (127.0.0.1:8787, [::1]:8787 or localhost:8787) or a unix \
+                       socket path";
+    if let Ok(addr) = v.parse::<std::net::SocketAddr>() {
+        return Ok(ListenSpec::Tcp(v.to_owned(), vec![addr]));
+    }
+    let (host, port) = v.rsplit_once(':').ok_or(HOW)?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("bad port {port:?}: {HOW}"))?;
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':') {
+        return Err(HOW.into());
+    }
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("the host name {host} does not resolve ({e}): {HOW}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!(
+            "the host name {host} resolves to no address: {HOW}"
+        ));
+    }
+    Ok(ListenSpec::Tcp(v.to_owned(), addrs))
+}
+
+/// How a duration is written: the one rule, for every message that refuses one.
+pub const DURATION_SPELLING: &str =
+    "seconds (30, 0.5) or a number with a unit (500ms, 90s, 2m, 1h 30m)";
+
+/// Every duration the program reads, the variables, the CLI's flags and the API's `timeout`
+/// alike: a bare number is seconds (`30`, `0.5`), else humantime's spelling (`500ms`, `90s`,
+/// `2m`, `1h 30m`). One function, so `30` cannot mean seconds in one place and an error in
+/// another. Zero parses; whoever cannot use it says so.
+pub fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
+    let v = v.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = v
+            .parse()
+            .map_err(|_| format!("write {DURATION_SPELLING}"))?;
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("{v} seconds is too long"));
+    }
+    humantime::parse_duration(v).map_err(|e| format!("{e}: write {DURATION_SPELLING}"))
+}
+
+/// A setting's duration ([`parse_duration`]), never zero.
+fn positive_duration(v: &str) -> std::result::Result<Duration, String> {
+    let d = parse_duration(v)?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
     }
@@ -916,7 +984,7 @@ fn parse_duration_or_off(v: &str) -> std::result::Result<Duration, String> {
     if v.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    parse_duration(v)
+    positive_duration(v)
 }
 
 fn parse_abs_path(v: &str) -> std::result::Result<PathBuf, String> {
@@ -1202,6 +1270,45 @@ mod tests {
     }
 
     #[test]
+    fn a_host_name_is_resolved_and_every_address_it_has_must_be_loopback_without_a_token() {
+        let c = cfg(&[("ZCBOT_LISTEN", "localhost:8913")]).unwrap();
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:8913".parse().unwrap()));
+        let err = cfg(&[("ZCBOT_LISTEN", "no-such-host.invalid:8913")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ZCBOT_LISTEN") && err.contains("does not resolve"),
+            "{err}"
+        );
+        for bad in ["localhost", "localhost:http", ":8913"] {
+            let err = cfg(&[("ZCBOT_LISTEN", bad)]).unwrap_err().to_string();
+            assert!(err.contains("HOST:PORT"), "{bad}: {err}");
+        }
+        // A name with one address beyond loopback needs the token, whichever address is bound.
+        let addrs = vec![
+            "127.0.0.1:8913".parse().unwrap(),
+            "10.1.2.3:8913".parse().unwrap(),
+        ];
+        let spec = ListenSpec::Tcp("both:8913".into(), addrs);
+        let err = spec.clone().check(false).unwrap_err().to_string();
+        assert!(
+            err.contains("10.1.2.3") && err.contains("ZCBOT_API_TOKEN"),
+            "{err}"
+        );
+        assert_eq!(
+            spec.check(true).unwrap(),
+            Listen::Tcp("127.0.0.1:8913".parse().unwrap())
+        );
+        let v6_first = vec!["[::1]:1".parse().unwrap(), "127.0.0.1:1".parse().unwrap()];
+        assert_eq!(
+            ListenSpec::Tcp("l:1".into(), v6_first)
+                .check(false)
+                .unwrap(),
+            Listen::Tcp("127.0.0.1:1".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn uid_inside_the_tenant_range_is_refused() {
         let err = cfg(&[
             ("ZCBOT_SANDBOX_UID", "250000"),
@@ -1224,6 +1331,9 @@ mod tests {
             ("1h 30m", secs(5400)),
             ("250ms", Duration::from_millis(250)),
             (" 2m ", secs(120)),
+            // A bare number is seconds, as the API's timeout always took it.
+            ("30", secs(30)),
+            ("0.5", Duration::from_millis(500)),
         ] {
             let c = cfg(&[("ZCBOT_SANDBOX_IDLE", text)]).unwrap();
             assert_eq!(c.idle, want, "{text:?}");
@@ -1234,6 +1344,14 @@ mod tests {
         let c = cfg(&[("ZCBOT_SANDBOX_PAUSE_AFTER", "5m")]).unwrap();
         assert_eq!(c.pause_after, Some(secs(300)));
         assert!(cfg(&[("ZCBOT_SANDBOX_PAUSE_AFTER", "0s")]).is_err());
+        for bad in ["30x", "1e3", "-5", "1.2.3", "99999999999999999999999"] {
+            let err = cfg(&[("ZCBOT_SANDBOX_IDLE", bad)]).unwrap_err().to_string();
+            assert!(
+                err.contains("ZCBOT_SANDBOX_IDLE") && err.contains("too long")
+                    || err.contains(DURATION_SPELLING),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -1393,7 +1511,7 @@ mod tests {
     #[test]
     fn a_bad_value_says_what_a_good_one_looks_like() {
         let cases = [
-            ("ZCBOT_SANDBOX_IDLE", "soon", "such as 90s, 5m or 1h"),
+            ("ZCBOT_SANDBOX_IDLE", "soon", DURATION_SPELLING),
             ("ZCBOT_SANDBOX_MEMORY", "lots", "such as 512MiB"),
             ("ZCBOT_SANDBOX_MEMORY", "1k", "at least 6291456 bytes"),
             ("ZCBOT_SANDBOX_PIDS", "7", "from 8 to 4194304"),

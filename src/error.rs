@@ -1,6 +1,12 @@
 //! The library's error type: one variant per failure a caller can tell apart and act on.
 //!
 //! Every message says what happened and, where there is one, what to do about it.
+//!
+//! **Each error's text includes its cause, and no error reports a `source()` as well**: the API,
+//! the logs and the CLI all print `to_string()`, and a printer that also walks the source chain
+//! (anyhow's `{:#}`) would print the cause twice ("Address already in use (os error 98): Address
+//! already in use (os error 98)"). A foreign error is turned into text with
+//! [`crate::text::error_chain`], which keeps its causes once.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -179,7 +185,12 @@ pub enum Error {
 
     /// The exec channel to the sandbox died while the call ran (helper killed, container removed
     /// or restarted, stream error). The call's processes were killed; nothing of it is left.
-    #[error("the exec channel to sandbox {container} of user {user} died while the call was running ({reason}); its processes were killed: run the call again")]
+    /// When someone removed the sandbox on purpose it says who, and not to run the call again
+    /// blindly: the removal was meant, and the call may have done part of its work.
+    #[error("{}", match removed_by {
+        Some(by) => format!("sandbox {container} of user {user} was removed {by} while the call was running; its processes went with it. What the call did before that stands: check before running it again (the next call gets a fresh sandbox)"),
+        None => format!("the exec channel to sandbox {container} of user {user} died while the call was running ({reason}); its processes were killed: run the call again"),
+    })]
     ChannelLost {
         /// The user whose call it was.
         user: String,
@@ -187,6 +198,8 @@ pub enum Error {
         container: String,
         /// Why the channel died.
         reason: String,
+        /// Who removed the sandbox, when that is why (see [`crate::pool::Remover`]).
+        removed_by: Option<String>,
     },
 
     /// A Python session is running other code; the call did not run.
@@ -268,15 +281,14 @@ pub enum Error {
     },
 
     /// A host file or folder operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {error}")]
     Io {
         /// What was being done.
         op: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error (in the text, so not a `source()`: see the module docs).
+        error: std::io::Error,
     },
 }
 
@@ -311,6 +323,10 @@ impl Error {
             Error::UploadBroken { .. } => "bad_body",
             Error::DiskQuota { .. } => "disk_quota",
             Error::Io { .. } => "io",
+            Error::ChannelLost {
+                removed_by: Some(_),
+                ..
+            } => "sandbox_removed",
             Error::ChannelLost { .. } => "channel_lost",
             Error::CallStart { .. } => "call_start",
             Error::SessionBusy { .. } => "session_busy",
@@ -324,11 +340,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
-            source,
+            error,
         }
     }
 }
@@ -460,5 +476,22 @@ impl EngineError {
     /// Whether the engine is unavailable (unreachable or hung), as opposed to refusing a request.
     pub fn is_unavailable(&self) -> bool {
         !matches!(self, EngineError::Failed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printer_of_the_whole_chain_shows_an_os_error_once() {
+        let busy = std::io::Error::from_raw_os_error(98);
+        let err = Error::io("listen on", "127.0.0.1:8787", busy);
+        let printed = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(printed.matches("os error 98").count(), 1, "{printed}");
+        assert!(
+            printed.starts_with("listen on 127.0.0.1:8787: "),
+            "{printed}"
+        );
     }
 }

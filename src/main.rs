@@ -18,7 +18,7 @@ fn raise_open_file_limit() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = cli::Cli::parse_with_settings();
-    cli::init_logging();
+    cli::init_logging(&args);
     raise_open_file_limit();
     match cli::run(args).await {
         Ok(code) => code,

@@ -16,6 +16,23 @@ pub fn to_text(bytes: &[u8]) -> (String, Option<String>) {
     }
 }
 
+/// An error and its causes as one line, each cause once: a library error whose own text hides its
+/// cause (hyper's "client error (Connect)") would otherwise lose the errno that says what to fix,
+/// and one whose text already includes it would print it twice.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !more.is_empty() && !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// A random id: 16 hex digits from the kernel's random source (call ids, channel ids, the
 /// names of temporary files).
 pub fn random_id() -> String {
@@ -66,6 +83,43 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, b);
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_shows_each_cause_once() {
+        // A cause the outer text hides is shown; one it already says is not repeated.
+        let hidden = Layer(
+            "client error (Connect)",
+            Some(Box::new(Layer("Permission denied (os error 13)", None))),
+        );
+        assert_eq!(
+            error_chain(&hidden),
+            "client error (Connect): Permission denied (os error 13)"
+        );
+        let repeated = Layer(
+            "listen: Address already in use (os error 98)",
+            Some(Box::new(Layer(
+                "Address already in use (os error 98)",
+                None,
+            ))),
+        );
+        assert_eq!(
+            error_chain(&repeated),
+            "listen: Address already in use (os error 98)"
+        );
     }
 
     #[test]

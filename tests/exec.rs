@@ -50,7 +50,51 @@ over_both_transports!(
     a_container_removed_behind_the_pools_back_is_recreated_and_the_call_retried,
     a_killed_supervisor_leaves_no_orphans,
     a_container_restarted_behind_the_pools_back_gets_its_rules_before_the_next_call,
+    a_python_traceback_names_the_callers_code_not_a_descriptor,
 );
+
+/// What a failing stateless program prints, on an executor: the traceback names `<run_python>`
+/// with the failing line, and nothing of the way the program was fed.
+async fn python_tracebacks_name_the_program(ex: &Executor, user: &UserId) {
+    let code = "import sys\n\ndef f():\n    return 1 / 0\n\nf()\n";
+    let r = call(ex, user, "run_python", json!({ "code": code })).await;
+    assert_eq!(r.exit_code, Some(1), "{r:?}");
+    let tb = &r.stderr;
+    assert!(
+        tb.contains("File \"<run_python>\", line 6, in <module>")
+            && tb.contains("File \"<run_python>\", line 4, in f")
+            && tb.contains("return 1 / 0")
+            && tb.contains("ZeroDivisionError"),
+        "{tb}"
+    );
+    assert!(
+        !tb.contains("/proc/self/fd") && !tb.contains("<string>") && !tb.contains("<stdin>"),
+        "{tb}"
+    );
+    let r = call(ex, user, "run_python", json!({"code": "x = 1\ny = (\n"})).await;
+    assert_eq!(r.exit_code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("File \"<run_python>\", line 2") && r.stderr.contains("SyntaxError"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("<string>"), "{r:?}");
+    // The program's own names only: nothing of the way it was started leaks into them.
+    let r = call(
+        ex,
+        user,
+        "run_python",
+        json!({"code": "print(sorted(k for k in globals() if not k.startswith('__')), __name__)"}),
+    )
+    .await;
+    assert_eq!(r.stdout, "[] __main__\n", "{r:?}");
+}
+
+async fn a_python_traceback_names_the_callers_code_not_a_descriptor(transport: &str) {
+    let mut t = TestPool::new("xtb");
+    t.set("ZCBOT_EXEC_TRANSPORT", transport);
+    let ex = docker_executor(&t).await;
+    python_tracebacks_name_the_program(&ex, &t.user("u")).await;
+}
 
 /// The sandbox user's processes other than `ps` itself, as the docker CLI sees them.
 fn user_processes(container: &str) -> Vec<String> {
@@ -169,8 +213,40 @@ async fn workdir_is_confined_to_workspace(transport: &str) {
         json!({"command": "pwd", "workdir": "missing"}),
     )
     .await;
-    assert_ne!(r.exit_code, Some(0));
-    assert!(r.stderr.contains("working directory"), "{r:?}");
+    assert_eq!(r.exit_code, Some(126), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("working directory /workspace/missing: no such folder"),
+        "{r:?}"
+    );
+    let r = call(
+        &ex,
+        &user,
+        "run_python",
+        json!({"code": "print(1)", "workdir": "sub/dir/f.txt"}),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(126), "{r:?}");
+    assert!(
+        r.stderr.contains("/workspace/sub/dir/f.txt: not a folder"),
+        "{r:?}"
+    );
+    // A PATH of the call's own that holds no sh or python3: the call says so, naming it.
+    for (tool, args, program) in [
+        ("shell", json!({"command": "true"}), "sh"),
+        ("run_python", json!({"code": "print(1)"}), "python3"),
+    ] {
+        let mut args = args;
+        args["env"] = json!({"PATH": "/nowhere:/workspace"});
+        let r = call(&ex, &user, tool, args).await;
+        assert_eq!(r.exit_code, Some(127), "{r:?}");
+        assert!(
+            r.stderr.contains(&format!(
+                "cannot run {program}: not found on the call's PATH (/nowhere:/workspace)"
+            )),
+            "{tool}: {r:?}"
+        );
+    }
 }
 
 async fn a_timeout_kills_every_process_of_the_call_even_escaped_ones(transport: &str) {
@@ -492,10 +568,10 @@ async fn run_python_writes_nothing_on_the_host_even_with_planted_links(transport
         &ex,
         &user,
         "run_python",
-        json!({"code": "import sys\nprint('ran', sys.argv[0].startswith('/proc/'))"}),
+        json!({"code": "import sys\nprint('ran', sys.argv[0])"}),
     )
     .await;
-    assert_eq!(r.stdout, "ran True\n", "{r:?}");
+    assert_eq!(r.stdout, "ran <run_python>\n", "{r:?}");
     let after: Vec<_> = std::fs::read_dir(&ws)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -674,6 +750,20 @@ async fn host_backend_keeps_the_guarantees_that_need_no_container() {
     assert!(!r.stdout.contains("must-not-leak"), "{}", r.stdout);
     let r = call(&ex, &user, "run_python", json!({"code": "print(6*7)"})).await;
     assert_eq!(r.stdout, "42\n");
+    python_tracebacks_name_the_program(&ex, &user).await;
+    let r = call(
+        &ex,
+        &user,
+        "shell",
+        json!({"command": "true", "env": {"PATH": "/nowhere"}}),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(127), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("cannot run sh: not found on the call's PATH (/nowhere)"),
+        "{r:?}"
+    );
     let marker = format!("zcbot-host-{}", t.pool_id);
     let r = call(
         &ex,
@@ -725,4 +815,139 @@ async fn a_container_restarted_behind_the_pools_back_gets_its_rules_before_the_n
         after, "-P OUTPUT DROP",
         "the call ran without the rules back in place"
     );
+}
+
+#[tokio::test]
+async fn the_cli_says_loudly_when_exec_and_python_run_on_the_host() {
+    let t = TestPool::new("xhostcli");
+    let run = |args: &[&str], backend: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"));
+        cmd.args(args)
+            .envs(t.env())
+            .env_remove("ZCBOT_SANDBOX_BACKEND")
+            .stdin(std::process::Stdio::null());
+        if let Some(b) = backend {
+            cmd.env("ZCBOT_SANDBOX_BACKEND", b);
+        }
+        cmd.output().unwrap()
+    };
+    let user = t.user("u");
+    for args in [
+        vec!["exec", "--user", user.as_str(), "--", "echo", "ran"],
+        vec!["python", "--user", user.as_str(), "-"],
+    ] {
+        let out = run(&args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("NOT isolated") && stderr.contains("ZCBOT_SANDBOX_BACKEND=docker"),
+            "{args:?} ran on the host without a word: {stderr}"
+        );
+    }
+    // The warning is on stderr only: --json output stays machine-readable.
+    let out = run(
+        &[
+            "exec",
+            "--user",
+            user.as_str(),
+            "--json",
+            "--",
+            "echo",
+            "ran",
+        ],
+        Some("host"),
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["stdout"], "ran\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT isolated"));
+    // The docker backend says nothing of the kind.
+    let out = run(
+        &["exec", "--user", user.as_str(), "--", "echo", "ran"],
+        Some("docker"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n", "{stderr}");
+    assert!(!stderr.contains("NOT isolated"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_bare_number_is_seconds_in_the_api_and_the_cli_alike() {
+    // The host backend: what is tested is the reading of the timeout, not the sandbox.
+    let t = TestPool::new("xsecs");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    let user = t.user("u");
+    for timeout in [json!(1), json!("1"), json!("1s"), json!("1000ms")] {
+        let started = Instant::now();
+        let r = call(
+            &ex,
+            &user,
+            "shell",
+            json!({"command": "sleep 5", "timeout": timeout}),
+        )
+        .await;
+        assert!(r.timed_out, "{timeout}: {r:?}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{timeout}");
+    }
+    for timeout in ["1", "1s"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .args(["exec", "--user", user.as_str(), "--timeout", timeout])
+            .args(["--", "sleep", "5"])
+            .envs(t.env())
+            .env_remove("ZCBOT_SANDBOX_BACKEND")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(124),
+            "--timeout {timeout}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And a variable: ZCBOT_EXEC_TIMEOUT=1 is the default timeout of one second.
+    let mut t = t;
+    t.set("ZCBOT_EXEC_TIMEOUT", "1");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    let r = call(&ex, &user, "shell", json!({"command": "sleep 5"})).await;
+    assert!(r.timed_out, "{r:?}");
+}
+
+#[tokio::test]
+async fn a_bad_timeout_says_what_a_timeout_is_and_its_bound_in_a_line() {
+    let mut t = TestPool::new("xbadtime");
+    t.set("ZCBOT_EXEC_TIMEOUT_MAX", "10m");
+    let ex = Executor::from_config(t.config()).await.unwrap();
+    for timeout in [
+        json!(true),
+        json!([30]),
+        json!({"secs": 30}),
+        json!(1e308),
+        json!(-1),
+        json!(0),
+        json!(601),
+        json!("11m"),
+        json!("forever"),
+        json!("x".repeat(10_000)),
+    ] {
+        let err = ToolCall::parse("shell", json!({"command": "true", "timeout": timeout}))
+            .and_then(|call| ex.prepare(call).map(|_| ()))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.kind(), "bad_call", "{timeout}: {msg}");
+        assert!(
+            msg.contains("seconds") && msg.contains("duration string"),
+            "{timeout}: {msg}"
+        );
+        assert!(msg.contains("ZCBOT_EXEC_TIMEOUT_MAX"), "{timeout}: {msg}");
+        assert!(
+            !msg.contains("TimeoutArg") && !msg.contains("untagged"),
+            "{msg}"
+        );
+        assert!(msg.len() < 240, "{timeout}: {} bytes: {msg}", msg.len());
+    }
+    // Where the value's type was right, the bound is the configured one.
+    let err = ToolCall::parse("shell", json!({"command": "true", "timeout": 1e308}))
+        .and_then(|call| ex.prepare(call).map(|_| ()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1e308") && err.contains("10m"), "{err}");
 }

@@ -369,3 +369,64 @@ async fn readiness_fails_once_the_reaper_tick_sees_the_host_rules_gone_and_recov
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn down_removes_the_pools_sandboxes_network_and_host_chains_and_nothing_else() {
+    let t = TestPool::new("fwdown");
+    let pool = t.pool().await;
+    for name in ["a", "b"] {
+        pool.ensure(&t.user(name)).await.unwrap();
+    }
+    drop(pool);
+    // The pool's network says whose it is, as its containers do.
+    let label = |network: &str| {
+        common::docker(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{index .Labels \"io.zcbot.pool\"}}",
+            network,
+        ])
+    };
+    assert_eq!(label(&t.network), t.pool_id);
+    assert_eq!(t.containers().len(), 2);
+    let bridge = bridge_name(&t.network);
+    let chain = firewall::chain_name(&bridge);
+    assert!(rules("iptables").contains(&chain));
+
+    let (ok, out) = cli(&t, &["down"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("removed 2 sandbox(es)"), "{out}");
+    assert!(t.containers().is_empty(), "{out}");
+    assert!(
+        !common::docker_try(&["network", "inspect", &t.network]).0,
+        "the network was left: {out}"
+    );
+    for cmd in ["iptables", "ip6tables"] {
+        assert!(!rules(cmd).contains(chain.as_str()), "{cmd}: {out}");
+    }
+    // Again: nothing left to do, and it says so.
+    let (ok, out) = cli(&t, &["down"]);
+    assert!(ok && out.contains("removed 0 sandbox(es)"), "{out}");
+
+    // Control: a network of that name made by another pool stays, with its chains.
+    let other = TestPool::new("fwdown2");
+    drop(other.pool().await);
+    let out = Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+        .arg("down")
+        .envs(t.env())
+        .env("ZCBOT_SANDBOX_NETWORK", &other.network)
+        .output()
+        .unwrap();
+    let (ok, out) = common::combined(out);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("made by pool {}", other.pool_id)),
+        "{out}"
+    );
+    assert_eq!(label(&other.network), other.pool_id);
+    assert!(
+        firewall::check(&bridge_name(&other.network)).is_ok(),
+        "{out}"
+    );
+}

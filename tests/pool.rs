@@ -520,6 +520,41 @@ async fn bad_user_ids_are_refused_before_any_docker_call() {
 }
 
 #[tokio::test]
+async fn cli_commands_log_warnings_only_unless_rust_log_says_otherwise() {
+    let t = TestPool::new("quiet");
+    let ps = |rust_log: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"));
+        cmd.arg("ps").envs(t.env()).env_remove("RUST_LOG");
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let quiet = ps(None);
+    assert!(!quiet.contains(" INFO "), "{quiet}");
+    // Control: the same command at info says what it did ("sandbox pool ready", ...).
+    let chatty = ps(Some("zcbot_sandbox=info"));
+    assert!(chatty.contains(" INFO "), "{chatty}");
+}
+
+#[test]
+fn rm_without_a_target_names_both_targets() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+        .arg("rm")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--user") && stderr.contains("--all"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_daemon_is_named_with_the_fix() {
     let t = TestPool::new("down");
     let mut cfg = t.config();
@@ -531,6 +566,33 @@ async fn an_unreachable_daemon_is_named_with_the_fix() {
         msg.contains("unix:///nonexistent/docker.sock") && msg.contains("is dockerd running"),
         "{msg}"
     );
+    // As the CLI prints it: the cause once. A socket nobody listens on says so (the client's
+    // own text hides the errno).
+    let dead = t.root.join("dead.sock");
+    std::fs::create_dir_all(&t.root).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+    for (host, cause) in [
+        (
+            "unix:///nonexistent/docker.sock".to_owned(),
+            "Socket not found",
+        ),
+        (format!("unix://{}", dead.display()), "Connection refused"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .arg("ps")
+            .envs(t.env())
+            .env("DOCKER_HOST", &host)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(stderr.matches(cause).count(), 1, "{host}: {stderr}");
+        assert_eq!(
+            stderr.matches("not reachable").count(),
+            1,
+            "{host}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -860,6 +860,114 @@ async fn startup_fails_with_the_reason_and_never_serves_half_initialised() {
 }
 
 #[tokio::test]
+async fn a_daemon_on_a_busy_port_fails_fast_and_touches_no_sandbox() {
+    let mut t = TestPool::new("sbusy");
+    // A sandbox an earlier run left stopped: a start that got as far as its reconcile removes it.
+    let user = t.user("u");
+    t.pool().await.ensure(&user).await.unwrap();
+    let name = t.container_name(&user);
+    docker(&["stop", "-t", "0", &name]);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    t.set("ZCBOT_SANDBOX_BACKEND", "docker")
+        .set("ZCBOT_LISTEN", &addr);
+    let started = Instant::now();
+    let env = t.env();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+            .arg("serve")
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listen on {addr}"))
+            && stderr.contains("Address already in use")
+            && stderr.contains("ZCBOT_LISTEN"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "the cause is printed once: {stderr}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+    assert!(!stderr.contains("reconciled"), "{stderr}");
+    // Untouched: the stopped sandbox is still there, and no probe sandbox was made.
+    assert_eq!(t.containers(), vec![name.clone()]);
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Status}}", &name]),
+        "exited"
+    );
+    drop(busy);
+}
+
+#[tokio::test]
+async fn a_call_whose_sandbox_is_removed_says_who_removed_it_and_not_to_just_retry() {
+    for transport in ["channel", "exec"] {
+        let mut t = TestPool::new("sremoved");
+        t.set("ZCBOT_EXEC_TRANSPORT", transport);
+        let d = Daemon::start(&t).await;
+        let user = t.user("u");
+        let container = t.container_name(&user);
+        for (how, said) in [
+            ("api", "was removed through the API"),
+            ("cli", "was removed by an operator (zcbot-sandbox rm)"),
+        ] {
+            let path = format!("/v1/users/{user}/tools/shell");
+            let call = {
+                let (addr, path) = (d.addr.clone(), path.clone());
+                tokio::spawn(async move {
+                    let body = json!({"command": "sleep 7301"}).to_string();
+                    raw(&addr, "POST", &path, Some(body), &[]).await
+                })
+            };
+            let until = Instant::now() + Duration::from_secs(30);
+            while sleepers(&container, "sleep 7301").is_empty() {
+                assert!(Instant::now() < until, "the call never started");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if how == "api" {
+                let (s, body) = d
+                    .req("DELETE", &format!("/v1/users/{user}/sandbox"), None)
+                    .await;
+                assert_eq!(s, 200, "{body}");
+            } else {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_zcbot-sandbox"))
+                    .args(["rm", "--user", user.as_str()])
+                    .envs(t.env())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+            }
+            let (status, _, body) = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .expect("the call ends with its sandbox")
+                .unwrap();
+            assert_eq!(status, 409, "{transport} {how}: {body}");
+            let body: Value = serde_json::from_str(&body).unwrap();
+            let msg = body["error"]["message"].as_str().unwrap_or_default();
+            assert_eq!(
+                body["error"]["kind"], "sandbox_removed",
+                "{transport} {how}: {body}"
+            );
+            assert!(msg.contains(said), "{transport} {how}: {msg}");
+            assert!(
+                msg.contains("check before running it again")
+                    && !msg.contains("run the call again"),
+                "{transport} {how}: {msg}"
+            );
+        }
+        d.shutdown().await;
+    }
+}
+
+#[tokio::test]
 async fn the_binary_serves_stops_on_sigterm_and_restarts_warm() {
     let mut t = TestPool::new("sbin");
     t.set("ZCBOT_SANDBOX_BACKEND", "docker")

@@ -56,7 +56,7 @@ impl DockerEngine {
         }
         .map_err(|e| EngineError::Unreachable {
             host: host.clone(),
-            detail: e.to_string(),
+            detail: crate::text::error_chain(&e),
         })?
         .with_timeout(backstop);
         let mut engine = DockerEngine {
@@ -115,7 +115,7 @@ impl DockerEngine {
             | B::HttpClientError { .. } => (
                 EngineError::Unreachable {
                     host: self.host.clone(),
-                    detail: e.to_string(),
+                    detail: crate::text::error_chain(&e),
                 },
                 Answer::Other,
             ),
@@ -153,7 +153,7 @@ impl DockerEngine {
                     op,
                     target: target.to_owned(),
                     status: None,
-                    message: other.to_string(),
+                    message: crate::text::error_chain(&other),
                 },
                 Answer::Other,
             ),
@@ -230,6 +230,7 @@ fn network(n: bollard::models::Network) -> Network {
             .filter_map(|c| Some((c.subnet?, c.gateway)))
             .collect(),
         created: time(n.created.as_deref()),
+        labels: n.labels.unwrap_or_default(),
     }
 }
 

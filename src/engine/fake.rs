@@ -273,6 +273,7 @@ impl Engine for FakeEngine {
                 options: spec.options.clone(),
                 subnets: vec![("172.31.0.0/16".to_owned(), Some("172.31.0.1".to_owned()))],
                 created: Some(SystemTime::now()),
+                labels: spec.labels.clone(),
             });
             Created::Created(id)
         });

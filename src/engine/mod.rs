@@ -182,6 +182,8 @@ pub struct Network {
     pub subnets: Vec<(String, Option<String>)>,
     /// When it was created.
     pub created: Option<SystemTime>,
+    /// Its labels (which pool made it).
+    pub labels: HashMap<String, String>,
 }
 
 /// A network to create.

@@ -1198,6 +1198,7 @@ impl Channel {
             user: self.user.to_string(),
             container: self.container.clone(),
             reason: self.reason(),
+            removed_by: None,
         }
     }
 

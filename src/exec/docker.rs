@@ -164,6 +164,22 @@ impl DockerExecutor {
                 }
             };
             match attempt {
+                // Killed by a signal in a sandbox removed on purpose: the removal is what the
+                // caller must hear, and the exec's end can come before the engine's death event.
+                Ok(outcome) if outcome.exit_code.is_some_and(|c| c >= 128) => {
+                    if let Some(by) = self.pool.removed_by(&container_id) {
+                        self.channels.container_gone(&container_id).await;
+                        self.pool.invalidate(user, &container_id);
+                        return Err(Error::ChannelLost {
+                            user: user.to_string(),
+                            container: self.pool.container_name(user),
+                            reason: "the sandbox was removed during the call".into(),
+                            removed_by: Some(by),
+                        });
+                    }
+                    self.stats.observe(!per_call, started.elapsed());
+                    return Ok(outcome);
+                }
                 Ok(outcome) => {
                     self.stats.observe(!per_call, started.elapsed());
                     return Ok(outcome);
@@ -201,8 +217,27 @@ impl DockerExecutor {
                     per_call = true;
                     self.stats.fallbacks.inc();
                 }
-                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Failed(e)) => return Err(self.said_removed(e, &container_id)),
             }
+        }
+    }
+
+    /// A channel that died because its sandbox was removed on purpose says so (the engine's
+    /// event of the death may come after the channel's end).
+    fn said_removed(&self, e: Error, container_id: &str) -> Error {
+        match e {
+            Error::ChannelLost {
+                user,
+                container,
+                reason,
+                removed_by: None,
+            } => Error::ChannelLost {
+                user,
+                container,
+                reason,
+                removed_by: self.pool.removed_by(container_id),
+            },
+            e => e,
         }
     }
 
@@ -221,13 +256,14 @@ impl DockerExecutor {
         let mut retried = false;
         loop {
             let lease = self.pool.lease(user).await?;
+            let container_id = lease.sandbox().container_id.clone();
             let attempt = self
                 .channels
                 .run_session(lease, name, code, timeout, tap, cancel)
                 .await;
             match attempt {
                 Ok(done) => return Ok(done),
-                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Failed(e)) => return Err(self.said_removed(e, &container_id)),
                 Err(Attempt::Gone(container_id)) if !retried => {
                     self.pool.invalidate(user, &container_id);
                     retried = true;
@@ -265,10 +301,16 @@ impl DockerExecutor {
         self.channels.container_gone(container_id).await;
         self.pool.invalidate(user, container_id);
         let container = self.pool.container_name(user);
-        let (oom, exit) = match self.pool.engine().inspect(container_id).await {
+        // Removed on purpose (by this process or another): the call says by whom.
+        let removed_by = self.pool.removed_by(container_id);
+        let inspected = self.pool.engine().inspect(container_id).await;
+        let gone = matches!(inspected, Ok(None));
+        let (oom, exit) = match inspected {
             // The engine keeps OOMKilled set once any process of the container was OOM-killed:
             // only a death by SIGKILL (137) is the OOM killer's.
-            Ok(Some(c)) => (c.oom_killed && c.exit_code == Some(137), c.exit_code),
+            Ok(Some(c)) if removed_by.is_none() => {
+                (c.oom_killed && c.exit_code == Some(137), c.exit_code)
+            }
             _ => (false, None),
         };
         tracing::warn!(user = %user, container = %container, oom, exit, "the sandbox died during a call");
@@ -298,6 +340,8 @@ impl DockerExecutor {
                 container,
                 reason: "the sandbox stopped during the call (stopped or killed from outside)"
                     .into(),
+                removed_by: removed_by
+                    .or_else(|| gone.then(|| "from outside zcbot-sandbox (docker rm?)".to_owned())),
             });
         };
         let mut stderr = Capture::new(cfg.output_cap);

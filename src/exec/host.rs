@@ -125,9 +125,23 @@ impl HostExecutor {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                // Like a shell: command not found is exit 127, with the reason on stderr.
+                // Like a shell: command not found is exit 127, with the reason on stderr; a bare
+                // name says which PATH it was looked for on (the call's `env` may have set it),
+                // as the supervisor does in a sandbox.
+                let reason = if e.kind() == std::io::ErrorKind::NotFound && !argv[0].contains('/') {
+                    let path = spec.env.get("PATH").map(String::as_str).unwrap_or_else(|| {
+                        BASE_ENV
+                            .iter()
+                            .find(|(k, _)| *k == "PATH")
+                            .map_or("", |(_, v)| *v)
+                    });
+                    format!("not found on the call's PATH ({path})")
+                } else {
+                    e.to_string()
+                };
                 let mut stderr = Capture::new(self.config.output_cap);
-                stderr.push(format!("{}: {e}\n", argv[0]).as_bytes());
+                stderr
+                    .push(format!("zcbot-sandbox: cannot run {}: {reason}\n", argv[0]).as_bytes());
                 return Ok(ProcessOutcome {
                     exit_code: Some(127),
                     stdout: Capture::new(0).finish(),

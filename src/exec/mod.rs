@@ -58,6 +58,10 @@ pub(crate) fn base_env(extra: &BTreeMap<String, String>) -> Vec<String> {
 /// Makes a user's [`Workspace`] on the blocking pool.
 type MakeWorkspace = Box<dyn FnOnce() -> Result<Workspace> + Send>;
 
+/// What a stateless `run_python` runs: the program (the path of its memfd or `-`, appended by
+/// the transport) under the name `<run_python>`, so a traceback names the caller's code.
+const RUN_PYTHON: &str = include_str!("run_python.py");
+
 /// The largest command (all arguments together) and the largest program a call may carry: what
 /// fits a channel frame and the in-container supervisor's own bound.
 const MAX_COMMAND_BYTES: usize = 1 << 20;
@@ -68,13 +72,47 @@ const MAX_ENV: usize = 256;
 const MAX_ENV_BYTES: usize = 64 * 1024;
 
 /// A timeout as JSON gives it: seconds (`30`, `0.5`) or a duration string (`"90s"`, `"2m"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TimeoutArg {
     /// Seconds.
     Secs(f64),
-    /// A humantime duration.
+    /// A duration as `config::parse_duration` reads it.
     Text(String),
+}
+
+/// What a timeout is, for every message that refuses one.
+const TIMEOUT_IS: &str = "a timeout is seconds (30, 0.5) or a duration string (\"90s\", \"2m\")";
+
+/// By hand, not `untagged`: serde's message for another JSON type names this Rust type.
+impl<'de> Deserialize<'de> for TimeoutArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = TimeoutArg;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                // The bound's value is the executor's; its check names it once the type is right.
+                write!(
+                    f,
+                    "the timeout as seconds (30, 0.5) or a duration string (\"90s\", \"2m\"), at \
+                     most ZCBOT_EXEC_TIMEOUT_MAX (ZCBOT_JOB_TIMEOUT for a background job)"
+                )
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<TimeoutArg, E> {
+                Ok(TimeoutArg::Secs(v as f64))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<TimeoutArg, E> {
+                Ok(TimeoutArg::Secs(v as f64))
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<TimeoutArg, E> {
+                Ok(TimeoutArg::Secs(v))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<TimeoutArg, E> {
+                Ok(TimeoutArg::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 // `shell` and `run_python` repeat `timeout`, `workdir` and `env` on purpose: serde's `flatten`
@@ -607,7 +645,7 @@ impl Executor {
             }
             ToolCall::RunPython(a) => Run::Process(self.spec(
                 tool,
-                vec!["python3".into()],
+                vec!["python3".into(), "-c".into(), RUN_PYTHON.into()],
                 Some(a.code.into_bytes()),
                 a.timeout,
                 a.workdir,
@@ -792,28 +830,35 @@ impl Executor {
                 "ZCBOT_EXEC_TIMEOUT_MAX",
             )
         };
+        // A refused timeout says what one is and the bound, in a line: the value as given (a
+        // long string cut, a huge number in exponent form), never 309 digits.
+        let refuse = |got: String| {
+            bad(format!(
+                "timeout {got}: {TIMEOUT_IS}, longer than zero and at most {} ({max_name})",
+                humantime::format_duration(max)
+            ))
+        };
         let timeout = match timeout {
             None => default,
-            Some(TimeoutArg::Secs(s)) if s.is_finite() && s > 0.0 && s <= 1e9 => {
+            Some(TimeoutArg::Secs(s)) if s > 0.0 && s <= max.as_secs_f64() => {
                 Duration::from_secs_f64(s)
             }
-            Some(TimeoutArg::Secs(s)) => {
-                return Err(bad(format!(
-                    "timeout {s} is not a positive number of seconds"
-                )))
+            Some(TimeoutArg::Secs(s)) if s.is_finite() && s.abs() < 1e9 => {
+                return Err(refuse(s.to_string()))
             }
-            Some(TimeoutArg::Text(t)) => humantime::parse_duration(&t)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| bad(format!("timeout {t:?} is not a duration such as 30s or 2m")))?,
+            Some(TimeoutArg::Secs(s)) => return Err(refuse(format!("{s:e}"))),
+            Some(TimeoutArg::Text(t)) => {
+                let shown = if t.chars().count() > 40 {
+                    format!("{:?}...", t.chars().take(40).collect::<String>())
+                } else {
+                    format!("{t:?}")
+                };
+                match crate::config::parse_duration(&t) {
+                    Ok(d) if !d.is_zero() && d <= max => d,
+                    _ => return Err(refuse(shown)),
+                }
+            }
         };
-        if timeout > max {
-            return Err(bad(format!(
-                "timeout {} is above the maximum {} ({max_name})",
-                humantime::format_duration(timeout),
-                humantime::format_duration(max)
-            )));
-        }
         if argv.iter().any(|a| a.contains('\0')) {
             return Err(bad("the command contains a NUL byte".into()));
         }

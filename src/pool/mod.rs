@@ -12,10 +12,12 @@
 pub mod activity;
 pub mod claims;
 mod deaths;
+pub mod down;
 pub mod metrics;
 pub mod mounts;
 pub mod network;
 pub mod reaper;
+pub mod removals;
 mod spares;
 pub mod spec;
 
@@ -41,6 +43,7 @@ use activity::ActivityLog;
 use metrics::PoolMetrics;
 pub use metrics::PoolStats;
 use network::SandboxNetwork;
+pub use removals::Remover;
 pub use spares::{SpareWarmer, WarmSpare};
 pub use spec::RulesMode;
 use spec::{SpecTemplate, LABEL_CONFIG_HASH, LABEL_CREATED_AT, LABEL_MANAGED_BY, LABEL_POOL};
@@ -148,6 +151,8 @@ struct Inner {
     tasks: TaskTracker,
     deaths: deaths::DeathWatch,
     spares: spares::Spares,
+    /// Who removed which container, for the call its removal ends.
+    removals: removals::RemovalLog,
 }
 
 /// A call's hold on a user's running sandbox. While it lives, the container is never reaped or
@@ -257,6 +262,7 @@ impl SandboxPool {
             engine.as_ref(),
             &config.network_name(),
             config.egress == crate::config::Egress::None,
+            &config.pool_id,
         )
         .await?;
         let blocked = spec::blocklist(&config, &spec::host_addresses());
@@ -311,6 +317,7 @@ impl SandboxPool {
             blocking(move || UsersRoot::open(&config)).await?
         };
         let activity = ActivityLog::open(&config.state_dir, &config.pool_id)?;
+        let removals = removals::RemovalLog::open(&config.state_dir, &config.pool_id)?;
         tracing::info!(
             engine = %engine.host(),
             api = %engine.api_version(),
@@ -334,6 +341,7 @@ impl SandboxPool {
             inner: Arc::new(Inner {
                 deaths,
                 spares,
+                removals,
                 template,
                 config,
                 engine,
@@ -499,13 +507,27 @@ impl SandboxPool {
         }
     }
 
-    /// Removes `user`'s sandbox now, whether or not calls are in flight. Returns whether a
-    /// container was removed.
+    /// Removes `user`'s sandbox now, whether or not calls are in flight, on request (the API).
+    /// Returns whether a container was removed.
     pub async fn remove(&self, user: &UserId) -> Result<bool> {
+        self.remove_by(user, Remover::Request).await
+    }
+
+    /// [`SandboxPool::remove`], saying who removes it: a call it ends says so.
+    pub async fn remove_by(&self, user: &UserId, by: Remover) -> Result<bool> {
         let slot = self.slot(user);
         let _gate = slot.gate.lock().await;
-        slot.state.lock().live = None;
-        let removed = self.remove_container(&self.container_name(user)).await;
+        let known = slot.state.lock().live.take().map(|s| s.container_id);
+        let name = self.container_name(user);
+        let id = match known {
+            Some(id) => Some(id),
+            // Another process's sandbox, say: one look tells which container the note is for.
+            None => self.inner.engine.inspect(&name).await?.map(|c| c.id),
+        };
+        if let Some(id) = &id {
+            self.inner.removals.record(id, by);
+        }
+        let removed = self.remove_container(&name).await;
         if removed.is_ok() {
             self.inner.activity.forget(user);
         }
@@ -563,6 +585,9 @@ impl SandboxPool {
         for slot in self.inner.slots.iter() {
             slot.state.lock().live = None;
         }
+        for c in &listed {
+            self.inner.removals.record(&c.id, Remover::Everything);
+        }
         let names: Vec<String> = listed.iter().map(|c| c.name.clone()).collect();
         let results: Vec<Result<bool>> = futures_util::stream::iter(names)
             .map(|name| async move { self.remove_container(&name).await })
@@ -610,6 +635,12 @@ impl SandboxPool {
     /// The ids of the pool's containers as they die (the engine's `die` events), from now on.
     pub fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.inner.deaths.subscribe()
+    }
+
+    /// Who removed container `container_id` (its words), if one of this pool's removals did,
+    /// in this process or another; told once.
+    pub fn removed_by(&self, container_id: &str) -> Option<String> {
+        self.inner.removals.take(container_id)
     }
 
     /// A token cancelled when the container `container_id` dies (the engine's `die` event), from

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::{Created, Engine, Network, NetworkSpec};
 use crate::error::{Error, Result};
-use crate::pool::spec::{LABEL_MANAGED_BY, MANAGED_BY};
+use crate::pool::spec::{LABEL_MANAGED_BY, LABEL_POOL, MANAGED_BY};
 
 const OPT_ICC: &str = "com.docker.network.bridge.enable_icc";
 const OPT_BRIDGE: &str = "com.docker.network.bridge.name";
@@ -45,11 +45,13 @@ pub fn bridge_name(network: &str) -> String {
 
 /// Makes sure the network `name` exists as a bridge with ICC off and our bridge name, internal
 /// unless `internal` is false (the `public` egress policy). An existing network with other
-/// settings is refused with [`Error::NetworkMismatch`].
+/// settings is refused with [`Error::NetworkMismatch`]. One it creates carries the pool's label,
+/// as its containers do, so that `zcbot-sandbox down` knows it is the pool's to remove.
 pub async fn ensure_network(
     engine: &dyn Engine,
     name: &str,
     internal: bool,
+    pool_id: &str,
 ) -> Result<SandboxNetwork> {
     if let Some(found) = engine.networks_named(name).await?.into_iter().next() {
         return verify(found, name, internal);
@@ -61,7 +63,10 @@ pub async fn ensure_network(
             (OPT_ICC.to_owned(), "false".to_owned()),
             (OPT_BRIDGE.to_owned(), bridge_name(name)),
         ]),
-        labels: HashMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned())]),
+        labels: HashMap::from([
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (LABEL_POOL.to_owned(), pool_id.to_owned()),
+        ]),
     };
     // NameTaken: a concurrent creator won the race (the name, or our bridge name).
     let mine = match engine.create_network(&spec).await? {

@@ -348,6 +348,9 @@ impl SandboxPool {
                 let Some(sandbox) = taken else {
                     return Ok(None);
                 };
+                self.inner
+                    .removals
+                    .record(&sandbox.container_id, super::Remover::Reaper);
                 self.remove_container(&sandbox.name).await?;
                 self.inner.activity.forget(&user);
                 self.inner.counters.reaped.inc();

@@ -1,8 +1,8 @@
 //! The daemon: `zcbot-sandbox serve`, the HTTP API over the executor and the pool.
 //!
-//! Lifespan: validated config -> executor (docker: connect and negotiate, image, network) ->
-//! reconcile -> reaper -> listen. Any failing step ends startup with its reason; the daemon never
-//! serves half-initialised. On SIGTERM/SIGINT it stops accepting, lets calls in flight finish for
+//! Lifespan: validated config -> bind -> executor (docker: connect and negotiate, image,
+//! network) -> reconcile -> self-check -> reaper -> serve. Any failing step ends startup with its
+//! reason; the daemon never serves half-initialised. On SIGTERM/SIGINT it stops accepting, lets calls in flight finish for
 //! `ZCBOT_SHUTDOWN_GRACE`, cancels the rest (their processes killed), stops the reaper, and keeps
 //! the containers warm unless told to remove them.
 //!
@@ -90,9 +90,44 @@ enum Listener {
 }
 
 impl Server {
-    /// Runs the lifespan up to listening: executor (for docker: connect, image, network),
-    /// reconcile, reaper, bind. Fails with the reason at the first step that fails.
+    /// Runs the lifespan up to serving: bind, executor (for docker: connect, image, network),
+    /// reconcile, self-check, reaper. Fails with the reason at the first step that fails.
     pub async fn start(config: Config, options: ServeOptions) -> crate::Result<Self> {
+        /// Binds the TCP address; a busy one says what to do.
+        async fn bind_tcp(addr: std::net::SocketAddr) -> crate::Result<tokio::net::TcpListener> {
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                let e = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}: another process listens there (a daemon already running?); \
+                             stop it, or set ZCBOT_LISTEN to a free address"
+                        ),
+                    )
+                } else {
+                    e
+                };
+                Error::io("listen on", addr.to_string(), e)
+            })
+        }
+
+        /// Removes the socket file a failed startup had bound, unless disarmed.
+        struct UnbindOnError(Option<std::path::PathBuf>);
+
+        impl UnbindOnError {
+            fn disarm(mut self) {
+                self.0 = None;
+            }
+        }
+
+        impl Drop for UnbindOnError {
+            fn drop(&mut self) {
+                if let Some(path) = &self.0 {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+
         let listen = config.listen.clone();
         let token_hash = config
             .api_token
@@ -101,6 +136,17 @@ impl Server {
         // A job keeps the latest ZCBOT_OUTPUT_CAP bytes of each stream, as a call keeps that many.
         let cfg_jobs = (config.user_max_jobs, config.output_cap);
         let all_calls = CancellationToken::new();
+        // Bind first: a busy port or a live socket must fail before this daemon adopts another's
+        // sandboxes or starts a probe. Connections wait in the backlog until it serves.
+        let listener = match &listen {
+            Listen::Tcp(addr) => Listener::Tcp(bind_tcp(*addr).await?),
+            Listen::Unix(path) => Listener::Unix(bind_unix(path)?, path.clone()),
+        };
+        // A startup that fails from here on leaves no socket file behind.
+        let unbind = UnbindOnError(match &listener {
+            Listener::Unix(_, path) => Some(path.clone()),
+            Listener::Tcp(_) => None,
+        });
         let executor = Executor::from_config(config).await?;
         let mut reaper = None;
         let mut self_check = None;
@@ -124,14 +170,7 @@ impl Server {
         } else {
             tracing::warn!("backend is host: tool calls run on this host and are NOT isolated (development only)");
         }
-        let listener = match &listen {
-            Listen::Tcp(addr) => Listener::Tcp(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::io("listen on", addr.to_string(), e))?,
-            ),
-            Listen::Unix(path) => Listener::Unix(bind_unix(path)?, path.clone()),
-        };
+        unbind.disarm();
         let connections = Arc::new(connections::ConnectionStats::default());
         let metrics = Metrics::new(executor.pool(), executor.transport_stats(), &connections);
         Ok(Server {
@@ -392,6 +431,12 @@ impl From<Error> for ApiError {
             | Error::DiskQuota { .. }
             | Error::CallStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Engine(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            // Removed on purpose while the call ran: the state changed under it (check, then
+            // decide); a channel that died otherwise is the daemon's side failing.
+            Error::ChannelLost {
+                removed_by: Some(_),
+                ..
+            } => StatusCode::CONFLICT,
             Error::ChannelLost { .. } => StatusCode::BAD_GATEWAY,
             Error::Config { .. } | Error::Engine(_) | Error::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR

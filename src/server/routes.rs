@@ -196,7 +196,16 @@ type ToolRequest = (
 );
 
 /// Declares one tool's route: its operation in the document and a handler that runs the tool.
+/// `background` adds the 202 of a tool that can start a job.
 macro_rules! tool_route {
+    ($handler:ident, $tool:tt, $path:tt, $body:ident, $summary:tt, background) => {
+        tool_route!($handler, $tool, $path, $body, $summary, [(
+            status = 202,
+            description = "`background`: the job started; follow it at Location",
+            body = JobView,
+            headers(("location" = String, description = "The job's route"))
+        ),]);
+    };
     ($handler:ident, $tool:tt, $path:tt, $body:ident, $summary:tt, [$($extra:tt)*]) => {
         #[utoipa::path(
             post, path = $path, tag = "tools", summary = $summary,
@@ -217,12 +226,15 @@ macro_rules! tool_route {
                 (status = 404, description = "A file, folder or session that is not there",
                     body = ErrorBody),
                 (status = 409, description = "`call_id_in_use`, `session_busy`, \
-                    `file_conflict`", body = ErrorBody),
+                    `file_conflict`, `sandbox_removed` (removed while the call ran: it may have \
+                    done part of its work)", body = ErrorBody),
                 (status = 413, description = "The body is over ZCBOT_MAX_BODY \
                     (`body_too_large`)", body = ErrorBody),
                 (status = 429, description = "The user's calls, sessions or jobs are at their \
                     limit (`too_many_calls`, `too_many_sessions`, `too_many_jobs`)",
                     body = ErrorBody),
+                (status = 502, description = "The sandbox's exec channel died during the call \
+                    (`channel_lost`): it may have run in part", body = ErrorBody),
                 (status = 507, description = "The user's folder is at its quota (`disk_full`)",
                     body = ErrorBody),
             )
@@ -245,12 +257,7 @@ tool_route!(
     "/v1/users/{user}/tools/shell",
     ShellCall,
     "Run a shell command in the user's sandbox",
-    [(
-        status = 202,
-        description = "`background`: the job started; follow it at Location",
-        body = JobView,
-        headers(("location" = String, description = "The job's route"))
-    ),]
+    background
 );
 tool_route!(
     run_python,
@@ -258,12 +265,7 @@ tool_route!(
     "/v1/users/{user}/tools/run_python",
     PythonCall,
     "Run Python code in the user's sandbox, in a session or afresh",
-    [(
-        status = 202,
-        description = "`background`: the job started; follow it at Location",
-        body = JobView,
-        headers(("location" = String, description = "The job's route"))
-    ),]
+    background
 );
 tool_route!(
     read_file,

@@ -112,6 +112,36 @@ pub(crate) fn prctl_or_die(option: libc::c_int, value: libc::c_ulong, what: &str
     }
 }
 
+/// In a forked child before exec: writes `prefix`, then what the current errno means (its words
+/// in `reasons`, else "errno N"), and a newline to stderr. Only write(2), no allocation.
+pub(crate) fn child_say(prefix: &[u8], reasons: &[(i32, &[u8])]) {
+    // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's life.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut digits = [0u8; 16];
+    let reason = match reasons.iter().find(|(e, _)| *e == errno) {
+        Some((_, words)) => *words,
+        None => {
+            let mut at = digits.len();
+            let mut n = errno.unsigned_abs();
+            loop {
+                at -= 1;
+                digits[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            at -= 6;
+            digits[at..at + 6].copy_from_slice(b"errno ");
+            &digits[at..]
+        }
+    };
+    for part in [prefix, reason, b"\n"] {
+        // SAFETY: write(2) from live memory is async-signal-safe; a short write loses only text.
+        unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
+}
+
 /// In a forked child before exec: unless `ok`, writes "zcbot-supervise: WHAT failed (errno N)"
 /// to stderr and leaves with [`EXIT_SETUP`]. Only async-signal-safe calls (write, _exit) and no
 /// allocation: the child of a fork may not take a lock another thread held.
@@ -285,6 +315,49 @@ pub(crate) fn supervise(args: Args) -> i32 {
         )
     };
     let workdir = args.workdir.as_deref().map(cstr);
+    // What the child says when the workdir or the command fails it, made here: after the fork
+    // it may only write. Each names what failed, and a bare command name the PATH it was
+    // looked for on (the call's `env` may have replaced it).
+    let chdir_prefix = [
+        &b"zcbot-supervise: cannot enter the working directory "[..],
+        args.workdir.as_deref().unwrap_or_default().as_bytes(),
+        b": ",
+    ]
+    .concat();
+    let exec_prefix = [
+        &b"zcbot-supervise: cannot run "[..],
+        args.argv[0].as_bytes(),
+        b": ",
+    ]
+    .concat();
+    let not_found = if args.argv[0].as_bytes().contains(&b'/') {
+        b"no such file (or its #! interpreter is missing)".to_vec()
+    } else {
+        match std::env::var_os("PATH") {
+            Some(path) => [
+                &b"not found on the call's PATH ("[..],
+                path.as_bytes(),
+                b")",
+            ]
+            .concat(),
+            None => b"not found: the call has no PATH".to_vec(),
+        }
+    };
+    let chdir_reasons: [(i32, &[u8]); 4] = [
+        (libc::ENOENT, b"no such folder"),
+        (libc::ENOTDIR, b"not a folder"),
+        (libc::EACCES, b"permission denied"),
+        (libc::ELOOP, b"too many levels of symbolic links"),
+    ];
+    let exec_reasons: [(i32, &[u8]); 4] = [
+        (libc::ENOENT, &not_found),
+        (
+            libc::EACCES,
+            b"permission denied (not executable, or a folder on the way is not searchable)",
+        ),
+        (libc::ENOEXEC, b"not an executable format"),
+        (libc::ENOTDIR, b"a component of its path is not a folder"),
+    ];
     let devnull = c"/dev/null";
     let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
@@ -322,14 +395,12 @@ pub(crate) fn supervise(args: Args) -> i32 {
             child_check(libc::dup2(null, 0) == 0, b"dup2 of the command's stdin");
             if let Some(dir) = &workdir {
                 if libc::chdir(dir.as_ptr()) != 0 {
-                    let msg = b"zcbot-supervise: cannot enter the working directory\n";
-                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    child_say(&chdir_prefix, &chdir_reasons);
                     libc::_exit(126);
                 }
             }
             libc::execvp(ptrs[0], ptrs.as_ptr());
-            let msg = b"zcbot-supervise: command not found or not executable\n";
-            libc::write(2, msg.as_ptr().cast(), msg.len());
+            child_say(&exec_prefix, &exec_reasons);
             libc::_exit(127);
         }
     }
@@ -699,6 +770,61 @@ pub(crate) fn sweep() -> i32 {
 mod tests {
     use super::*;
 
+    /// What the call's child says when its workdir or command fails it: the prefix, the words
+    /// for a known errno, else the errno's number.
+    #[test]
+    fn a_child_names_what_failed_and_why() {
+        let said = |errno: i32| {
+            let [r, w] = pipe_cloexec().unwrap();
+            // SAFETY: fork; the child only makes async-signal-safe calls and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: dup2 with integers, errno set through its own slot, then _exit.
+                unsafe {
+                    libc::dup2(w, 2);
+                    *libc::__errno_location() = errno;
+                    child_say(
+                        b"cannot enter /workspace/x: ",
+                        &[(libc::ENOENT, b"no such folder")],
+                    );
+                    libc::_exit(0);
+                }
+            }
+            // SAFETY: closing our copy of the write end, so the read below ends with the child.
+            unsafe { libc::close(w) };
+            let out = read_to_end(r);
+            // SAFETY: waiting for our own child; closing our read end.
+            unsafe {
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+                libc::close(r);
+            }
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            said(libc::ENOENT),
+            "cannot enter /workspace/x: no such folder\n"
+        );
+        assert_eq!(
+            said(libc::EIO),
+            format!("cannot enter /workspace/x: errno {}\n", libc::EIO)
+        );
+    }
+
+    /// Everything written to the pipe `r` until its last writer (a forked child) is gone.
+    fn read_to_end(r: libc::c_int) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: reading into a live buffer of the length given.
+            let n = unsafe { libc::read(r, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+    }
+
     /// What a forked child says and exits with when a call before exec fails: the step and the
     /// errno on its stderr, status 125; a step that worked changes nothing.
     #[test]
@@ -720,16 +846,7 @@ mod tests {
         }
         // SAFETY: closing our copy of the write end, so the read below ends with the child.
         unsafe { libc::close(w) };
-        let mut said = Vec::new();
-        let mut buf = [0u8; 256];
-        loop {
-            // SAFETY: reading into a live buffer of the length given.
-            let n = unsafe { libc::read(r, buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                break;
-            }
-            said.extend_from_slice(&buf[..n as usize]);
-        }
+        let said = read_to_end(r);
         let mut status = 0;
         // SAFETY: waiting for our own child with a pointer to a live int.
         unsafe { libc::waitpid(pid, &mut status, 0) };
