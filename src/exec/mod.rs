@@ -269,7 +269,7 @@ impl ToolCall {
                 if a.background && a.session.is_some() {
                     return Err(Error::BadCall {
                         tool: tool.to_owned(),
-                        reason: "background and session cannot be combined: a session runs one                                  call at a time under its caller"
+                        reason: "background and session cannot be combined: a session runs one call at a time under its caller"
                             .into(),
                     });
                 }
