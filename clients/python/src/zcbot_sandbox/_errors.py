@@ -122,15 +122,16 @@ _BY_STATUS: Dict[int, Type[SandboxError]] = {
 #: event stream, which arrive inside a 200 answer.
 KIND_STATUS: Dict[str, int] = {
     **dict.fromkeys(
-        ["invalid_user", "bad_json", "bad_call", "bad_body", "file_limit", "file"], 400
+        ["invalid_user", "bad_json", "bad_query", "bad_call", "bad_body", "file_limit", "file"], 400
     ),
     "unauthorized": 401,
-    "path_refused": 403,
+    **dict.fromkeys(["path_refused", "cross_origin", "bad_host"], 403),
     **dict.fromkeys(
         ["unknown_tool", "not_found", "no_such_session", "no_such_job", "unknown_call", "no_sandbox"],
         404,
     ),
-    **dict.fromkeys(["session_busy", "call_id_in_use", "file_conflict"], 409),
+    "method_not_allowed": 405,
+    **dict.fromkeys(["session_busy", "call_id_in_use", "file_conflict", "sandbox_removed"], 409),
     "route_moved": 410,
     **dict.fromkeys(["file_too_large", "body_too_large"], 413),
     **dict.fromkeys(["too_many_calls", "too_many_sessions", "too_many_jobs"], 429),
