@@ -341,14 +341,17 @@ impl Jobs {
     }
 
     /// Kills the user's running job `id` (its whole process tree) and waits until it has
-    /// ended, at most `wait`; an ended job's record is forgotten instead. Either way, the job as
-    /// it was last seen (still `running` if it did not end within `wait`).
+    /// ended, at most `wait`; the record of a job that has ended is then forgotten (a DELETE
+    /// deletes: what it answers is the last anyone sees of the job). The job as it was last seen,
+    /// still `running` (and kept) if it did not end within `wait`.
     pub async fn kill(&self, user: &UserId, id: &str, wait: Duration) -> Result<JobView> {
         let job = self.get(user, id)?;
         if job.running() {
             job.cancel.cancel();
             let _ = tokio::time::timeout(wait, job.ended()).await;
-            return Ok(job.view(true));
+            if job.running() {
+                return Ok(job.view(true));
+            }
         }
         let mut all = self.by_user.lock();
         if let Some(jobs) = all.get_mut(user) {
@@ -466,14 +469,13 @@ mod tests {
         // The ring kept the last 5 bytes: the cut 'é' is not shown half, and is counted.
         assert_eq!(killed.stdout.as_deref(), Some("llo "));
         assert_eq!(killed.stdout_dropped, Some(3));
-        // A slot is free again; the killed record is listed until it is deleted.
+        // A slot is free again, and the killed job is gone with its DELETE.
+        assert_eq!(jobs.get(&alice, "a").unwrap_err().kind(), "no_such_job");
         jobs.start(&alice, "d".into(), "shell", job(Some(0)))
             .unwrap();
-        assert_eq!(jobs.list(&alice).len(), 3);
-        jobs.kill(&alice, "a", Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(jobs.get(&alice, "a").unwrap_err().kind(), "no_such_job");
+        assert_eq!(jobs.list(&alice).len(), 2);
+        let again = jobs.kill(&alice, "a", Duration::from_secs(5)).await;
+        assert_eq!(again.unwrap_err().kind(), "no_such_job");
     }
 
     #[tokio::test]

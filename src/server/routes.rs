@@ -640,13 +640,13 @@ async fn get_job(
 }
 
 /// `DELETE /v1/users/{user}/jobs/{id}`: kills a running job's whole process tree and answers
-/// once it has ended (202 if it has not within the kill grace and a margin); forgets an ended
+/// once it has ended (202 if it has not within the kill grace and a margin); forgets the ended
 /// job.
 #[utoipa::path(delete, path = "/v1/users/{user}/jobs/{id}", tag = "jobs",
     params(UserPath, ("id" = String, Path, description = "The job's id")),
-    summary = "Kill a running job's whole process tree, or forget an ended one",
+    summary = "Kill a running job's whole process tree and forget it; forget an ended one",
     responses(
-        (status = 200, description = "The job, ended", body = JobView),
+        (status = 200, description = "The job's last record, ended; it is gone", body = JobView),
         (status = 202, description = "Still running after the kill grace: the kill goes on",
             body = JobView),
         (status = 400, description = "A bad user id", body = ErrorBody),

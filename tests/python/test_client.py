@@ -350,11 +350,15 @@ def test_a_background_job_runs_and_is_followed(alice: User) -> None:
 
 def test_a_job_is_killed(alice: User) -> None:
     job = alice.start_job("shell", command="echo up; sleep 60")
+    deadline = time.monotonic() + 30
+    while alice.job(job.job_id).stdout != "up\n":
+        assert time.monotonic() < deadline, "the job never printed"
+        time.sleep(0.05)
     t0 = time.monotonic()
     killed = alice.kill_job(job.job_id)
     assert killed.state == "killed" and time.monotonic() - t0 < 15
-    assert alice.job(job.job_id).state == "killed"
-    alice.kill_job(job.job_id)  # an ended job is forgotten
+    assert killed.stdout == "up\n", "the answer is the job's last record"
+    # A DELETE deletes.
     with pytest.raises(NotFound) as e:
         alice.job(job.job_id)
     assert e.value.kind == "no_such_job"

@@ -321,7 +321,8 @@ class User:
     def kill_job(self, job_id: str) -> Job:
         """Kills a running job's whole process tree and returns it once ended (still
         ``running`` if it had not ended within the daemon's kill grace + 5 s: the kill goes on);
-        forgets an ended job."""
+        the daemon then forgets it (the answer is its last record); an ended job is just
+        forgotten."""
         c = self.client
         return Job.from_json(c._json("DELETE", self._path("jobs", job_id), timeout=_core.call_timeout(c._timeout)))
 
