@@ -112,31 +112,30 @@ pub(crate) fn prctl_or_die(option: libc::c_int, value: libc::c_ulong, what: &str
     }
 }
 
+/// `n` in decimal, written into the end of `buf` (no allocation: safe in a forked child).
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
 /// In a forked child before exec: writes `prefix`, then what the current errno means (its words
 /// in `reasons`, else "errno N"), and a newline to stderr. Only write(2), no allocation.
 pub(crate) fn child_say(prefix: &[u8], reasons: &[(i32, &[u8])]) {
     // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's life.
     let errno = unsafe { *libc::__errno_location() };
-    let mut digits = [0u8; 16];
-    let reason = match reasons.iter().find(|(e, _)| *e == errno) {
-        Some((_, words)) => *words,
-        None => {
-            let mut at = digits.len();
-            let mut n = errno.unsigned_abs();
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            at -= 6;
-            digits[at..at + 6].copy_from_slice(b"errno ");
-            &digits[at..]
-        }
+    let mut digits = [0u8; 10];
+    let (reason, number): (&[u8], &[u8]) = match reasons.iter().find(|(e, _)| *e == errno) {
+        Some((_, words)) => (words, b""),
+        None => (b"errno ", decimal(errno.unsigned_abs(), &mut digits)),
     };
-    for part in [prefix, reason, b"\n"] {
+    for part in [prefix, reason, number, b"\n"] {
         // SAFETY: write(2) from live memory is async-signal-safe; a short write loses only text.
         unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
     }
@@ -162,17 +161,7 @@ pub(crate) fn child_check(ok: bool, what: &[u8]) {
     put(what);
     put(b" failed (errno ");
     let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    let mut n = errno.unsigned_abs();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    put(&digits[at..]);
+    put(decimal(errno.unsigned_abs(), &mut digits));
     put(b")\n");
     // SAFETY: write(2) from a live stack buffer and _exit(2) are async-signal-safe.
     unsafe {
