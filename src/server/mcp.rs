@@ -61,10 +61,14 @@ pub(super) fn service(
         // reached by its real name. Without a token the daemon is on loopback, and it stays on.
         config = config.disable_allowed_hosts();
     }
+    // The configuration is fixed for the daemon's life: the tools are described once, not at
+    // each request (the SDK looks a tool up on every `tools/call` to check its headers).
+    let tools: Arc<[Tool]> = catalog::tools(cfg).into_iter().map(to_mcp).collect();
     StreamableHttpService::new(
         move || {
             Ok(McpTools {
                 state: state.clone(),
+                tools: tools.clone(),
             })
         },
         Arc::new(NeverSessionManager::default()),
@@ -76,15 +80,8 @@ pub(super) fn service(
 #[derive(Clone)]
 pub(super) struct McpTools {
     state: Arc<AppState>,
-}
-
-impl McpTools {
-    fn tools(&self) -> Vec<Tool> {
-        catalog::tools(self.state.executor_config())
-            .into_iter()
-            .map(to_mcp)
-            .collect()
-    }
+    /// The catalogue, as MCP spells it.
+    tools: Arc<[Tool]>,
 }
 
 fn to_mcp(t: ToolSpec) -> Tool {
@@ -113,11 +110,11 @@ impl ServerHandler for McpTools {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(self.tools()))
+        Ok(ListToolsResult::with_all_items(self.tools.to_vec()))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
-        catalog::tool(self.state.executor_config(), name).map(to_mcp)
+        self.tools.iter().find(|t| t.name == name).cloned()
     }
 
     async fn call_tool(
