@@ -764,30 +764,14 @@ mod tests {
     #[test]
     fn a_child_names_what_failed_and_why() {
         let said = |errno: i32| {
-            let [r, w] = pipe_cloexec().unwrap();
-            // SAFETY: fork; the child only makes async-signal-safe calls and leaves with _exit.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0);
-            if pid == 0 {
-                // SAFETY: dup2 with integers, errno set through its own slot, then _exit.
-                unsafe {
-                    libc::dup2(w, 2);
-                    *libc::__errno_location() = errno;
-                    child_say(
-                        b"cannot enter /workspace/x: ",
-                        &[(libc::ENOENT, b"no such folder")],
-                    );
-                    libc::_exit(0);
-                }
-            }
-            // SAFETY: closing our copy of the write end, so the read below ends with the child.
-            unsafe { libc::close(w) };
-            let out = read_to_end(r);
-            // SAFETY: waiting for our own child; closing our read end.
-            unsafe {
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-                libc::close(r);
-            }
+            let (out, _) = in_child(|| {
+                // SAFETY: errno set through this thread's own slot.
+                unsafe { *libc::__errno_location() = errno };
+                child_say(
+                    b"cannot enter /workspace/x: ",
+                    &[(libc::ENOENT, b"no such folder")],
+                );
+            });
             String::from_utf8(out).unwrap()
         };
         assert_eq!(
@@ -800,45 +784,51 @@ mod tests {
         );
     }
 
-    /// Everything written to the pipe `r` until its last writer (a forked child) is gone.
-    fn read_to_end(r: libc::c_int) -> Vec<u8> {
+    /// Runs `f` in a forked child whose stderr is a pipe (then `_exit(0)`, if `f` returns): what
+    /// it wrote there and its wait status. `f` may make async-signal-safe calls only.
+    fn in_child(f: impl FnOnce()) -> (Vec<u8>, libc::c_int) {
+        let [r, w] = pipe_cloexec().unwrap();
+        // SAFETY: fork; the child only makes async-signal-safe calls and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: dup2 with integers.
+            unsafe { libc::dup2(w, 2) };
+            f();
+            // SAFETY: leaves without destructors, as a forked child must.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: closing our copy of the write end, so the read below ends with the child.
+        unsafe { libc::close(w) };
         let mut out = Vec::new();
         let mut buf = [0u8; 256];
         loop {
             // SAFETY: reading into a live buffer of the length given.
             let n = unsafe { libc::read(r, buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
-                return out;
+                break;
             }
             out.extend_from_slice(&buf[..n as usize]);
         }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a pointer to a live int; closing our read end.
+        unsafe {
+            libc::waitpid(pid, &mut status, 0);
+            libc::close(r);
+        }
+        (out, status)
     }
 
     /// What a forked child says and exits with when a call before exec fails: the step and the
     /// errno on its stderr, status 125; a step that worked changes nothing.
     #[test]
     fn a_failed_step_before_exec_is_reported_and_exits_125() {
-        let [r, w] = pipe_cloexec().unwrap();
-        // SAFETY: fork; the child only makes async-signal-safe calls and leaves with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: dup2 and close with integers; close(-1) fails with EBADF, setting errno.
-            unsafe {
-                libc::dup2(w, 2);
-                libc::close(-1);
-            }
+        let (said, status) = in_child(|| {
+            // SAFETY: close(-1) fails with EBADF, setting errno.
+            unsafe { libc::close(-1) };
             child_check(true, b"a step that worked");
             child_check(false, b"dup2 of the test's stdout");
-            // SAFETY: not reached when child_check works; leaves without destructors.
-            unsafe { libc::_exit(0) };
-        }
-        // SAFETY: closing our copy of the write end, so the read below ends with the child.
-        unsafe { libc::close(w) };
-        let said = read_to_end(r);
-        let mut status = 0;
-        // SAFETY: waiting for our own child with a pointer to a live int.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        });
         assert_eq!(
             String::from_utf8_lossy(&said),
             format!(
