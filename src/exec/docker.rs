@@ -164,21 +164,13 @@ impl DockerExecutor {
                 }
             };
             match attempt {
-                // Killed by a signal in a sandbox removed on purpose: the removal is what the
-                // caller must hear, and the exec's end can come before the engine's death event.
-                Ok(outcome) if outcome.exit_code.is_some_and(|c| c >= 128) => {
-                    if let Some(by) = self.pool.removed_by(&container_id) {
-                        self.channels.container_gone(&container_id).await;
-                        self.pool.invalidate(user, &container_id);
-                        return Err(Error::ChannelLost {
-                            user: user.to_string(),
-                            container: self.pool.container_name(user),
-                            reason: "the sandbox was removed during the call".into(),
-                            removed_by: Some(by),
-                        });
-                    }
-                    self.stats.observe(!per_call, started.elapsed());
-                    return Ok(outcome);
+                // Killed by a signal in a sandbox removed on purpose: that is its death, whose
+                // event can come after the exec's end.
+                Ok(outcome)
+                    if outcome.exit_code.is_some_and(|c| c >= 128)
+                        && self.pool.removal_noted(&container_id) =>
+                {
+                    return self.died_during(user, &container_id).await;
                 }
                 Ok(outcome) => {
                     self.stats.observe(!per_call, started.elapsed());

@@ -643,6 +643,12 @@ impl SandboxPool {
         self.inner.removals.take(container_id)
     }
 
+    /// Whether one of this pool's removals of container `container_id` is under way or done
+    /// (without telling who: [`SandboxPool::removed_by`] does, once).
+    pub fn removal_noted(&self, container_id: &str) -> bool {
+        self.inner.removals.noted(container_id)
+    }
+
     /// A token cancelled when the container `container_id` dies (the engine's `die` event), from
     /// now on: a call in it ends at once instead of at its timeout.
     pub fn death_of(&self, container_id: &str) -> CancellationToken {

@@ -84,6 +84,11 @@ impl RemovalLog {
         }
     }
 
+    /// Whether a note says container `id` was removed (it stays for [`RemovalLog::take`]).
+    pub fn noted(&self, id: &str) -> bool {
+        super::is_lower_hex(id, ID_LEN) && self.dir.join(id).exists()
+    }
+
     /// Who removed container `id`, if a note says so; the note is deleted.
     pub fn take(&self, id: &str) -> Option<String> {
         if !super::is_lower_hex(id, ID_LEN) {
@@ -109,12 +114,15 @@ mod tests {
         let log = RemovalLog::open(&root, "p").unwrap();
         let (a, b) = ("a".repeat(64), "b".repeat(64));
         log.record(&a, Remover::Operator);
+        assert!(log.noted(&a) && !log.noted(&b), "a look leaves the note");
         assert_eq!(log.take(&b), None);
         assert_eq!(log.take(&a).as_deref(), Some(Remover::Operator.words()));
         assert_eq!(log.take(&a), None, "read once");
+        assert!(!log.noted(&a));
         // Not a container id: never a path.
         log.record("../x", Remover::Request);
         assert_eq!(log.take("../x"), None);
+        assert!(!log.noted("../x"));
         // An unread note older than KEEP goes with the next record.
         log.record(&a, Remover::Reaper);
         let old = SystemTime::now() - KEEP - Duration::from_secs(1);
