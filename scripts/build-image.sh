@@ -55,6 +55,13 @@ requirements=${ZCBOT_SANDBOX_REQUIREMENTS:-$here/deploy/sandbox/requirements.txt
 [ -f "$requirements" ] && [ -r "$requirements" ] || die "ZCBOT_SANDBOX_REQUIREMENTS: cannot read '$requirements' (a pip requirements file)"
 build_ca=${ZCBOT_BUILD_CA:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 
+# The egress proxy's image (allowlist mode) is built beside this one, each with its own check.
+if [ "$if_changed" = 1 ]; then
+    "$here/scripts/build-egress-image.sh" --if-changed
+else
+    "$here/scripts/build-egress-image.sh"
+fi
+
 # Everything the image is made of but its base, as one hash (the label io.zcbot.inputs).
 inputs=$(
     cd "$here"
