@@ -381,6 +381,13 @@ impl Engine for DockerEngine {
                 exit_code: st.exit_code,
                 error: st.error.filter(|e| !e.is_empty()),
                 oom_killed: st.oom_killed.unwrap_or(false),
+                addresses: found
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(name, e)| Some((name, e.ip_address?.parse().ok()?)))
+                    .collect(),
             }))
         }
         .boxed()
@@ -745,6 +752,79 @@ impl Engine for DockerEngine {
                 Err((_, Answer::NotFound)) => Ok(None),
                 Err((e, _)) => Err(e),
             }
+        }
+        .boxed()
+    }
+
+    fn connect_network<'a>(
+        &'a self,
+        network: &'a str,
+        container: &'a str,
+    ) -> BoxFuture<'a, EngineResult<bool>> {
+        async move {
+            let request = bollard::models::NetworkConnectRequest {
+                container: container.to_owned(),
+                endpoint_config: None,
+            };
+            match self
+                .call(
+                    Op::ConnectNetwork,
+                    container,
+                    self.inner.connect_network(network, request),
+                )
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err((_, Answer::NotFound)) => Ok(false),
+                // 20.10 answers 403 "already exists in network" for a second connect.
+                Err((EngineError::Failed { message, .. }, _))
+                    if message.contains("already exists in network") =>
+                {
+                    Ok(true)
+                }
+                Err((e, _)) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn attach<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Option<Attached>>> {
+        async move {
+            let options = bollard::query_parameters::AttachContainerOptions {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                stream: true,
+                logs: false,
+                ..Default::default()
+            };
+            let attached = match self
+                .call(
+                    Op::Attach,
+                    container,
+                    self.inner.attach_container(container, Some(options)),
+                )
+                .await
+            {
+                Ok(a) => a,
+                Err((_, Answer::NotFound | Answer::Conflict)) => return Ok(None),
+                Err((e, _)) => return Err(e),
+            };
+            let this = self.clone();
+            let target = container.to_owned();
+            let output = attached
+                .output
+                .map(move |item| match item {
+                    Ok(LogOutput::StdErr { message }) => Ok(Chunk::Stderr(message.to_vec())),
+                    Ok(other) => Ok(Chunk::Stdout(other.into_bytes().to_vec())),
+                    Err(e) => Err(this.stream_error(Op::Attach, &target, e)),
+                })
+                .boxed();
+            Ok(Some(Attached {
+                id: container.to_owned(),
+                output,
+                input: attached.input,
+            }))
         }
         .boxed()
     }

@@ -308,6 +308,7 @@ impl Engine for FakeEngine {
                     exit_code: (c.state == State::Exited).then_some(0),
                     error: None,
                     oom_killed: false,
+                    addresses: HashMap::new(),
                 }
             })
         });
@@ -544,6 +545,25 @@ impl Engine for FakeEngine {
         let r = w
             .fail(Op::InspectExec, exec_id)
             .map(|()| w.execs.get(exec_id).copied());
+        futures_util::future::ready(r).boxed()
+    }
+
+    fn connect_network<'a>(
+        &'a self,
+        network: &'a str,
+        container: &'a str,
+    ) -> BoxFuture<'a, EngineResult<bool>> {
+        let w = self.enter();
+        let r = w
+            .fail(Op::ConnectNetwork, network)
+            .map(|()| w.find(container).is_some());
+        futures_util::future::ready(r).boxed()
+    }
+
+    /// The fake has no processes to talk to: attaching finds nothing.
+    fn attach<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Option<Attached>>> {
+        let w = self.enter();
+        let r = w.fail(Op::Attach, container).map(|()| None);
         futures_util::future::ready(r).boxed()
     }
 }

@@ -141,6 +141,8 @@ pub struct Container {
     pub error: Option<String>,
     /// The kernel's OOM killer struck in it (under gVisor: the whole sandbox was killed).
     pub oom_killed: bool,
+    /// Its IPv4 address on each network it joined, by network name (while it runs).
+    pub addresses: HashMap<String, std::net::IpAddr>,
 }
 
 /// A container as `list` sees it.
@@ -348,4 +350,16 @@ pub trait Engine: Send + Sync + 'static {
     /// An exec's state; None when the exec (or its container) is gone.
     fn exec_state<'a>(&'a self, exec_id: &'a str)
         -> BoxFuture<'a, EngineResult<Option<ExecState>>>;
+
+    /// Connects a created container to one more network (API 1.41 creates a container on one
+    /// network only). False when the container is not there; already connected is done.
+    fn connect_network<'a>(
+        &'a self,
+        network: &'a str,
+        container: &'a str,
+    ) -> BoxFuture<'a, EngineResult<bool>>;
+    /// Attaches to a running container's stdin, stdout and stderr (its PID 1's, for a container
+    /// created with `OpenStdin`): how the daemon talks to the egress proxy. The `id` of the
+    /// answer is the container's. None when it is not there.
+    fn attach<'a>(&'a self, container: &'a str) -> BoxFuture<'a, EngineResult<Option<Attached>>>;
 }
