@@ -8,11 +8,14 @@
 //! - `ZCBOT-<bridge>`, jumped to from INPUT (traffic to the host itself): a single DROP;
 //! - `ZCBOTF-<bridge>`, jumped to from DOCKER-USER, or FORWARD where the engine has no usable
 //!   DOCKER-USER (forwarded traffic): a DROP for egress `none`; for `public`, a DROP per blocked
-//!   range of that family and then RETURN, so Docker's own rules forward the rest.
+//!   range of that family and then RETURN, so Docker's own rules forward the rest; for
+//!   `allowlist`, an ACCEPT of TCP to the egress proxy's port and of the proxy's answers on
+//!   connections made to it (the network's inter-container DROP would stop both), then DROP.
 //!
 //! Installing is idempotent (a restart adds nothing twice); `zcbot-sandbox net down` removes it.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -203,10 +206,20 @@ fn contents(
     v6: bool,
     egress: Egress,
     blocked: &[IpNet],
+    proxy: Option<SocketAddr>,
 ) -> Vec<(String, Vec<String>)> {
-    let forward = match egress {
-        Egress::None => vec!["-j DROP".to_owned()],
-        Egress::Public => blocked
+    let forward = match (egress, proxy) {
+        (Egress::Allowlist, Some(p)) if p.is_ipv6() == v6 => vec![
+            to_proxy(p),
+            format!(
+                "-s {} -p tcp -m tcp --sport {} -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+                IpNet::from(p.ip()),
+                p.port()
+            ),
+            "-j DROP".to_owned(),
+        ],
+        (Egress::None | Egress::Allowlist, _) => vec!["-j DROP".to_owned()],
+        (Egress::Public, _) => blocked
             .iter()
             .filter(|n| matches!(n, IpNet::V6(_)) == v6)
             .map(|n| format!("-d {n} -j DROP"))
@@ -219,11 +232,27 @@ fn contents(
     ]
 }
 
+/// The rule that lets TCP to the egress proxy's port through (the host's forward chain and the
+/// sandbox's OUTPUT hold the same one).
+fn to_proxy(p: SocketAddr) -> String {
+    format!(
+        "-d {} -p tcp -m tcp --dport {} -j ACCEPT",
+        IpNet::from(p.ip()),
+        p.port()
+    )
+}
+
 /// Installs (or repairs) the host rules for `bridge` under `egress`, with `blocked` the ranges
-/// a sandbox must never reach. Safe to call on every start. Blocks (runs iptables).
-pub fn install(bridge: &str, egress: Egress, blocked: &[IpNet]) -> Result<(), FirewallError> {
+/// a sandbox must never reach and `proxy` the egress proxy's address (allowlist mode; without
+/// it, nothing is let through). Safe to call on every start. Blocks (runs iptables).
+pub fn install(
+    bridge: &str,
+    egress: Egress,
+    blocked: &[IpNet],
+    proxy: Option<SocketAddr>,
+) -> Result<(), FirewallError> {
     for f in families()? {
-        for (chain, rules) in contents(bridge, f.v6, egress, blocked) {
+        for (chain, rules) in contents(bridge, f.v6, egress, blocked, proxy) {
             if !f
                 .ipt
                 .chain_exists("filter", &chain)
@@ -399,15 +428,27 @@ impl FirewallWatch {
 }
 
 /// The container's own rules for one family, as `iptables-restore` input: the same ruleset the
-/// entry installs in its fallback mode (deploy/sandbox/entry.sh; tests check both).
-pub fn container_ruleset(v6: bool, egress: Egress, blocked: &[IpNet]) -> String {
+/// entry installs in its fallback mode (deploy/sandbox/entry.sh; tests check both). In allowlist
+/// mode `proxy` is the one address (and port) a sandbox may reach.
+pub fn container_ruleset(
+    v6: bool,
+    egress: Egress,
+    blocked: &[IpNet],
+    proxy: Option<SocketAddr>,
+) -> String {
     let mut out =
         String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT DROP [0:0]\n");
-    if !v6 && egress == Egress::None {
-        // Docker's embedded DNS (loopback) forwards out of the container: closed with no egress.
+    if !v6 && egress != Egress::Public {
+        // Docker's embedded DNS (loopback) forwards out of the container: closed unless the
+        // sandbox may reach addresses itself (the proxy resolves names for an allowlist).
         out.push_str("-A OUTPUT -d 127.0.0.11/32 -j REJECT\n");
     }
     out.push_str("-A OUTPUT -o lo -j ACCEPT\n");
+    if let (Egress::Allowlist, Some(p)) = (egress, proxy) {
+        if p.is_ipv6() == v6 {
+            out.push_str(&format!("-A OUTPUT {}\n", to_proxy(p)));
+        }
+    }
     for net in blocked.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
         out.push_str(&format!("-A OUTPUT -d {net} -j REJECT\n"));
     }
@@ -490,8 +531,9 @@ pub fn apply_in_container(
     pid: i32,
     egress: Egress,
     blocked: &[IpNet],
+    proxy: Option<SocketAddr>,
 ) -> Result<(), FirewallError> {
-    let sets = [false, true].map(|v6| (v6, container_ruleset(v6, egress, blocked)));
+    let sets = [false, true].map(|v6| (v6, container_ruleset(v6, egress, blocked, proxy)));
     in_netns(pid, move || {
         for (v6, rules) in &sets {
             let (restore, list) = if *v6 {

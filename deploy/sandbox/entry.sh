@@ -7,8 +7,11 @@
 # rules than it was asked for.
 #
 # Arguments (all from the pool's container spec):
-#   --egress none|public   none: everything but loopback is dropped.
+#   --egress none|public|allowlist
+#                          none: everything but loopback is dropped.
 #                          public: everything is allowed except the blocked ranges.
+#                          allowlist: as none, but TCP to the egress proxy (--proxy) is allowed.
+#   --proxy IPV4:PORT      the egress proxy (allowlist).
 #   --block CIDR           a range that is always rejected (repeatable, IPv4 or IPv6).
 set -eu
 
@@ -21,11 +24,17 @@ fail() {
 egress=none
 blocks=""
 by_host=no
+proxy=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --egress)
         [ $# -ge 2 ] || fail "--egress needs a value"
         egress=$2
+        shift 2
+        ;;
+    --proxy)
+        [ $# -ge 2 ] || fail "--proxy needs IPV4:PORT"
+        proxy=$2
         shift 2
         ;;
     --rules-by-host)
@@ -40,7 +49,13 @@ while [ $# -gt 0 ]; do
     *) fail "unknown argument: $1" ;;
     esac
 done
-case "$egress" in none | public) ;; *) fail "--egress must be none or public, not '$egress'" ;; esac
+case "$egress" in none | public | allowlist) ;; *) fail "--egress must be none, public or allowlist, not '$egress'" ;; esac
+if [ "$egress" = allowlist ]; then
+    case "$proxy" in
+    *.*.*.*:*) ;;
+    *) fail "--egress allowlist needs --proxy IPV4:PORT, got '$proxy'" ;;
+    esac
+fi
 
 if [ "$by_host" = yes ]; then
     # The daemon installs the rules from the host, inside this container's network namespace;
@@ -60,10 +75,13 @@ ruleset() {
     echo ':OUTPUT DROP [0:0]'
     # Docker's embedded DNS listens on 127.0.0.11 (loopback) and forwards out of the container:
     # with no egress it would resolve other users' sandboxes and carry data out in queries.
-    if [ "$family" = 4 ] && [ "$egress" = none ]; then
+    if [ "$family" = 4 ] && [ "$egress" != public ]; then
         echo '-A OUTPUT -d 127.0.0.11/32 -j REJECT'
     fi
     echo '-A OUTPUT -o lo -j ACCEPT'
+    if [ "$family" = 4 ] && [ "$egress" = allowlist ]; then
+        echo "-A OUTPUT -d ${proxy%:*}/32 -p tcp -m tcp --dport ${proxy##*:} -j ACCEPT"
+    fi
     for cidr in $blocks; do
         case "$cidr" in
         *:*) [ "$family" = 6 ] || continue ;;

@@ -150,6 +150,9 @@ pub struct SpecTemplate {
     pub rules: RulesMode,
     /// The seccomp profile (JSON) applied inline, or `None` for the engine's default profile.
     pub seccomp: Option<String>,
+    /// Allowlist mode: the egress proxy's address, the one a sandbox may reach (in the hash: a
+    /// proxy at a new address means new sandboxes).
+    pub proxy: Option<std::net::SocketAddr>,
 }
 
 /// Who installs a container's own egress rules.
@@ -253,6 +256,10 @@ impl SpecTemplate {
         if self.rules == RulesMode::Host {
             cmd.push("--rules-by-host".to_owned());
         }
+        if let Some(proxy) = self.proxy {
+            cmd.push("--proxy".to_owned());
+            cmd.push(proxy.to_string());
+        }
         for net in &self.blocked {
             cmd.push("--block".to_owned());
             cmd.push(net.to_string());
@@ -271,11 +278,7 @@ impl SpecTemplate {
                 RulesMode::Host => None,
                 RulesMode::Entry => Some(vec!["NET_ADMIN".to_owned()]),
             },
-            security_opt: Some(
-                std::iter::once("no-new-privileges:true".to_owned())
-                    .chain(self.seccomp.as_ref().map(|p| format!("seccomp={p}")))
-                    .collect(),
-            ),
+            security_opt: Some(security_opt(self.seccomp.as_deref())),
             runtime: Some(config.runtime.as_str().to_owned()),
             pids_limit: Some(host_pids_limit(config)),
             memory: Some(config.memory_bytes),
@@ -314,6 +317,14 @@ impl SpecTemplate {
             ..Default::default()
         }
     }
+}
+
+/// The security options of every container the pool runs (sandboxes and the egress proxy):
+/// no-new-privileges, and the seccomp profile inline (`None`: the engine's).
+pub(crate) fn security_opt(seccomp: Option<&str>) -> Vec<String> {
+    std::iter::once("no-new-privileges:true".to_owned())
+        .chain(seccomp.map(|p| format!("seccomp={p}")))
+        .collect()
 }
 
 /// The `/workspace` bind mount of `source`.
@@ -386,6 +397,7 @@ mod tests {
             blocked: blocklist(&cfg(), &[]),
             rules: RulesMode::Entry,
             seccomp: SpecTemplate::seccomp_profile(&cfg(), RulesMode::Entry),
+            proxy: None,
         }
     }
 
