@@ -165,7 +165,7 @@ pub fn init_logging(cli: &Cli) {
 
 async fn pool() -> Result<SandboxPool> {
     let config = Config::from_env()?;
-    Ok(SandboxPool::connect(config).await?)
+    Ok(SandboxPool::connect_guest(config).await?)
 }
 
 /// Runs one subcommand; the exit code says how it went.
@@ -229,7 +229,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         &config,
                         &zcbot_sandbox::pool::spec::host_addresses(),
                     );
-                    zcbot_sandbox::firewall::install(&bridge, config.egress, &blocked)
+                    let proxy = match config.egress {
+                        zcbot_sandbox::config::Egress::Allowlist => {
+                            Some(zcbot_sandbox::pool::egress::running_proxy(&config).await?)
+                        }
+                        _ => None,
+                    };
+                    zcbot_sandbox::firewall::install(&bridge, config.egress, &blocked, proxy)
                         .map(|_| "installed")
                 }
                 "down" => zcbot_sandbox::firewall::remove(&bridge).map(|_| "removed"),
@@ -337,7 +343,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let user = UserId::parse(&user)?;
             let config = Config::from_env()?;
             warn_if_host_backend(&config);
-            let executor = Executor::from_config(config).await?;
+            let executor = Executor::guest(config).await?;
             let result = with_ctrl_c(|cancel| async move {
                 executor
                     .run_argv(&user, argv, timeout, workdir, &cancel)
@@ -367,7 +373,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let call = ToolCall::parse("run_python", args)?;
             let config = Config::from_env()?;
             warn_if_host_backend(&config);
-            let executor = Executor::from_config(config).await?;
+            let executor = Executor::guest(config).await?;
             let result =
                 with_ctrl_c(|cancel| async move { executor.run(&user, call, &cancel).await })
                     .await?;

@@ -17,6 +17,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches};
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
+pub use zcbot_egress::pattern::Pattern;
 
 use crate::error::{Error, Result};
 
@@ -150,9 +151,25 @@ pub struct Config {
     /// `ZCBOT_SELF_CHECK`: at startup (docker backend), a probe sandbox tries the network escapes
     /// and the daemon refuses to start if any succeeds (default 1).
     pub self_check: bool,
-    /// `ZCBOT_SANDBOX_EGRESS`: `none` (default; no way out at all) or `public` (public addresses
-    /// only, on a separate non-internal network).
+    /// `ZCBOT_SANDBOX_EGRESS`: `none` (default; no way out at all), `public` (public addresses
+    /// only, on a separate non-internal network) or `allowlist` (named hosts only, through the
+    /// pool's egress proxy).
     pub egress: Egress,
+    /// `ZCBOT_EGRESS_ALLOW`: in `allowlist` mode, the host patterns sandboxes may reach
+    /// (`example.org`, `*.example.org`, optional `:port`; ports 80 and 443 when none is given).
+    /// Each user's list can be narrowed, never widened.
+    pub egress_allow: Vec<Pattern>,
+    /// `ZCBOT_EGRESS_NETWORK`: the outbound network the egress proxy joins (default
+    /// `<ZCBOT_SANDBOX_NETWORK>-egress`, created if missing).
+    pub egress_network: String,
+    /// `ZCBOT_EGRESS_RESOLVE`: a test knob: names the proxy resolves to these addresses instead
+    /// of asking DNS. The operator's explicit word, so they skip the private-range check.
+    pub egress_resolve: Vec<(String, IpAddr)>,
+    /// `ZCBOT_EGRESS_IMAGE`: the egress proxy's image (default `zcbot-egress:latest`).
+    pub egress_image: String,
+    /// `ZCBOT_EGRESS_USER_CONNECTIONS`: connections one user may hold open through the proxy
+    /// (default 64).
+    pub egress_user_connections: u32,
     /// `ZCBOT_CONTAINER_RULES`: who installs each container's own rules: `host` (the daemon,
     /// through the container's network namespace; needs root), `entry` (the container, which then
     /// keeps NET_ADMIN), or `auto` (default: host when the daemon is root).
@@ -215,6 +232,9 @@ pub enum Egress {
     None,
     /// Public addresses only: every private, local, reserved range and the host are rejected.
     Public,
+    /// Named hosts only (`ZCBOT_EGRESS_ALLOW`), through the pool's egress proxy: the sandbox's
+    /// one reachable address is the proxy's port.
+    Allowlist,
 }
 
 impl Egress {
@@ -223,6 +243,7 @@ impl Egress {
         match self {
             Egress::None => "none",
             Egress::Public => "public",
+            Egress::Allowlist => "allowlist",
         }
     }
 }
@@ -230,10 +251,11 @@ impl Egress {
 impl Config {
     /// The Docker network the sandboxes use: `ZCBOT_SANDBOX_NETWORK`, or
     /// `<ZCBOT_SANDBOX_NETWORK>-public` for the public egress policy (a different network, since
-    /// it cannot be internal).
+    /// it cannot be internal). The allowlist policy shares the internal network of `none`: its
+    /// one way out is the proxy container, which also joins [`Config::egress_network`].
     pub fn network_name(&self) -> String {
         match self.egress {
-            Egress::None => self.network.clone(),
+            Egress::None | Egress::Allowlist => self.network.clone(),
             Egress::Public => format!("{}-public", self.network),
         }
     }
@@ -407,9 +429,27 @@ struct NetworkArgs {
     /// The internal bridge network.
     #[arg(long, env = "ZCBOT_SANDBOX_NETWORK", default_value = "zcbot-sandbox-net", value_parser = parse_network)]
     network: String,
-    /// none (no way out) or public (public addresses only, on a separate network).
-    #[arg(long, env = "ZCBOT_SANDBOX_EGRESS", default_value = "none", value_parser = one_of(&[("none", Egress::None), ("public", Egress::Public)]))]
+    /// none (no way out), public (public addresses only, on a separate network) or allowlist
+    /// (the hosts of ZCBOT_EGRESS_ALLOW, through the egress proxy).
+    #[arg(long, env = "ZCBOT_SANDBOX_EGRESS", default_value = "none", value_parser = one_of(&[("none", Egress::None), ("public", Egress::Public), ("allowlist", Egress::Allowlist)]))]
     egress: Egress,
+    /// allowlist: the hosts sandboxes may reach, comma separated: example.org, *.example.org,
+    /// each with an optional :port (80 and 443 when none).
+    #[arg(long, env = "ZCBOT_EGRESS_ALLOW", value_parser = parse_allow)]
+    egress_allow: Option<AllowList>,
+    /// allowlist: the outbound network the egress proxy joins [default: <network>-egress].
+    #[arg(long, env = "ZCBOT_EGRESS_NETWORK", value_parser = parse_network)]
+    egress_network: Option<String>,
+    /// allowlist, a test knob: name=ip pairs the proxy uses instead of DNS (comma separated);
+    /// these addresses skip the private-range check.
+    #[arg(long, env = "ZCBOT_EGRESS_RESOLVE", value_parser = parse_resolve)]
+    egress_resolve: Option<ResolveList>,
+    /// allowlist: the egress proxy's image (scripts/build-image.sh builds it).
+    #[arg(long, env = "ZCBOT_EGRESS_IMAGE", default_value = "zcbot-egress:latest", value_parser = parse_image)]
+    egress_image: String,
+    /// allowlist: connections one user may hold open through the proxy.
+    #[arg(long, env = "ZCBOT_EGRESS_USER_CONNECTIONS", default_value = "64", value_parser = int::<u32>(1, 100_000))]
+    egress_user_connections: u32,
     /// Database addresses a sandbox must never reach (comma or space separated).
     #[arg(long, env = "ZCBOT_PG_IPS", value_parser = parse_cidr_list)]
     pg_ips: Option<CidrList>,
@@ -712,6 +752,47 @@ impl Settings {
             });
         }
         let listen = http.listen.check(http.api_token.is_some())?;
+        let egress_allow = network.egress_allow.map(|l| l.0).unwrap_or_default();
+        match network.egress {
+            Egress::Allowlist if egress_allow.is_empty() => {
+                return Err(Error::Config {
+                    var: "ZCBOT_EGRESS_ALLOW",
+                    value: String::new(),
+                    reason: "ZCBOT_SANDBOX_EGRESS=allowlist needs at least one host pattern \
+                             (e.g. pypi.org,files.pythonhosted.org); for no network at all use \
+                             ZCBOT_SANDBOX_EGRESS=none"
+                        .into(),
+                })
+            }
+            Egress::None | Egress::Public if !egress_allow.is_empty() => {
+                return Err(Error::Config {
+                    var: "ZCBOT_EGRESS_ALLOW",
+                    value: egress_allow
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    reason: format!(
+                        "is only read with ZCBOT_SANDBOX_EGRESS=allowlist, and the mode is {}: \
+                         set the mode or unset the list",
+                        network.egress.as_str()
+                    ),
+                })
+            }
+            _ => {}
+        }
+        let egress_network = network
+            .egress_network
+            .unwrap_or_else(|| format!("{}-egress", network.network));
+        if egress_network == network.network {
+            return Err(Error::Config {
+                var: "ZCBOT_EGRESS_NETWORK",
+                value: egress_network,
+                reason: "must not be the sandbox network (ZCBOT_SANDBOX_NETWORK): the proxy's \
+                         outbound side needs a network of its own"
+                    .into(),
+            });
+        }
         if http
             .api_token
             .as_ref()
@@ -775,6 +856,11 @@ impl Settings {
             require_host_firewall: network.require_host_firewall,
             self_check: network.self_check,
             egress: network.egress,
+            egress_allow,
+            egress_network,
+            egress_resolve: network.egress_resolve.map(|l| l.0).unwrap_or_default(),
+            egress_image: network.egress_image,
+            egress_user_connections: network.egress_user_connections,
             container_rules: network.container_rules,
             runtime: sandbox.runtime,
             seccomp: sandbox.seccomp,
@@ -1130,6 +1216,40 @@ fn docker_name(v: &str, max: usize) -> std::result::Result<&str, String> {
 }
 
 /// A list of addresses or CIDR ranges, comma or space separated; a bare address is one host.
+/// `ZCBOT_EGRESS_ALLOW`'s patterns.
+#[derive(Debug, Clone)]
+struct AllowList(Vec<Pattern>);
+
+fn parse_allow(v: &str) -> std::result::Result<AllowList, String> {
+    zcbot_egress::pattern::parse_list(v)
+        .map(AllowList)
+        .map_err(|e| e.to_string())
+}
+
+/// `ZCBOT_EGRESS_RESOLVE`'s pairs.
+#[derive(Debug, Clone)]
+struct ResolveList(Vec<(String, IpAddr)>);
+
+fn parse_resolve(v: &str) -> std::result::Result<ResolveList, String> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, ip) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not name=ip"))?;
+        let name = zcbot_egress::pattern::normalize_host(name.trim())
+            .map_err(|e| format!("{item:?}: {e}"))?;
+        let ip: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("{item:?}: {:?} is not an IP address", ip.trim()))?;
+        out.push((name, ip));
+    }
+    if out.len() > 256 {
+        return Err("at most 256 name=ip pairs".into());
+    }
+    Ok(ResolveList(out))
+}
+
 fn parse_cidr_list(v: &str) -> std::result::Result<CidrList, String> {
     v.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
@@ -1226,9 +1346,60 @@ mod tests {
     }
 
     #[test]
+    fn the_allowlist_mode_needs_its_list_and_only_it_reads_one() {
+        let c = cfg(&[
+            ("ZCBOT_SANDBOX_EGRESS", "allowlist"),
+            ("ZCBOT_EGRESS_ALLOW", " pypi.org, *.pythonhosted.org:443 "),
+            ("ZCBOT_EGRESS_RESOLVE", "site.test=172.30.0.5"),
+        ])
+        .unwrap();
+        assert_eq!(c.egress, Egress::Allowlist);
+        let allow: Vec<String> = c.egress_allow.iter().map(ToString::to_string).collect();
+        assert_eq!(allow, ["pypi.org", "*.pythonhosted.org:443"]);
+        assert_eq!(c.egress_network, "zcbot-sandbox-net-egress");
+        assert_eq!(c.network_name(), "zcbot-sandbox-net");
+        assert_eq!(
+            c.egress_resolve,
+            [("site.test".to_owned(), "172.30.0.5".parse().unwrap())]
+        );
+        for (vars, says) in [
+            (
+                &[("ZCBOT_SANDBOX_EGRESS", "allowlist")][..],
+                "needs at least one host pattern",
+            ),
+            (
+                &[("ZCBOT_EGRESS_ALLOW", "pypi.org")][..],
+                "only read with ZCBOT_SANDBOX_EGRESS=allowlist",
+            ),
+            (
+                &[
+                    ("ZCBOT_SANDBOX_EGRESS", "allowlist"),
+                    ("ZCBOT_EGRESS_ALLOW", "10.0.0.1"),
+                ][..],
+                "ZCBOT_EGRESS_ALLOW",
+            ),
+            (
+                &[
+                    ("ZCBOT_SANDBOX_EGRESS", "allowlist"),
+                    ("ZCBOT_EGRESS_ALLOW", "a.org"),
+                    ("ZCBOT_EGRESS_NETWORK", "zcbot-sandbox-net"),
+                ][..],
+                "must not be the sandbox network",
+            ),
+            (
+                &[("ZCBOT_EGRESS_RESOLVE", "site.test")][..],
+                "is not name=ip",
+            ),
+        ] {
+            let err = cfg(vars).unwrap_err().to_string();
+            assert!(err.contains(says), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
     fn the_declaration_lists_every_variable_once_with_a_flag() {
         let vars = variables();
-        assert_eq!(vars.len(), 53, "{vars:?}");
+        assert_eq!(vars.len(), 58, "{vars:?}");
         let mut names: Vec<_> = vars.iter().map(|v| v.name).collect();
         names.sort_unstable();
         names.dedup();

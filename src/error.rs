@@ -99,6 +99,29 @@ pub enum Error {
         failures: String,
     },
 
+    /// The egress proxy (allowlist mode) could not be started, reached or told of a sandbox.
+    #[error("egress proxy: {reason} (check `docker logs` of the proxy container; a restart of the daemon makes it again)")]
+    EgressProxy {
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A per-user egress list names a host the pool's list does not allow.
+    #[error("{pattern} is not within the pool's egress list ({pool}): a user's list can only narrow ZCBOT_EGRESS_ALLOW")]
+    EgressNotSubset {
+        /// The pattern that is not covered.
+        pattern: String,
+        /// The pool's list.
+        pool: String,
+    },
+
+    /// Per-user egress lists exist only in allowlist mode.
+    #[error("the pool's egress mode is {mode}: per-user egress lists need ZCBOT_SANDBOX_EGRESS=allowlist")]
+    EgressOff {
+        /// The pool's mode.
+        mode: &'static str,
+    },
+
     /// The pool holds `ZCBOT_SANDBOX_MAX` containers and none of them is idle.
     #[error("pool full: {max} sandboxes are running and every one has a call in flight; retry later or raise ZCBOT_SANDBOX_MAX")]
     PoolFull {
@@ -312,6 +335,9 @@ impl Error {
             Error::NetworkMismatch { .. } => "network_mismatch",
             Error::SandboxStart { .. } => "sandbox_start",
             Error::PoolFull { .. } => "pool_full",
+            Error::EgressProxy { .. } => "egress_proxy",
+            Error::EgressNotSubset { .. } => "egress_not_subset",
+            Error::EgressOff { .. } => "egress_off",
             Error::HostFirewall { .. } => "host_firewall",
             Error::SelfCheck { .. } => "self_check",
             Error::BadCall { .. } => "bad_call",
@@ -394,6 +420,10 @@ pub enum Op {
     InspectExec,
     /// Follow the engine's events.
     Events,
+    /// Connect a container to a network.
+    ConnectNetwork,
+    /// Attach to a container's standard streams.
+    Attach,
 }
 
 impl std::fmt::Display for Op {
@@ -420,6 +450,8 @@ impl std::fmt::Display for Op {
             Op::ReadExec => "read an exec in",
             Op::InspectExec => "inspect exec",
             Op::Events => "follow the events of containers labelled",
+            Op::ConnectNetwork => "connect to a network the container",
+            Op::Attach => "attach to container",
         })
     }
 }

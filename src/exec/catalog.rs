@@ -27,9 +27,23 @@ const API_ONLY: &[&str] = &["background"];
 /// The tools, in the order a model is best shown them.
 pub fn tools(cfg: &Config) -> Vec<ToolSpec> {
     let cap = human_bytes(cfg.output_cap as u64);
+    let hosts;
     let network = match cfg.egress {
         Egress::None => "no network at all",
         Egress::Public => "public internet addresses only (no private ranges, no host)",
+        Egress::Allowlist => {
+            let mut list: Vec<String> = cfg.egress_allow.iter().map(ToString::to_string).collect();
+            if list.len() > 20 {
+                list.truncate(20);
+                list.push("...".into());
+            }
+            hosts = format!(
+                "network access only to these hosts, through an HTTP proxy the environment \
+                 already names (HTTP_PROXY; pip, curl and Python's urllib use it): {}",
+                list.join(", ")
+            );
+            hosts.as_str()
+        }
     };
     // The model is told the truth about where its commands run.
     let place = match cfg.backend {

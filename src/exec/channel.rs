@@ -971,6 +971,12 @@ impl Channel {
         if opened {
             let mut env = super::base_env(&Default::default());
             env.extend(session::KERNEL_ENV.iter().map(|(k, v)| format!("{k}={v}")));
+            env.extend(
+                self.pool
+                    .sandbox_env()
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}")),
+            );
             let start = Start {
                 // The session lives until it is ended: its supervisor's own deadline is only a
                 // backstop against a daemon that vanished without closing the channel.

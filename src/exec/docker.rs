@@ -128,6 +128,11 @@ impl DockerExecutor {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome> {
         let started = std::time::Instant::now();
+        let mut spec = spec;
+        // The proxy's address in allowlist mode; a call's own variables win.
+        for (k, v) in self.pool.sandbox_env() {
+            spec.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         let mut retried = false;
         let mut not_started = 0;
         // A background job runs over the channel whatever the setting: the helper kills its

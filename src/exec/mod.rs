@@ -524,6 +524,17 @@ impl Executor {
         }
     }
 
+    /// Like [`Executor::from_config`], for a command run beside the daemon (the CLI): see
+    /// [`SandboxPool::connect_guest`].
+    pub async fn guest(config: Config) -> Result<Self> {
+        match config.backend {
+            Backend::Host => Ok(Executor::Host(host::HostExecutor::new(config))),
+            Backend::Docker => Ok(Executor::Docker(docker::DockerExecutor::new(
+                SandboxPool::connect_guest(config).await?,
+            ))),
+        }
+    }
+
     /// Which backend runs the calls.
     pub fn backend(&self) -> Backend {
         match self {

@@ -33,7 +33,16 @@ pub async fn down(config: &Config) -> Result<Teardown> {
         (LABEL_POOL.to_owned(), config.pool_id.clone()),
     ]);
     let removals = RemovalLog::open(&config.state_dir, &config.pool_id)?;
-    for c in engine.list(&ours).await? {
+    let proxy = Filter::Labels(vec![
+        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        (
+            crate::pool::egress::LABEL_EGRESS.to_owned(),
+            config.pool_id.clone(),
+        ),
+    ]);
+    let mut containers = engine.list(&ours).await?;
+    containers.extend(engine.list(&proxy).await?);
+    for c in containers {
         // A daemon's call in one of them then says who removed it.
         removals.record(&c.id, Remover::Everything);
         if engine.remove(&c.id).await?.existed() {
@@ -42,8 +51,13 @@ pub async fn down(config: &Config) -> Result<Teardown> {
     }
     // The spares' slots hold user folders mounted; nothing uses them now.
     WorkspaceSlots::existing(&config.state_dir, &config.pool_id).release_all();
-    // Either egress policy's network: a pool may have run under both.
-    for name in [config.network.clone(), format!("{}-public", config.network)] {
+    // Every egress policy's network: a pool may have run under each (the allowlist's outbound
+    // network only if the pool made it, which its label says).
+    for name in [
+        config.network.clone(),
+        format!("{}-public", config.network),
+        config.egress_network.clone(),
+    ] {
         let bridge = bridge_name(&name);
         let mut gone = true;
         let found = engine.networks_named(&name).await?;

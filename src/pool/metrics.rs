@@ -209,6 +209,9 @@ impl SandboxPool {
     /// appends it).
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.inner.counters.register(registry);
+        if let Some(proxy) = &self.inner.egress {
+            proxy.register_metrics(registry);
+        }
     }
 
     /// Refreshes `zcbot_containers` from the engine, for a scrape. If the engine cannot list

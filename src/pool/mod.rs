@@ -13,6 +13,7 @@ pub mod activity;
 pub mod claims;
 mod deaths;
 pub mod down;
+pub mod egress;
 pub mod metrics;
 pub mod mounts;
 pub mod network;
@@ -32,7 +33,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, RulesSetting};
+use crate::config::{Config, Pattern, RulesSetting};
 use crate::engine::{Created, DockerEngine, Filter, Listed, SharedEngine, State};
 use crate::error::{Error, Result};
 use crate::firewall::{FirewallWatch, HostFirewall};
@@ -101,6 +102,9 @@ impl Ready {
 /// Per-user state. See the module docs for the locking rules.
 struct Slot {
     gate: Arc<tokio::sync::Mutex<()>>,
+    /// Held from reading the user's list to recording the registration, so two registrations
+    /// of one sandbox cannot land in the other order around a list change.
+    registering: tokio::sync::Mutex<()>,
     state: parking_lot::Mutex<SlotState>,
 }
 
@@ -113,12 +117,31 @@ struct SlotState {
     in_flight: usize,
     last_active: SystemTime,
     persisted: Option<SystemTime>,
+    /// Allowlist mode: the container, proxy generation and policy epoch the live sandbox was
+    /// registered with the egress proxy under.
+    egress: Option<(String, u64, u64)>,
+}
+
+impl SlotState {
+    /// Sets the live sandbox. Whatever it is, its registration with the egress proxy is not
+    /// known yet: a container started again under its id may have another address.
+    fn set_live(&mut self, sandbox: Option<Sandbox>) {
+        self.live = sandbox;
+        self.egress = None;
+    }
+
+    /// Takes the live sandbox (it is gone or going), with its registration.
+    fn take_live(&mut self) -> Option<Sandbox> {
+        self.egress = None;
+        self.live.take()
+    }
 }
 
 impl Slot {
     fn new(last_active: SystemTime) -> Self {
         Slot {
             gate: Arc::new(tokio::sync::Mutex::new(())),
+            registering: tokio::sync::Mutex::new(()),
             state: parking_lot::Mutex::new(SlotState {
                 live: None,
                 paused: false,
@@ -126,6 +149,7 @@ impl Slot {
                 in_flight: 0,
                 last_active,
                 persisted: None,
+                egress: None,
             }),
         }
     }
@@ -153,6 +177,11 @@ struct Inner {
     spares: spares::Spares,
     /// Who removed which container, for the call its removal ends.
     removals: removals::RemovalLog,
+    /// Allowlist mode: the pool's egress proxy, and the per-user lists.
+    egress: Option<egress::EgressProxy>,
+    policies: egress::Policies,
+    /// What [`SandboxPool::sandbox_env`] answers, made once.
+    sandbox_env: Vec<(String, String)>,
 }
 
 /// A call's hold on a user's running sandbox. While it lives, the container is never reaped or
@@ -162,6 +191,8 @@ pub struct Lease {
     slot: Arc<Slot>,
     user: UserId,
     sandbox: Sandbox,
+    /// Answered from memory, with no bring-up, resume or wait on another's.
+    warm: bool,
 }
 
 impl Lease {
@@ -214,6 +245,16 @@ enum Victim {
 /// Resets a slot's `starting` flag however bring-up ends (error, cancel, panic).
 struct StartingGuard<'a>(&'a Slot);
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The proxy's watcher and reader hold handles of their own: without this, a pool that
+        // is gone would keep them, and its attach connection, for the life of the process.
+        if let Some(proxy) = &self.egress {
+            proxy.close();
+        }
+    }
+}
+
 impl Drop for StartingGuard<'_> {
     fn drop(&mut self) {
         self.0.state.lock().starting = false;
@@ -228,11 +269,29 @@ impl SandboxPool {
         Self::open(config, Arc::new(engine), true).await
     }
 
+    /// Like [`SandboxPool::connect`], for a command run beside the daemon (the CLI): in allowlist
+    /// mode it uses the daemon's running egress proxy and never makes, replaces or clears it.
+    pub async fn connect_guest(config: Config) -> Result<Self> {
+        let engine = DockerEngine::connect(&config).await?;
+        Self::open_as(config, Arc::new(engine), true, false).await
+    }
+
     /// Opens the pool on `engine`: checks the image, ensures the network, installs the host
     /// firewall when `host_firewall` (tests on a fake engine do not), and prepares the users and
     /// state folders. Does not touch existing containers: call [`SandboxPool::reconcile`] for
     /// that.
     pub async fn open(config: Config, engine: SharedEngine, host_firewall: bool) -> Result<Self> {
+        Self::open_as(config, engine, host_firewall, true).await
+    }
+
+    /// [`SandboxPool::open`], as the daemon (`owner`: it runs the egress proxy) or as a guest
+    /// beside it (see [`SandboxPool::connect_guest`]).
+    async fn open_as(
+        config: Config,
+        engine: SharedEngine,
+        host_firewall: bool,
+        owner: bool,
+    ) -> Result<Self> {
         let real_host = host_firewall;
         let image_id =
             engine
@@ -261,7 +320,7 @@ impl SandboxPool {
         let network = network::ensure_network(
             engine.as_ref(),
             &config.network_name(),
-            config.egress == crate::config::Egress::None,
+            config.egress != crate::config::Egress::Public,
             &config.pool_id,
         )
         .await?;
@@ -288,8 +347,24 @@ impl SandboxPool {
                     .into(),
             });
         }
+        let seccomp = SpecTemplate::seccomp_profile(&config, rules);
+        let egress = match config.egress {
+            crate::config::Egress::Allowlist => Some(
+                egress::EgressProxy::start(
+                    &config,
+                    engine.clone(),
+                    seccomp.clone(),
+                    &blocked,
+                    owner,
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let proxy = egress.as_ref().map(egress::EgressProxy::addr);
+        let sandbox_env = proxy.map(proxy_env).unwrap_or_default();
         let installed = if host_firewall {
-            crate::firewall::install(&network.bridge, config.egress, &blocked)
+            crate::firewall::install(&network.bridge, config.egress, &blocked, proxy)
         } else {
             Err(crate::firewall::FirewallError::NotInstalled {
                 why: "the pool runs on a test engine",
@@ -299,6 +374,16 @@ impl SandboxPool {
             Ok(()) => HostFirewall::Enforced {
                 bridge: network.bridge.clone(),
             },
+            // The network's inter-container DROP would stop every sandbox's way to the proxy:
+            // only our host rule lets that one port through.
+            Err(e) if egress.is_some() && real_host => {
+                return Err(Error::HostFirewall {
+                    reason: format!(
+                        "{e}; ZCBOT_SANDBOX_EGRESS=allowlist needs it: the host rule is what \
+                         lets sandboxes reach the egress proxy"
+                    ),
+                })
+            }
             Err(e) if config.require_host_firewall => {
                 return Err(Error::HostFirewall {
                     reason: e.to_string(),
@@ -331,11 +416,13 @@ impl SandboxPool {
         );
         let deaths = deaths::DeathWatch::start(engine.clone(), config.pool_id.clone());
         let template = SpecTemplate {
-            seccomp: SpecTemplate::seccomp_profile(&config, rules),
+            seccomp,
             image_id,
             blocked,
             rules,
+            proxy,
         };
+        let policies = egress::Policies::open(&config.state_dir, &config.pool_id)?;
         let spares = spares::Spares::open(&config, template.spare_hash(&config), real_host)?;
         Ok(SandboxPool {
             inner: Arc::new(Inner {
@@ -343,6 +430,9 @@ impl SandboxPool {
                 spares,
                 removals,
                 template,
+                egress,
+                policies,
+                sandbox_env,
                 config,
                 engine,
                 network,
@@ -428,17 +518,127 @@ impl SandboxPool {
     /// least recently used idle sandbox, or fails with [`Error::PoolFull`].
     pub async fn lease(&self, user: &UserId) -> Result<Lease> {
         let slot = self.slot(user);
-        if let Some(lease) = self.try_warm(&slot, user) {
-            return Ok(lease);
+        let lease = match self.try_warm(&slot, user) {
+            Some(lease) => lease,
+            None => {
+                let leased = self.lease_cold(user, &slot).await;
+                if leased.is_err() {
+                    // Nothing of a refused or failed bring-up stays in memory (any request may
+                    // name any user).
+                    drop(slot);
+                    self.prune_slot(user);
+                }
+                let mut lease = leased?;
+                lease.warm = false;
+                lease
+            }
+        };
+        self.register_egress(&lease).await?;
+        Ok(lease)
+    }
+
+    /// Allowlist mode: makes sure the egress proxy knows the lease's sandbox as its user, under
+    /// the user's current list, before anything runs in it. Costs nothing once registered (in
+    /// this proxy generation, under this policy epoch); otherwise one inspect and one command.
+    async fn register_egress(&self, lease: &Lease) -> Result<()> {
+        let Some(proxy) = &self.inner.egress else {
+            return Ok(());
+        };
+        let id = &lease.sandbox.container_id;
+        let cached = |want: (u64, u64)| {
+            lease
+                .slot
+                .state
+                .lock()
+                .egress
+                .as_ref()
+                .is_some_and(|(c, g, e)| c == id && (*g, *e) == want)
+        };
+        let want = (proxy.generation(), self.inner.policies.epoch());
+        if lease.warm && cached(want) {
+            return Ok(());
         }
-        let leased = self.lease_cold(user, &slot).await;
-        if leased.is_err() {
-            // Nothing of a refused or failed bring-up stays in memory (any request may name any
-            // user).
-            drop(slot);
-            self.prune_slot(user);
+        let _registering = lease.slot.registering.lock().await;
+        let want = (proxy.generation(), self.inner.policies.epoch());
+        // A lease that was not warm (a start, a restart, a resume, a claimed spare, a wait on
+        // another's bring-up) registers again: a container started again under the same id may
+        // have another address. (Any change of the live sandbox also clears the record.)
+        if lease.warm && cached(want) {
+            return Ok(());
         }
-        leased
+        let network = self.inner.network.name.clone();
+        let ip = self
+            .inner
+            .engine
+            .inspect(id)
+            .await?
+            .and_then(|c| c.addresses.get(&network).copied())
+            .ok_or_else(|| Error::EgressProxy {
+                reason: format!("sandbox {} has no address on {network}", lease.sandbox.name),
+            })?;
+        let allow = self.egress_allow(&lease.user);
+        let generation = proxy.register(ip, lease.user.as_str(), &allow).await?;
+        lease.slot.state.lock().egress = Some((id.clone(), generation, want.1));
+        Ok(())
+    }
+
+    /// The hosts `user` may reach (allowlist mode): its own list if the backend narrowed it, else
+    /// the pool's.
+    pub fn egress_allow(&self, user: &UserId) -> Vec<Pattern> {
+        let pool = &self.inner.config.egress_allow;
+        match self.inner.policies.get(user) {
+            // A list stored under an older, wider pool list keeps only what today's allows.
+            Some(own) => own.into_iter().filter(|p| self.within_pool(p)).collect(),
+            None => pool.clone(),
+        }
+    }
+
+    /// Narrows `user`'s list to `allow` (every pattern within the pool's list), or gives it the
+    /// pool's again (`None`). Kept in the state folder; the user's next call runs under it.
+    pub async fn set_egress(&self, user: &UserId, allow: Option<Vec<Pattern>>) -> Result<()> {
+        let config = &self.inner.config;
+        if config.egress != crate::config::Egress::Allowlist {
+            return Err(Error::EgressOff {
+                mode: config.egress.as_str(),
+            });
+        }
+        if let Some(list) = &allow {
+            if let Some(outside) = list.iter().find(|p| !self.within_pool(p)) {
+                return Err(Error::EgressNotSubset {
+                    pattern: outside.to_string(),
+                    pool: config
+                        .egress_allow
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                });
+            }
+        }
+        let policies = self.inner.policies.clone();
+        let user = user.clone();
+        blocking(move || policies.set(&user, allow.as_deref())).await
+    }
+
+    /// Whether `user`'s list was narrowed by the backend.
+    pub fn egress_narrowed(&self, user: &UserId) -> bool {
+        self.inner.policies.get(user).is_some()
+    }
+
+    /// The pool's egress proxy (allowlist mode).
+    pub fn egress_proxy(&self) -> Option<&egress::EgressProxy> {
+        self.inner.egress.as_ref()
+    }
+
+    /// The environment every process in a sandbox starts with beyond the base: the proxy's
+    /// address in allowlist mode, else none.
+    pub fn sandbox_env(&self) -> &[(String, String)] {
+        &self.inner.sandbox_env
+    }
+
+    /// Whether the pool's list allows everything `p` does.
+    fn within_pool(&self, p: &Pattern) -> bool {
+        self.inner.config.egress_allow.iter().any(|q| q.covers(p))
     }
 
     async fn lease_cold(&self, user: &UserId, slot: &Arc<Slot>) -> Result<Lease> {
@@ -473,7 +673,7 @@ impl SandboxPool {
                     self.inner.counters.ensures_cold.inc();
                 }
                 let mut st = slot.state.lock();
-                st.live = Some(sandbox.clone());
+                st.set_live(Some(sandbox.clone()));
                 st.paused = false;
                 sandbox
             }
@@ -489,6 +689,7 @@ impl SandboxPool {
             slot: slot.clone(),
             user: user.clone(),
             sandbox,
+            warm: true,
         })
     }
 
@@ -502,7 +703,7 @@ impl SandboxPool {
                 .as_ref()
                 .is_some_and(|s| s.container_id == container_id)
             {
-                st.live = None;
+                st.set_live(None);
             }
         }
     }
@@ -517,7 +718,7 @@ impl SandboxPool {
     pub async fn remove_by(&self, user: &UserId, by: Remover) -> Result<bool> {
         let slot = self.slot(user);
         let _gate = slot.gate.lock().await;
-        let known = slot.state.lock().live.take().map(|s| s.container_id);
+        let known = slot.state.lock().take_live().map(|s| s.container_id);
         let name = self.container_name(user);
         let id = match known {
             Some(id) => Some(id),
@@ -583,7 +784,7 @@ impl SandboxPool {
     pub async fn shutdown_all(&self) -> Result<usize> {
         let listed = self.list_ours().await?;
         for slot in self.inner.slots.iter() {
-            slot.state.lock().live = None;
+            slot.state.lock().set_live(None);
         }
         for c in &listed {
             self.inner.removals.record(&c.id, Remover::Everything);
@@ -692,7 +893,7 @@ impl SandboxPool {
             Err(e) => {
                 // Forgotten: the next lease's bring-up looks at the container afresh (and thaws
                 // it if it is still paused) instead of every lease failing here.
-                st.live = None;
+                st.set_live(None);
                 return Err(e.into());
             }
         };
@@ -700,7 +901,7 @@ impl SandboxPool {
             self.inner.counters.resumed.inc();
             tracing::info!(user = %user, container = %name, "resumed a paused sandbox");
         } else {
-            st.live = None;
+            st.set_live(None);
         }
         Ok(())
     }
@@ -722,6 +923,7 @@ impl SandboxPool {
             slot: slot.clone(),
             user: user.clone(),
             sandbox,
+            warm: true,
         })
     }
 
@@ -773,7 +975,7 @@ impl SandboxPool {
                 };
                 let mut st = victim_slot.state.lock();
                 if st.in_flight == 0 && !st.starting {
-                    if let Some(sb) = st.live.take() {
+                    if let Some(sb) = st.take_live() {
                         st.paused = false;
                         victim = Some(Victim::User(victim_user, gate, sb.name));
                         break;
@@ -1017,9 +1219,10 @@ impl SandboxPool {
     ) -> Result<Ready> {
         let egress = self.inner.config.egress;
         let blocked = self.inner.template.blocked.clone();
+        let proxy = self.inner.template.proxy;
         let netns = crate::firewall::netns_id(pid);
         let applied = tokio::task::spawn_blocking(move || {
-            crate::firewall::apply_in_container(pid, egress, &blocked)
+            crate::firewall::apply_in_container(pid, egress, &blocked, proxy)
         })
         .await
         .unwrap_or_else(|e| Err(crate::firewall::FirewallError::Worker(e.to_string())));
@@ -1117,6 +1320,23 @@ impl SandboxPool {
         ]);
         Ok(self.inner.engine.list(&filter).await?)
     }
+}
+
+/// The variables curl, pip, Python, Node and Go read for a proxy, pointing at `proxy`.
+fn proxy_env(proxy: std::net::SocketAddr) -> Vec<(String, String)> {
+    let url = format!("http://{proxy}");
+    let local = "localhost,127.0.0.1,::1";
+    [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "PIP_PROXY",
+    ]
+    .into_iter()
+    .map(|k| (k.to_owned(), url.clone()))
+    .chain(["NO_PROXY", "no_proxy"].map(|k| (k.to_owned(), local.to_owned())))
+    .collect()
 }
 
 /// Runs blocking file system work on tokio's blocking pool, never on an async worker.

@@ -303,7 +303,7 @@ impl SandboxPool {
             .unwrap_or_else(SystemTime::now);
         let slot = self.slot(user);
         let mut st = slot.state.lock();
-        st.live = Some(sandbox);
+        st.set_live(Some(sandbox));
         st.paused = false;
         st.last_active = last;
         st.persisted = Some(last);
@@ -340,7 +340,7 @@ impl SandboxPool {
                         && idle_for(st.last_active, SystemTime::now()) > idle;
                     if still_idle {
                         st.paused = false;
-                        st.live.take()
+                        st.take_live()
                     } else {
                         None
                     }
@@ -407,7 +407,7 @@ impl SandboxPool {
                         // Gone behind our back: the next lease brings up a new one.
                         let mut st = slot.state.lock();
                         st.paused = false;
-                        st.live = None;
+                        st.set_live(None);
                         Ok(None)
                     }
                     // The engine may have frozen it all the same (an answer lost or late): it

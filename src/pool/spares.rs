@@ -577,7 +577,7 @@ impl SandboxPool {
                 if let Claim::Claimed(sandbox) = &claim {
                     let persist = {
                         let mut st = task_slot.state.lock();
-                        st.live = Some(sandbox.clone());
+                        st.set_live(Some(sandbox.clone()));
                         st.paused = false;
                         super::touch(&mut st)
                     };

@@ -86,3 +86,42 @@ pub(super) struct Tools {
     #[schema(value_type = Vec<Object>)]
     pub(super) tools: Vec<serde_json::Value>,
 }
+
+/// A user's egress list (allowlist mode) and what went through the proxy for it since the daemon
+/// started.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EgressPolicy {
+    pub(super) user: String,
+    /// The hosts the user may reach now: its own list, or the pool's.
+    pub(super) allow: Vec<String>,
+    /// The pool's list (`ZCBOT_EGRESS_ALLOW`): the most a user may be given.
+    pub(super) pool: Vec<String>,
+    /// Whether the backend narrowed the user's list.
+    pub(super) narrowed: bool,
+    pub(super) connections: EgressConnections,
+    pub(super) bytes: EgressBytes,
+}
+
+/// Connections through the proxy, by verdict.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EgressConnections {
+    pub(super) allowed: u64,
+    pub(super) refused: u64,
+}
+
+/// Bytes relayed by the proxy: `up` from the sandbox, `down` to it.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EgressBytes {
+    pub(super) up: u64,
+    pub(super) down: u64,
+}
+
+/// The body of `PUT /v1/users/{user}/egress`.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EgressSet {
+    /// Host patterns (`example.org`, `*.example.org`, optional `:port`), each within the pool's
+    /// list; an empty list allows nothing.
+    #[schema(max_items = 256)]
+    pub(crate) allow: Vec<String>,
+}

@@ -421,12 +421,15 @@ impl From<Error> for ApiError {
             Error::TooManyJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::NoSuchJob { .. } => StatusCode::NOT_FOUND,
             Error::JobIdInUse { .. } => StatusCode::CONFLICT,
+            Error::EgressNotSubset { .. } => StatusCode::BAD_REQUEST,
+            Error::EgressOff { .. } => StatusCode::CONFLICT,
             Error::PoolFull { .. }
             | Error::ImageMissing { .. }
             | Error::RuntimeMissing { .. }
             | Error::NetworkMismatch { .. }
             | Error::SandboxStart { .. }
             | Error::HostFirewall { .. }
+            | Error::EgressProxy { .. }
             | Error::SelfCheck { .. }
             | Error::DiskQuota { .. }
             | Error::CallStart { .. } => StatusCode::SERVICE_UNAVAILABLE,

@@ -35,6 +35,7 @@ use crate::exec::{PathArgs, PythonArgs, ReadFileArgs, ShellArgs, WriteFileArgs};
         (name = "sessions", description = "Long-lived Python interpreters"),
         (name = "files", description = "Whole files in and out of the user's folder"),
         (name = "sandboxes", description = "The pool of containers"),
+        (name = "egress", description = "Per-user host allowlists (ZCBOT_SANDBOX_EGRESS=allowlist)"),
         (name = "service", description = "Health, readiness, metrics, this document"),
     )
 )]

@@ -19,7 +19,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::bodies::{
-    Cancelled, Ended, Health, Jobs, Readiness, Reaped, Removed, Sessions, Tools, Uploaded,
+    Cancelled, EgressBytes, EgressConnections, EgressPolicy, EgressSet, Ended, Health, Jobs,
+    Readiness, Reaped, Removed, Sessions, Tools, Uploaded,
 };
 use super::calls::CANCEL_WAIT;
 use super::openapi::{
@@ -58,6 +59,7 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(end_session))
         .routes(routes!(list_sandboxes))
         .routes(routes!(get_sandbox, remove_sandbox))
+        .routes(routes!(get_egress, set_egress, reset_egress))
         .routes(routes!(reap))
         .routes(routes!(list_tools))
         .routes(routes!(healthz))
@@ -936,6 +938,130 @@ async fn end_session(
     Ok(Json(Ended { ended: name }).into_response())
 }
 
+/// The pool of a daemon whose egress mode has per-user lists, or `egress_off`.
+fn allowlist_pool(state: &AppState) -> Result<&crate::pool::SandboxPool, ApiError> {
+    let mode = state.executor_config().egress;
+    match state.executor.pool() {
+        Some(pool) if mode == crate::config::Egress::Allowlist => Ok(pool),
+        _ => Err(counted(
+            state,
+            crate::error::Error::EgressOff {
+                mode: mode.as_str(),
+            },
+        )),
+    }
+}
+
+fn egress_view(pool: &crate::pool::SandboxPool, user: &UserId) -> Response {
+    let text = |l: Vec<crate::config::Pattern>| l.iter().map(ToString::to_string).collect();
+    let traffic = pool
+        .egress_proxy()
+        .map(|p| p.traffic(user.as_str()))
+        .unwrap_or_default();
+    Json(EgressPolicy {
+        user: user.to_string(),
+        allow: text(pool.egress_allow(user)),
+        pool: text(pool.config().egress_allow.clone()),
+        narrowed: pool.egress_narrowed(user),
+        connections: EgressConnections {
+            allowed: traffic.allowed,
+            refused: traffic.refused,
+        },
+        bytes: EgressBytes {
+            up: traffic.up,
+            down: traffic.down,
+        },
+    })
+    .into_response()
+}
+
+/// `GET /v1/users/{user}/egress`.
+#[utoipa::path(get, path = "/v1/users/{user}/egress", tag = "egress", params(UserPath),
+    summary = "The hosts a user's sandbox may reach (allowlist mode), and its traffic",
+    responses(
+        (status = 200, body = EgressPolicy),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+        (status = 409, description = "The pool's egress mode is not allowlist (`egress_off`)", body = ErrorBody),
+    ))]
+async fn get_egress(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let pool = allowlist_pool(&state)?;
+    Ok(egress_view(pool, &user))
+}
+
+/// `PUT /v1/users/{user}/egress`.
+#[utoipa::path(put, path = "/v1/users/{user}/egress", tag = "egress", params(UserPath),
+    summary = "Narrow the hosts a user's sandbox may reach (within the pool's list)",
+    request_body = EgressSet,
+    responses(
+        (status = 200, body = EgressPolicy),
+        (status = 400, description = "A bad user id, body or pattern (`bad_json`, \
+            `bad_pattern`), or a pattern outside the pool's list (`egress_not_subset`)", body = ErrorBody),
+        (status = 409, description = "The pool's egress mode is not allowlist (`egress_off`)", body = ErrorBody),
+    ))]
+async fn set_egress(
+    State(state): State<Arc<AppState>>,
+    Path(user): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let pool = allowlist_pool(&state)?;
+    let bad = |kind: &'static str, message: String| {
+        counted(
+            &state,
+            ApiError::new(StatusCode::BAD_REQUEST, kind, message),
+        )
+    };
+    let body = body.map_err(|r| {
+        bad(
+            "bad_body",
+            format!("the body could not be read: {}", r.body_text()),
+        )
+    })?;
+    let set: EgressSet = serde_json::from_slice(&body).map_err(|e| {
+        bad(
+            "bad_json",
+            format!("the body must be {{\"allow\": [\"host pattern\", ...]}}: {e}"),
+        )
+    })?;
+    if set.allow.len() > 256 {
+        return Err(bad("bad_pattern", "at most 256 patterns".to_owned()));
+    }
+    let allow = set
+        .allow
+        .iter()
+        .map(|p| {
+            p.parse::<crate::config::Pattern>().map_err(|e| {
+                let shown: String = p.chars().take(200).collect();
+                bad("bad_pattern", format!("{shown:?}: {e}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    pool.set_egress(&user, Some(allow))
+        .await
+        .map_err(|e| counted(&state, e))?;
+    tracing::info!(user = %user, allow = ?set.allow, "egress list narrowed through the API");
+    Ok(egress_view(pool, &user))
+}
+
+/// `DELETE /v1/users/{user}/egress`.
+#[utoipa::path(delete, path = "/v1/users/{user}/egress", tag = "egress", params(UserPath),
+    summary = "Give a user the pool's list again",
+    responses(
+        (status = 200, body = EgressPolicy),
+        (status = 400, description = "A bad user id", body = ErrorBody),
+        (status = 409, description = "The pool's egress mode is not allowlist (`egress_off`)", body = ErrorBody),
+    ))]
+async fn reset_egress(State(state): State<Arc<AppState>>, Path(user): Path<String>) -> ApiResult {
+    let user = UserId::parse(&user).map_err(|e| counted(&state, e))?;
+    let pool = allowlist_pool(&state)?;
+    pool.set_egress(&user, None)
+        .await
+        .map_err(|e| counted(&state, e))?;
+    tracing::info!(user = %user, "egress list back to the pool's through the API");
+    Ok(egress_view(pool, &user))
+}
+
 /// `GET /v1/sandboxes`.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
     summary = "The pool's containers: users' sandboxes and warm spares",
@@ -1154,7 +1280,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         );
         let net = &pool.network().name;
         // The public egress policy runs on a network with a way out; the others on an internal one.
-        let internal = pool.config().egress == crate::config::Egress::None;
+        let internal = pool.config().egress != crate::config::Egress::Public;
         checks.insert(
             "network",
             match engine.networks_named(net).await {
