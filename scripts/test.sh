@@ -85,6 +85,25 @@ else
     fi
 fi
 
+# The attack suite once more in each other egress mode: `public` (a network with a way out) and
+# `allowlist` (the internal network and the pool's egress proxy); the run above used `none`.
+egress_summary=""
+for mode in public allowlist; do
+    echo "test.sh: the attack suite under ZCBOT_SANDBOX_EGRESS=$mode" >&2
+    egress_log=$(mktemp)
+    set +e
+    ZCBOT_SANDBOX_EGRESS=$mode ZCBOT_EGRESS_ALLOW=$([ "$mode" = allowlist ] && echo example.org) \
+        cargo test --test attacks "$@" 2>&1 | tee "$egress_log"
+    status=${PIPESTATUS[0]}
+    set -e
+    egress_summary="$egress_summary; egress $mode: $(summarize "$egress_log")"
+    rm -f "$egress_log"
+    if [ "$status" != 0 ]; then
+        echo "tests: $summary; under runsc: $runsc_summary$egress_summary"
+        exit "$status"
+    fi
+done
+
 # The tests written in Python (tests/python): the Python client against a real daemon, the API
 # under schemathesis against its OpenAPI document, and the MCP endpoint through the official MCP
 # client. scripts/test-python.sh installs the client and the pinned tools into target/python-venv.
@@ -99,7 +118,7 @@ set -e
 # pytest's last line: "=== 40 passed, 1 failed in 99.1s ===".
 py_summary=$(grep -E '(passed|failed|error).* in [0-9.]+s' "$py_log" | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ in [0-9.]*s.*$//')
 if [ "$status" != 0 ]; then
-    echo "tests: $summary; under runsc: $runsc_summary; Python: ${py_summary:-did not run}"
+    echo "tests: $summary; under runsc: $runsc_summary$egress_summary; Python: ${py_summary:-did not run}"
     exit "$status"
 fi
 
@@ -110,7 +129,7 @@ left=$(docker ps -a --filter label=io.zcbot.managed-by=zcbot-sandbox --format '{
 if [ -n "$left" ]; then
     echo "test.sh: test containers were left behind:" >&2
     echo "$left" >&2
-    echo "tests: $summary; under runsc: $runsc_summary; Python: $py_summary; but containers were left behind"
+    echo "tests: $summary; under runsc: $runsc_summary$egress_summary; Python: $py_summary; but containers were left behind"
     exit 1
 fi
-echo "tests: $summary; under runsc: $runsc_summary; Python: $py_summary"
+echo "tests: $summary; under runsc: $runsc_summary$egress_summary; Python: $py_summary"

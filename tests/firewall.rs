@@ -285,18 +285,28 @@ async fn public_egress_opens_only_public_addresses_on_its_own_network() {
 async fn the_entry_and_the_host_install_the_same_rules() {
     // Two implementations of one ruleset (entry.sh for the fallback, firewall.rs from the host):
     // they must never drift apart.
-    for egress in ["none", "public"] {
+    for egress in ["none", "public", "allowlist"] {
         let mut outputs = Vec::new();
         for mode in ["entry", "host"] {
             let mut t = TestPool::new("fwsame");
             t.set("ZCBOT_CONTAINER_RULES", mode)
                 .set("ZCBOT_SANDBOX_EGRESS", egress);
-            let sb = t.pool().await.ensure(&t.user("u")).await.unwrap();
-            let (ok, rules, err) = common::netns_exec(
+            if egress == "allowlist" {
+                t.set("ZCBOT_EGRESS_ALLOW", "example.org");
+            }
+            let pool = t.pool().await;
+            let sb = pool.ensure(&t.user("u")).await.unwrap();
+            let (ok, mut rules, err) = common::netns_exec(
                 &sb.name,
                 "iptables -S OUTPUT; echo ---; ip6tables -S OUTPUT",
             );
             assert!(ok, "{err}");
+            // Each pool has its own proxy, at its own address.
+            if let Some(proxy) = pool.egress_proxy() {
+                let ip = format!("{}/32", proxy.addr().ip());
+                assert!(rules.contains(&ip), "no rule names the proxy {ip}: {rules}");
+                rules = rules.replace(&ip, "PROXY");
+            }
             outputs.push(rules);
         }
         assert_eq!(

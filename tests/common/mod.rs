@@ -115,8 +115,15 @@ impl TestPool {
         // the other tests would have to wait for and count.
         vars.insert("ZCBOT_SPARES".into(), "0".into());
         vars.insert("ZCBOT_SANDBOX_START_TIMEOUT".into(), "60s".into());
-        // scripts/test.sh runs the executor and attack tests a second time under gVisor.
-        for var in ["ZCBOT_SANDBOX_IMAGE", "ZCBOT_SANDBOX_RUNTIME"] {
+        // scripts/test.sh runs the executor and attack tests a second time under gVisor, and the
+        // attack suite under each egress mode.
+        for var in [
+            "ZCBOT_SANDBOX_IMAGE",
+            "ZCBOT_SANDBOX_RUNTIME",
+            "ZCBOT_SANDBOX_EGRESS",
+            "ZCBOT_EGRESS_ALLOW",
+            "ZCBOT_EGRESS_IMAGE",
+        ] {
             if let Ok(value) = std::env::var(var) {
                 vars.insert(var.into(), value);
             }
@@ -204,6 +211,15 @@ impl Drop for TestPool {
         ])
         .1;
         let mut rm: Vec<String> = ids.lines().map(str::to_owned).collect();
+        // The egress proxy (allowlist mode) carries its own label.
+        let proxy = docker_try(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.zcbot.egress={}", self.pool_id),
+        ])
+        .1;
+        rm.extend(proxy.lines().map(str::to_owned));
         rm.extend(self.extra_containers.iter().cloned());
         if !rm.is_empty() {
             let mut args = vec!["rm".to_owned(), "-f".to_owned()];
@@ -212,7 +228,11 @@ impl Drop for TestPool {
             docker_try(&args);
         }
         // The pool's network for each egress policy, and the host rules of each.
-        for network in [self.network.clone(), format!("{}-public", self.network)] {
+        for network in [
+            self.network.clone(),
+            format!("{}-public", self.network),
+            format!("{}-egress", self.network),
+        ] {
             docker_try(&["network", "rm", &network]);
             let bridge = zcbot_sandbox::pool::network::bridge_name(&network);
             let _ = zcbot_sandbox::firewall::remove(&bridge);
@@ -568,4 +588,32 @@ pub async fn call(
     ex.run(user, call, &tokio_util::sync::CancellationToken::new())
         .await
         .unwrap()
+}
+
+/// A TCP listener on the host that counts what reaches it.
+pub async fn host_listener(
+    ip: std::net::IpAddr,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let l = tokio::net::TcpListener::bind(std::net::SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(_c) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The listener is real: the host itself reaches it.
+    tokio::net::TcpStream::connect((ip, port))
+        .await
+        .expect("host reaches its own listener");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    hits.store(0, Ordering::SeqCst);
+    (port, hits, task)
 }
