@@ -5,7 +5,7 @@
 //! Scenarios: 1 warm exec of `true`; 2 cold ensure; 3 warm ensure; 4 concurrency; 5 a pool of
 //! many warm containers; 6 a call that prints 100 MiB; 7 the runtime column, runc vs runsc
 //! (gVisor); 8 Python sessions; 9 live output (SSE) and background jobs; 10 staged idle (the
-//! first call after a pause). Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
+//! first call after a pause); 11 warm spares; 12 egress through the allowlist proxy. Percentiles come from an HDR histogram, after a warm-up, with the sample count stated.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -771,6 +771,11 @@ async fn main() {
     let column = runtime_column(&executor, n_exec, n_cold, n_mem).await;
     results.insert("runtime".into(), column);
 
+    // 12. Egress through the allowlist proxy vs direct.
+    println!("\n12. egress: through the allowlist proxy vs direct");
+    let n_egress = env_usize("ZCBOT_BENCH_EGRESS_N", 20);
+    results.insert("egress".into(), egress_column(&b, n_egress).await);
+
     let _ = stop_tx.send(());
     let _ = served.await;
     pool.shutdown_all().await.unwrap();
@@ -1181,4 +1186,186 @@ where
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// What one sample measures, in Python inside a container: the time to a tiny answer on a new
+/// connection (setup: connect, request, first and only bytes), then a 10 MiB download. Prints
+/// both, in seconds. `{opener}` is urllib's default (the proxy from the environment) or one
+/// without a proxy; `{base}` is the site's URL.
+const EGRESS_SAMPLE: &str = r#"
+import time, urllib.request
+opener = {opener}
+t0 = time.perf_counter()
+assert opener.open("{base}/small", timeout=30).read() == b"ok"
+t1 = time.perf_counter()
+n = len(opener.open("{base}/big", timeout=60).read())
+t2 = time.perf_counter()
+assert n == 10 << 20, n
+print(t1 - t0, t2 - t1)
+"#;
+
+/// The site both paths fetch from: 2 bytes at /small, 10 MiB at /big, HTTP/1.1.
+const EGRESS_SITE: &str = r#"
+import http.server
+BIG = b"x" * (10 << 20)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = BIG if self.path == "/big" else b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 80), H).serve_forever()
+"#;
+
+/// Scenario 12: a 10 MiB download and a connection's setup through the egress proxy (an
+/// allowlist sandbox, by name) against the same from a container of the same image on the site's
+/// own network with no proxy, interleaved sample by sample. The site is local (a container on a
+/// test network), so the figures are the proxy's own cost, not the internet's.
+async fn egress_column(b: &Bench, n: usize) -> Value {
+    let net = format!("zcbb-{}-net", b.id);
+    let site = format!("zcbb-{}-site", b.id);
+    let direct = format!("zcbb-{}-direct", b.id);
+    let image = b.config.image.clone();
+    assert!(docker_cli(&[
+        "network",
+        "create",
+        "--label",
+        "io.zcbot.test=1",
+        &net
+    ]));
+    assert!(docker_cli(&[
+        "run",
+        "-d",
+        "--name",
+        &site,
+        "--network",
+        &net,
+        "--entrypoint",
+        "python3",
+        &image,
+        "-c",
+        EGRESS_SITE,
+    ]));
+    assert!(docker_cli(&[
+        "run",
+        "-d",
+        "--name",
+        &direct,
+        "--network",
+        &net,
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--entrypoint",
+        "sleep",
+        &image,
+        "infinity",
+    ]));
+    let ip = String::from_utf8_lossy(
+        &Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                &site,
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let e = Bench::new("e", "runc");
+    let mut cfg = e.config.clone();
+    cfg.egress = zcbot_sandbox::config::Egress::Allowlist;
+    cfg.egress_allow = vec!["site.bench".parse().unwrap()];
+    cfg.egress_network = net.clone();
+    cfg.egress_resolve = vec![("site.bench".to_owned(), ip.parse().unwrap())];
+    let ex = Executor::from_config(cfg).await.unwrap();
+    let u = UserId::parse("eg0").unwrap();
+    let proxied = EGRESS_SAMPLE
+        .replace("{opener}", "urllib.request.build_opener()")
+        .replace("{base}", "http://site.bench");
+    let plain = EGRESS_SAMPLE
+        .replace(
+            "{opener}",
+            "urllib.request.build_opener(urllib.request.ProxyHandler({}))",
+        )
+        .replace("{base}", &format!("http://{ip}"));
+    let labels = [
+        "proxy: setup",
+        "direct: setup",
+        "proxy: 10 MiB",
+        "direct: 10 MiB",
+    ];
+    let mut h: Vec<Histogram<u64>> = labels.iter().map(|_| hist()).collect();
+    let parse = |out: &str| -> (u64, u64) {
+        let mut it = out.split_whitespace().map(|s| s.parse::<f64>().unwrap());
+        let (s, d) = (it.next().unwrap(), it.next().unwrap());
+        ((s * 1e6) as u64, (d * 1e6) as u64)
+    };
+    for i in 0..(n + 3) {
+        let r = ex
+            .run_argv(
+                &u,
+                vec!["python3".into(), "-c".into(), proxied.clone()],
+                None,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.exit_code, Some(0), "{r:?}");
+        let (ps, pd) = parse(&r.stdout);
+        let out = Command::new("docker")
+            .args(["exec", &direct, "python3", "-c", &plain])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (ds, dd) = parse(&String::from_utf8_lossy(&out.stdout));
+        if i >= 3 {
+            for (k, v) in [ps, ds, pd, dd].into_iter().enumerate() {
+                h[k].record(v.max(1)).unwrap();
+            }
+        }
+    }
+    row(labels[0], &h[0], Some(&h[1]));
+    row(labels[1], &h[1], None);
+    row(labels[2], &h[2], Some(&h[3]));
+    row(labels[3], &h[3], None);
+    let mib_s = |h: &Histogram<u64>| 10.0 / (h.value_at_quantile(0.5) as f64 / 1e6);
+    println!(
+        "  10 MiB at p50: {:.0} MiB/s through the proxy, {:.0} MiB/s direct ({n} samples each, interleaved)",
+        mib_s(&h[2]),
+        mib_s(&h[3])
+    );
+    let pool = ex.pool().unwrap();
+    pool.shutdown_all().await.unwrap();
+    docker_cli(&[
+        "rm",
+        "-f",
+        &site,
+        &direct,
+        &zcbot_sandbox::pool::egress::proxy_name(&e.id),
+    ]);
+    remove_network(&e.network).await;
+    docker_cli(&["network", "rm", &net]);
+    let _ = std::fs::remove_dir_all(&e.root);
+    json!({
+        "samples": n,
+        "proxy_setup_us": summary(&h[0]),
+        "direct_setup_us": summary(&h[1]),
+        "proxy_10mib_us": summary(&h[2]),
+        "direct_10mib_us": summary(&h[3]),
+        "proxy_mib_s_p50": mib_s(&h[2]),
+        "direct_mib_s_p50": mib_s(&h[3]),
+    })
 }
