@@ -488,15 +488,27 @@ async fn claims_racing_the_reaper_each_see_their_own_files() {
     for u in &users {
         plant(&pool, u).await;
     }
-    // Each user calls again and again for 8 s, waiting about as long as the idle limit between
-    // calls: its sandbox is reaped now and then, and its next call claims a spare, while the
-    // reaper removes other users' sandboxes and the maker makes spares.
-    let until = Instant::now() + Duration::from_secs(8);
+    // Each user calls again and again for at least 8 s, waiting about as long as the idle limit
+    // between calls: its sandbox is reaped now and then, and its next call claims a spare, while
+    // the reaper removes other users' sandboxes and the maker makes spares. Whether a given wait
+    // outlasts the idle limit is up to where the reaper's tick falls, so the calls go on (up to
+    // 60 s) until a few sandboxes were reaped and claimed again, rather than for a fixed time
+    // that a slow or lucky run spends without one reap.
+    let start = Instant::now();
+    let raced = || {
+        let s = pool.stats();
+        s.spare_claims >= 6 && s.reaped >= 2
+    };
+    let going = || {
+        let t = start.elapsed();
+        t < Duration::from_secs(8) || (t < Duration::from_secs(60) && !raced())
+    };
     let outs = futures_util::future::join_all(users.iter().enumerate().map(|(i, u)| {
         let ex = &ex;
+        let going = &going;
         async move {
             let mut calls = 0;
-            while Instant::now() < until {
+            while going() {
                 let r = call(ex, u, "shell", json!({"command": "cat /workspace/me"})).await;
                 assert_eq!(r.stdout, u.as_str(), "{r:?}");
                 calls += 1;
