@@ -197,8 +197,15 @@ async fn other_users_sandboxes_the_metadata_address_and_link_local_are_unreachab
     ]);
     let server = lab.run(&b, "shell", json!({"command": "timeout 20 python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1", "timeout": 30}));
     let probes = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let own = try_connect(&lab, &b, &ip, 8080).await;
+        // b's server is listening once b reaches it (Python starts slower under gVisor).
+        let until = Instant::now() + Duration::from_secs(15);
+        let own = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let own = try_connect(&lab, &b, &ip, 8080).await;
+            if own.trim() == "CONNECTED" || Instant::now() > until {
+                break own;
+            }
+        };
         let other = try_connect(&lab, &a, &ip, 8080).await;
         let meta = try_connect(&lab, &a, "169.254.169.254", 80).await;
         let ll = try_connect(&lab, &a, "fe80::1%eth0", 80).await;

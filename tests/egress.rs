@@ -942,8 +942,15 @@ async fn listed_names_resolving_to_private_loopback_or_sandbox_addresses_are_ref
         json!({"command": "cd /tmp && timeout 15 python3 -m http.server 8080 --bind 0.0.0.0 2>&1; true", "timeout": 60}),
     );
     let probes = async {
-        tokio::time::sleep(Duration::from_millis(2000)).await;
-        let own = lab.fetch(&b, "http://127.0.0.1:8080/own").await;
+        // B's server is listening once B itself gets an answer from it.
+        let until = Instant::now() + Duration::from_secs(10);
+        let own = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let own = lab.fetch(&b, "http://127.0.0.1:8080/own").await;
+            if own["status"] == 404 || Instant::now() > until {
+                break own;
+            }
+        };
         let from_a = lab
             .ops(
                 &a,
