@@ -70,6 +70,12 @@ async fn a_busy_sandbox_is_never_paused_and_calls_racing_pauses_all_run() {
     let pool = ex.pool().unwrap().clone();
     let user = t.user("u");
     let container = t.container_name(&user);
+    assert_eq!(
+        call(&ex, &user, "shell", json!({"command": "true"}))
+            .await
+            .exit_code,
+        Some(0)
+    );
     // A call in flight: no pause, however long the sandbox has been idle before it.
     let long = call(
         &ex,

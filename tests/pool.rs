@@ -3,7 +3,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{docker, docker_try, exec_as, TestPool};
 use zcbot_sandbox::{Error, SandboxPool, UserId};
@@ -304,13 +304,11 @@ async fn idle_reap_removes_only_idle_containers_and_never_one_with_a_call_runnin
     expected.sort();
     assert_eq!(t.containers(), expected);
 
-    // Once its call ends, the busy one is just active, not idle.
+    // Once its call ends, the busy one is just active, not idle. (`fresh` may have been idle
+    // for a second by now, after a slow removal above.)
     drop(lease);
-    assert!(pool
-        .reap_idle(Duration::from_secs(1))
-        .await
-        .unwrap()
-        .is_empty());
+    let reaped = pool.reap_idle(Duration::from_secs(1)).await.unwrap();
+    assert!(!reaped.contains(&busy.to_string()), "{reaped:?}");
     // A reaped user comes back on demand.
     let back = pool.ensure(&idle).await.unwrap();
     assert_eq!(inspect(&back.name, "{{.State.Running}}"), "true");
@@ -326,11 +324,15 @@ async fn last_activity_survives_a_restart_of_the_owning_process() {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         pool.ensure(&recent).await.unwrap();
     }
-    // A new process adopts both; the record says which was active 2.5 s ago.
+    let recent_at = Instant::now();
+    // A new process adopts both; the record says which was active 2.5 s before the other.
     let pool = t.pool().await;
     let report = pool.reconcile().await.unwrap();
     assert_eq!(report.adopted.len(), 2);
-    let reaped = pool.reap_idle(Duration::from_secs(2)).await.unwrap();
+    // Idle longer than `recent` has been by 1 s (however long the new process took to start),
+    // shorter than `old` has been by 1.5 s.
+    let idle = recent_at.elapsed() + Duration::from_secs(1);
+    let reaped = pool.reap_idle(idle).await.unwrap();
     assert_eq!(reaped, vec![old.to_string()]);
     assert_eq!(t.containers(), vec![t.container_name(&recent)]);
 }
