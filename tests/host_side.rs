@@ -205,14 +205,22 @@ async fn two_tenants_flooding_the_file_tools_do_not_delay_a_third() {
     }
     calls.sort();
     health.sort();
-    let (p50, max) = (calls[calls.len() / 2], *calls.last().unwrap());
+    let (p50, p90, max) = (
+        calls[calls.len() / 2],
+        calls[calls.len() * 9 / 10],
+        *calls.last().unwrap(),
+    );
     let (h50, hmax) = (health[health.len() / 2], *health.last().unwrap());
-    println!("third tenant under {sent} attacking file calls: true p50 {p50:?} max {max:?}; /healthz p50 {h50:?} max {hmax:?} (n = {})", calls.len());
+    println!("third tenant under {sent} attacking file calls: true p50 {p50:?} p90 {p90:?} max {max:?}; /healthz p50 {h50:?} max {hmax:?} (n = {})", calls.len());
     // Generous bounds (a 2-core machine, other tests running beside); before the change the
-    // same attack gave: true p50 633 ms, max 1.7 s; /healthz max 1.06 s.
+    // same attack gave: true p50 633 ms, max 1.7 s; /healthz max 1.06 s. The median and the 90th
+    // percentile tell a daemon the attack holds up from one that is not held up; one sample
+    // among some fifty may still meet a stall of the machine (the engine, another test), so the
+    // maximum only has to stay short of what a stalled daemon would show.
     assert!(sent > 50, "the attack did not run ({sent} calls)");
-    assert!(max < Duration::from_millis(1000), "true took {max:?}");
     assert!(p50 < Duration::from_millis(300), "true p50 {p50:?}");
+    assert!(p90 < Duration::from_millis(1000), "true p90 {p90:?}");
+    assert!(max < Duration::from_secs(5), "true took {max:?}");
     assert!(hmax < Duration::from_millis(800), "/healthz took {hmax:?}");
 }
 

@@ -171,9 +171,10 @@ async fn streams_output_as_it_is_printed(transport: &str) {
     assert_eq!(names.last(), Some(&"result"), "{events:?}");
     let first_out = events.iter().find(|e| e.name == "stdout").unwrap();
     assert_eq!(first_out.data["text"], "a\n", "{events:?}");
+    let last = events.last().unwrap().at;
     assert!(
-        first_out.at < Duration::from_millis(1500),
-        "the first line came {:?} after the request: not live",
+        last.saturating_sub(first_out.at) >= Duration::from_millis(1500),
+        "the first line came {:?} after the request, the result {last:?}: not live",
         first_out.at
     );
     assert_eq!(text(&events, "stdout"), "a\nb\n");
