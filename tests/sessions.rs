@@ -270,13 +270,16 @@ async fn sessions_are_listed_limited_busy_one_at_a_time_and_ended() {
             &ex2,
             &user2,
             "b",
-            "import time\ntime.sleep(2)",
-            10.0,
+            "import time\ntime.sleep(5)",
+            20.0,
             &CancellationToken::new(),
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while !ex.sessions(&user).await[1].running && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(ex.sessions(&user).await[1].running);
     let busy = try_py(&ex, &user, "b", "1", 10.0, &CancellationToken::new())
         .await
